@@ -1,0 +1,1 @@
+"""Inference engine: model export, backends, camera-rate batching, columns and occupancy."""

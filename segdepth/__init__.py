@@ -1,0 +1,1 @@
+"""SegDepth Live application layer: the ``segdepth`` command line and the end-to-end demo."""

@@ -1,0 +1,5 @@
+import sys
+
+from segdepth.cli import main
+
+sys.exit(main())

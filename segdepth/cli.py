@@ -1,0 +1,61 @@
+"""The ``segdepth`` command line: one program, one subcommand per job.
+
+Each package contributes its subcommands through a ``register(commands, bench)`` function in its
+``cli`` module (``commands`` and ``bench`` are argparse sub-parser collections; every parser sets
+``func(args) -> int``). The viewer is never imported here: ``segdepth view`` and
+``segdepth bench view`` run it as its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import subprocess
+import sys
+
+#: modules with a ``register(commands, bench)`` function, in help order.
+REGISTRARS = ("sim_source.cli", "sim_source.replay", "training.cli", "engine.cli", "streamer.cli",
+              "segdepth.demo")
+
+
+def _run_viewer(module: str):
+    def run(args: argparse.Namespace) -> int:
+        return subprocess.call([sys.executable, "-m", module, *args.viewer_args])
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segdepth",
+        description="SegDepth Live: atomic-column depth (0-10 atoms) in noisy in-situ HRTEM "
+                    "frames of CeO2 [110], live.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    bench_parser = commands.add_parser(
+        "bench", help="benchmarks: print a table and write JSON",
+        description="Benchmarks that print a table of figures and write them as JSON.")
+    bench = bench_parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    for name in REGISTRARS:
+        importlib.import_module(name).register(commands, bench)
+    view = commands.add_parser("view", add_help=False,
+                               help="live viewer (pyqtgraph); `segdepth view --help` for options")
+    view.add_argument("viewer_args", nargs=argparse.REMAINDER)
+    view.set_defaults(func=_run_viewer("viewer"))
+    bview = bench.add_parser("view", add_help=False,
+                             help="viewer display rate at 1024^2 while receiving 100 frames/s")
+    bview.add_argument("viewer_args", nargs=argparse.REMAINDER)
+    bview.set_defaults(func=_run_viewer("viewer.bench"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Wire protocol, frame sources, sockets and the HDF5 session recorder."""

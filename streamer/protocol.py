@@ -1,0 +1,297 @@
+"""The SegDepth Live wire protocol: the one contract every process shares.
+
+A message is a ZeroMQ multipart message ``[topic, header, buffer_0, buffer_1, ...]``:
+
+* ``topic`` -- ASCII bytes equal to the message kind (``frame``, ``result``, ``eos``,
+  ``heartbeat``), so PUB/SUB peers can filter by prefix.
+* ``header`` -- a msgpack map (see :data:`REQUIRED_FIELDS`). ``buffers`` in it lists, in order,
+  one descriptor ``{"name", "dtype", "shape"}`` per raw buffer that follows.
+* ``buffer_i`` -- the raw bytes of a C-contiguous little-endian array, sent zero-copy.
+
+Units: times in seconds (Unix epoch), pixel sizes in pm, dose in electrons per pixel per frame
+(the mean count of a vacuum pixel), latency in ms, column positions in pixels (x = column index,
+y = row index of the frame array, origin at the centre of the top-left pixel).
+
+A frame carries one buffer named ``frame`` (H, W). A result carries ``depth`` (H, W) uint8,
+``confidence`` (H, W) float32 and ``species`` (H, W) uint8 maps, optionally
+``column_probabilities`` (n_columns, 11) float32, and the column table in the header.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+KINDS = ("frame", "result", "eos", "heartbeat")
+#: dtypes allowed on the wire (little-endian, numpy ``dtype.str`` spelling).
+WIRE_DTYPES = frozenset({"|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<f2", "<f4", "<f8"})
+#: header fields every message must carry, with their Python types.
+REQUIRED_FIELDS: Mapping[str, tuple[type, ...]] = {
+    "v": (int,),
+    "kind": (str,),
+    "session": (str,),
+    "seq": (int,),
+    "t_acq": (float, int),
+    "source": (str,),
+    "buffers": (list,),
+}
+#: extra fields a frame must carry.
+FRAME_FIELDS: Mapping[str, tuple[type, ...]] = {"pixel_size_pm": (float, int)}
+#: extra fields a result must carry.
+RESULT_FIELDS: Mapping[str, tuple[type, ...]] = {
+    "model_id": (str,),
+    "backend": (str,),
+    "batch_size": (int,),
+    "latency_ms": (float, int),
+}
+MAX_BUFFERS = 16
+MAX_DIM = 1 << 16
+MAX_HEADER_BYTES = 16 << 20
+
+log = logging.getLogger(__name__)
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol. ``reason`` is a short category for counting."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Message:
+    """A decoded message: its header (a dict) and its buffers as read-only numpy arrays."""
+
+    header: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.header["kind"]
+
+    @property
+    def seq(self) -> int:
+        return self.header["seq"]
+
+
+def _wire_array(arr: np.ndarray) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.str not in WIRE_DTYPES:
+        raise ProtocolError("dtype", f"dtype {arr.dtype} cannot be sent")
+    return arr
+
+
+def make_header(kind: str, *, session: str, seq: int, source: str, t_acq: float | None = None,
+                **fields: Any) -> dict[str, Any]:
+    """A header dict for ``kind`` with the common fields filled in (``t_acq`` defaults to now)."""
+    if kind not in KINDS:
+        raise ProtocolError("kind", f"unknown kind {kind!r}")
+    head = {"v": PROTOCOL_VERSION, "kind": kind, "session": session, "seq": int(seq),
+            "t_acq": float(time.time() if t_acq is None else t_acq), "source": source,
+            "buffers": []}
+    head.update(fields)
+    return head
+
+
+def encode(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> list:
+    """Encode a message as multipart parts; buffers are numpy arrays, not copies of their bytes.
+
+    ``header["buffers"]`` is (re)written from ``arrays`` (an ordered name -> array mapping).
+    """
+    arrays = {name: _wire_array(a) for name, a in (arrays or {}).items()}
+    head = dict(header)
+    head["buffers"] = [{"name": n, "dtype": a.dtype.str, "shape": list(a.shape)}
+                       for n, a in arrays.items()]
+    _check_header(head)
+    return [head["kind"].encode("ascii"), msgpack.packb(head, use_bin_type=True),
+            *arrays.values()]
+
+
+def encode_frame(frame: np.ndarray, *, session: str, seq: int, source: str, pixel_size_pm: float,
+                 t_acq: float | None = None, **fields: Any) -> list:
+    """Encode one camera frame (H, W) with its metadata."""
+    if np.asarray(frame).ndim != 2:
+        raise ProtocolError("shape", f"a frame is 2-D, got shape {np.shape(frame)}")
+    head = make_header("frame", session=session, seq=seq, source=source, t_acq=t_acq,
+                       pixel_size_pm=float(pixel_size_pm), **fields)
+    return encode(head, {"frame": frame})
+
+
+def encode_control(kind: str, *, session: str, seq: int, source: str, **fields: Any) -> list:
+    """Encode an ``eos`` (end of stream: ``seq`` = frames sent) or ``heartbeat`` message."""
+    if kind not in ("eos", "heartbeat"):
+        raise ProtocolError("kind", f"{kind!r} is not a control kind")
+    return encode(make_header(kind, session=session, seq=seq, source=source, **fields))
+
+
+def _part_bytes(part: Any) -> memoryview:
+    buf = getattr(part, "buffer", part)  # zmq.Frame (copy=False) exposes .buffer
+    try:
+        return memoryview(buf).cast("B")
+    except TypeError as exc:
+        raise ProtocolError("parts", f"part of type {type(part).__name__} is not bytes") from exc
+
+
+def _check_fields(head: Mapping[str, Any], spec: Mapping[str, tuple[type, ...]]) -> None:
+    for name, types in spec.items():
+        if name not in head:
+            raise ProtocolError("field", f"missing header field {name!r}")
+        value = head[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ProtocolError("field", f"header field {name!r} has type {type(value).__name__}")
+
+
+def _check_header(head: Mapping[str, Any]) -> None:
+    if not isinstance(head, Mapping):
+        raise ProtocolError("msgpack", "header is not a map")
+    if head.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError("version", f"protocol version {head.get('v')!r}, "
+                                       f"expected {PROTOCOL_VERSION}")
+    _check_fields(head, REQUIRED_FIELDS)
+    kind = head["kind"]
+    if kind not in KINDS:
+        raise ProtocolError("kind", f"unknown kind {kind!r}")
+    if kind == "frame":
+        _check_fields(head, FRAME_FIELDS)
+    elif kind == "result":
+        _check_fields(head, RESULT_FIELDS)
+    if not 0 <= head["seq"] < 1 << 63:
+        raise ProtocolError("field", f"sequence number {head['seq']} out of range")
+    if not math.isfinite(head["t_acq"]):
+        raise ProtocolError("field", "acquisition time is not finite")
+    if len(head["buffers"]) > MAX_BUFFERS:
+        raise ProtocolError("buffers", f"{len(head['buffers'])} buffers (max {MAX_BUFFERS})")
+    for desc in head["buffers"]:
+        _buffer_spec(desc)
+    if kind == "frame":
+        names = [d["name"] for d in head["buffers"]]
+        if names != ["frame"]:
+            raise ProtocolError("buffers", f"a frame carries one buffer 'frame', got {names}")
+        if len(head["buffers"][0]["shape"]) != 2:
+            raise ProtocolError("shape", "a frame is 2-D")
+
+
+def _buffer_spec(desc: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
+    if not isinstance(desc, Mapping) or not {"name", "dtype", "shape"} <= set(desc):
+        raise ProtocolError("buffers", f"bad buffer descriptor {desc!r:.80}")
+    name, dtype, shape = desc["name"], desc["dtype"], desc["shape"]
+    if not isinstance(name, str) or not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+        raise ProtocolError("dtype", f"buffer {name!r:.40} has unsupported dtype {dtype!r:.20}")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 4
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM
+                       for s in shape)):
+        raise ProtocolError("shape", f"buffer {name!r:.40} has bad shape {shape!r:.60}")
+    return name, np.dtype(dtype), tuple(shape)
+
+
+def decode(parts: Sequence[Any], *, check_finite: bool = True) -> Message:
+    """Decode and validate multipart ``parts``; raise :class:`ProtocolError` on any defect.
+
+    Arrays are views on the received buffers (no copy) and are read-only.
+    """
+    if len(parts) < 2:
+        raise ProtocolError("parts", f"{len(parts)} parts, need at least topic and header")
+    topic = bytes(_part_bytes(parts[0]))
+    raw_head = _part_bytes(parts[1])
+    if raw_head.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("msgpack", f"header of {raw_head.nbytes} bytes is too large")
+    try:
+        head = msgpack.unpackb(raw_head, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise ProtocolError("msgpack", f"header is not valid msgpack ({type(exc).__name__})") \
+            from None
+    _check_header(head)
+    if topic != head["kind"].encode("ascii"):
+        raise ProtocolError("topic", f"topic {topic[:20]!r} does not match kind {head['kind']!r}")
+    specs = [_buffer_spec(d) for d in head["buffers"]]
+    if len(parts) - 2 != len(specs):
+        raise ProtocolError("buffers", f"header lists {len(specs)} buffers, "
+                                       f"message has {len(parts) - 2}")
+    arrays: dict[str, np.ndarray] = {}
+    for (name, dtype, shape), part in zip(specs, parts[2:]):
+        buf = _part_bytes(part)
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if buf.nbytes != expected:
+            raise ProtocolError("bytes", f"buffer {name!r} has {buf.nbytes} bytes, "
+                                         f"shape {shape} {dtype} needs {expected}")
+        arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        if check_finite and dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ProtocolError("nonfinite", f"buffer {name!r} holds NaN or Inf")
+        arrays[name] = arr
+    return Message(head, arrays)
+
+
+class MalformedCounter:
+    """Counts rejected messages by reason and logs each reason once (thread-safe)."""
+
+    def __init__(self, where: str, logger: logging.Logger | None = None):
+        self.where = where
+        self.counts: Counter[str] = Counter()
+        self._log = logger or log
+        self._lock = threading.Lock()
+
+    def record(self, err: ProtocolError) -> None:
+        with self._lock:
+            first = self.counts[err.reason] == 0
+            self.counts[err.reason] += 1
+        if first:
+            self._log.warning("%s: skipped a malformed message (%s); further ones of this kind "
+                              "are counted silently", self.where, err)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+class SequenceTracker:
+    """Counts frames lost as gaps in sequence numbers, per session (a new session resets it)."""
+
+    def __init__(self) -> None:
+        self.session: str | None = None
+        self.last_seq: int | None = None
+        self.received = 0
+        self.lost = 0
+        self.out_of_order = 0
+
+    def update(self, session: str, seq: int) -> int:
+        """Record ``seq``; return the number of frames missing just before it."""
+        if session != self.session:
+            self.session, self.last_seq = session, None
+        gap = 0
+        if self.last_seq is not None:
+            if seq > self.last_seq:
+                gap = seq - self.last_seq - 1
+            else:
+                self.out_of_order += 1
+                return 0
+        self.lost += gap
+        self.received += 1
+        self.last_seq = seq
+        return gap
+
+    def as_dict(self) -> dict[str, int]:
+        return {"received": self.received, "lost": self.lost, "out_of_order": self.out_of_order}
+
+
+def iter_buffers(msg: Message, names: Iterable[str]) -> list[np.ndarray]:
+    """The named arrays of ``msg``, raising :class:`ProtocolError` for a missing one."""
+    try:
+        return [msg.arrays[n] for n in names]
+    except KeyError as exc:
+        raise ProtocolError("buffers", f"missing buffer {exc.args[0]!r}") from None
