@@ -1,0 +1,350 @@
+"""``segdepth demo``: a simulated in-situ session through the whole live pipeline, scored.
+
+1. ``segdepth simulate --session``: a frame series with known oxygen-vacancy dynamics and drift.
+2. ``segdepth record`` (frames + results -> HDF5), ``segdepth serve`` (the engine, bundled
+   model, replay mode: lossless) and, when a display exists, the viewer -- each its own process
+   on loopback ports -- then ``segdepth replay`` publishes the session to engine and recorder.
+3. A summary from the recording and the engine's statistics: frames processed, throughput,
+   latency percentiles, frames lost, and per oxygen column the accuracy of the estimated depth
+   against the simulated truth (engine columns matched to truth columns by position after
+   drift), single-frame and HMM-filtered. It is printed and saved as ``summary.json`` beside
+   the recording.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SPECIES_O = 2
+
+
+@dataclass
+class DemoConfig:
+    """Settings of one demo run (saved beside its outputs). Sizes in px, times in s."""
+
+    frames: int = 120
+    size: int = 512
+    out: str = "demo_output"
+    headless: bool = False
+    seed: int = 0
+    model: str | None = None
+    backend: str = "auto"
+    max_batch: int = 8
+    match_A: float = 0.5
+    timeout_s: float = 1800.0
+
+
+# --- scoring ------------------------------------------------------------------------------
+def _truth(session: Path) -> dict[str, np.ndarray]:
+    import h5py
+
+    with h5py.File(session, "r") as f:
+        cols = f["truth/columns"][:]
+        return {"id": cols["id"].astype(np.int64), "x": cols["x_px"].astype(float),
+                "y": cols["y_px"].astype(float), "species": cols["species"].astype(int),
+                "depth": f["truth/depth"][:].astype(int),
+                "drift": f["truth/drift_px"][:].astype(float),
+                "pixel_size_pm": float(f.attrs["pixel_size_pm"])}
+
+
+def _recorded(recording: Path) -> dict[str, np.ndarray]:
+    from streamer.session_file import open_session
+
+    session = open_session(recording)
+    f = session.file
+    try:
+        n = len(session)
+        cols = f["columns"]
+        out = {"sequence": f["sequence"][:n], "has_result": f["results/has_result"][:n],
+               "latency_ms": f["results/latency_ms"][:n], "ids": cols["id"][:],
+               "species": cols["species"][:]}
+        for name in ("x_px", "y_px", "depth", "depth_filtered", "expected_depth",
+                     "expected_filtered"):
+            out[name] = cols[name][:n]
+        return out
+    finally:
+        session.close()
+
+
+def column_accuracy(recording: Path, session: Path, match_A: float = 0.5) -> dict[str, Any]:
+    """Per truth oxygen column: the engine column that follows it and its depth accuracy.
+
+    An engine column follows a truth column when its mean distance to the truth position
+    (frame-0 position + drift of that frame) over the frames where both exist is at most
+    ``match_A`` Å; the nearest one wins. Accuracy: fraction of those frames whose depth
+    (argmax of the disk-averaged probabilities; filtered: the HMM's) equals the truth.
+    """
+    truth, rec = _truth(session), _recorded(recording)
+    px_per_A = 100.0 / truth["pixel_size_pm"]
+    # the replayer numbers frames 0, 1, ... in file order: a frame's seq is its truth index
+    seq = rec["sequence"].astype(np.int64)
+    rows = np.flatnonzero((seq >= 0) & (seq < len(truth["depth"])))
+    frames = seq[rows]
+    per_column, n_o = [], int((truth["species"] == SPECIES_O).sum())
+    ex, ey = rec["x_px"][rows], rec["y_px"][rows]  # (F, n_engine)
+    tx = truth["x"][None, :] + truth["drift"][frames, 1:2]  # (F, n_truth)
+    ty = truth["y"][None, :] + truth["drift"][frames, 0:1]
+    for k in np.flatnonzero(truth["species"] == SPECIES_O):
+        dist = np.hypot(ex - tx[:, k:k + 1], ey - ty[:, k:k + 1])  # (F, n_engine)
+        present = np.isfinite(dist)
+        counts = present.sum(axis=0)
+        mean = np.where(counts > 0, np.nansum(np.where(present, dist, 0), axis=0)
+                        / np.maximum(counts, 1), np.inf)
+        if len(mean) == 0 or mean.min() > match_A * px_per_A:
+            per_column.append({"truth_id": int(truth["id"][k]), "matched": False})
+            continue
+        j = int(np.argmin(mean))
+        seen = present[:, j]
+        true_depth = truth["depth"][frames[seen], k]
+        est = rec["depth"][rows[seen], j].astype(int)
+        filt = rec["depth_filtered"][rows[seen], j].astype(int)
+        per_column.append({
+            "truth_id": int(truth["id"][k]), "matched": True, "engine_id": int(rec["ids"][j]),
+            "engine_species": int(rec["species"][j]), "frames": int(seen.sum()),
+            "distance_A": float(mean[j] / px_per_A),
+            "truth_depths": sorted({int(d) for d in true_depth}),
+            "accuracy": float((est == true_depth).mean()),
+            "accuracy_filtered": float((filt == true_depth).mean()),
+            "mae_expected": float(np.abs(rec["expected_depth"][rows[seen], j]
+                                         - true_depth).mean()),
+            "mae_expected_filtered": float(np.abs(rec["expected_filtered"][rows[seen], j]
+                                                  - true_depth).mean())})
+    matched = [c for c in per_column if c["matched"]]
+
+    def mean_of(key: str) -> float | None:
+        return float(np.mean([c[key] for c in matched])) if matched else None
+    return {"oxygen_columns": n_o, "matched": len(matched),
+            "detection_rate": len(matched) / n_o if n_o else None,
+            "accuracy": mean_of("accuracy"), "accuracy_filtered": mean_of("accuracy_filtered"),
+            "mae_expected": mean_of("mae_expected"),
+            "mae_expected_filtered": mean_of("mae_expected_filtered"),
+            "match_A": match_A, "columns": per_column}
+
+
+def pipeline_figures(recording: Path, engine_stats: dict[str, Any],
+                     frames_sent: int) -> dict[str, Any]:
+    """Frames processed, throughput, latency percentiles and losses of one run."""
+    rec = _recorded(recording)
+    lat = rec["latency_ms"][rec["has_result"] == 1]
+    lat = lat[np.isfinite(lat)]
+    stats = engine_stats.get("stats", {})
+    recorded = int(len(rec["sequence"]))
+    with_result = int(rec["has_result"].sum())
+    return {"frames_sent": frames_sent, "frames_recorded": recorded,
+            "frames_processed": with_result,
+            "frames_lost": frames_sent - with_result,
+            "engine_skipped": stats.get("skipped"),
+            "throughput_frames_per_s": stats.get("throughput_frames_per_s"),
+            "backend": stats.get("backend"), "model_id": stats.get("model_id"),
+            "latency_ms": {f"p{q}": float(np.percentile(lat, q)) if len(lat) else None
+                           for q in (50, 90, 99)}}
+
+
+# --- orchestration ------------------------------------------------------------------------
+def _free_endpoint() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def has_display() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+class Processes:
+    """Child processes of the demo, each logging to its own file; all stopped on exit."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.running: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        logfile = open(self.log_dir / f"{name}.log", "w")
+        proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT)
+        logfile.close()
+        self.running[name] = proc
+        log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
+        return proc
+
+    def wait(self, name: str, timeout_s: float) -> int:
+        code = self.running[name].wait(timeout_s)
+        if code != 0:
+            tail = (self.log_dir / f"{name}.log").read_text()[-2000:]
+            raise RuntimeError(f"{name} exited with code {code}; end of its log:\n{tail}")
+        return code
+
+    def stop_all(self, keep: tuple[str, ...] = ()) -> None:
+        """SIGINT (then SIGKILL after 10 s) every child still running, except ``keep``."""
+        for name, proc in self.running.items():
+            if proc.poll() is None and name not in keep:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop on SIGINT: killing it", name)
+                    proc.kill()
+                    proc.wait()
+
+
+def _resolve_model(config: DemoConfig, out: Path) -> str:
+    if config.model:
+        return config.model
+    from training.model import bundled_model_path
+
+    bundled = Path(bundled_model_path())
+    if bundled.is_file():
+        return str(bundled)
+    import torch
+    from training.model import SegDepthUNet, UNetConfig, save_model
+
+    log.warning("no bundled model at %s: using a RANDOMLY INITIALISED model, so the depth "
+                "accuracies below are meaningless (the pipeline figures are not)", bundled)
+    torch.manual_seed(config.seed)
+    path = out / "random_model.pt"
+    save_model(path, SegDepthUNet(UNetConfig()), {"model_id": f"random-seed{config.seed}"})
+    return str(path)
+
+
+def simulate_session(config: DemoConfig, session: Path) -> float:
+    """``segdepth simulate --session`` as a subprocess; returns its wall time in s."""
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "segdepth", "simulate", "--session", str(session),
+                    "--frames", str(config.frames), "--size", str(config.size), "--seed",
+                    str(config.seed)], check=True)
+    return time.monotonic() - t0
+
+
+def run_pipeline(config: DemoConfig, session: Path, model: str) -> dict[str, Any]:
+    """Replay ``session`` through engine and recorder (and viewer) processes; score it.
+
+    Writes recording.h5, engine_stats.json, summary.json and logs/ into ``config.out``.
+    """
+    out = Path(config.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "segdepth"]
+    recording, engine_stats = out / "recording.h5", out / "engine_stats.json"
+    for stale in (recording, engine_stats):
+        stale.unlink(missing_ok=True)
+    ep = {name: _free_endpoint() for name in ("engine", "recorder", "results", "viewer_results",
+                                              "viewer_frames")}
+    show = has_display() and not config.headless
+    procs = Processes(out / "logs")
+    try:
+        procs.start("recorder", [*cli, "record", "--out", str(recording), "--frames",
+                                 ep["recorder"], "--results", ep["results"]])
+        procs.start("engine", [*cli, "serve", "--frames", ep["engine"], "--results",
+                               ep["results"], "--viewer", ep["viewer_results"] if show
+                               else "none", "--model", model, "--backend", config.backend,
+                               "--max-batch", str(config.max_batch), "--mode", "replay",
+                               "--exit-on-eos", "--stats", str(engine_stats)])
+        if show:
+            procs.start("viewer", [sys.executable, "-m", "viewer", "--results",
+                                   ep["viewer_results"], "--frames", ep["viewer_frames"]])
+        t0 = time.monotonic()
+        procs.start("replay", [*cli, "replay", str(session), "--to-engine", ep["engine"],
+                               "--to-recorder", ep["recorder"], "--to-viewer",
+                               ep["viewer_frames"] if show else "none", "--mode", "replay",
+                               "--max-rate"])
+        procs.wait("replay", config.timeout_s)
+        procs.wait("engine", config.timeout_s)
+        procs.wait("recorder", config.timeout_s)
+        pipeline_s = time.monotonic() - t0
+    except BaseException:
+        procs.stop_all()
+        raise
+    procs.stop_all(keep=("viewer",))  # the viewer stays open until its window is closed
+    import h5py
+
+    with h5py.File(session, "r") as f:
+        frames_sent = int(f["frames"].shape[0])
+    summary = {"config": asdict(config), "model": model, "session": str(session),
+               "recording": str(recording), "pipeline_wall_s": pipeline_s,
+               **pipeline_figures(recording, json.loads(engine_stats.read_text()), frames_sent),
+               "oxygen_occupancy": column_accuracy(recording, session, config.match_A)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Simulate a session, run the pipeline on it, print and return the summary."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(asdict(config), indent=2))
+    model = _resolve_model(config, out)
+    session = out / "session.h5"
+    simulate_s = simulate_session(config, session)
+    summary = run_pipeline(config, session, model)
+    summary["simulate_s"] = simulate_s
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_summary(summary))
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    occ = s["oxygen_occupancy"]
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f} %"
+    lat = s["latency_ms"]
+    lines = [
+        "SegDepth Live demo",
+        f"  model                 {s['model_id']} ({s['backend']})",
+        f"  frames processed      {s['frames_processed']} of {s['frames_sent']} "
+        f"(lost: {s['frames_lost']}, recorded: {s['frames_recorded']})",
+        f"  throughput            {s['throughput_frames_per_s'] or float('nan'):.1f} frames/s"
+        f" (pipeline wall time {s['pipeline_wall_s']:.1f} s)",
+        "  latency ms            " + ", ".join(
+            f"{k} {v:.0f}" if v is not None else f"{k} n/a" for k, v in lat.items()),
+        f"  oxygen columns        {occ['matched']} of {occ['oxygen_columns']} found",
+        f"  occupancy accuracy    single-frame {pct(occ['accuracy'])}, "
+        f"HMM-filtered {pct(occ['accuracy_filtered'])}",
+        f"  summary               {Path(s['recording']).with_name('summary.json')}"]
+    return "\n".join(lines)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    config = DemoConfig(frames=args.frames, size=args.size, out=args.out,
+                        headless=args.headless, seed=args.seed, model=args.model,
+                        backend=args.backend, max_batch=args.max_batch)
+    run_demo(config)
+    return 0
+
+
+def register(commands, bench) -> None:
+    """Add ``segdepth demo``."""
+    p = commands.add_parser(
+        "demo", help="simulated session -> engine -> recorder (+ viewer), with a scored summary",
+        description="Simulate an in-situ session with known oxygen-vacancy dynamics, replay it "
+                    "losslessly through the engine (bundled model) into the recorder and, when "
+                    "a display exists, the viewer -- each a real process on loopback ports -- "
+                    "then print and save (summary.json) frames processed, throughput, latency "
+                    "percentiles, frames lost and per-oxygen-column occupancy accuracy.")
+    p.add_argument("--frames", type=int, default=120, help="frames to simulate (default 120)")
+    p.add_argument("--size", type=int, default=512, help="frame side in px (default 512)")
+    p.add_argument("--out", default="demo_output",
+                   help="output directory: session, recording, summary, logs "
+                        "(default demo_output/)")
+    p.add_argument("--headless", action="store_true", help="never start the viewer")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated session")
+    p.add_argument("--model", default=None,
+                   help="model file (default: the bundled model; without one, a random model "
+                        "and a warning)")
+    p.add_argument("--backend", default="auto",
+                   help="engine backend (auto, tensorrt, torch-cuda, onnxruntime, torch-cpu)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="engine batch size limit in frames (default 8)")
+    p.set_defaults(func=_demo)

@@ -1,0 +1,6 @@
+"""``python -m viewer`` = ``segdepth view``."""
+import sys
+
+from viewer.app import main
+
+sys.exit(main())
