@@ -228,6 +228,7 @@ def decode(parts: Sequence[Any], *, check_finite: bool = True) -> Message:
             raise ProtocolError("bytes", f"buffer {name!r} has {buf.nbytes} bytes, "
                                          f"shape {shape} {dtype} needs {expected}")
         arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        arr.flags.writeable = False
         if check_finite and dtype.kind == "f" and not np.isfinite(arr).all():
             raise ProtocolError("nonfinite", f"buffer {name!r} holds NaN or Inf")
         arrays[name] = arr
@@ -284,6 +285,18 @@ class SequenceTracker:
         self.received += 1
         self.last_seq = seq
         return gap
+
+    def end(self, session: str, n_sent: int) -> int:
+        """Record the end of ``session`` after ``n_sent`` frames (an ``eos``); return the frames
+        missing at its tail (sent after the last one received), which count as lost."""
+        if session != self.session:
+            self.session, self.last_seq = session, None
+        expected_next = 0 if self.last_seq is None else self.last_seq + 1
+        tail = max(0, n_sent - expected_next)
+        self.lost += tail
+        if n_sent > 0:
+            self.last_seq = max(n_sent - 1, self.last_seq if self.last_seq is not None else -1)
+        return tail
 
     def as_dict(self) -> dict[str, int]:
         return {"received": self.received, "lost": self.lost, "out_of_order": self.out_of_order}
