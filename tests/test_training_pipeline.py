@@ -1,0 +1,195 @@
+"""Training on a tiny synthetic dataset file, and the train / evaluate / predict CLI as subprocesses."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import free_port
+
+from training.bundle import bundle
+from training.data import CropDataset, load_set
+from training.inference import predict_batches
+from training.labels import TargetConfig
+from training.model import SegDepthUNet, UNetConfig, load_model, save_model
+from training.train import TrainConfig, train
+
+PIXEL_PM = 5.3
+COLUMN_DTYPE = np.dtype([("image", "<i4"), ("x_px", "<f4"), ("y_px", "<f4"),
+                         ("species", "u1"), ("depth", "u1")])
+
+
+def write_synthetic_set(path, n: int = 4, size: int = 64, seed: int = 0) -> None:
+    """A dataset file in the contract layout: a lattice of Gaussian columns (Ce dark, O bright,
+    contrast ∝ depth) on vacuum 1, label disks of 5 px, random depths 1-6 per column."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.indices((size, size))
+    images = np.ones((n, size, size), np.float32)
+    depth = np.zeros((n, size, size), np.uint8)
+    species = np.zeros((n, size, size), np.uint8)
+    table = []
+    for i in range(n):
+        for r in range(8, size, 16):
+            for c in range(8, size, 16):
+                s = 1 + ((r + c) // 16) % 2
+                d = int(rng.integers(1, 7))
+                r2 = (rows - r) ** 2 + (cols - c) ** 2
+                sign = -1.0 if s == 1 else 1.0
+                images[i] += sign * 0.08 * d * np.exp(-r2 / (2 * 2.5 ** 2))
+                disk = r2 <= 25
+                depth[i][disk], species[i][disk] = d, s
+                table.append((i, c, r, s, d))
+    with h5py.File(path, "w") as f:
+        f["images"], f["depth"], f["species"] = images, depth, species
+        f["columns"] = np.array(table, COLUMN_DTYPE)
+        f.attrs.update(pixel_size_pm=PIXEL_PM, n_complete=n)
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    path = tmp_path / "syn.h5"
+    write_synthetic_set(path)
+    return path
+
+
+def test_crops_and_flips_keep_image_and_targets_aligned(synthetic):
+    data = load_set(synthetic, TargetConfig(), progress=False)
+    assert len(data.centres[0]) == 16 and data.pixel_size_pm == PIXEL_PM
+    ds = CropDataset(data, crop=32, seed=1)
+    seen = set()
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        image, labels, species, weights = ds[0]
+        assert image.shape == (1, 32, 32) and labels.shape == weights.shape == (32, 32)
+        # column pixels are dark (Ce) or bright (O) exactly where the labels say so
+        col = (species == 1).numpy()
+        assert image[0].numpy()[col].mean() < image[0].numpy()[species.numpy() == 0].mean()
+        assert np.all(weights.numpy()[col] > 0.5)
+        seen.add(image.numpy().tobytes())
+    assert len(seen) > 1  # a different crop/flip per epoch
+    ds.set_epoch(0)
+    assert np.array_equal(ds[0][0].numpy(), CropDataset(data, 32, seed=1)[0][0].numpy())
+
+
+def test_model_overfits_a_tiny_set(tmp_path):
+    data = tmp_path / "tiny.h5"
+    write_synthetic_set(data, n=8)
+    cfg = TrainConfig(data=str(data), val=str(data), out=str(tmp_path / "run"),
+                      model=UNetConfig(base_channels=8, max_channels=32), noise_lambda=1000.0,
+                      epochs=30, crop=None, batch_size=2, lr=1e-2, patience=100, seed=0,
+                      warmup=0.05)
+    train(cfg, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 30
+    first, last = log[0], log[-1]
+    assert last["train_loss"] < 0.3 * first["train_loss"]
+    best = min(log, key=lambda r: r["val_loss"])
+    assert best["pixelwise_accuracy"] > max(first["pixelwise_accuracy"] + 0.3, 0.85)
+    assert best["centre_accuracy"] > first["centre_accuracy"] + 0.3
+    model, meta = load_model(tmp_path / "run" / "model.pt")
+    assert meta["validation"]["epoch"] == best["epoch"] and len(meta["data_sha256"]) == 64
+
+
+def run_cli(cmd, *args, timeout=120):
+    proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_cli_train_resume_evaluate(synthetic, tmp_path, segdepth_cmd):
+    run = tmp_path / "run"
+    common = ("train", "--data", synthetic, "--out", run, "--base-channels", "4",
+              "--max-channels", "8", "--crop", "32", "--batch-size", "2", "--no-progress")
+    run_cli(segdepth_cmd, *common, "--epochs", "2")
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["base_channels"] == 4 and saved["noise_lambda"] == 2.5
+    run_cli(segdepth_cmd, *common, "--epochs", "3", "--resume")
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]  # resumed at epoch 3, not restarted
+    _, meta = load_model(run / "model.pt")
+    assert meta["epochs_run"] == 3 and meta["train_config"]["epochs"] == 3
+
+    report_dir = tmp_path / "report"
+    run_cli(segdepth_cmd, "evaluate", "--model", run / "model.pt", "--data", synthetic,
+            "--out", report_dir, "--sweep", "1", "10")
+    report = json.loads((report_dir / "report.json").read_text())
+    for key in ("pixelwise_accuracy", "centre_accuracy", "detection_rate", "hallucination_rate"):
+        assert 0 <= report["metrics"][key] <= 1
+    assert np.array(report["confusion"]).sum() == 4 * 64 * 64
+    assert [r["noise_lambda"] for r in report["noise_sweep"]] == [1.0, 10.0]
+    assert report["calibration"]["temperature"] > 0
+    for name in report["figures"].values():
+        assert (report_dir / name).read_bytes()[:4] == b"\x89PNG"
+
+    shipped = tmp_path / "models" / "segdepth_base16.pt"
+    record = bundle(run / "model.pt", report_dir / "report.json", "segdepth train ...",
+                    "segdepth evaluate ...", shipped)
+    model, meta = load_model(shipped)
+    assert meta["temperature"] == report["calibration"]["temperature"]
+    assert meta["test"]["metrics"] == report["metrics"] == record["test"]["metrics"]
+    assert json.loads(shipped.with_suffix(".json").read_text())["model_id"] == meta["model_id"]
+    assert record["training"]["epochs_run"] == 3 and record["training"]["wall_s"] > 0
+
+
+def tiny_model_file(path):
+    torch.manual_seed(0)
+    save_model(path, SegDepthUNet(UNetConfig(base_channels=4, max_channels=8)))
+    return path
+
+
+def test_cli_predict_handles_odd_sizes(tmp_path, segdepth_cmd):
+    model_path = tiny_model_file(tmp_path / "m.pt")
+    odd = tmp_path / "odd.h5"
+    rng = np.random.default_rng(3)
+    images = rng.poisson(2.5, (2, 97, 130)).astype(np.float32) / 2.5
+    with h5py.File(odd, "w") as f:
+        f["images"] = images
+        f.attrs["pixel_size_pm"] = PIXEL_PM
+    out = tmp_path / "pred.h5"
+    run_cli(segdepth_cmd, "predict", odd, out, "--model", model_path, "--probabilities")
+    model, _ = load_model(model_path)
+    (_, expected), = predict_batches(model, images, batch_size=2)
+    with h5py.File(out, "r") as f:
+        assert f["depth"].shape == (2, 97, 130) and f["depth"].dtype == np.uint8
+        assert f["species"].shape == (2, 97, 130) and f["species"].dtype == np.uint8
+        assert f["confidence"].dtype == np.float32
+        assert f["probabilities"].shape == (2, 11, 97, 130)
+        conf = f["confidence"][:]
+        assert conf.min() >= 0 and conf.max() <= 1
+        assert np.array_equal(f["depth"][:], expected.depth)
+        assert np.allclose(f["probabilities"][:], expected.probabilities, atol=1e-5)
+        assert f.attrs["model_id"] == load_model(model_path)[1]["model_id"]
+
+
+def test_predict_rejects_a_file_without_images(tmp_path, segdepth_cmd):
+    bad = tmp_path / "bad.h5"
+    with h5py.File(bad, "w") as f:
+        f["frames"] = np.zeros((1, 8, 8), np.float32)
+    model = tiny_model_file(tmp_path / "m.pt")
+    proc = subprocess.run([*segdepth_cmd, "predict", str(bad), str(tmp_path / "o.h5"),
+                           "--model", str(model)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "needs an `images` dataset" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_with_ddp(synthetic, tmp_path):
+    run = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "segdepth",
+         "train", "--data", str(synthetic), "--out", str(run), "--base-channels", "4",
+         "--max-channels", "8", "--crop", "32", "--batch-size", "2", "--epochs", "2",
+         "--threads", "1", "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, meta = load_model(run / "model.pt")
+    assert meta["hardware"]["world_size"] == 2 and meta["epochs_run"] == 2
+    log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]  # written once, by rank 0
+

@@ -1,0 +1,129 @@
+"""``segdepth bench train``: training samples/s (one Adam step per noisy image, batch 1) and
+inference frames/s (batch 1) of the UNet at each size, per backend present on this machine:
+torch-cpu FP32 always, torch-cuda FP32 when a GPU exists (training, inference), onnxruntime
+(CPU execution provider, inference only) when installed. Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from training.loss import segdepth_loss
+from training.model import SegDepthUNet, UNetConfig, bundled_model_path, load_model
+
+log = logging.getLogger(__name__)
+
+
+def _timed(fn, repeats: int, sync=lambda: None) -> float:
+    """Seconds per call of ``fn`` (one untimed warm-up call, then the mean of ``repeats``)."""
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def train_rate(model: torch.nn.Module, size: int, device: str, repeats: int) -> float:
+    """Training samples/s: noise, forward, weighted loss, backward, Adam step at size² px."""
+    model = model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    clean = torch.ones(1, 1, size, size, device=device)
+    labels = torch.zeros(1, size, size, dtype=torch.long, device=device)
+    weights = torch.ones(1, size, size, device=device)
+
+    def step():
+        x = torch.poisson(2.5 * clean) / 2.5
+        depth, species = model(x)
+        loss, _ = segdepth_loss(depth, species, labels, labels.clamp(max=2), weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    return 1.0 / _timed(step, repeats, sync)
+
+
+def torch_infer_rate(model: torch.nn.Module, size: int, device: str, repeats: int) -> float:
+    model = model.to(device).eval()
+    x = torch.ones(1, 1, size, size, device=device)
+
+    def run():
+        with torch.no_grad():
+            model(x)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    return 1.0 / _timed(run, repeats, sync)
+
+
+def onnxruntime_infer_rate(model: torch.nn.Module, size: int, repeats: int,
+                           threads: int | None) -> float:
+    """Frames/s of the model exported to ONNX (fixed shape) on onnxruntime's CPU provider."""
+    import onnxruntime as ort
+
+    x = torch.ones(1, 1, size, size)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "unet.onnx"
+        torch.onnx.export(model.cpu().eval(), (x,), str(path), dynamo=False, opset_version=17,
+                          input_names=["image"], output_names=["depth_logits", "species_logits"])
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {"image": x.numpy()}
+    return 1.0 / _timed(lambda: session.run(None, feed), repeats)
+
+
+def bench_model(model_path: str | None) -> tuple[SegDepthUNet, str]:
+    path = Path(model_path) if model_path else bundled_model_path()
+    if path.exists():
+        model, meta = load_model(path)
+        return model, meta.get("model_id", path.stem)
+    log.warning("no model file at %s: timing an untrained base-16 UNet", path)
+    return SegDepthUNet(UNetConfig(base_channels=16)), "untrained-base16"
+
+
+def run_bench(sizes: list[int], out: str | Path, model_path: str | None = None, repeats: int = 3,
+              threads: int | None = None) -> dict:
+    """Measure every (backend, size); print the table; write JSON to ``out``."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, model_id = bench_model(model_path)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for size in sizes:
+        if size % model.size_multiple:
+            raise ValueError(f"size {size} is not a multiple of {model.size_multiple}")
+        for device in devices:
+            backend = f"torch-{device} FP32"
+            rows.append({"backend": backend, "size": size,
+                         "train_samples_per_s": train_rate(model, size, device, repeats),
+                         "infer_frames_per_s": torch_infer_rate(model, size, device, repeats)})
+        try:
+            rate = onnxruntime_infer_rate(model, size, repeats, threads)
+            rows.append({"backend": "onnxruntime-cpu FP32", "size": size,
+                         "train_samples_per_s": None, "infer_frames_per_s": rate})
+        except ImportError:
+            log.info("onnxruntime not installed: skipped")
+    print(f"{'backend':<22}{'size':>7}{'train samples/s':>18}{'infer frames/s':>17}")
+    for r in rows:
+        train = f"{r['train_samples_per_s']:.3f}" if r["train_samples_per_s"] else "-"
+        print(f"{r['backend']:<22}{r['size']:>6}²{train:>18}{r['infer_frames_per_s']:>17.3f}")
+    result = {"benchmark": "segdepth bench train", "model_id": model_id, "batch_size": 1,
+              "repeats": repeats, "threads": torch.get_num_threads(),
+              "machine": {"cpu": platform.processor() or platform.machine(),
+                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                          "torch": torch.__version__}, "rows": rows,
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result

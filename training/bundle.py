@@ -1,0 +1,74 @@
+"""Ship a trained run as the bundled model: ``training/models/segdepth_base16.pt`` (float16
+weights, meta with the fitted temperature and test metrics) and a JSON record beside it saying
+how it was trained (commands, data, hardware, wall time) and how it scored.
+
+Usage: ``python -m training.bundle --model RUN/model.pt --report REPORT/report.json
+--train-command "..." --evaluate-command "..."``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from training.model import bundled_model_path, load_model, save_model
+
+
+def bundle(model_path: str | Path, report_path: str | Path, train_command: str,
+           evaluate_command: str, out: str | Path | None = None) -> dict:
+    """Write the bundled model and its record; returns the record."""
+    out = Path(out) if out else bundled_model_path()
+    model, meta = load_model(model_path)
+    report = json.loads(Path(report_path).read_text())
+    meta.update(temperature=report["calibration"]["temperature"],
+                test={"data": report["data"], "noise_lambda": report["noise_lambda"],
+                      "metrics": report["metrics"]})
+    meta = save_model(out, model, meta)
+    record = {
+        "model_file": out.name, "model_id": meta["model_id"], "bytes": out.stat().st_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": meta["config"], "weights_dtype": "float16",
+        "commands": {"train": train_command, "evaluate": evaluate_command},
+        "training": {"data": meta.get("data"), "data_sha256": meta.get("data_sha256"),
+                     "val": meta.get("val"), "val_sha256": meta.get("val_sha256"),
+                     "noise_lambda": meta.get("noise_lambda"),
+                     "pixel_size_pm": meta.get("pixel_size_pm"),
+                     "epochs_run": meta.get("epochs_run"), "wall_s": meta.get("wall_s"),
+                     "best_validation": meta.get("validation"),
+                     "hardware": meta.get("hardware"), "train_config": meta.get("train_config")},
+        "test": {"data": report["data"], "noise_lambda": report["noise_lambda"],
+                 "metrics": report["metrics"], "targets": report["targets"],
+                 "paper_best_row": report["paper_best_row"],
+                 "calibration": {"temperature": report["calibration"]["temperature"],
+                                 "fit_on": report["calibration"]["temperature_fit_on"],
+                                 "ece": report["calibration"]["ece"]},
+                 "noise_sweep": [{k: r[k] for k in ("noise_lambda", "pixelwise_accuracy",
+                                                    "centre_accuracy", "detection_rate",
+                                                    "hallucination_rate")}
+                                 for r in report["noise_sweep"]]},
+        "bundled_with": {"python": sys.version.split()[0], "torch": torch.__version__,
+                         "machine": platform.machine()},
+    }
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="the run's model.pt")
+    p.add_argument("--report", required=True, help="report.json of `segdepth evaluate`")
+    p.add_argument("--train-command", required=True, help="the exact training command line")
+    p.add_argument("--evaluate-command", required=True, help="the exact evaluation command line")
+    p.add_argument("--out", default=None, help="model path (default: the bundled model path)")
+    args = p.parse_args(argv)
+    record = bundle(args.model, args.report, args.train_command, args.evaluate_command, args.out)
+    print(json.dumps(record["test"]["metrics"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Batched inference on images of any size: replicate-pad to the model's size multiple, crop back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from training.model import pad_to_multiple
+
+
+@dataclass
+class Prediction:
+    """Per-pixel outputs of a batch: ``depth`` (B,H,W) uint8 argmax (eq. 4), ``confidence``
+    (B,H,W) float32 max probability (eq. 5), ``species`` (B,H,W) uint8, ``probabilities``
+    (B,11,H,W) float32 softmax (eq. 3) and ``depth_logits`` (B,11,H,W) float32."""
+
+    depth: np.ndarray
+    confidence: np.ndarray
+    species: np.ndarray
+    probabilities: np.ndarray
+    depth_logits: np.ndarray
+
+
+def forward_padded(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model outputs for (B,1,H,W) input of any H, W (padded internally, cropped back)."""
+    multiple = int(getattr(getattr(model, "module", model), "size_multiple", 1))
+    padded, (h, w) = pad_to_multiple(x, multiple)
+    depth_logits, species_logits = model(padded)
+    return depth_logits[..., :h, :w], species_logits[..., :h, :w]
+
+
+@torch.no_grad()
+def predict_batches(model: torch.nn.Module, images: np.ndarray, batch_size: int = 4,
+                    temperature: float = 1.0, device: str | torch.device = "cpu"
+                    ) -> Iterator[tuple[slice, Prediction]]:
+    """Yield (index slice, Prediction) over (N,H,W) float32 images (vacuum = 1). Depth
+    probabilities are softmax(logits / ``temperature``) (temperature scaling, Fig. 7)."""
+    model.eval()
+    for start in range(0, len(images), batch_size):
+        sl = slice(start, min(start + batch_size, len(images)))
+        x = torch.as_tensor(np.asarray(images[sl], np.float32))[:, None].to(device)
+        depth_logits, species_logits = forward_padded(model, x)
+        depth_logits = depth_logits.float()
+        probs = torch.softmax(depth_logits / temperature, dim=1)
+        confidence, depth = probs.max(dim=1)
+        yield sl, Prediction(depth.to(torch.uint8).cpu().numpy(),
+                             confidence.cpu().numpy().astype(np.float32),
+                             species_logits.argmax(dim=1).to(torch.uint8).cpu().numpy(),
+                             probs.cpu().numpy(), depth_logits.cpu().numpy())
