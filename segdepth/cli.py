@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import os
 import subprocess
@@ -40,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks that print a table of figures and write them as JSON.")
     bench = bench_parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
     for name in REGISTRARS:
-        if importlib.util.find_spec(name) is not None:  # TEMPORARY while packages land
-            importlib.import_module(name).register(commands, bench)
+        importlib.import_module(name).register(commands, bench)
     # listed for --help only: main() hands these over to the viewer's own parser.
     commands.add_parser("view", add_help=False,
                         help="live viewer (pyqtgraph); `segdepth view --help` for options")

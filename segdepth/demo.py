@@ -54,7 +54,9 @@ def _truth(session: Path) -> dict[str, np.ndarray]:
 
     with h5py.File(session, "r") as f:
         cols = f["truth/columns"][:]
-        return {"id": cols["id"].astype(np.int64), "x": cols["x_px"].astype(float),
+        events = json.loads(f["truth"].attrs.get("events", "[]"))
+        return {"event_ids": {int(e["column_id"]) for e in events},
+                "id": cols["id"].astype(np.int64), "x": cols["x_px"].astype(float),
                 "y": cols["y_px"].astype(float), "species": cols["species"].astype(int),
                 "depth": f["truth/depth"][:].astype(int),
                 "drift": f["truth/drift_px"][:].astype(float),
@@ -105,7 +107,10 @@ def column_accuracy(recording: Path, session: Path, match_A: float = 0.5) -> dic
         mean = np.where(counts > 0, np.nansum(np.where(present, dist, 0), axis=0)
                         / np.maximum(counts, 1), np.inf)
         if len(mean) == 0 or mean.min() > match_A * px_per_A:
-            per_column.append({"truth_id": int(truth["id"][k]), "matched": False})
+            per_column.append({"truth_id": int(truth["id"][k]), "matched": False,
+                               "vacancy_event": int(truth["id"][k]) in truth["event_ids"],
+                               "truth_depths": sorted({int(d) for d in
+                                                       truth["depth"][frames, k]})})
             continue
         j = int(np.argmin(mean))
         seen = present[:, j]
@@ -113,7 +118,9 @@ def column_accuracy(recording: Path, session: Path, match_A: float = 0.5) -> dic
         est = rec["depth"][rows[seen], j].astype(int)
         filt = rec["depth_filtered"][rows[seen], j].astype(int)
         per_column.append({
-            "truth_id": int(truth["id"][k]), "matched": True, "engine_id": int(rec["ids"][j]),
+            "truth_id": int(truth["id"][k]), "matched": True,
+            "vacancy_event": int(truth["id"][k]) in truth["event_ids"],
+            "engine_id": int(rec["ids"][j]),
             "engine_species": int(rec["species"][j]), "frames": int(seen.sum()),
             "distance_A": float(mean[j] / px_per_A),
             "truth_depths": sorted({int(d) for d in true_depth}),
@@ -180,12 +187,32 @@ class Processes:
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
         return proc
 
-    def wait(self, name: str, timeout_s: float) -> int:
-        code = self.running[name].wait(timeout_s)
-        if code != 0:
-            tail = (self.log_dir / f"{name}.log").read_text()[-2000:]
-            raise RuntimeError(f"{name} exited with code {code}; end of its log:\n{tail}")
-        return code
+    def _failed(self, name: str, why: str) -> RuntimeError:
+        tail = (self.log_dir / f"{name}.log").read_text()[-2000:]
+        return RuntimeError(f"{name} {why}; end of its log:\n{tail}")
+
+    def wait_all(self, names: tuple[str, ...], timeout_s: float) -> None:
+        """Wait until every child in ``names`` has exited with code 0. Fails at once when one
+        exits with an error, and when the last one (the consumer) has been gone for 20 s while
+        others still run (in replay mode they would wait for it forever)."""
+        deadline = time.monotonic() + timeout_s
+        consumer_done: float | None = None
+        while True:
+            codes = {n: self.running[n].poll() for n in names}
+            for name, code in codes.items():
+                if code not in (None, 0):
+                    raise self._failed(name, f"exited with code {code}")
+            if all(code == 0 for code in codes.values()):
+                return
+            if codes[names[-1]] == 0:
+                consumer_done = consumer_done or time.monotonic()
+                if time.monotonic() - consumer_done > 20:  # room to close sockets and exit
+                    waiting = [n for n, c in codes.items() if c is None]
+                    raise self._failed(names[-1], f"finished while {waiting} still run")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"still running after {timeout_s} s: "
+                                   f"{[n for n, c in codes.items() if c is None]}")
+            time.sleep(0.2)
 
     def stop_all(self, keep: tuple[str, ...] = ()) -> None:
         """SIGINT (then SIGKILL after 10 s) every child still running, except ``keep``."""
@@ -222,9 +249,9 @@ def _resolve_model(config: DemoConfig, out: Path) -> str:
 def simulate_session(config: DemoConfig, session: Path) -> float:
     """``segdepth simulate --session`` as a subprocess; returns its wall time in s."""
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "segdepth", "simulate", "--session", str(session),
-                    "--frames", str(config.frames), "--size", str(config.size), "--seed",
-                    str(config.seed)], check=True)
+    subprocess.run([sys.executable, "-m", "segdepth", "simulate", "--session", "--out",
+                    str(session), "--frames", str(config.frames), "--size", str(config.size),
+                    "--seed", str(config.seed)], check=True)
     return time.monotonic() - t0
 
 
@@ -239,18 +266,29 @@ def run_pipeline(config: DemoConfig, session: Path, model: str) -> dict[str, Any
     recording, engine_stats = out / "recording.h5", out / "engine_stats.json"
     for stale in (recording, engine_stats):
         stale.unlink(missing_ok=True)
+    import h5py
+
+    with h5py.File(session, "r") as f:
+        frames_sent = int(f["frames"].shape[0])
     ep = {name: _free_endpoint() for name in ("engine", "recorder", "results", "viewer_results",
                                               "viewer_frames")}
     show = has_display() and not config.headless
     procs = Processes(out / "logs")
     try:
+        # the recorder stops on the engine's eos; its grace period only matters if the
+        # engine dies, and must exceed the time of one batch on a slow CPU
         procs.start("recorder", [*cli, "record", "--out", str(recording), "--frames",
-                                 ep["recorder"], "--results", ep["results"]])
+                                 ep["recorder"], "--results", ep["results"], "--grace-s",
+                                 "120"])
         procs.start("engine", [*cli, "serve", "--frames", ep["engine"], "--results",
                                ep["results"], "--viewer", ep["viewer_results"] if show
                                else "none", "--model", model, "--backend", config.backend,
                                "--max-batch", str(config.max_batch), "--mode", "replay",
-                               "--exit-on-eos", "--stats", str(engine_stats)])
+                               "--exit-on-eos", "--stats", str(engine_stats),
+                               # the replayer drops what is still queued on its side 2 s after
+                               # it exits (its sockets' linger): on a slow CPU the engine
+                               # takes the whole session into its socket instead
+                               "--receive-hwm", str(frames_sent + 16)])
         if show:
             procs.start("viewer", [sys.executable, "-m", "viewer", "--results",
                                    ep["viewer_results"], "--frames", ep["viewer_frames"]])
@@ -259,18 +297,12 @@ def run_pipeline(config: DemoConfig, session: Path, model: str) -> dict[str, Any
                                "--to-recorder", ep["recorder"], "--to-viewer",
                                ep["viewer_frames"] if show else "none", "--mode", "replay",
                                "--max-rate"])
-        procs.wait("replay", config.timeout_s)
-        procs.wait("engine", config.timeout_s)
-        procs.wait("recorder", config.timeout_s)
+        procs.wait_all(("replay", "engine", "recorder"), config.timeout_s)
         pipeline_s = time.monotonic() - t0
     except BaseException:
         procs.stop_all()
         raise
     procs.stop_all(keep=("viewer",))  # the viewer stays open until its window is closed
-    import h5py
-
-    with h5py.File(session, "r") as f:
-        frames_sent = int(f["frames"].shape[0])
     summary = {"config": asdict(config), "model": model, "session": str(session),
                "recording": str(recording), "pipeline_wall_s": pipeline_s,
                **pipeline_figures(recording, json.loads(engine_stats.read_text()), frames_sent),
@@ -308,10 +340,18 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  throughput            {s['throughput_frames_per_s'] or float('nan'):.1f} frames/s"
         f" (pipeline wall time {s['pipeline_wall_s']:.1f} s)",
         "  latency ms            " + ", ".join(
-            f"{k} {v:.0f}" if v is not None else f"{k} n/a" for k, v in lat.items()),
+            f"{k} {v:.0f}" if v is not None else f"{k} n/a" for k, v in lat.items())
+        + " (receipt -> result; a max-rate replay queues frames at the engine)",
         f"  oxygen columns        {occ['matched']} of {occ['oxygen_columns']} found",
         f"  occupancy accuracy    single-frame {pct(occ['accuracy'])}, "
-        f"HMM-filtered {pct(occ['accuracy_filtered'])}",
+        f"HMM-filtered {pct(occ['accuracy_filtered'])} (mean over the O columns found)"]
+    for c in occ["columns"]:
+        if c["vacancy_event"]:
+            lines.append(f"    O column {c['truth_id']:>4} (vacancy event, truth depths "
+                         f"{c['truth_depths']}): " + (
+                             f"single-frame {pct(c['accuracy'])}, filtered "
+                             f"{pct(c['accuracy_filtered'])}" if c["matched"] else "not found"))
+    lines += [
         f"  summary               {Path(s['recording']).with_name('summary.json')}"]
     return "\n".join(lines)
 

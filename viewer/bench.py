@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-frames", action="store_true", help="publish results only")
     p.add_argument("--no-baseline", action="store_true", help="skip the naive comparison")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the synthetic scene")
-    p.add_argument("--out", default="benchmarks/view.json", help="JSON file written")
+    p.add_argument("--json", default="benchmarks/view.json", help="JSON file written")
     return p
 
 
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         print(f"{name:<50} {r['displayed_per_s']:>12.1f} {r['received_per_s']:>11.1f} "
               f"{r['results_lost']:>7} {r['viewer_cpu_percent']:>7.0f}")
-    out = Path(args.out)
+    out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": asdict(cfg), "results": rows,
                                "machine": {"cpus": os.cpu_count(), "python": sys.version,

@@ -1,0 +1,228 @@
+"""Atomic columns of a session: detection on a running reference, drift tracking, occupancy.
+
+The reference is the mean of the first ``reference_frames`` species-probability maps, each
+shifted back by its drift so that all are in frame-0 pixels. Ce and O columns are the peaks of
+P(Ce) and P(O) on that mean; columns are re-detected while the reference grows, and a detection
+within ``match_A`` of a known column of the same species keeps its id (ids are never reused).
+After that the reference is frozen, so a column that empties later keeps its id and its depth
+falls to 0. Every frame is registered against the reference (:mod:`engine.drift`) on the
+"column map" 1 - P(background); a column's position in the frame is its reference position plus
+the drift, and its occupancy is the depth-probability vector averaged over a disk there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+from skimage.feature import peak_local_max
+
+from engine.drift import DriftEstimator
+
+SPECIES_CE, SPECIES_O = 1, 2
+
+
+@dataclass(frozen=True)
+class ColumnConfig:
+    """Column detection and tracking settings; distances in Å, probabilities in [0, 1].
+
+    ``reference_frames``: frames averaged (after alignment) into the column reference.
+    ``min_peak_probability``: a species-probability peak below this is not a column.
+    ``min_separation_A``: closest two columns of one species may be (CeO2 [110]: O-O 2.7 Å).
+    ``disk_radius_A``: radius over which a column's depth probabilities are averaged (Ce-O
+    projected distance is 1.35 Å, so keep it below ~0.6 Å).
+    ``match_A``: a re-detected column this close to a known one keeps its id.
+    ``drift_search_A``: largest drift between consecutive frames searched for (below half the
+    shortest lattice translation, 4.7 Å).
+    """
+
+    reference_frames: int = 8
+    min_peak_probability: float = 0.5
+    min_separation_A: float = 0.9
+    disk_radius_A: float = 0.45
+    match_A: float = 0.5
+    drift_search_A: float = 1.5
+
+
+@dataclass
+class FrameColumns:
+    """Columns seen in one frame: ids, positions in this frame's pixels, species (1 Ce, 2 O),
+    depth-probability vectors (n, 11) and the frame's drift (dy, dx) px against the reference."""
+
+    ids: np.ndarray
+    x_px: np.ndarray
+    y_px: np.ndarray
+    species: np.ndarray
+    probabilities: np.ndarray
+    drift_px: tuple[float, float]
+
+    @property
+    def depth(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1).astype(np.int64)
+
+    @property
+    def expected_depth(self) -> np.ndarray:
+        return self.probabilities @ np.arange(self.probabilities.shape[1], dtype=np.float32)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probabilities.max(axis=1)
+
+
+def disk_offsets(radius_px: float) -> np.ndarray:
+    """Integer (dy, dx) offsets (k, 2) of the pixels within ``radius_px`` of a centre pixel."""
+    r = max(int(np.floor(radius_px)), 0)
+    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+    inside = dy ** 2 + dx ** 2 <= max(radius_px, 0.5) ** 2
+    return np.stack([dy[inside], dx[inside]], axis=1)
+
+
+def disk_average(maps: np.ndarray, y_px: np.ndarray, x_px: np.ndarray,
+                 radius_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of ``maps`` (C, H, W) over a disk at each position: ((n, C), in-frame mask (n,)).
+
+    Pixels of a disk outside the frame are left out; a disk wholly outside gives a False mask.
+    """
+    c, h, w = maps.shape
+    offsets = disk_offsets(radius_px)
+    cy = np.rint(y_px).astype(np.int64)[:, None] + offsets[None, :, 0]
+    cx = np.rint(x_px).astype(np.int64)[:, None] + offsets[None, :, 1]
+    valid = (cy >= 0) & (cy < h) & (cx >= 0) & (cx < w)
+    flat = np.clip(cy, 0, h - 1) * w + np.clip(cx, 0, w - 1)
+    values = maps.reshape(c, -1)[:, flat]  # (C, n, k)
+    weight = valid.astype(maps.dtype)
+    count = weight.sum(axis=1)
+    mean = (values * weight[None]).sum(axis=2) / np.maximum(count, 1)[None]
+    return mean.T, count > 0
+
+
+def find_columns(species_prob: np.ndarray, pixel_size_pm: float,
+                 config: ColumnConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column positions (y_px, x_px) and species in a species-probability map (3, H, W).
+
+    P(Ce) and P(O) are smoothed (Gaussian, sigma = half the disk radius) so that a column's
+    flat-topped disk of high probability has one maximum; maxima at least
+    ``min_separation_A`` apart where the unsmoothed probability reaches
+    ``min_peak_probability`` are columns, refined to the probability-weighted centroid over the
+    column disk.
+    """
+    px_per_A = 100.0 / pixel_size_pm
+    min_distance = max(1, int(config.min_separation_A * px_per_A))
+    radius = config.disk_radius_A * px_per_A
+    offsets = disk_offsets(radius)
+    ys, xs, species = [], [], []
+    for sp in (SPECIES_CE, SPECIES_O):
+        prob = species_prob[sp]
+        smooth = ndimage.gaussian_filter(prob, sigma=max(radius / 2, 0.5))
+        peaks = peak_local_max(smooth, min_distance=min_distance, exclude_border=False,
+                               threshold_abs=config.min_peak_probability / 2)
+        peaks = peaks[prob[peaks[:, 0], peaks[:, 1]] >= config.min_peak_probability]
+        if len(peaks) == 0:
+            continue
+        h, w = prob.shape
+        cy = np.clip(peaks[:, :1] + offsets[None, :, 0], 0, h - 1)
+        cx = np.clip(peaks[:, 1:] + offsets[None, :, 1], 0, w - 1)
+        weight = prob[cy, cx]
+        total = np.maximum(weight.sum(axis=1), 1e-12)
+        ys.append((weight * cy).sum(axis=1) / total)
+        xs.append((weight * cx).sum(axis=1) / total)
+        species.append(np.full(len(peaks), sp, dtype=np.int64))
+    if not ys:
+        return np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate(ys), np.concatenate(xs), np.concatenate(species)
+
+
+@dataclass
+class _Reference:
+    sum: np.ndarray  # (3, H, W) sum of aligned species-probability maps, frame-0 pixels
+    count: int
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    y_px: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    x_px: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    species: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def column_map(self) -> np.ndarray:
+        return 1.0 - self.sum[0] / self.count
+
+
+class ColumnTracker:
+    """Follows the atomic columns of one session frame by frame (see the module docstring)."""
+
+    def __init__(self, pixel_size_pm: float, config: ColumnConfig | None = None,
+                 first_id: int = 0):
+        """``first_id``: the first column id handed out (then +1 per new column)."""
+        self.config = config or ColumnConfig()
+        self.pixel_size_pm = float(pixel_size_pm)
+        self._px_per_A = 100.0 / self.pixel_size_pm
+        self._ref: _Reference | None = None
+        self._registration: DriftEstimator | None = None  # against the current reference
+        self._drift = (0.0, 0.0)
+        self._next_id = int(first_id)
+
+    @property
+    def reference_complete(self) -> bool:
+        return self._ref is not None and self._ref.count >= self.config.reference_frames
+
+    def update(self, species_prob: np.ndarray, depth_prob: np.ndarray) -> FrameColumns:
+        """One frame's maps: species (3, H, W) and depth (11, H, W) probabilities."""
+        species_prob = np.asarray(species_prob, dtype=np.float32)
+        column_map = 1.0 - species_prob[0]
+        if self._ref is None:
+            self._ref = _Reference(sum=species_prob.astype(np.float64), count=0)
+            self._drift = (0.0, 0.0)
+        else:
+            if self._ref.sum.shape != species_prob.shape:
+                raise ValueError(f"frame shape {species_prob.shape[1:]} differs from the "
+                                 f"session's {self._ref.sum.shape[1:]}")
+            self._drift = self._registration.estimate(
+                column_map, prior=self._drift,
+                search_px=self.config.drift_search_A * self._px_per_A)
+        if not self.reference_complete:
+            self._grow_reference(species_prob)
+        ref = self._ref
+        dy, dx = self._drift
+        y, x = ref.y_px + dy, ref.x_px + dx
+        probs, inside = disk_average(np.asarray(depth_prob, dtype=np.float32), y, x,
+                                     self.config.disk_radius_A * self._px_per_A)
+        probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
+        return FrameColumns(ids=ref.ids[inside], x_px=x[inside], y_px=y[inside],
+                            species=ref.species[inside], probabilities=probs[inside],
+                            drift_px=(float(dy), float(dx)))
+
+    def _grow_reference(self, species_prob: np.ndarray) -> None:
+        ref = self._ref
+        if ref.count == 0:
+            ref.count = 1
+        else:
+            dy, dx = self._drift
+            aligned = ndimage.shift(species_prob, (0, -dy, -dx), order=1, mode="nearest")
+            ref.sum += aligned
+            ref.count += 1
+        self._registration = DriftEstimator(ref.column_map)
+        y, x, species = find_columns((ref.sum / ref.count).astype(np.float32),
+                                     self.pixel_size_pm, self.config)
+        ref.ids = self._match_ids(y, x, species)
+        ref.y_px, ref.x_px, ref.species = y, x, species
+
+    def _match_ids(self, y: np.ndarray, x: np.ndarray, species: np.ndarray) -> np.ndarray:
+        ref = self._ref
+        ids = np.full(len(y), -1, dtype=np.int64)
+        taken: set[int] = set()
+        for sp in (SPECIES_CE, SPECIES_O):
+            old = np.flatnonzero(ref.species == sp)
+            new = np.flatnonzero(species == sp)
+            if len(old) == 0 or len(new) == 0:
+                continue
+            tree = cKDTree(np.stack([ref.y_px[old], ref.x_px[old]], axis=1))
+            dist, idx = tree.query(np.stack([y[new], x[new]], axis=1))
+            for n, d, i in sorted(zip(new, dist, idx), key=lambda t: t[1]):
+                old_id = int(ref.ids[old[i]])
+                if d <= self.config.match_A * self._px_per_A and old_id not in taken:
+                    ids[n] = old_id
+                    taken.add(old_id)
+        for n in np.flatnonzero(ids < 0):
+            ids[n] = self._next_id
+            self._next_id += 1
+        return ids

@@ -1,0 +1,139 @@
+"""The trained model as the engine sees it: loading, identity (hash), and a probability head.
+
+The engine runs ``ProbabilityHead``: the SegDepth UNet followed by the softmax of each output,
+so every backend (and every exported graph) returns probabilities, never logits. Frames whose
+sides are not multiples of the model's ``size_multiple`` are replicate-padded and the outputs
+cropped back.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def exportable_median(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """training.model.median_filter2d (k x k lower median, replicate padding) written with
+    slices and TopK, which ONNX and TensorRT support (``unfold`` with a dynamic size does not
+    export)."""
+    before = (kernel - 1) // 2
+    after = kernel - 1 - before
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (before, after, before, after), mode="replicate")
+    windows = torch.stack([padded[..., i:, j:][..., :h, :w]
+                           for i in range(kernel) for j in range(kernel)], dim=-1)
+    lower = (kernel * kernel - 1) // 2  # torch.median's choice for an even count
+    return torch.topk(windows, lower + 1, dim=-1, largest=False).values[..., -1]
+
+
+class ProbabilityHead(torch.nn.Module):
+    """(B, 1, H, W) frames (vacuum = 1) -> depth (B, 11, H, W) and species (B, 3, H, W)
+    probabilities. ``half``: run the model in FP16 between float32 input and output casts
+    (the graph exported for TensorRT, which takes its precision from the graph).
+    ``temperature``: depth probabilities are softmax(logits / temperature), the calibration
+    fitted in training (paper Fig. 7; ``meta["temperature"]`` of the model file).
+
+    A model with a median filter over its depth logits (``config.median_kernel`` > 1) runs
+    with that step replaced by :func:`exportable_median` (the same numbers); ``model`` is
+    changed in place, so pass a copy of a model used elsewhere.
+    """
+
+    def __init__(self, model: torch.nn.Module, half: bool = False, temperature: float = 1.0):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        config = getattr(model, "config", None)
+        self.median_kernel = int(getattr(config, "median_kernel", 0) or 0)
+        if self.median_kernel > 1:
+            model.config = dataclasses.replace(config, median_kernel=0)
+        self.model = model.half() if half else model
+        self.half = half
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.half:
+            x = x.half()
+        depth_logits, species_logits = self.model(x)
+        if self.median_kernel > 1:
+            depth_logits = exportable_median(depth_logits, self.median_kernel)
+        if self.temperature != 1.0:
+            depth_logits = depth_logits / self.temperature
+        depth, species = depth_logits.softmax(dim=1), species_logits.softmax(dim=1)
+        if self.half:
+            depth, species = depth.float(), species.float()
+        return depth, species
+
+
+@dataclass
+class LoadedModel:
+    """A model file loaded for inference: the module (eval, CPU, FP32), its meta, path, hash."""
+
+    model: torch.nn.Module
+    meta: dict[str, Any]
+    path: Path
+    sha256: str
+
+    @property
+    def model_id(self) -> str:
+        return str(self.meta.get("model_id", self.path.stem))
+
+    @property
+    def temperature(self) -> float:
+        """Calibration temperature of the depth logits (1: none fitted)."""
+        return float(self.meta.get("temperature", 1.0))
+
+    def head(self, half: bool = False) -> ProbabilityHead:
+        """A probability head on a copy of the model (the copy may be moved, cast, changed)."""
+        return ProbabilityHead(copy.deepcopy(self.model), half=half,
+                               temperature=self.temperature).eval()
+
+    @property
+    def size_multiple(self) -> int:
+        return int(getattr(self.model, "size_multiple", 1))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_model_path() -> Path:
+    """The bundled trained model (training/models/), or a clear error when it is absent."""
+    from training.model import bundled_model_path
+
+    path = Path(bundled_model_path())
+    if not path.is_file():
+        raise FileNotFoundError(f"no bundled model at {path}: train one (`segdepth train`) "
+                                f"and pass it with --model")
+    return path
+
+
+def load(path: str | Path | None = None) -> LoadedModel:
+    """Load a model file (default: the bundled model) with training.model.load_model."""
+    from training.model import load_model
+
+    path = Path(path) if path is not None else default_model_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    model, meta = load_model(path)
+    model.eval()
+    return LoadedModel(model=model, meta=dict(meta or {}), path=path, sha256=file_sha256(path))
+
+
+def pad_to_multiple(frames: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Replicate-pad (B, H, W) at the bottom/right so H and W are multiples (as
+    training.model.pad_to_multiple does); return (padded, (H, W))."""
+    h, w = frames.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        frames = np.pad(frames, ((0, 0), (0, ph), (0, pw)), mode="edge")
+    return frames, (h, w)

@@ -1,0 +1,292 @@
+"""``segdepth serve``: frames in, per-frame depth results out, at camera rate.
+
+Two threads. The receiver pulls frames (streamer ``Input``) into a :class:`FrameQueue`; the
+inference loop takes batches (up to ``max_batch`` frames or ``max_wait_ms``), divides each frame
+by its dose (:mod:`engine.normalise`), runs the backend, follows the columns of each session
+(:mod:`engine.occupancy`) and publishes one result per frame to the recorder (PUSH) and the
+viewers (PUB). ``eos`` is forwarded once every frame before it has been answered.
+
+Modes: ``replay`` -- every frame is served and results wait for the recorder (lossless);
+``live`` -- the queue holds at most ``queue_frames``, the oldest frames are skipped under
+overload (counted in every result's ``skipped``) and results are dropped rather than waited for;
+``auto`` -- each frame's own ``mode`` header decides (live when absent).
+Malformed messages are counted and skipped (streamer ``Input``); a frame the engine cannot use
+(bad pixel size or dose, a shape the model rejects) is counted under ``rejected`` and skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine import backends
+from engine.batching import FrameQueue, Item
+from engine.columns import ColumnConfig
+from engine.hmm import HMMConfig
+from engine.model_io import load
+from engine.normalise import DoseNormaliser
+from engine.occupancy import Occupancy, SessionAnalysis
+from streamer import sockets
+from streamer.protocol import Message, encode, encode_control, make_header
+
+log = logging.getLogger(__name__)
+
+SOURCE = "engine"
+#: sessions whose column state is kept at once (the oldest is forgotten beyond this).
+MAX_SESSIONS = 4
+#: column ids of a session's analysis start at (seq of its first frame) x this, so an engine
+#: restarted mid-session (or a shape change) never reuses an id of the same session.
+COLUMN_ID_STRIDE = 100_000
+
+
+@dataclass
+class ServeConfig:
+    """Settings of ``segdepth serve`` (saved as JSON beside its statistics)."""
+
+    frames: str = sockets.FRAMES_TO_ENGINE
+    results: str = sockets.RESULTS_TO_RECORDER
+    viewer: str | None = sockets.RESULTS_TO_VIEWER
+    model: str | None = None
+    backend: str = "auto"
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
+    mode: str = "auto"
+    queue_frames: int = 0  # 0: 4 x max_batch
+    receive_hwm: int = sockets.DEFAULT_HWM  # messages the frame socket may hold, beyond queue
+    exit_on_eos: bool = False
+    columns: ColumnConfig = field(default_factory=ColumnConfig)
+    hmm: HMMConfig = field(default_factory=HMMConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", *sockets.MODES):
+            raise ValueError(f"mode must be auto, replay or live, got {self.mode!r}")
+        if self.max_batch < 1 or self.max_wait_ms < 0:
+            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        if self.queue_frames <= 0:
+            self.queue_frames = 4 * self.max_batch
+
+
+@dataclass
+class _Session:
+    analysis: SessionAnalysis
+    dose: DoseNormaliser
+    shape: tuple[int, ...]
+
+
+class Server:
+    """The engine process's state: backend, sockets, queue, per-session analysis, counters."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.loaded = load(config.model)
+        self.backend = backends.create(config.backend, self.loaded, max_batch=config.max_batch)
+        self.queue = FrameQueue(config.queue_frames)
+        self.stop = threading.Event()
+        self.sessions: OrderedDict[str, _Session] = OrderedDict()
+        # every key exists from the start: the receiver thread never inserts while stats() reads
+        self.counts: Counter[str] = Counter(dict.fromkeys(
+            ("received_frame", "received_eos", "results_sent", "results_dropped",
+             "eos_forwarded"), 0))
+        self.rejected: Counter[str] = Counter()
+        self.latencies_ms: deque[float] = deque(maxlen=10_000)  # the latest, for stats
+        self._first_receipt: float | None = None  # time.monotonic() of the first frame
+        self._last_publish: float | None = None
+        self.input = sockets.Input(config.frames, hwm=config.receive_hwm,
+                                   accept=("frame", "eos", "heartbeat"), name="engine frames")
+        self.output = sockets.Output(config.results, mode="replay")
+        self.output.stop = self.stop
+        self.viewer = sockets.Publisher(config.viewer) if config.viewer else None
+        self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
+
+    # -- receiving ---------------------------------------------------------------------------
+    def _is_live(self, msg: Message) -> bool:
+        if self.config.mode != "auto":
+            return self.config.mode == "live"
+        return msg.header.get("mode", "live") != "replay"
+
+    def _receive(self) -> None:
+        while not self.stop.is_set():
+            msg = self.input.recv(timeout_s=0.1)
+            if msg is None or msg.kind == "heartbeat":
+                continue
+            now = time.monotonic()
+            if msg.kind == "frame":
+                if self._first_receipt is None:
+                    self._first_receipt = now
+                item = Item(msg, (msg.header["session"], msg.arrays["frame"].shape), now)
+            else:
+                item = Item(msg, (msg.header["session"],), now, is_frame=False)
+            self.counts["received_" + msg.kind] += 1  # kinds: frame, eos (heartbeats skipped)
+            if not self.queue.put(item, live=self._is_live(msg)):
+                return
+
+    # -- inference ---------------------------------------------------------------------------
+    def _session(self, msg: Message) -> _Session:
+        name, shape = msg.header["session"], msg.arrays["frame"].shape
+        state = self.sessions.get(name)
+        if state is None or state.shape != shape:
+            if state is not None:
+                log.warning("session %s changed frame shape %s -> %s: columns restart",
+                            name, state.shape, shape)
+            state = _Session(SessionAnalysis(float(msg.header["pixel_size_pm"]),
+                                             self.config.columns, self.config.hmm,
+                                             first_id=msg.seq * COLUMN_ID_STRIDE),
+                             DoseNormaliser(), shape)
+            self.sessions[name] = state
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+        self.sessions.move_to_end(name)
+        return state
+
+    def _reject(self, reason: str, detail: str) -> None:
+        if self.rejected[reason] == 0:
+            log.warning("skipped a frame the engine cannot use (%s: %s); further ones are "
+                        "counted silently", reason, detail)
+        self.rejected[reason] += 1
+
+    def _prepare(self, items: list[Item]) -> tuple[list[Item], list[float], list[bool], list]:
+        kept, doses, estimated, inputs = [], [], [], []
+        for item in items:
+            head = item.payload.header
+            pixel = head["pixel_size_pm"]
+            if not (math.isfinite(pixel) and pixel > 0):
+                self._reject("pixel_size", f"pixel_size_pm = {pixel!r}")
+                continue
+            state = self._session(item.payload)
+            try:
+                x, dose, was_estimated = state.dose.normalise(item.payload.arrays["frame"],
+                                                              head.get("dose_e_per_px"))
+            except ValueError as exc:
+                self._reject("dose", str(exc))
+                continue
+            kept.append(item)
+            doses.append(dose)
+            estimated.append(was_estimated)
+            inputs.append(x)
+        return kept, doses, estimated, inputs
+
+    def _serve_batch(self, items: list[Item]) -> None:
+        items, doses, estimated, inputs = self._prepare(items)
+        if not items:
+            return
+        try:
+            pred = self.backend.infer(np.stack(inputs))
+        except (RuntimeError, ValueError) as exc:  # e.g. a frame size the model cannot take
+            for _ in items:
+                self._reject("inference", f"{type(exc).__name__}: {exc}")
+            return
+        depth, confidence, species = pred.maps()
+        for i, item in enumerate(items):
+            occ = self._session(item.payload).analysis.update(pred.species_prob[i],
+                                                              pred.depth_prob[i])
+            arrays = {"depth": depth[i], "confidence": confidence[i], "species": species[i],
+                      **occ.buffers()}
+            self._publish(item, occ, arrays, doses[i], estimated[i], len(items))
+
+    def _publish(self, item: Item, occ: Occupancy, arrays: dict[str, np.ndarray],
+                 dose: float, dose_estimated: bool, batch_size: int) -> None:
+        msg = item.payload
+        head = msg.header
+        latency_ms = (time.monotonic() - item.t_recv) * 1e3
+        result = make_header(
+            "result", session=head["session"], seq=msg.seq, source=SOURCE, t_acq=head["t_acq"],
+            model_id=self.loaded.model_id, backend=self.backend.name, batch_size=batch_size,
+            latency_ms=latency_ms, frame_seq=msg.seq, skipped=self.queue.skipped,
+            pixel_size_pm=float(head["pixel_size_pm"]), dose_e_per_px=float(dose),
+            dose_estimated=dose_estimated, drift_px=list(occ.columns.drift_px),
+            columns=occ.table(), mode="live" if self._is_live(msg) else "replay")
+        parts = encode(result, arrays)
+        if self.output.send(parts, wait=not self._is_live(msg)):
+            self.counts["results_sent"] += 1
+        else:
+            self.counts["results_dropped"] += 1
+        if self.viewer is not None:
+            self.viewer.send(parts)
+        self.latencies_ms.append(latency_ms)
+        self._last_publish = time.monotonic()
+
+    def _forward_eos(self, msg: Message) -> None:
+        head = msg.header
+        parts = encode_control("eos", session=head["session"], seq=msg.seq, source=SOURCE,
+                               frames_processed=self.counts["results_sent"],
+                               skipped=self.queue.skipped)
+        self.output.send(parts, timeout_s=10.0, wait=True)
+        if self.viewer is not None:
+            self.viewer.send(parts)
+        self.counts["eos_forwarded"] += 1
+        log.info("end of stream of session %s forwarded (%d results so far, %d skipped)",
+                 head["session"], self.counts["results_sent"], self.queue.skipped)
+
+    def run(self) -> int:
+        """Serve until stopped (signal, ``stop``), or after the first eos with exit_on_eos."""
+        log.info("serving model %s with backend %s (batch <= %d, wait <= %.1f ms, mode %s): "
+                 "frames from %s, results to %s, viewers on %s", self.loaded.model_id,
+                 self.backend.name, self.config.max_batch, self.config.max_wait_ms,
+                 self.config.mode, self.config.frames, self.config.results, self.config.viewer)
+        self._receiver.start()
+        max_wait_s = self.config.max_wait_ms / 1e3
+        last_log = time.monotonic()
+        while not self.stop.is_set():
+            batch = self.queue.take_batch(self.config.max_batch, max_wait_s)
+            if batch and batch[0].is_frame:
+                self._serve_batch(batch)
+            elif batch:
+                self._forward_eos(batch[0].payload)
+                if self.config.exit_on_eos:
+                    break
+            if time.monotonic() - last_log > 10.0:
+                last_log = time.monotonic()
+                log.info("%s", self.stats())
+        return 0
+
+    def stats(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+        busy_s = (self._last_publish - self._first_receipt
+                  if self._first_receipt is not None and self._last_publish is not None else 0.0)
+        return {**dict(self.counts), "skipped": self.queue.skipped,
+                "busy_s": busy_s, "throughput_frames_per_s":
+                self.counts["results_sent"] / busy_s if busy_s > 0 else None,
+                "rejected": dict(self.rejected), "input": self.input.stats(),
+                "latency_ms_p50": float(np.percentile(lat, 50)),
+                "latency_ms_p99": float(np.percentile(lat, 99)),
+                "backend": self.backend.name, "model_id": self.loaded.model_id}
+
+    def close(self) -> None:
+        self.stop.set()
+        self.queue.close()
+        self._receiver.join(timeout=2.0)
+        self.input.close()
+        self.output.close()
+        if self.viewer is not None:
+            self.viewer.close()
+
+
+def serve(config: ServeConfig, stats_path: Path | None = None) -> int:
+    """Run a server until SIGINT/SIGTERM (or eos with ``exit_on_eos``); write stats JSON."""
+    server = Server(config)
+
+    def on_signal(signum, _frame):
+        log.info("signal %d: stopping", signum)
+        server.stop.set()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        code = server.run()
+    finally:
+        server.close()
+        stats = server.stats()
+        log.info("engine stopped: %s", stats)
+        if stats_path is not None:
+            stats_path.parent.mkdir(parents=True, exist_ok=True)
+            stats_path.write_text(json.dumps({"config": asdict(config), "stats": stats},
+                                             indent=2, default=str))
+    return code

@@ -1,0 +1,151 @@
+"""Every backend present agrees with torch-cpu FP32; export to ONNX; TensorRT skips cleanly."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from engine import backends
+from engine.cli import BACKEND_NAMES
+from engine.model_io import load
+from test_engine_support import save_random_model
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return load(save_random_model(tmp_path_factory.mktemp("model") / "random.pt"))
+
+
+@pytest.fixture(scope="module")
+def frames(loaded):
+    """Three Poisson frames (dose 20 e-/px) whose sides are NOT multiples of the model's."""
+    m = loaded.size_multiple
+    rng = np.random.default_rng(0)
+    return (rng.poisson(20.0, (3, 2 * m + 6, 2 * m - 10)) / 20.0).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(loaded, frames):
+    return backends.create("torch-cpu", loaded, max_batch=2).infer(frames)
+
+
+def test_cli_names_match_the_backends():
+    assert BACKEND_NAMES == tuple(backends.BACKENDS)
+
+
+def test_reference_shapes_and_probabilities(reference, frames):
+    n, h, w = frames.shape
+    assert reference.depth_prob.shape == (n, 11, h, w)
+    assert reference.species_prob.shape == (n, 3, h, w)
+    assert np.allclose(reference.depth_prob.sum(axis=1), 1, atol=1e-4)
+    assert np.allclose(reference.species_prob.sum(axis=1), 1, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_backend_matches_torch_cpu_fp32(name, loaded, frames, reference, tmp_path):
+    reason = backends.unavailable_reason(name)
+    if reason:
+        pytest.skip(f"backend {name} unavailable here: {reason}")
+    out = backends.create(name, loaded, max_batch=2, cache_dir=tmp_path).infer(frames)
+    assert out.depth_prob.shape == reference.depth_prob.shape
+    same_depth = (out.depth_prob.argmax(1) == reference.depth_prob.argmax(1)).mean()
+    same_species = (out.species_prob.argmax(1) == reference.species_prob.argmax(1)).mean()
+    assert same_depth >= 0.995 and same_species >= 0.995
+
+
+def test_fp16_graph_for_tensorrt_matches_fp32(loaded, frames, reference, tmp_path):
+    """The FP16 ONNX graph TensorRT builds from, run here by ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
+    from engine.export import INPUT_NAME, export_onnx
+    from engine.model_io import pad_to_multiple
+
+    path = export_onnx(loaded, tmp_path, half=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    padded, (h, w) = pad_to_multiple(frames, loaded.size_multiple)
+    depth, _ = session.run(None, {INPUT_NAME: padded[:, None]})
+    same = (depth[..., :h, :w].argmax(1) == reference.depth_prob.argmax(1)).mean()
+    assert same >= 0.995
+
+
+def test_auto_picks_the_first_available_and_bad_names_fail():
+    first = next(n for n in BACKEND_NAMES if backends.unavailable_reason(n) is None)
+    assert backends.resolve("auto") == first
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.resolve("nope")
+    if backends.unavailable_reason("torch-cuda"):
+        with pytest.raises(RuntimeError, match="unavailable here"):
+            backends.resolve("torch-cuda")
+
+
+def test_export_onnx_cli_has_dynamic_batch_and_size(loaded, segdepth_cmd, tmp_path):
+    import onnxruntime as ort
+
+    out = subprocess.run([*segdepth_cmd, "export", "--format", "onnx", "--model",
+                          str(loaded.path), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (onnx_path,) = tmp_path.glob("*.onnx")
+    info = json.loads(next(tmp_path.glob("*.export.json")).read_text())
+    assert info["model_sha256"] == loaded.sha256 and info["dynamic_axes"][0] == "batch"
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    m = loaded.size_multiple
+    for shape in ((1, 1, m, m), (3, 1, 2 * m, m)):
+        depth, species = session.run(None, {"frames": np.ones(shape, np.float32)})
+        assert depth.shape == (shape[0], 11, *shape[2:])
+        assert species.shape == (shape[0], 3, *shape[2:])
+
+
+def test_export_tensorrt_skips_with_the_reason(loaded, segdepth_cmd, tmp_path):
+    from engine.export import tensorrt_unavailable_reason
+
+    reason = tensorrt_unavailable_reason()
+    if reason is None:
+        pytest.skip("TensorRT is available here: the skip path does not apply")
+    out = subprocess.run([*segdepth_cmd, "export", "--format", "tensorrt", "--model",
+                          str(loaded.path), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert f"tensorrt export skipped: {reason}" in out.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_median_filter_model_exports_and_matches_training(tmp_path):
+    """A model with the paper's median filter (kernel 4) gives the training model's own
+    probabilities on torch-cpu, and the same depth map through ONNX Runtime."""
+    import torch
+    from training.model import SegDepthUNet, UNetConfig, load_model, save_model
+
+    from engine.model_io import pad_to_multiple
+
+    torch.manual_seed(1)
+    path = tmp_path / "median.pt"
+    save_model(path, SegDepthUNet(UNetConfig(base_channels=8, median_kernel=4)))
+    loaded = load(path)
+    frames = (np.random.default_rng(1).poisson(2.5, (2, 70, 64)) / 2.5).astype(np.float32)
+    ref = backends.create("torch-cpu", loaded).infer(frames)
+    model, _ = load_model(path)
+    padded, _ = pad_to_multiple(frames, loaded.size_multiple)
+    with torch.no_grad():
+        depth_logits, _ = model(torch.from_numpy(padded[:, None]))
+    own = depth_logits.softmax(dim=1)[..., :70, :64].numpy()
+    assert np.allclose(own, ref.depth_prob, atol=1e-5)
+    out = backends.create("onnxruntime", loaded, cache_dir=tmp_path).infer(frames)
+    assert (out.depth_prob.argmax(1) == ref.depth_prob.argmax(1)).mean() >= 0.995
+
+
+def test_calibration_temperature_of_the_model_file_is_applied(tmp_path):
+    import torch
+    from training.model import SegDepthUNet, UNetConfig, load_model, save_model
+
+    torch.manual_seed(2)
+    path = tmp_path / "calibrated.pt"
+    save_model(path, SegDepthUNet(UNetConfig(base_channels=8)), {"temperature": 2.5})
+    loaded = load(path)
+    frames = (np.random.default_rng(2).poisson(2.5, (1, 64, 64)) / 2.5).astype(np.float32)
+    model, _ = load_model(path)
+    with torch.no_grad():
+        logits, _ = model(torch.from_numpy(frames[:, None]))
+    expected = (logits / 2.5).softmax(dim=1).numpy()
+    for name in ("torch-cpu", "onnxruntime"):
+        out = backends.create(name, loaded, cache_dir=tmp_path).infer(frames)
+        assert np.allclose(out.depth_prob, expected, atol=1e-5), name

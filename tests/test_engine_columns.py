@@ -1,0 +1,128 @@
+"""Drift estimation, column detection, stable ids and per-column occupancy on synthetic maps."""
+import numpy as np
+import pytest
+
+from engine.columns import (SPECIES_CE, SPECIES_O, ColumnConfig, ColumnTracker, disk_average,
+                            disk_offsets)
+from engine.drift import estimate_drift
+from engine.occupancy import SessionAnalysis
+
+PIXEL_PM = 5.3  # 0.45 Å disk = 8.5 px, 0.9 Å separation = 17 px
+SIZE = 160
+
+
+def truth_columns():
+    """Ce on a 40 px grid below a vacuum band (rows < 40), O 20 px to the right of each Ce."""
+    ys, xs = np.meshgrid(np.arange(60, SIZE - 20, 40.0), np.arange(30, SIZE - 40, 40.0),
+                         indexing="ij")
+    ce = np.stack([ys.ravel() + 0.3, xs.ravel() + 0.6], axis=1)
+    o = ce + [0.0, 20.0]
+    pos = np.concatenate([ce, o])
+    species = np.array([SPECIES_CE] * len(ce) + [SPECIES_O] * len(o))
+    return pos, species
+
+
+def render(pos, species, depths, drift, rng, noise=0.05):
+    """Species (3, H, W) and depth (11, H, W) probability maps with columns shifted by drift."""
+    yy, xx = np.mgrid[:SIZE, :SIZE].astype(float)
+    sp = np.zeros((3, SIZE, SIZE))
+    depth_cls = np.zeros((SIZE, SIZE), dtype=int)
+    for (y, x), s, d in zip(pos + drift, species, depths):
+        r2 = (yy - y) ** 2 + (xx - x) ** 2
+        sp[s] += 0.95 * np.exp(-r2 / (2 * 4.0 ** 2))
+        depth_cls[r2 <= 10 ** 2] = d
+    sp[1:] = np.clip(sp[1:] + rng.normal(0, noise, sp[1:].shape), 0, 0.97)
+    sp[0] = 1 - sp[1] - sp[2]
+    depth = np.full((11, SIZE, SIZE), 0.02)
+    np.put_along_axis(depth, depth_cls[None], 0.8, axis=0)
+    depth += rng.uniform(0, 0.1, depth.shape)
+    depth /= depth.sum(axis=0, keepdims=True)
+    return sp.astype(np.float32), depth.astype(np.float32)
+
+
+def test_drift_sign_and_subpixel_accuracy():
+    rng = np.random.default_rng(0)
+    pos, species = truth_columns()
+    depths = np.full(len(pos), 5)
+    ref, _ = render(pos, species, depths, np.zeros(2), rng)
+    for shift in ([3.4, -2.7], [-0.4, 0.8], [9.6, 5.2]):
+        img, _ = render(pos, species, depths, np.array(shift), rng)
+        dy, dx = estimate_drift(1 - ref[0], 1 - img[0], search_px=15)
+        assert dy == pytest.approx(shift[0], abs=0.3) and dx == pytest.approx(shift[1], abs=0.3)
+
+
+def test_drift_search_stays_near_the_prior():
+    rng = np.random.default_rng(1)
+    pos, species = truth_columns()
+    ref, _ = render(pos, species, np.full(len(pos), 5), np.zeros(2), rng)
+    img, _ = render(pos, species, np.full(len(pos), 5), np.array([20.0, 21.0]), rng)
+    # searched near the truth, it is found; searched near zero with a small window, it is not
+    found = estimate_drift(1 - ref[0], 1 - img[0], prior=(18, 18), search_px=6)
+    assert found == pytest.approx((20.0, 21.0), abs=0.3)
+    near_zero = estimate_drift(1 - ref[0], 1 - img[0], prior=(0, 0), search_px=6)
+    assert max(abs(near_zero[0]), abs(near_zero[1])) <= 6.5
+
+
+def test_disk_average_leaves_out_pixels_outside_the_frame():
+    maps = np.zeros((2, 20, 20), dtype=np.float32)
+    maps[0] = 1.0
+    maps[1, :, 19] = 1.0  # only the last column of the frame
+    mean, inside = disk_average(maps, np.array([10.0, 10.0, -50.0]), np.array([5.0, 19.0, 5.0]),
+                                radius_px=3)
+    assert inside.tolist() == [True, True, False]
+    assert mean[:2, 0] == pytest.approx([1.0, 1.0])
+    assert mean[0, 1] == 0.0
+    # disk at the right edge: 18 of its 29 pixels are in the frame, 7 of those in column 19
+    assert len(disk_offsets(3)) == 29
+    assert mean[1, 1] == pytest.approx(7 / 18)
+
+
+def test_tracker_keeps_ids_through_drift_and_follows_a_vacancy():
+    rng = np.random.default_rng(2)
+    pos, species = truth_columns()
+    n = len(pos)
+    vacancy_col, vacancy_frame = n - 1, 14  # an O column loses one atom at frame 14
+    analysis = SessionAnalysis(PIXEL_PM, ColumnConfig(reference_frames=5), first_id=700)
+    base_depth = 3 + np.arange(n) % 6
+    seen_ids = None
+    for t in range(24):
+        drift = np.array([0.55 * t, -0.35 * t])
+        depths = base_depth.copy()
+        if t >= vacancy_frame:
+            depths[vacancy_col] -= 1
+        sp, dp = render(pos, species, depths, drift, rng)
+        occ = analysis.update(sp, dp)
+        cols = occ.columns
+        assert len(cols.ids) == n
+        assert cols.drift_px == pytest.approx(tuple(drift), abs=0.5)
+        # match detected to truth columns by position in this frame
+        truth_now = pos + drift
+        d2 = ((np.stack([cols.y_px, cols.x_px], 1)[:, None] - truth_now[None]) ** 2).sum(-1)
+        match = d2.argmin(axis=1)
+        assert np.sqrt(d2.min(axis=1)).max() < 1.0
+        assert sorted(match) == list(range(n))
+        assert (cols.species == species[match]).all()
+        assert (cols.depth == depths[match]).all()
+        ids_by_truth = dict(zip(match, cols.ids))
+        if seen_ids is None:
+            seen_ids = ids_by_truth
+        assert ids_by_truth == seen_ids  # every column keeps its id through the session
+        table = occ.table()
+        assert table["id"] == [int(i) for i in cols.ids]
+        assert set(table) == {"id", "x_px", "y_px", "species", "depth", "expected_depth",
+                              "confidence", "depth_filtered", "expected_filtered"}
+        assert occ.buffers()["column_probabilities_filtered"].shape == (n, 11)
+    assert analysis.tracker.reference_complete
+    assert sorted(seen_ids.values()) == list(range(700, 700 + n))  # ids from first_id on
+    row = list(cols.ids).index(seen_ids[vacancy_col])
+    assert table["depth_filtered"][row] == base_depth[vacancy_col] - 1
+
+
+def test_no_columns_in_flat_maps():
+    tracker = ColumnTracker(PIXEL_PM)
+    sp = np.full((3, 64, 64), 1 / 3, dtype=np.float32)
+    dp = np.full((11, 64, 64), 1 / 11, dtype=np.float32)
+    cols = tracker.update(sp, dp)
+    assert len(cols.ids) == 0 and cols.probabilities.shape == (0, 11)
+    with pytest.raises(ValueError, match="differs"):
+        tracker.update(sp[:, :32], dp[:, :32])

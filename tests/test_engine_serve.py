@@ -1,0 +1,135 @@
+"""The engine server over real ZeroMQ sockets: replay is lossless, live skips the oldest frames,
+malformed messages are skipped, eos is forwarded, a frame without dose gets an estimate."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engine.serve import ServeConfig, Server
+from streamer import sockets
+from streamer.protocol import encode_control, encode_frame
+from test_engine_support import save_random_model
+
+SIDE = 64
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return save_random_model(tmp_path_factory.mktemp("model") / "random.pt")
+
+
+@pytest.fixture
+def engine(model_path, endpoint_factory):
+    """Start a Server thread; yield (source Output, results Input, server, start)."""
+    made = []
+
+    def start(mode, **kw):
+        cfg = ServeConfig(frames=endpoint_factory(), results=endpoint_factory(),
+                          viewer=endpoint_factory(), model=str(model_path),
+                          backend="torch-cpu", mode=mode, **kw)
+        src = sockets.Output(cfg.frames, mode="replay" if mode == "replay" else "live",
+                             hwm=1000)
+        server = Server(cfg)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        results = sockets.Input(cfg.results, hwm=1000)
+        made.append((src, results, server, thread))
+        return src, results, server
+    yield start
+    for src, results, server, thread in made:
+        server.stop.set()
+        thread.join(10)
+        server.close()
+        src.close(0)
+        results.close()
+
+
+def frame_msg(i, rng, session="s1", dose=20.0, send_dose=True, **kw):
+    counts = rng.poisson(dose, (SIDE, SIDE)).astype(np.uint16)
+    extra = {"dose_e_per_px": dose} if send_dose else {}
+    return encode_frame(counts, session=session, seq=i, source="test", pixel_size_pm=5.3,
+                        **extra, **kw)
+
+
+def collect(results, until_eos=True, timeout_s=60.0, n=None):
+    got = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        msg = results.recv(timeout_s=1.0)
+        if msg is None:
+            if not until_eos and n is None and got:
+                break
+            continue
+        got.append(msg)
+        if (until_eos and msg.kind == "eos") or (n is not None and len(got) >= n):
+            break
+    return got
+
+
+def test_replay_serves_every_frame_in_order_and_forwards_eos(engine):
+    src, results, server = engine("replay", max_batch=4, max_wait_ms=50)
+    rng = np.random.default_rng(0)
+    n = 10
+    for i in range(n):
+        src.send(frame_msg(i, rng, mode="replay"))
+        if i == 3:  # garbage between frames: counted, skipped, the engine goes on
+            src.send([b"frame", b"\x00not msgpack"])
+            src.send([b"frame"])
+    src.send(encode_control("eos", session="s1", seq=n, source="test"))
+    got = collect(results)
+    assert [m.kind for m in got] == ["result"] * n + ["eos"]
+    assert [m.header["frame_seq"] for m in got[:-1]] == list(range(n))
+    for m in got[:-1]:
+        h = m.header
+        assert h["seq"] == h["frame_seq"] and h["session"] == "s1"
+        assert h["backend"] == "torch-cpu" and 1 <= h["batch_size"] <= 4
+        assert h["latency_ms"] > 0 and h["skipped"] == 0
+        assert h["dose_e_per_px"] == 20.0 and h["dose_estimated"] is False
+        assert len(h["drift_px"]) == 2
+        assert set(h["columns"]) >= {"id", "x_px", "y_px", "species", "depth",
+                                     "expected_depth", "confidence", "depth_filtered",
+                                     "expected_filtered"}
+        assert m.arrays["depth"].shape == (SIDE, SIDE) and m.arrays["depth"].dtype == np.uint8
+        assert m.arrays["depth"].max() <= 10
+        assert m.arrays["species"].max() <= 2
+        conf = m.arrays["confidence"]
+        assert conf.dtype == np.float32 and (conf >= 1 / 11 - 1e-6).all() and (conf <= 1).all()
+        n_cols = len(h["columns"]["id"])
+        assert m.arrays["column_probabilities"].shape == (n_cols, 11)
+    assert max(m.header["batch_size"] for m in got[:-1]) > 1  # frames were batched
+    assert got[-1].header["seq"] == n and got[-1].header["source"] == "engine"
+    assert server.input.malformed.total == 2
+
+
+def test_live_overload_serves_the_newest_and_counts_skipped(engine):
+    src, results, server = engine("live", max_batch=1, max_wait_ms=0, queue_frames=2)
+    rng = np.random.default_rng(1)
+    n = 40
+    msgs = [frame_msg(i, rng, mode="live") for i in range(n)]
+    for m in msgs:  # far faster than the engine infers
+        src.send(m)
+    src.send(encode_control("eos", session="s1", seq=n, source="test"), wait=True,
+             timeout_s=5)
+    got = collect(results)
+    res = [m for m in got if m.kind == "result"]
+    assert got[-1].kind == "eos"
+    skipped = got[-1].header["skipped"]
+    assert skipped > 0 and len(res) + skipped == n  # every frame either served or skipped
+    assert res[-1].header["frame_seq"] == n - 1  # the newest frame was served
+    seqs = [m.header["frame_seq"] for m in res]
+    assert seqs == sorted(seqs)
+    assert res[-1].header["skipped"] == skipped
+
+
+def test_frame_without_dose_gets_the_running_mean_estimate(engine):
+    src, results, server = engine("replay", max_batch=2, max_wait_ms=5)
+    rng = np.random.default_rng(2)
+    for i in range(4):
+        src.send(frame_msg(i, rng, dose=20.0, send_dose=False))
+    src.send(frame_msg(4, rng, dose=20.0))
+    got = collect(results, until_eos=False, n=5)
+    assert [m.header["dose_estimated"] for m in got] == [True] * 4 + [False]
+    for m in got[:4]:
+        assert m.header["dose_e_per_px"] == pytest.approx(20.0, rel=0.02)
+    assert server.sessions["s1"].dose.estimated_frames == 4
