@@ -53,6 +53,10 @@ ZERO_COPY_MIN_BYTES = 64 * 1024
 POLL_SLICE_S = 0.05
 #: longest wait at process exit for queued messages to go out, in seconds.
 EXIT_LINGER_S = 5.0
+#: s a replay-mode output waits at close for a slow receiver to take what is still queued.
+REPLAY_LINGER_S = 120.0
+#: s a live-mode output waits at close (live data is not waited for).
+LIVE_LINGER_S = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +112,15 @@ class Output:
 
     ``mode``: ``replay`` (lossless, waits for the receiver) or ``live`` (never blocks, drops and
     counts). ``hwm``: messages queued before back-pressure (replay) or dropping (live).
-    ``linger_s``: how long :meth:`close` may wait to deliver queued messages.
+    ``linger_s``: how long :meth:`close` (and process exit) may wait to deliver queued messages;
+    default :data:`REPLAY_LINGER_S` in replay mode (lossless: a slow receiver still gets every
+    queued frame after the source has finished), :data:`LIVE_LINGER_S` in live mode.
     Counters: ``sent``, ``dropped`` (live mode only). Set ``stop`` (a threading.Event) to
     interrupt a waiting :meth:`send` from another thread or a signal handler.
     """
 
     def __init__(self, endpoint: str, *, mode: str = "replay", hwm: int = DEFAULT_HWM,
-                 ctx: zmq.Context | None = None, linger_s: float = 2.0):
+                 ctx: zmq.Context | None = None, linger_s: float | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.endpoint = endpoint
@@ -124,6 +130,8 @@ class Output:
         self.stop = threading.Event()
         self.socket = (ctx or zmq.Context.instance()).socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, hwm)
+        if linger_s is None:
+            linger_s = REPLAY_LINGER_S if mode == "replay" else LIVE_LINGER_S
         self.socket.setsockopt(zmq.LINGER, int(linger_s * 1000))
         _bind(self.socket, endpoint)
 

@@ -172,3 +172,34 @@ def test_missing_source_is_a_clear_error(tmp_path, segdepth_cmd):
                           "none", "--to-viewer", "none"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "no such session file or folder" in out.stderr
+
+
+
+def test_a_slow_reader_gets_every_frame_after_the_replayer_exits(tmp_path, endpoint_factory,
+                                                                  segdepth_cmd):
+    """Replay mode stays lossless past the source's exit: frames still queued for a reader
+    that needs seconds to drain them are delivered, not dropped when the replayer closes."""
+    n = 14
+    frames = np.random.default_rng(2).integers(0, 60000, (n, 2048, 2048)).astype(np.uint16)
+    with h5py.File(tmp_path / "big.h5", "w") as f:  # 8 MiB frames: beyond the socket buffers
+        f["frames"] = frames
+        f["timestamps_s"] = np.arange(n, dtype=float)
+        f["sequence"] = np.arange(n)
+        f.attrs.update(pixel_size_pm=5.3, dose_e_per_px=3.0, session_id="big", source="test")
+    ep = endpoint_factory()
+    proc = subprocess.Popen([*segdepth_cmd, "replay", str(tmp_path / "big.h5"), "--max-rate",
+                             "--to-engine", ep, "--to-viewer", "none", "--hwm", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    got = []
+    with Input(ep, hwm=1) as inp:
+        while True:
+            msg = inp.recv(timeout_s=60)
+            assert msg is not None, f"no eos after {len(got)} frames"
+            if msg.kind == "eos":
+                break
+            got.append(np.array(msg.arrays["frame"]))
+            time.sleep(0.6)  # > 5 s to drain the replayer's queue after it has finished
+    out, _ = proc.communicate(timeout=150)
+    assert proc.returncode == 0, out
+    assert len(got) == n
+    np.testing.assert_array_equal(np.stack(got), frames)
