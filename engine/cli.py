@@ -174,6 +174,6 @@ def register(commands, bench) -> None:
                    help="stop timing a cell after this many seconds (at least one call; "
                         "default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random frames and weights")
-    p.add_argument("--json", default="runs/bench_engine.json",
-                   help="where to write the figures (default runs/bench_engine.json)")
+    p.add_argument("--json", default="benchmarks/engine.json",
+                   help="where to write the figures (default benchmarks/engine.json)")
     p.set_defaults(func=_bench)
