@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from test_engine_support import save_random_model
+from engine_support import save_random_model
 
 FRAMES, SIZE = 12, 256
 #: floor with the bundled model: share of true O columns found, and occupancy accuracy

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from test_engine_support import ProcessGroup, save_random_model, write_session
+from engine_support import ProcessGroup, save_random_model, write_session
 
 # the source is slower than the engine, so few frames are in flight when it is killed and
 # the replay is still sending when the new engine starts

@@ -8,7 +8,7 @@ import pytest
 
 from engine.model_io import load
 from segdepth.demo import DemoConfig, run_pipeline
-from test_engine_support import save_random_model, write_synthetic_session
+from engine_support import save_random_model, write_synthetic_session
 
 FRAMES, SIDE = 16, 128
 

@@ -8,7 +8,7 @@ import pytest
 from engine import backends
 from engine.cli import BACKEND_NAMES
 from engine.model_io import load
-from test_engine_support import save_random_model
+from engine_support import save_random_model
 
 
 @pytest.fixture(scope="module")

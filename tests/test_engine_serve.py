@@ -9,7 +9,7 @@ import pytest
 from engine.serve import ServeConfig, Server
 from streamer import sockets
 from streamer.protocol import encode_control, encode_frame
-from test_engine_support import save_random_model
+from engine_support import save_random_model
 
 SIDE = 64
 
