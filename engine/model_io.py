@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from training.data import file_sha256
 
 
 def exportable_median(x: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -96,14 +97,6 @@ class LoadedModel:
     @property
     def size_multiple(self) -> int:
         return int(getattr(self.model, "size_multiple", 1))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_model_path() -> Path:

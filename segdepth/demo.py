@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from streamer.sockets import free_tcp_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +163,6 @@ def pipeline_figures(recording: Path, engine_stats: dict[str, Any],
 
 
 # --- orchestration ------------------------------------------------------------------------
-def _free_endpoint() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
@@ -270,7 +265,7 @@ def run_pipeline(config: DemoConfig, session: Path, model: str) -> dict[str, Any
 
     with h5py.File(session, "r") as f:
         frames_sent = int(f["frames"].shape[0])
-    ep = {name: _free_endpoint() for name in ("engine", "recorder", "results", "viewer_results",
+    ep = {name: free_tcp_endpoint() for name in ("engine", "recorder", "results", "viewer_results",
                                               "viewer_frames")}
     show = has_display() and not config.headless
     procs = Processes(out / "logs")

@@ -14,13 +14,14 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from streamer.sockets import free_tcp_endpoint
 
 N_DISTINCT = 8  # distinct frames cycled by a sender (counting-mode noise)
 #: the protocol path without the receiver's NaN/Inf scan (float frames only): shows its cost.
@@ -50,9 +51,7 @@ def _frames(size: int, dtype: str, seed: int = 0) -> list[np.ndarray]:
 def _endpoint(transport: str) -> str:
     if transport == "ipc":
         return f"ipc://{tempfile.mkdtemp(prefix='segdepth-bench-')}/sock"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return free_tcp_endpoint()
 
 
 # --- transport -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import socket
 import threading
 import time
 from typing import Any, Collection, Sequence
@@ -59,6 +60,13 @@ REPLAY_LINGER_S = 120.0
 LIVE_LINGER_S = 2.0
 
 log = logging.getLogger(__name__)
+
+
+def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """A ``tcp://HOST:PORT`` endpoint on a port that is free right now (loopback by default)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
 
 
 def shutdown(linger_s: float = EXIT_LINGER_S) -> None:

@@ -1,23 +1,22 @@
 """Shared pytest fixtures: free loopback endpoints and the CLI as a subprocess command."""
 from __future__ import annotations
 
-import socket
 import sys
 
 import pytest
 
+from streamer.sockets import free_tcp_endpoint
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free right now (e.g. for torchrun's rendezvous)."""
+    return int(free_tcp_endpoint().rsplit(":", 1)[1])
 
 
 @pytest.fixture
 def endpoint_factory():
     """Call it to get a fresh ``tcp://127.0.0.1:PORT`` endpoint."""
-    return lambda: f"tcp://127.0.0.1:{free_port()}"
+    return free_tcp_endpoint
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from streamer.sockets import free_tcp_endpoint
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -62,13 +64,6 @@ def _publish(results_ep: str, frames_ep: str, cfg: BenchConfig, stop, ready) -> 
         res.close()
         if frames is not None:
             frames.close()
-
-
-def _free_endpoint() -> str:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def _cpu_s() -> float:
@@ -168,7 +163,7 @@ def run(cfg: BenchConfig) -> dict:
     if cfg.baseline:
         modes.append(("naive (GUI-thread receive, draw every message)", measure_naive))
     for name, fn in modes:
-        results_ep, frames_ep = _free_endpoint(), _free_endpoint()
+        results_ep, frames_ep = free_tcp_endpoint(), free_tcp_endpoint()
         stop, ready = ctx.Event(), ctx.Event()
         pub = ctx.Process(target=_publish, args=(results_ep, frames_ep, cfg, stop, ready),
                           daemon=True)
