@@ -279,11 +279,7 @@ def run_pipeline(config: DemoConfig, session: Path, model: str) -> dict[str, Any
                                ep["results"], "--viewer", ep["viewer_results"] if show
                                else "none", "--model", model, "--backend", config.backend,
                                "--max-batch", str(config.max_batch), "--mode", "replay",
-                               "--exit-on-eos", "--stats", str(engine_stats),
-                               # the replayer drops what is still queued on its side 2 s after
-                               # it exits (its sockets' linger): on a slow CPU the engine
-                               # takes the whole session into its socket instead
-                               "--receive-hwm", str(frames_sent + 16)])
+                               "--exit-on-eos", "--stats", str(engine_stats)])
         if show:
             procs.start("viewer", [sys.executable, "-m", "viewer", "--results",
                                    ep["viewer_results"], "--frames", ep["viewer_frames"]])
