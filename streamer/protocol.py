@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import msgpack
 import numpy as np
@@ -300,11 +300,3 @@ class SequenceTracker:
 
     def as_dict(self) -> dict[str, int]:
         return {"received": self.received, "lost": self.lost, "out_of_order": self.out_of_order}
-
-
-def iter_buffers(msg: Message, names: Iterable[str]) -> list[np.ndarray]:
-    """The named arrays of ``msg``, raising :class:`ProtocolError` for a missing one."""
-    try:
-        return [msg.arrays[n] for n in names]
-    except KeyError as exc:
-        raise ProtocolError("buffers", f"missing buffer {exc.args[0]!r}") from None
