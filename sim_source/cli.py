@@ -38,35 +38,54 @@ def _optics(args: argparse.Namespace):
     return Optics(focal_spread_A=args.focal_spread_A, aperture_mrad=args.aperture_mrad)
 
 
+def _particle(args: argparse.Namespace):
+    from sim_source.particle import FACET_NORMALS_DEG, ParticleConfig
+    facets = tuple(f for f in args.facets.replace(",", " ").split() if f)
+    unknown = set(facets) - set(FACET_NORMALS_DEG)
+    if unknown or not facets:
+        raise ValueError(f"--facets: choose from {', '.join(FACET_NORMALS_DEG)}, got "
+                         f"{args.facets!r}")
+    return ParticleConfig(facets=facets, carbon_probability=args.carbon_probability,
+                          carbon_thickness_A=tuple(args.carbon_thickness_A))
+
+
 def _dataset(args: argparse.Namespace) -> int:
-    from sim_source.dataset import PAPER_TRAIN, PAPER_VALIDATION, DatasetConfig, write_dataset
-    paper = args.preset == "paper"
-    count = args.count or (PAPER_TRAIN + PAPER_VALIDATION if paper else 8)
-    size = args.size or (1024 if paper else 512)
-    cfg = DatasetConfig(count=count, size=size, seed=args.seed, optics=_optics(args))
+    from sim_source import dataset, wave_library
+    if args.waves:
+        count = args.count or 8
+        cfg = wave_library.LibraryConfig(count=count, gpts=args.gpts, seed=args.seed,
+                                         particle=_particle(args))
+        module, write, unit = wave_library, wave_library.write_library, "exit waves"
+        task = wave_library.simulate_wave
+    else:
+        paper = args.preset == "paper"
+        count = args.count or (dataset.PAPER_TRAIN + dataset.PAPER_VALIDATION if paper else 8)
+        size = args.size or (1024 if paper else 512)
+        cfg = dataset.DatasetConfig(count=count, size=size, seed=args.seed, optics=_optics(args))
+        module, write, unit = dataset, dataset.write_dataset, f"images of {size}^2 px"
+        task = dataset.simulate_group
     client = cluster = None
     if args.scheduler or args.workers > 1:
         from distributed import Client, LocalCluster
         logging.getLogger("distributed").setLevel(logging.WARNING)
-        from sim_source.dataset import run_dask
         if not args.scheduler:  # long-lived workers: JIT and FFT plans paid once per worker
             cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1,
                                    processes=True, dashboard_address=None)
         client = Client(args.scheduler or cluster)
-        runner = run_dask(client)
+        runner = dataset.run_dask(client, task)
     else:
-        from sim_source.dataset import run_inline as runner
+        runner = module.run_inline
     previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
-        done = write_dataset(args.out, cfg, runner, resume=args.resume,
-                             interrupted=lambda: _INTERRUPTED.is_set())
+        done = write(args.out, cfg, runner, resume=args.resume,
+                     interrupted=lambda: _INTERRUPTED.is_set())
     except KeyboardInterrupt:
         import h5py
         done = 0
         if os.path.exists(args.out):
             with h5py.File(args.out, "r") as f:
                 done = int(f.attrs.get("n_complete", 0))
-        log.warning("interrupted: %s holds %d of %d images; complete it with --resume",
+        log.warning("interrupted: %s holds %d of %d; complete it with --resume",
                     args.out, done, count)
         return 130
     finally:
@@ -75,7 +94,7 @@ def _dataset(args: argparse.Namespace) -> int:
         for closable in (client, cluster):
             if closable is not None:
                 closable.close()
-    log.info("wrote %s: %d images of %d^2 px", args.out, done, size)
+    log.info("wrote %s: %d %s", args.out, done, unit)
     return 0
 
 
@@ -131,6 +150,20 @@ def register(commands, bench) -> None:
     p.add_argument("--preset", choices=["paper"],
                    help="paper: 1024 px, 9000 images (first 7000 training, last 2000 "
                         "validation)")
+    w = p.add_argument_group("exit-wave library (--waves): optics, orientation and dose are "
+                             "drawn later, on the fly, by `segdepth train`")
+    w.add_argument("--waves", action="store_true",
+                   help="write an exit-wave library of random faceted particles ({110}, {100}, "
+                        "{111} facets, steps, wedges, vacancies of both species, frozen-phonon "
+                        "snapshot, optional amorphous carbon film) instead of images")
+    w.add_argument("--gpts", type=_positive_int, default=768,
+                   help="simulated pixels per side at 2.65 pm (default 768 = 20.4 Å field)")
+    w.add_argument("--facets", default="110,100,111",
+                   help="facet families the particle cuts are drawn from (default 110,100,111)")
+    w.add_argument("--carbon-probability", type=float, default=0.5,
+                   help="chance that a structure sits on an amorphous carbon film (default 0.5)")
+    w.add_argument("--carbon-thickness-A", type=float, nargs=2, default=(5.0, 30.0),
+                   metavar=("LO", "HI"), help="film thickness range in Å (default 5 30)")
     o = p.add_argument_group("partial coherence (quasi-coherent envelopes of abTEM's CTF)")
     o.add_argument("--focal-spread-A", type=float, default=20.0,
                    help="focal spread in Å (1/e half-width, abTEM's definition; 0 = coherent; "

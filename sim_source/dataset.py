@@ -177,11 +177,12 @@ def run_inline(cfg: DatasetConfig, groups: list[int]) -> Iterator[list[ImageReco
         yield simulate_group(cfg, g)
 
 
-def run_dask(client) -> Runner:
-    """Groups as tasks on a ``distributed`` client; results yielded as they finish."""
-    def run(cfg: DatasetConfig, groups: list[int]) -> Iterator[list[ImageRecord]]:
+def run_dask(client, task: Callable = simulate_group) -> Callable:
+    """``task(cfg, index)`` for every index as tasks on a ``distributed`` client (default: the
+    structure groups of a dataset); results yielded as they finish."""
+    def run(cfg, indices: list[int]) -> Iterator:
         from distributed import as_completed
-        futures = [client.submit(simulate_group, cfg, g, pure=False) for g in groups]
+        futures = [client.submit(task, cfg, g, pure=False) for g in indices]
         try:
             for fut in as_completed(futures):
                 yield fut.result()

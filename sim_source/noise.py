@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 
 
-def poisson_counts(clean: Any, dose: float, generator: Any) -> Any:
-    """Poisson(λ·c) counts (same type as ``clean``; float for torch, int64 for numpy)."""
-    if dose <= 0:
+def poisson_counts(clean: Any, dose: Any, generator: Any) -> Any:
+    """Poisson(λ·c) counts (same type as ``clean``; float for torch, int64 for numpy). ``dose``
+    is a number or, for a torch batch (B, ...), a tensor of B doses (one per image)."""
+    if not bool((np.asarray(dose.cpu() if hasattr(dose, "cpu") else dose) > 0).all()):
         raise ValueError(f"dose λ must be > 0, got {dose}")
     if isinstance(clean, np.ndarray):
         if not isinstance(generator, np.random.Generator):
@@ -22,12 +23,17 @@ def poisson_counts(clean: Any, dose: float, generator: Any) -> Any:
     import torch
     if not isinstance(clean, torch.Tensor):
         raise TypeError(f"expected a numpy array or torch tensor, got {type(clean).__name__}")
+    if isinstance(dose, torch.Tensor):
+        dose = dose.to(clean.device, clean.dtype).reshape(-1, *([1] * (clean.dim() - 1)))
     return torch.poisson(dose * clean.clamp(min=0), generator=generator)
 
 
-def add_poisson_noise(clean: Any, dose: float, generator: Any) -> Any:
-    """Noisy image Poisson(λ·c)/λ (float32 numpy array or tensor of ``clean``'s dtype)."""
+def add_poisson_noise(clean: Any, dose: Any, generator: Any) -> Any:
+    """Noisy image Poisson(λ·c)/λ (float32 numpy array or tensor of ``clean``'s dtype); a
+    tensor ``dose`` gives one λ per image of a batch."""
     counts = poisson_counts(clean, dose, generator)
     if isinstance(counts, np.ndarray):
         return (counts / dose).astype(np.float32)
+    if not isinstance(dose, (int, float)):
+        dose = dose.to(counts.device, counts.dtype).reshape(-1, *([1] * (counts.dim() - 1)))
     return counts / dose

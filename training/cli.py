@@ -43,19 +43,39 @@ def _train(args: argparse.Namespace) -> int:
             noise_lambda=args.noise_lambda, epochs=args.epochs or 30,
             crop=args.crop or None, batch_size=args.batch_size, lr=args.lr,
             patience=args.patience, time_limit_min=args.time_limit_min,
-            val_limit=args.val_limit, limit=args.limit, threads=args.threads, seed=args.seed)
+            val_limit=args.val_limit, limit=args.limit, threads=args.threads, seed=args.seed,
+            dose_range=tuple(args.dose_range) if args.dose_range else None,
+            views_per_wave=args.views_per_wave, val_count=args.val_count, init=args.init)
     train(cfg, resume=args.resume, progress=not args.no_progress)
     return 0
 
 
 @_clear_errors
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.suite:
+        return _suite(args)
+    if not args.data or not args.out:
+        raise ValueError("--data and --out are needed (or --suite robustness)")
     from training.evaluate import EvaluateConfig, evaluate
 
     evaluate(EvaluateConfig(model=args.model, data=args.data, out=args.out, val=args.val,
                             noise_lambda=args.noise_lambda, sweep_lambdas=args.sweep,
                             limit=args.limit, batch_size=args.batch_size, seed=args.seed,
                             threads=args.threads))
+    return 0
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from training.model import bundled_model_path
+    from training.robustness import SuiteConfig, markdown_table, run_suite
+
+    models = [args.model or str(bundled_model_path()), *args.compare]
+    report = run_suite(SuiteConfig(models=models, directory=args.suite_dir,
+                                   out=args.out or "training/models/robustness",
+                                   samples=args.limit or 48, scale=args.suite_scale,
+                                   gpts=args.suite_gpts, crop=args.suite_crop, seed=args.seed,
+                                   threads=args.threads))
+    print(markdown_table(report), end="")
     return 0
 
 
@@ -84,8 +104,11 @@ def register(commands, bench) -> None:
                     "stopping on the validation loss. Writes RUN/config.json, metrics.jsonl, "
                     "checkpoint.pt and model.pt. Several GPUs: torchrun --nproc-per-node N "
                     "-m segdepth train ...")
-    p.add_argument("--data", required=True, help="training dataset file (segdepth simulate)")
-    p.add_argument("--val", help="validation dataset file (default: hold out 10%% of --data)")
+    p.add_argument("--data", required=True,
+                   help="training dataset file, or an exit-wave library (segdepth simulate "
+                        "--waves): then every sample gets a new microscope, angle and dose")
+    p.add_argument("--val", help="validation dataset file (default: hold out 10%% of --data); "
+                                 "with a library, another library of its own seed")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--base-channels", type=int, default=16,
                    help="channels of the first scale (doubled per scale) (default 16)")
@@ -121,6 +144,16 @@ def register(commands, bench) -> None:
     p.add_argument("--limit", type=int, default=None, help="training images used (default all)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    w = p.add_argument_group("exit-wave library training")
+    w.add_argument("--dose-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="draw λ log-uniformly in [LO, HI] counts per vacuum pixel per sample "
+                        "(e.g. 0.5 10; default: --noise-lambda for all)")
+    w.add_argument("--views-per-wave", type=int, default=4,
+                   help="crops rendered per optics draw of one structure (default 4)")
+    w.add_argument("--val-count", type=int, default=64,
+                   help="validation samples rendered from the --val library (default 64)")
+    w.add_argument("--init", default=None,
+                   help="model file whose weights start the run (same architecture)")
     p.add_argument("--resume", action="store_true",
                    help="continue RUN/checkpoint.pt with RUN/config.json (--epochs may extend it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -133,16 +166,33 @@ def register(commands, bench) -> None:
                     "temperature scaling (Fig. 7), input gradients (eq. 7, Fig. 8) and a sweep "
                     "over λ (Fig. 9). Writes REPORT/report.json and PNG figures.")
     p.add_argument("--model", default=None, help="model file (default: the bundled model)")
-    p.add_argument("--data", required=True, help="test dataset file (segdepth simulate)")
+    p.add_argument("--data", help="test dataset file (segdepth simulate)")
     p.add_argument("--val", default=None,
                    help="validation file to fit the temperature on (default: first half of --data "
                         "is used for the fit and reported separately)")
-    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--out", help="report directory (suite default: training/models/robustness)")
     p.add_argument("--noise-lambda", type=float, default=2.5,
                    help="dose λ of the test noise, counts per vacuum pixel (default 2.5)")
+    r = p.add_argument_group("robustness suite (--suite robustness): rows off the training "
+                             "distribution; JSON, Markdown and PNG")
+    r.add_argument("--suite", choices=["robustness"], default=None,
+                   help="run the robustness suite instead of the single-file report")
+    r.add_argument("--compare", nargs="*", default=[],
+                   help="further model files in the same table (e.g. the previous model)")
+    r.add_argument("--suite-dir", default="data/suite",
+                   help="where the suite's test files are read, or built when missing "
+                        "(default data/suite)")
+    r.add_argument("--suite-scale", type=float, default=1.0,
+                   help="fraction of the suite's structures simulated (default 1: 48 mixed, "
+                        "16 per facet/film/legacy file)")
+    r.add_argument("--suite-gpts", type=int, default=768,
+                   help="simulated pixels per side of the suite's exit waves (default 768)")
+    r.add_argument("--suite-crop", type=int, default=192,
+                   help="side of each evaluated view, px (default 192)")
     p.add_argument("--sweep", type=float, nargs="*", default=[0.5, 1.0, 2.5, 5.0, 10.0, 50.0],
                    help="λ values of the noise-generalisation sweep (default 0.5 1 2.5 5 10 50)")
-    p.add_argument("--limit", type=int, default=None, help="test images used (default all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="test images used (default all; suite: samples per row, default 48)")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the test noise (default 0)")

@@ -27,6 +27,7 @@ from training.inference import predict_batches
 from training.labels import TargetConfig
 from training.metrics import Calibration, DepthMetrics, centre_mask
 from training.model import bundled_model_path, load_model
+from training.robustness import check_disjoint
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     model_path = Path(cfg.model) if cfg.model else bundled_model_path()
     model, meta = load_model(model_path)
+    check_disjoint(meta, [cfg.data] + ([cfg.val] if cfg.val else []))
     targets = TargetConfig()
     test = load_set(cfg.data, targets, cfg.limit)
     trained_pixel = meta.get("pixel_size_pm")

@@ -24,11 +24,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from sim_source.wave_library import is_library
 from training.data import CropDataset, LabelledSet, load_set, noisy
 from training.labels import TargetConfig
+from training.library_data import (MicroscopeDataset, RenderConfig, collate_views, load_library,
+                                   render_set)
 from training.loss import segdepth_loss
 from training.metrics import DepthMetrics, centre_mask
-from training.model import SegDepthUNet, UNetConfig, save_model
+from training.model import SegDepthUNet, UNetConfig, load_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,11 @@ class TrainConfig:
     limit: int | None = None  # training images used (None: all)
     threads: int | None = None  # torch CPU threads (None: torch's default)
     seed: int = 0
+    # exit-wave libraries (``data``/``val`` written by `segdepth simulate --waves`):
+    dose_range: tuple[float, float] | None = None  # λ log-uniform per sample (None: noise_lambda)
+    views_per_wave: int = 4  # crops rendered per optics draw
+    val_count: int = 64  # validation samples rendered from the ``val`` library
+    init: str | None = None  # model file whose weights start the run (warm start)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -66,7 +74,16 @@ class TrainConfig:
         raw = json.loads(text)
         raw["model"] = UNetConfig(**raw["model"])
         raw["targets"] = TargetConfig(**raw["targets"])
+        if raw.get("dose_range"):
+            raw["dose_range"] = tuple(raw["dose_range"])
         return cls(**raw)
+
+    @property
+    def render(self) -> RenderConfig:
+        """How library samples are drawn (training and validation alike)."""
+        dose = self.dose_range or (self.noise_lambda, self.noise_lambda)
+        return RenderConfig(crop=self.crop or 128, views_per_wave=self.views_per_wave,
+                            dose=tuple(dose))
 
 
 @dataclass
@@ -157,6 +174,44 @@ def validate(model: torch.nn.Module, val: LabelledSet, cfg: TrainConfig,
     return {"val_loss": loss_sum / n, **out}
 
 
+def _datasets(cfg: TrainConfig, progress: bool):
+    """(training dataset, validation set, provenance for the model card): image datasets are
+    cropped and flipped; exit-wave libraries render a new microscope per sample."""
+    if is_library(cfg.data):
+        if not cfg.val or not is_library(cfg.val):
+            raise ValueError("training on an exit-wave library needs --val, another library "
+                             "(own seed)")
+        library, val_library = load_library(cfg.data, cfg.limit), load_library(cfg.val)
+        if val_library.seed == library.seed:
+            raise ValueError(f"{cfg.val} and {cfg.data} share seed {library.seed}")
+        val_set = render_set(val_library, cfg.val_count, cfg.seed + 1, cfg.render, cfg.targets)
+        dataset = MicroscopeDataset(library, cfg.render, cfg.targets, cfg.seed)
+        sources = [(cfg.data, library.sha256, library.seed), (cfg.val, val_library.sha256,
+                                                              val_library.seed)]
+    else:
+        train_set = load_set(cfg.data, cfg.targets, cfg.limit, progress)
+        if cfg.val:
+            val_set = load_set(cfg.val, cfg.targets, None, progress)
+        else:
+            train_set, val_set = split_holdout(train_set, cfg.val_fraction, cfg.seed)
+        dataset = CropDataset(train_set, cfg.crop, cfg.seed)
+        sources = [(cfg.data, train_set.sha256, file_seed(cfg.data))]
+        if cfg.val:
+            sources.append((cfg.val, val_set.sha256, file_seed(cfg.val)))
+    provenance = {"data": cfg.data, "data_sha256": sources[0][1], "val": cfg.val,
+                  "val_sha256": sources[1][1] if len(sources) > 1 else None,
+                  "data_files": [{"path": p, "sha256": h, "seed": s} for p, h, s in sources]}
+    return dataset, val_set, provenance
+
+
+def file_seed(path: str) -> int | None:
+    """The ``seed`` attribute of a simulated file (None when absent)."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        seed = f.attrs.get("seed")
+    return None if seed is None else int(seed)
+
+
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     module = getattr(model, "module", model)
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -174,13 +229,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         (out / "config.json").write_text(cfg.to_json())
     torch.manual_seed(cfg.seed)
 
-    train_set = load_set(cfg.data, cfg.targets, cfg.limit, progress and dd.main)
-    if cfg.val:
-        val_set = load_set(cfg.val, cfg.targets, None, progress and dd.main)
-    else:
-        train_set, val_set = split_holdout(train_set, cfg.val_fraction, cfg.seed)
+    dataset, val_set, provenance = _datasets(cfg, progress and dd.main)
 
     model = SegDepthUNet(cfg.model).to(dd.device)
+    if cfg.init and not (resume and ckpt_path.exists()):
+        model.load_state_dict(load_model(cfg.init)[0].float().state_dict())
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, best_loss, best_state, since_best, wall_before = 0, math.inf, None, 0, 0.0
     best_metrics: dict[str, float] = {}
@@ -196,13 +249,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         log.warning("--resume: no checkpoint at %s, starting fresh", ckpt_path)
     net = (torch.nn.parallel.DistributedDataParallel(model) if dd.world > 1 else model)
 
-    dataset = CropDataset(train_set, cfg.crop, cfg.seed)
     sampler = (torch.utils.data.distributed.DistributedSampler(dataset, seed=cfg.seed)
                if dd.world > 1 else None)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
-                                         shuffle=sampler is None, sampler=sampler,
-                                         drop_last=len(dataset) >= cfg.batch_size * dd.world,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
+    rendered = isinstance(dataset, MicroscopeDataset)
+    per_item = cfg.views_per_wave if rendered else 1
+    items = max(1, cfg.batch_size // per_item)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=items, shuffle=sampler is None, sampler=sampler,
+        drop_last=len(dataset) >= items * dd.world,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        collate_fn=collate_views if rendered else None,
+        # rendering (a CTF and a few crops per item) overlaps the network in one worker
+        num_workers=1 if rendered else 0, persistent_workers=rendered)
     started = time.monotonic() - wall_before
     epochs_done = start_epoch
     for epoch in range(start_epoch, cfg.epochs):
@@ -218,7 +276,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                    disable=not (progress and dd.main), leave=False)
         over_time = False
-        for b, (clean, labels, species, weights) in enumerate(bar):
+        for b, batch in enumerate(bar):
             elapsed = time.monotonic() - started
             for group in optimiser.param_groups:
                 group["lr"] = cfg.lr * lr_factor(run_progress(epoch, b, len(loader), elapsed, cfg),
@@ -230,9 +288,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 over_time = bool(flag.item())
             if over_time:
                 break  # finish this epoch early: validate, save, stop
-            clean, labels, species, weights = (t.to(dd.device)
-                                               for t in (clean, labels, species, weights))
-            depth_logits, species_logits = net(noisy(clean, cfg.noise_lambda, gen))
+            clean, labels, species, weights = (t.to(dd.device) for t in batch[:4])
+            dose = batch[4] if len(batch) > 4 else cfg.noise_lambda  # per sample when rendered
+            depth_logits, species_logits = net(noisy(clean, dose, gen))
             loss, _ = segdepth_loss(depth_logits, species_logits, labels, species, weights,
                                     cfg.species_weight)
             optimiser.zero_grad(set_to_none=True)
@@ -286,9 +344,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         if best_state is not None:
             model.load_state_dict(best_state)
         save_model(final, model, {
-            "data": cfg.data, "data_sha256": train_set.sha256,
-            "val": cfg.val, "val_sha256": val_set.sha256 if cfg.val else None,
-            "noise_lambda": cfg.noise_lambda, "pixel_size_pm": train_set.pixel_size_pm,
+            **provenance, "noise_lambda": cfg.noise_lambda, "dose_range": cfg.dose_range,
+            "pixel_size_pm": val_set.pixel_size_pm,
             "train_config": json.loads(cfg.to_json()), "validation": best_metrics,
             "epochs_run": epochs_done, "wall_s": time.monotonic() - started,
             "hardware": {"device": str(dd.device), "world_size": dd.world,

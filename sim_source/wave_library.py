@@ -1,0 +1,155 @@
+"""Exit-wave libraries: one multislice per random faceted particle, stored for on-the-fly imaging.
+
+A library file (HDF5) holds, per structure s, the complex exit wave ``waves[s]`` (n, n) of a unit
+plane wave (vacuum ≈ 1) on a square field of ``field_A`` Å sampled at ``sampling_A``, and its
+projected columns in ``columns`` (structure, x_A, y_A, species, atoms; crystal frame, Å; arrays
+are [row, col] = [x, y] with sample (i, j) at (i, j)·sampling). Everything drawn for structure s
+comes from ``SeedSequence([seed, s])``, so a file is a pure function of its config and a resumed
+run writes the same bytes; ``n_complete`` counts the finished prefix. Optics, orientation,
+camera and dose are applied later (:mod:`microscope`), so every epoch sees new microscopes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from sim_source.hrtem import TARGET_SAMPLING_PM, configure_abtem
+from sim_source.particle import ParticleConfig, build_particle, particle_atoms
+
+LIBRARY_KIND = "segdepth exit-wave library"
+LIBRARY_COLUMN_DTYPE = np.dtype([("structure", "<i4"), ("x_A", "<f4"), ("y_A", "<f4"),
+                                 ("species", "u1"), ("atoms", "u1")])
+
+
+@dataclass(frozen=True)
+class LibraryConfig:
+    """What a library is a function of. ``gpts``: simulated pixels per side (≈ 2.65 pm each)."""
+    count: int = 8
+    gpts: int = 768
+    seed: int = 0
+    voltage_kV: float = 300.0
+    particle: ParticleConfig = field(default_factory=ParticleConfig)
+
+    @property
+    def sampling_A(self) -> float:
+        return TARGET_SAMPLING_PM / 100.0
+
+    @property
+    def field_A(self) -> float:
+        return self.gpts * self.sampling_A
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class WaveRecord:
+    index: int
+    wave: np.ndarray
+    columns: np.ndarray  # LIBRARY_COLUMN_DTYPE
+    params: dict
+
+
+def simulate_wave(cfg: LibraryConfig, index: int) -> WaveRecord:
+    """Exit wave and columns of structure ``index`` (deterministic in cfg and index)."""
+    import abtem
+    configure_abtem()
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, index]))
+    particle = build_particle(rng, cfg.field_A, cfg.particle)
+    atoms, slices = particle_atoms(particle, cfg.field_A, cfg.particle.thermal)
+    potential = abtem.Potential(atoms, gpts=(cfg.gpts, cfg.gpts), slice_thickness=slices,
+                                projection="infinite", parametrization="lobato")
+    wave = abtem.PlaneWave(energy=cfg.voltage_kV * 1e3, normalize=False)
+    exit_wave = np.asarray(wave.multislice(potential).compute(scheduler="synchronous").array)
+    table = particle.table
+    cols = np.zeros(len(table), LIBRARY_COLUMN_DTYPE)
+    cols["structure"], cols["x_A"], cols["y_A"] = index, table.x_A, table.y_A
+    cols["species"], cols["atoms"] = table.species, table.n_atoms
+    return WaveRecord(index, exit_wave.astype(np.complex64), cols, particle.params)
+
+
+class LibraryWriter:
+    """Creates (or reopens for resume) a library file and appends structures in index order."""
+
+    def __init__(self, path: str | Path, cfg: LibraryConfig, resume: bool = False):
+        self.path, self.cfg = Path(path), cfg
+        if resume and self.path.exists():
+            self.f = h5py.File(self.path, "r+")
+            if self.f.attrs.get("config") != cfg.to_json():
+                saved = self.f.attrs.get("config")
+                self.f.close()
+                raise ValueError(f"{self.path} was written with another config; resume needs "
+                                 f"the same --count/--gpts/--seed.\n saved: {saved}")
+            self.n_complete = int(self.f.attrs["n_complete"])
+            cols = self.f["columns"]
+            cols.resize(int(np.searchsorted(cols["structure"][:], self.n_complete)), axis=0)
+            return
+        self.f = h5py.File(self.path, "w")
+        self.n_complete = 0
+        n, g = cfg.count, cfg.gpts
+        self.f.create_dataset("waves", (n, g, g), "c8", chunks=(1, g, g)).attrs["units"] = \
+            "exit wave of a unit plane wave (vacuum ≈ 1)"
+        self.f.create_dataset("columns", (0,), LIBRARY_COLUMN_DTYPE, maxshape=(None,),
+                              chunks=(8192,))
+        self.f.create_dataset("params", (n,), h5py.string_dtype())
+        self.f.attrs.update(dict(kind=LIBRARY_KIND, sampling_A=cfg.sampling_A,
+                                 field_A=cfg.field_A, seed=cfg.seed, count=n,
+                                 voltage_kV=cfg.voltage_kV, config=cfg.to_json(), n_complete=0))
+
+    def write(self, rec: WaveRecord) -> None:
+        if rec.index != self.n_complete:
+            raise ValueError(f"structure {rec.index} written out of order "
+                             f"(expected {self.n_complete})")
+        self.f["waves"][rec.index] = rec.wave
+        self.f["params"][rec.index] = json.dumps(rec.params)
+        cols = self.f["columns"]
+        cols.resize(len(cols) + len(rec.columns), axis=0)
+        cols[len(cols) - len(rec.columns):] = rec.columns
+        self.n_complete += 1
+        self.f.attrs["n_complete"] = self.n_complete
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+Runner = Callable[[LibraryConfig, list[int]], Iterator[WaveRecord]]
+
+
+def run_inline(cfg: LibraryConfig, indices: list[int]) -> Iterator[WaveRecord]:
+    for i in indices:
+        yield simulate_wave(cfg, i)
+
+
+def write_library(path: str | Path, cfg: LibraryConfig, runner: Runner = run_inline,
+                  resume: bool = False, progress: bool = True,
+                  interrupted: Callable[[], bool] = lambda: False) -> int:
+    """Simulate the structures not yet in ``path``; returns ``n_complete``. On any exception
+    (Ctrl-C included) the file is closed valid with the finished prefix."""
+    writer = LibraryWriter(path, cfg, resume)
+    try:
+        pending: dict[int, WaveRecord] = {}
+        with tqdm(total=cfg.count, initial=writer.n_complete, unit="wave", desc="exit waves",
+                  disable=not progress) as bar:
+            for rec in runner(cfg, list(range(writer.n_complete, cfg.count))):
+                pending[rec.index] = rec
+                while writer.n_complete in pending:
+                    writer.write(pending.pop(writer.n_complete))
+                    bar.update(1)
+                if interrupted():
+                    raise KeyboardInterrupt
+        return writer.n_complete
+    finally:
+        writer.close()
+
+
+def is_library(path: str | Path) -> bool:
+    """True when ``path`` is an exit-wave library (not an image dataset)."""
+    with h5py.File(path, "r") as f:
+        return f.attrs.get("kind") == LIBRARY_KIND

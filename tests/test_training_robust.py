@@ -1,0 +1,161 @@
+"""Training from exit-wave libraries, seed bookkeeping, the corrected and column-level metrics,
+per-sample doses and the robustness suite (tiny, real abTEM multislice)."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from sim_source.noise import add_poisson_noise
+from sim_source.wave_library import LibraryConfig, is_library, write_library
+from training.library_data import (MicroscopeDataset, RenderConfig, collate_views, load_library,
+                                   render_set)
+from training.labels import TargetConfig
+from training.metrics import ColumnMetrics, DepthMetrics, centre_mask
+from training.model import load_model
+from training.robustness import check_disjoint, ood_scores, roc_auc
+from training.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def libraries(tmp_path_factory):
+    """Two tiny libraries (6.8 Å fields) of different seeds."""
+    root = tmp_path_factory.mktemp("libs")
+    paths = []
+    for name, seed, count in (("train", 21, 3), ("val", 22, 2)):
+        path = root / f"{name}.h5"
+        write_library(path, LibraryConfig(count=count, gpts=256, seed=seed), progress=False)
+        paths.append(path)
+    return paths
+
+
+def test_library_file_records_its_seed_and_resumes_bit_identically(libraries, tmp_path):
+    path, _ = libraries
+    assert is_library(path)
+    cfg = LibraryConfig(count=3, gpts=256, seed=21)
+    partial = tmp_path / "partial.h5"
+    with pytest.raises(KeyboardInterrupt):  # as Ctrl-C after the second structure
+        write_library(partial, cfg, progress=False, interrupted=iter([False, True]).__next__)
+    with h5py.File(partial) as f:
+        assert int(f.attrs["n_complete"]) == 2
+    write_library(partial, cfg, resume=True, progress=False)
+    with h5py.File(partial) as a, h5py.File(path) as b:
+        assert int(a.attrs["seed"]) == 21
+        np.testing.assert_array_equal(a["waves"][:], b["waves"][:])
+        np.testing.assert_array_equal(a["columns"][:], b["columns"][:])
+
+
+def test_every_epoch_draws_new_microscopes(libraries):
+    library = load_library(libraries[0])
+    ds = MicroscopeDataset(library, RenderConfig(crop=32, views_per_wave=2), TargetConfig(), 0)
+    first = ds[0]
+    assert first[0].shape == (2, 1, 32, 32) and first[4].shape == (2,)
+    assert ((first[4] >= 0.5) & (first[4] <= 10)).all()
+    again = ds[0]
+    torch.testing.assert_close(first[0], again[0])  # reproducible within an epoch
+    ds.set_epoch(1)
+    assert not torch.allclose(first[0], ds[0][0])
+    batch = collate_views([ds[0], ds[1]])
+    assert batch[0].shape == (4, 1, 32, 32) and batch[1].shape == (4, 32, 32)
+
+
+def test_per_sample_dose_noise():
+    clean = torch.ones(2, 1, 64, 64)
+    noisy = add_poisson_noise(clean, torch.tensor([0.5, 50.0]), torch.Generator().manual_seed(0))
+    assert abs(float(noisy[0].mean()) - 1) < 0.1 and abs(float(noisy[1].mean()) - 1) < 0.02
+    assert float(noisy[0].var()) > 20 * float(noisy[1].var())  # variance 1/λ per image
+    with pytest.raises(ValueError):
+        add_poisson_noise(clean, torch.tensor([1.0, 0.0]), torch.Generator())
+
+
+def test_library_training_records_seeds_and_evaluation_refuses_them(libraries, tmp_path):
+    train_path, val_path = libraries
+    cfg = TrainConfig(data=str(train_path), val=str(val_path), out=str(tmp_path / "run"),
+                      crop=32, batch_size=4, epochs=1, views_per_wave=2, val_count=2,
+                      dose_range=(0.5, 10.0), threads=1)
+    _, meta = load_model(train(cfg, progress=False))
+    assert [d["seed"] for d in meta["data_files"]] == [21, 22]
+    assert meta["dose_range"] == [0.5, 10.0]
+    with pytest.raises(ValueError, match="shares seed 22"):
+        check_disjoint(meta, [val_path])
+    other = tmp_path / "other.h5"
+    write_library(other, LibraryConfig(count=1, gpts=256, seed=23), progress=False)
+    check_disjoint(meta, [other])  # a file of its own seed passes
+    same_seed = dict(cfg.__dict__, val=str(train_path), out=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="share seed"):
+        train(TrainConfig(**same_seed), progress=False)
+
+
+def test_centre_accuracy_scores_column_pixels_only():
+    truth = np.zeros((64, 64), np.uint8)
+    rows, cols = np.indices(truth.shape)
+    truth[(rows - 32) ** 2 + (cols - 32) ** 2 <= 11 ** 2] = 5  # 0.6 Å disk at 5.3 pm
+    mask = centre_mask(truth.shape, np.array([[32.0, 32.0]]), np.array([1]), 5.3)  # 16 px
+    background_everywhere = np.zeros_like(truth)
+    m = DepthMetrics()
+    m.update(background_everywhere, truth, mask)
+    assert m.summary()["centre_accuracy"] == 0.0  # was ~0.53 when background pixels counted
+    m = DepthMetrics()
+    m.update(truth, truth, mask)
+    assert m.summary()["centre_accuracy"] == 1.0
+
+
+def test_column_metrics_vote_find_and_flag_false_columns():
+    est = np.zeros((64, 64), np.uint8)
+    rows, cols = np.indices(est.shape)
+    est[(rows - 16) ** 2 + (cols - 16) ** 2 <= 36] = 4  # column 1: exact
+    est[(rows - 16) ** 2 + (cols - 48) ** 2 <= 36] = 6  # column 2: off by 1
+    est[(rows - 48) ** 2 + (cols - 48) ** 2 <= 36] = 3  # no true column here: false
+    m = ColumnMetrics()
+    m.update(est, np.array([[16, 16], [16, 48], [48, 16]]), np.array([4, 5, 2]), 5.3)
+    s = m.summary()
+    assert s["columns"] == 3
+    assert s["column_exact"] == pytest.approx(1 / 3)
+    assert s["column_within_one"] == pytest.approx(2 / 3)
+    assert s["column_found"] == pytest.approx(2 / 3)
+    assert s["false_column_rate"] == pytest.approx(1 / 3)
+
+
+def test_ood_score_and_auc():
+    probs = np.zeros((2, 11, 8, 8), np.float32)
+    probs[:, 3] = 1.0
+    turned = probs.copy()
+    turned[1, 3], turned[1, 4] = 0.0, 1.0  # the second frame disagrees with its turned self
+    scores = ood_scores(probs, turned)
+    assert scores[0] == 0.0 and scores[1] == pytest.approx(1.0)
+    assert roc_auc([0.1, 0.2], [0.3, 0.4]) == 1.0 and roc_auc([0.3], [0.3]) == 0.5
+
+
+def test_render_set_is_reproducible_and_labels_match(libraries):
+    library = load_library(libraries[1])
+    render = RenderConfig(crop=32)
+    a, rendered = render_set(library, 3, 5, render, TargetConfig(), with_rendered=True)
+    b = render_set(library, 3, 5, render, TargetConfig())
+    np.testing.assert_array_equal(a.images, b.images)
+    for data_depth, r in zip(a.depth, rendered):
+        for (row, col), d in zip(np.round(r.centres).astype(int), r.column_depth):
+            assert data_depth[row, col] == d
+
+
+@pytest.mark.slow
+def test_robustness_suite_cli_tiny(tmp_path, segdepth_cmd):
+    """The suite end to end on tiny test files: every row, JSON + Markdown + PNG."""
+    out = tmp_path / "suite"
+    run = subprocess.run([*segdepth_cmd, "evaluate", "--suite", "robustness", "--suite-dir",
+                          str(tmp_path / "files"), "--suite-scale", "0.01", "--suite-gpts",
+                          "384", "--suite-crop", "64", "--limit", "2", "--out", str(out),
+                          "--threads", "1"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((out / "robustness.json").read_text())
+    names = [r["row"] for r in report["rows"]]
+    assert {"turned 90°", "{111} facets", "λ = 0.5", "carbon film 3-6 nm",
+            "legacy simulate slabs"} <= set(names)
+    for row in report["rows"]:
+        (summary,) = row["models"].values()
+        assert 0 <= summary["column_exact"] <= 1 or np.isnan(summary["column_exact"])
+    assert (out / "robustness.png").stat().st_size > 1000
+    assert "turned 90°" in (out / "robustness.md").read_text()
