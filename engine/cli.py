@@ -57,7 +57,6 @@ def _export(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from engine.columns import ColumnConfig
-    from engine.hmm import HMMConfig
     from engine.serve import ServeConfig, serve
 
     config = ServeConfig(frames=args.frames, results=args.results,
@@ -67,8 +66,55 @@ def _serve(args: argparse.Namespace) -> int:
                          queue_frames=args.queue_frames, receive_hwm=args.receive_hwm,
                          exit_on_eos=args.exit_on_eos,
                          columns=ColumnConfig(reference_frames=args.reference_frames),
-                         hmm=HMMConfig(switch_prob=args.switch_prob))
+                         hmm=hmm_config(args))
     return serve(config, Path(args.stats) if args.stats else None)
+
+
+def hmm_config(args: argparse.Namespace):
+    """The temporal model from the ``--filter``, ``--change-rate-per-s``, ``--jump-decay``,
+    ``--event-threshold`` and ``--class-prior`` options (:func:`hmm_options`)."""
+    from dataclasses import replace
+
+    from engine.hmm import FILTERS
+
+    config = FILTERS[args.filter]
+    if args.filter == "rate":
+        config = replace(config, change_rate_per_s=args.change_rate_per_s,
+                         jump_decay=args.jump_decay)
+    if args.class_prior == "simulator":
+        from engine.model_io import class_prior_from_simulator
+
+        prior = class_prior_from_simulator()
+    elif args.class_prior is not None:
+        prior = tuple(float(v) for v in args.class_prior.split(","))
+    else:
+        prior = None
+    return replace(config, event_threshold=args.event_threshold, class_prior=prior)
+
+
+def hmm_options(p: argparse.ArgumentParser) -> None:
+    """Options of the temporal model (engine.hmm; defaults: engine.hmm.HMMConfig)."""
+    from engine.hmm import HMMConfig
+
+    d = HMMConfig()
+    p.add_argument("--filter", choices=["rate", "legacy"], default="rate",
+                   help="rate: prior-corrected evidence, multi-atom jumps, rates per second; "
+                        "legacy: the filter before issue 10 (+-1 atom, 0.02 per frame)")
+    p.add_argument("--change-rate-per-s", type=float, default=d.change_rate_per_s,
+                   help=f"expected depth changes per column per second "
+                        f"(default {d.change_rate_per_s})")
+    p.add_argument("--jump-decay", type=float, default=d.jump_decay,
+                   help=f"probability ratio of a (k+1)- to a k-atom change (default "
+                        f"{d.jump_decay})")
+    p.add_argument("--event-threshold", type=float, default=d.event_threshold,
+                   help=f"filtered probability a new depth needs to count as an event "
+                        f"(false alarms vs delay; default {d.event_threshold})")
+    p.add_argument("--class-prior", default=None,
+                   help="depth-class prior the network was trained under, divided out of "
+                        "its posteriors: 11 comma-separated frequencies, or 'simulator' "
+                        "(estimated from 400 simulated surface models' loss-weighted labels "
+                        "at 256^2, ~30 s; engine.model_io.class_prior_from_simulator); "
+                        "default: the model meta's class_prior, else uniform (no correction)")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -143,13 +189,12 @@ def register(commands, bench) -> None:
     p.add_argument("--receive-hwm", type=int, default=sockets.DEFAULT_HWM,
                    help=f"messages the frame socket may hold beyond the queue (default "
                         f"{sockets.DEFAULT_HWM}); a replay source that exits while frames are "
-                        f"still queued on its side loses them after its linger, so a slow "
-                        f"engine should take the whole session (segdepth demo does)")
+                        f"still queued on its side loses them after its linger (up to 120 s "
+                        f"in replay mode), so for a slow engine raise it to the session's "
+                        f"frame count")
     p.add_argument("--reference-frames", type=int, default=8,
                    help="aligned frames averaged into the column reference (default 8)")
-    p.add_argument("--switch-prob", type=float, default=0.02,
-                   help="HMM filter: probability per frame that a column gains or loses one "
-                        "atom (default 0.02)")
+    hmm_options(p)
     p.add_argument("--exit-on-eos", action="store_true",
                    help="exit after forwarding the first end-of-stream message")
     p.add_argument("--stats", default=None,

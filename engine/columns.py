@@ -6,7 +6,10 @@ P(Ce) and P(O) on that mean; columns are re-detected while the reference grows, 
 within ``match_A`` of a known column of the same species keeps its id (ids are never reused).
 After that the reference is frozen, so a column that empties later keeps its id and its depth
 falls to 0. Every frame is registered against the reference (:mod:`engine.drift`) on the
-"column map" 1 - P(background); a column's position in the frame is its reference position plus
+species-resolved maps P(Ce) and P(O), never on a species-blind column map: in CeO2 [110] a
+shift by the projected Ce-O distance a/4 = 1.353 Å lines up two thirds of the columns of such a
+map. The search window around the previous drift is checked against the lattice: it must stay
+below half the shortest lattice translation in the image plane (3.31 Å). A column's position in the frame is its reference position plus
 the drift, and its occupancy is the depth-probability vector averaged over a disk there.
 """
 from __future__ import annotations
@@ -21,6 +24,9 @@ from skimage.feature import peak_local_max
 from engine.drift import DriftEstimator
 
 SPECIES_CE, SPECIES_O = 1, 2
+#: CeO2 [110] projected distances, Å: Ce-O (a/4 along [001]), O-O (along [1-10]), and the
+#: shortest lattice translation in the image plane (a/2 [101] projected).
+CE_O_A, O_O_A, SHORTEST_TRANSLATION_A = 1.353, 1.913, 3.31
 
 
 @dataclass(frozen=True)
@@ -29,12 +35,14 @@ class ColumnConfig:
 
     ``reference_frames``: frames averaged (after alignment) into the column reference.
     ``min_peak_probability``: a species-probability peak below this is not a column.
-    ``min_separation_A``: closest two columns of one species may be (CeO2 [110]: O-O 2.7 Å).
+    ``min_separation_A``: closest two columns of one species may be (CeO2 [110]: O-O
+    1.91 Å, Ce-Ce 3.31 Å).
     ``disk_radius_A``: radius over which a column's depth probabilities are averaged (Ce-O
-    projected distance is 1.35 Å, so keep it below ~0.6 Å).
+    projected distance is 1.353 Å, so keep it below ~0.6 Å).
     ``match_A``: a re-detected column this close to a known one keeps its id.
-    ``drift_search_A``: largest drift between consecutive frames searched for (below half the
-    shortest lattice translation, 4.7 Å).
+    ``drift_search_A``: largest drift step between consecutive frames searched for; it must
+    stay below half the shortest lattice translation (3.31 Å / 2), or a whole-lattice shift
+    could win.
     """
 
     reference_frames: int = 8
@@ -42,7 +50,13 @@ class ColumnConfig:
     min_separation_A: float = 0.9
     disk_radius_A: float = 0.45
     match_A: float = 0.5
-    drift_search_A: float = 1.5
+    drift_search_A: float = 1.6
+
+    def __post_init__(self) -> None:
+        if not 0 < self.drift_search_A < SHORTEST_TRANSLATION_A / 2:
+            raise ValueError(f"drift_search_A must be in (0, {SHORTEST_TRANSLATION_A / 2}) Å "
+                             f"(half the shortest lattice translation), got "
+                             f"{self.drift_search_A}")
 
 
 @dataclass
@@ -143,8 +157,9 @@ class _Reference:
     species: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
-    def column_map(self) -> np.ndarray:
-        return 1.0 - self.sum[0] / self.count
+    def species_maps(self) -> np.ndarray:
+        """Mean P(Ce), P(O) (2, H, W): what frames are registered on."""
+        return self.sum[1:] / self.count
 
 
 class ColumnTracker:
@@ -168,7 +183,6 @@ class ColumnTracker:
     def update(self, species_prob: np.ndarray, depth_prob: np.ndarray) -> FrameColumns:
         """One frame's maps: species (3, H, W) and depth (11, H, W) probabilities."""
         species_prob = np.asarray(species_prob, dtype=np.float32)
-        column_map = 1.0 - species_prob[0]
         if self._ref is None:
             self._ref = _Reference(sum=species_prob.astype(np.float64), count=0)
             self._drift = (0.0, 0.0)
@@ -177,7 +191,7 @@ class ColumnTracker:
                 raise ValueError(f"frame shape {species_prob.shape[1:]} differs from the "
                                  f"session's {self._ref.sum.shape[1:]}")
             self._drift = self._registration.estimate(
-                column_map, prior=self._drift,
+                species_prob[1:], prior=self._drift,
                 search_px=self.config.drift_search_A * self._px_per_A)
         if not self.reference_complete:
             self._grow_reference(species_prob)
@@ -200,7 +214,7 @@ class ColumnTracker:
             aligned = ndimage.shift(species_prob, (0, -dy, -dx), order=1, mode="nearest")
             ref.sum += aligned
             ref.count += 1
-        self._registration = DriftEstimator(ref.column_map)
+        self._registration = DriftEstimator(ref.species_maps)
         y, x, species = find_columns((ref.sum / ref.count).astype(np.float32),
                                      self.pixel_size_pm, self.config)
         ref.ids = self._match_ids(y, x, species)

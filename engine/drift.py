@@ -8,6 +8,11 @@ vector. Drift between consecutive frames is small, so the peak is searched only 
 ``search_px`` of the previous estimate, then refined to sub-pixel precision with a parabola
 through the peak and its neighbours along each axis.
 
+Multi-channel maps (C, H, W), e.g. P(Ce) and P(O), are registered channel by channel and the
+surfaces summed, each normalised by its reference's energy, so that every channel counts
+alike: a shift that aligns one sublattice onto another (in CeO2 [110] a/4 = 1.353 Å aligns
+two thirds of the columns of a species-blind map) scores at most half of the true one.
+
 Sign convention: ``drift`` (dy, dx) in pixels is how far the content of ``image`` moved
 relative to ``reference``: a feature at (y, x) in the reference is at (y + dy, x + dx) in the
 image.
@@ -26,24 +31,35 @@ def _parabola_offset(minus: float, centre: float, plus: float) -> float:
 
 
 class DriftEstimator:
-    """Registers images against one fixed reference (H, W); its spectrum is computed once.
+    """Registers images against one fixed reference, (H, W) or channels (C, H, W); its
+    spectrum is computed once.
 
-    Cross-correlation of the Hann-windowed, mean-free images in float32 (scipy.fft).
+    Cross-correlation of the Hann-windowed, mean-free images in float32 (scipy.fft), summed
+    over channels, each divided by its reference's energy.
     """
 
     def __init__(self, reference: np.ndarray):
         reference = np.asarray(reference, dtype=np.float32)
-        h, w = self.shape = reference.shape
+        self.channels = reference.ndim == 3
+        reference = reference if self.channels else reference[None]
+        h, w = self.shape = reference.shape[1:]
         self._window = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
-        self._conj_ref = np.conj(fft.rfft2((reference - reference.mean()) * self._window))
+        ref = self._prepare(reference)
+        energy = np.maximum((ref ** 2).sum(axis=(1, 2)), 1e-12)[:, None, None]
+        self._conj_ref = np.conj(fft.rfft2(ref)) / energy
+
+    def _prepare(self, maps: np.ndarray) -> np.ndarray:
+        return (maps - maps.mean(axis=(1, 2), keepdims=True)) * self._window
 
     def correlation(self, image: np.ndarray) -> np.ndarray:
         """The cross-correlation surface (H, W); zero shift at index (0, 0), peak at the drift."""
         image = np.asarray(image, dtype=np.float32)
-        if image.shape != self.shape:
-            raise ValueError(f"shapes differ: reference {self.shape} vs image {image.shape}")
-        spectrum = fft.rfft2((image - image.mean()) * self._window)
-        return fft.irfft2(spectrum * self._conj_ref, s=self.shape)
+        expected = ((len(self._conj_ref),) if self.channels else ()) + self.shape
+        if image.shape != expected:
+            raise ValueError(f"shapes differ: reference {expected} vs image {image.shape}")
+        image = image if self.channels else image[None]
+        spectrum = fft.rfft2(self._prepare(image))
+        return fft.irfft2((spectrum * self._conj_ref).sum(axis=0), s=self.shape)
 
     def estimate(self, image: np.ndarray, prior: tuple[float, float] = (0, 0),
                  search_px: float = 8.0) -> tuple[float, float]:

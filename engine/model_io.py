@@ -89,6 +89,13 @@ class LoadedModel:
         """Calibration temperature of the depth logits (1: none fitted)."""
         return float(self.meta.get("temperature", 1.0))
 
+    @property
+    def class_prior(self) -> tuple[float, ...] | None:
+        """Depth-class prior (11 values) the network was trained under, from the meta's
+        ``class_prior`` (None when the model file has none: the HMM then assumes uniform)."""
+        prior = self.meta.get("class_prior")
+        return None if prior is None else tuple(float(v) for v in prior)
+
     def head(self, half: bool = False) -> ProbabilityHead:
         """A probability head on a copy of the model (the copy may be moved, cast, changed)."""
         return ProbabilityHead(copy.deepcopy(self.model), half=half,
@@ -120,6 +127,33 @@ def load(path: str | Path | None = None) -> LoadedModel:
     model, meta = load_model(path)
     model.eval()
     return LoadedModel(model=model, meta=dict(meta or {}), path=path, sha256=file_sha256(path))
+
+
+def class_prior_from_simulator(size_px: int = 256, structures: int = 400, seed: int = 0,
+                               floor: float = 0.002) -> tuple[float, ...]:
+    """Estimate of the depth-class prior a network trained on ``segdepth simulate`` images of
+    ``size_px`` learnt, from the labels alone (no image simulation): the frequency of each
+    depth label 0..10 over the pixels of ``structures`` random surface models, each pixel
+    weighted as the training loss weights it (training.labels: 1 at column centres, Gaussian
+    decay to the background floor), plus ``floor`` (relative) so that no class has prior 0.
+    Sums to 1."""
+    from sim_source.hrtem import make_grid
+    from sim_source.labels import label_maps
+    from sim_source.structure import StructureConfig, build_columns
+    from training.labels import TargetConfig, column_centres, loss_weights
+
+    cfg, grid = TargetConfig(), make_grid(size_px)
+    counts = np.zeros(11)
+    for group in range(structures):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, group]))
+        table, _ = build_columns(rng, grid.fov_A, grid.n_cells_y, grid.crystal_end_x_A,
+                                 StructureConfig())
+        depth = label_maps(table, grid).depth
+        weights = loss_weights(depth.shape, column_centres(depth), grid.pixel_size_pm,
+                               cfg.weight_sigma_pm, cfg.background_weight)
+        counts += np.bincount(depth.ravel(), weights.ravel(), minlength=11)[:11]
+    prior = counts / counts.sum() + floor
+    return tuple(float(v) for v in prior / prior.sum())
 
 
 def pad_to_multiple(frames: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:

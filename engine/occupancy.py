@@ -1,23 +1,28 @@
-"""Per-session post-processing: columns, their occupancy per frame, and its HMM-filtered twin.
+"""Per-session post-processing: columns, their occupancy per frame, its filtered twin, events.
 
 :class:`SessionAnalysis` is pure computation on probability maps: it knows nothing of sockets
 or backends, so the same code serves the live engine, a replay and the tests.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from engine.columns import ColumnConfig, ColumnTracker, FrameColumns
-from engine.hmm import DepthFilter, HMMConfig
+from engine.hmm import DepthFilter, Event, EventDetector, HMMConfig, likelihoods
 
 
 @dataclass
 class Occupancy:
-    """One frame's column table: the columns, and filtered depth probabilities (n, 11)."""
+    """One frame's column table: the columns, filtered depth probabilities (n, 11), the
+    probability that each column changed since the previous frame (n,), and the events
+    detected at this frame."""
 
     columns: FrameColumns
     filtered: np.ndarray
+    change_probability: np.ndarray
+    events: list[Event] = field(default_factory=list)
 
     def table(self) -> dict[str, list]:
         """The result header's ``columns`` table (docs/CONTRACTS.md "Result message")."""
@@ -31,7 +36,8 @@ class Occupancy:
                 "expected_depth": [float(v) for v in c.expected_depth],
                 "confidence": [float(v) for v in c.confidence],
                 "depth_filtered": [int(d) for d in self.filtered.argmax(axis=1)],
-                "expected_filtered": [float(v) for v in self.filtered @ depths]}
+                "expected_filtered": [float(v) for v in self.filtered @ depths],
+                "change_probability": [float(v) for v in self.change_probability]}
 
     def buffers(self) -> dict[str, np.ndarray]:
         return {"column_probabilities": self.columns.probabilities.astype(np.float32),
@@ -39,14 +45,25 @@ class Occupancy:
 
 
 class SessionAnalysis:
-    """Column tracking and temporal filtering for one session (new session: new instance)."""
+    """Column tracking, temporal filtering and events for one session (new session: new
+    instance)."""
 
     def __init__(self, pixel_size_pm: float, columns: ColumnConfig | None = None,
                  hmm: HMMConfig | None = None, first_id: int = 0):
         self.tracker = ColumnTracker(pixel_size_pm, columns, first_id)
         self.filter = DepthFilter(hmm)
+        self.events = EventDetector(self.filter.config)
+        self._last_t: float | None = None
 
-    def update(self, species_prob: np.ndarray, depth_prob: np.ndarray) -> Occupancy:
-        """One frame: species (3, H, W) and depth (11, H, W) probability maps."""
+    def update(self, species_prob: np.ndarray, depth_prob: np.ndarray, frame: int = 0,
+               t_acq: float | None = None) -> Occupancy:
+        """One frame (seq ``frame``, acquired at ``t_acq`` s): species (3, H, W) and depth
+        (11, H, W) probability maps. Without ``t_acq`` the frame number stands for the time in s."""
+        t = float(frame) if t_acq is None else float(t_acq)
+        dt = 1.0 if self._last_t is None else t - self._last_t
+        self._last_t = t
         cols = self.tracker.update(species_prob, depth_prob)
-        return Occupancy(cols, self.filter.update(cols.ids, cols.probabilities))
+        filtered, change = self.filter.update(cols.ids, cols.probabilities, dt)
+        events = self.events.update(frame, t, cols.ids, cols.species, filtered,
+                                    likelihoods(cols.probabilities, self.filter.config))
+        return Occupancy(cols, filtered, change, events)

@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,9 @@ class Server:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.loaded = load(config.model)
+        #: the temporal model; its class prior is the model's unless the config gives one
+        self.hmm = config.hmm if config.hmm.class_prior is not None else replace(
+            config.hmm, class_prior=self.loaded.class_prior)
         self.backend = backends.create(config.backend, self.loaded, max_batch=config.max_batch)
         self.queue = FrameQueue(config.queue_frames)
         self.stop = threading.Event()
@@ -138,7 +141,7 @@ class Server:
                 log.warning("session %s changed frame shape %s -> %s: columns restart",
                             name, state.shape, shape)
             state = _Session(SessionAnalysis(float(msg.header["pixel_size_pm"]),
-                                             self.config.columns, self.config.hmm,
+                                             self.config.columns, self.hmm,
                                              first_id=msg.seq * COLUMN_ID_STRIDE),
                              DoseNormaliser(), shape)
             self.sessions[name] = state
@@ -186,8 +189,9 @@ class Server:
             return
         depth, confidence, species = pred.maps()
         for i, item in enumerate(items):
-            occ = self._session(item.payload).analysis.update(pred.species_prob[i],
-                                                              pred.depth_prob[i])
+            head = item.payload.header
+            occ = self._session(item.payload).analysis.update(
+                pred.species_prob[i], pred.depth_prob[i], item.payload.seq, head.get("t_acq"))
             arrays = {"depth": depth[i], "confidence": confidence[i], "species": species[i],
                       **occ.buffers()}
             self._publish(item, occ, arrays, doses[i], estimated[i], len(items))
@@ -203,7 +207,7 @@ class Server:
             latency_ms=latency_ms, frame_seq=msg.seq, skipped=self.queue.skipped,
             pixel_size_pm=float(head["pixel_size_pm"]), dose_e_per_px=float(dose),
             dose_estimated=dose_estimated, drift_px=list(occ.columns.drift_px),
-            columns=occ.table(), mode="live" if self._is_live(msg) else "replay")
+            columns=occ.table(), events=[e.as_dict() for e in occ.events], mode="live" if self._is_live(msg) else "replay")
         parts = encode(result, arrays)
         if self.output.send(parts, wait=not self._is_live(msg)):
             self.counts["results_sent"] += 1

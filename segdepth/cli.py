@@ -16,7 +16,7 @@ import sys
 
 #: modules with a ``register(commands, bench)`` function, in help order.
 REGISTRARS = ("sim_source.cli", "sim_source.replay", "training.cli", "engine.cli", "streamer.cli",
-              "segdepth.demo")
+              "segdepth.demo", "segdepth.evaluate")
 
 
 #: argv prefixes handed over whole to a viewer process (which parses its own options).

@@ -1,14 +1,18 @@
 """``segdepth demo``: a simulated in-situ session through the whole live pipeline, scored.
 
-1. ``segdepth simulate --session``: a frame series with known oxygen-vacancy dynamics and drift.
+1. A simulated frame series with known column dynamics and drift: by default
+   ``sim_source.session.EVALUATION`` (thickness gradient, 1- and 2-atom events on O and Ce
+   columns, one never regained), or with ``--scenario flat`` the original flat 6-atom slab
+   (``segdepth simulate --session``).
 2. ``segdepth record`` (frames + results -> HDF5), ``segdepth serve`` (the engine, bundled
    model, replay mode: lossless) and, when a display exists, the viewer -- each its own process
    on loopback ports -- then ``segdepth replay`` publishes the session to engine and recorder.
 3. A summary from the recording and the engine's statistics: frames processed, throughput,
    latency percentiles, frames lost, and per oxygen column the accuracy of the estimated depth
    against the simulated truth (engine columns matched to truth columns by position after
-   drift), single-frame and HMM-filtered. It is printed and saved as ``summary.json`` beside
-   the recording.
+   drift), single-frame and HMM-filtered, and the event scores of ``segdepth
+   evaluate-session`` (legacy filter, filter, smoother, constant baseline) with its plots.
+   It is printed and saved as ``summary.json`` beside the recording.
 """
 from __future__ import annotations
 
@@ -26,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from segdepth.evaluate import (SPECIES_O, load_recording, load_truth, match_columns,
+                               result_rows)
 from streamer.sockets import free_tcp_endpoint
 
 log = logging.getLogger(__name__)
-
-SPECIES_O = 2
 
 
 @dataclass
@@ -47,42 +51,12 @@ class DemoConfig:
     max_batch: int = 8
     match_A: float = 0.5
     timeout_s: float = 1800.0
+    scenario: str = "evaluation"
+    #: surface models the class prior is estimated from (engine.model_io); 0: uniform prior
+    prior_structures: int = 200
 
 
 # --- scoring ------------------------------------------------------------------------------
-def _truth(session: Path) -> dict[str, np.ndarray]:
-    import h5py
-
-    with h5py.File(session, "r") as f:
-        cols = f["truth/columns"][:]
-        events = json.loads(f["truth"].attrs.get("events", "[]"))
-        return {"event_ids": {int(e["column_id"]) for e in events},
-                "id": cols["id"].astype(np.int64), "x": cols["x_px"].astype(float),
-                "y": cols["y_px"].astype(float), "species": cols["species"].astype(int),
-                "depth": f["truth/depth"][:].astype(int),
-                "drift": f["truth/drift_px"][:].astype(float),
-                "pixel_size_pm": float(f.attrs["pixel_size_pm"])}
-
-
-def _recorded(recording: Path) -> dict[str, np.ndarray]:
-    from streamer.session_file import open_session
-
-    session = open_session(recording)
-    f = session.file
-    try:
-        n = len(session)
-        cols = f["columns"]
-        out = {"sequence": f["sequence"][:n], "has_result": f["results/has_result"][:n],
-               "latency_ms": f["results/latency_ms"][:n], "ids": cols["id"][:],
-               "species": cols["species"][:]}
-        for name in ("x_px", "y_px", "depth", "depth_filtered", "expected_depth",
-                     "expected_filtered"):
-            out[name] = cols[name][:n]
-        return out
-    finally:
-        session.close()
-
-
 def column_accuracy(recording: Path, session: Path, match_A: float = 0.5) -> dict[str, Any]:
     """Per truth oxygen column: the engine column that follows it and its depth accuracy.
 
@@ -91,30 +65,20 @@ def column_accuracy(recording: Path, session: Path, match_A: float = 0.5) -> dic
     ``match_A`` Å; the nearest one wins. Accuracy: fraction of those frames whose depth
     (argmax of the disk-averaged probabilities; filtered: the HMM's) equals the truth.
     """
-    truth, rec = _truth(session), _recorded(recording)
-    px_per_A = 100.0 / truth["pixel_size_pm"]
-    # the replayer numbers frames 0, 1, ... in file order: a frame's seq is its truth index
-    seq = rec["sequence"].astype(np.int64)
-    rows = np.flatnonzero((seq >= 0) & (seq < len(truth["depth"])))
-    frames = seq[rows]
+    truth, rec = load_truth(session), load_recording(recording)
+    rows = result_rows(truth, rec, with_result=False)
+    frames = rec["sequence"][rows]
+    matched_columns = match_columns(truth, rec, rows, match_A)
     per_column, n_o = [], int((truth["species"] == SPECIES_O).sum())
-    ex, ey = rec["x_px"][rows], rec["y_px"][rows]  # (F, n_engine)
-    tx = truth["x"][None, :] + truth["drift"][frames, 1:2]  # (F, n_truth)
-    ty = truth["y"][None, :] + truth["drift"][frames, 0:1]
     for k in np.flatnonzero(truth["species"] == SPECIES_O):
-        dist = np.hypot(ex - tx[:, k:k + 1], ey - ty[:, k:k + 1])  # (F, n_engine)
-        present = np.isfinite(dist)
-        counts = present.sum(axis=0)
-        mean = np.where(counts > 0, np.nansum(np.where(present, dist, 0), axis=0)
-                        / np.maximum(counts, 1), np.inf)
-        if len(mean) == 0 or mean.min() > match_A * px_per_A:
+        if k not in matched_columns:
             per_column.append({"truth_id": int(truth["id"][k]), "matched": False,
                                "vacancy_event": int(truth["id"][k]) in truth["event_ids"],
                                "truth_depths": sorted({int(d) for d in
                                                        truth["depth"][frames, k]})})
             continue
-        j = int(np.argmin(mean))
-        seen = present[:, j]
+        j, distance_A = matched_columns[k]
+        seen = np.isfinite(rec["x_px"][rows, j])
         true_depth = truth["depth"][frames[seen], k]
         est = rec["depth"][rows[seen], j].astype(int)
         filt = rec["depth_filtered"][rows[seen], j].astype(int)
@@ -123,7 +87,7 @@ def column_accuracy(recording: Path, session: Path, match_A: float = 0.5) -> dic
             "vacancy_event": int(truth["id"][k]) in truth["event_ids"],
             "engine_id": int(rec["ids"][j]),
             "engine_species": int(rec["species"][j]), "frames": int(seen.sum()),
-            "distance_A": float(mean[j] / px_per_A),
+            "distance_A": distance_A,
             "truth_depths": sorted({int(d) for d in true_depth}),
             "accuracy": float((est == true_depth).mean()),
             "accuracy_filtered": float((filt == true_depth).mean()),
@@ -146,7 +110,7 @@ def column_accuracy(recording: Path, session: Path, match_A: float = 0.5) -> dic
 def pipeline_figures(recording: Path, engine_stats: dict[str, Any],
                      frames_sent: int) -> dict[str, Any]:
     """Frames processed, throughput, latency percentiles and losses of one run."""
-    rec = _recorded(recording)
+    rec = load_recording(recording)
     lat = rec["latency_ms"][rec["has_result"] == 1]
     lat = lat[np.isfinite(lat)]
     stats = engine_stats.get("stats", {})
@@ -242,16 +206,37 @@ def _resolve_model(config: DemoConfig, out: Path) -> str:
 
 
 def simulate_session(config: DemoConfig, session: Path) -> float:
-    """``segdepth simulate --session`` as a subprocess; returns its wall time in s."""
+    """The session of ``config.scenario`` (flat: ``segdepth simulate --session`` as a
+    subprocess); returns its wall time in s."""
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "segdepth", "simulate", "--session", "--out",
-                    str(session), "--frames", str(config.frames), "--size", str(config.size),
-                    "--seed", str(config.seed)], check=True)
+    if config.scenario == "flat":
+        subprocess.run([sys.executable, "-m", "segdepth", "simulate", "--session", "--out",
+                        str(session), "--frames", str(config.frames), "--size",
+                        str(config.size), "--seed", str(config.seed)], check=True)
+    else:
+        from dataclasses import replace
+
+        from sim_source.session import EVALUATION, write_session
+
+        write_session(session, replace(EVALUATION, frames=config.frames, size=config.size,
+                                       seed=config.seed))
     return time.monotonic() - t0
 
 
-def run_pipeline(config: DemoConfig, session: Path, model: str) -> dict[str, Any]:
+def class_prior(config: DemoConfig) -> list[str]:
+    """``--class-prior`` options for serve and evaluate-session (none: uniform prior)."""
+    if config.prior_structures <= 0:
+        return []
+    from engine.model_io import class_prior_from_simulator
+
+    prior = class_prior_from_simulator(structures=config.prior_structures)
+    return ["--class-prior", ",".join(f"{v:.6g}" for v in prior)]
+
+
+def run_pipeline(config: DemoConfig, session: Path, model: str,
+                 hmm_options: list[str] = ()) -> dict[str, Any]:
     """Replay ``session`` through engine and recorder (and viewer) processes; score it.
+    ``hmm_options``: extra ``segdepth serve`` options of the temporal model.
 
     Writes recording.h5, engine_stats.json, summary.json and logs/ into ``config.out``.
     """
@@ -279,7 +264,8 @@ def run_pipeline(config: DemoConfig, session: Path, model: str) -> dict[str, Any
                                ep["results"], "--viewer", ep["viewer_results"] if show
                                else "none", "--model", model, "--backend", config.backend,
                                "--max-batch", str(config.max_batch), "--mode", "replay",
-                               "--exit-on-eos", "--stats", str(engine_stats)])
+                               "--exit-on-eos", "--stats", str(engine_stats),
+                               *hmm_options])
         if show:
             procs.start("viewer", [sys.executable, "-m", "viewer", "--results",
                                    ep["viewer_results"], "--frames", ep["viewer_frames"]])
@@ -310,8 +296,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     model = _resolve_model(config, out)
     session = out / "session.h5"
     simulate_s = simulate_session(config, session)
-    summary = run_pipeline(config, session, model)
+    prior = class_prior(config)
+    summary = run_pipeline(config, session, model, prior)
     summary["simulate_s"] = simulate_s
+    subprocess.run([sys.executable, "-m", "segdepth", "evaluate-session", str(session),
+                    str(out / "recording.h5"), "--out", str(out / "evaluation"), *prior],
+                   check=True, stdout=subprocess.DEVNULL)
+    summary["events"] = json.loads((out / "evaluation" / "evaluation.json").read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))
     return summary
@@ -342,6 +333,11 @@ def format_summary(s: dict[str, Any]) -> str:
                          f"{c['truth_depths']}): " + (
                              f"single-frame {pct(c['accuracy'])}, filtered "
                              f"{pct(c['accuracy_filtered'])}" if c["matched"] else "not found"))
+    if "events" in s:
+        from segdepth.evaluate import format_report
+
+        lines += ["  events and accuracy by reading (segdepth evaluate-session):",
+                  *("    " + line for line in format_report(s["events"]).splitlines())]
     lines += [
         f"  summary               {Path(s['recording']).with_name('summary.json')}"]
     return "\n".join(lines)
@@ -350,7 +346,8 @@ def format_summary(s: dict[str, Any]) -> str:
 def _demo(args: argparse.Namespace) -> int:
     config = DemoConfig(frames=args.frames, size=args.size, out=args.out,
                         headless=args.headless, seed=args.seed, model=args.model,
-                        backend=args.backend, max_batch=args.max_batch)
+                        backend=args.backend, max_batch=args.max_batch,
+                        scenario=args.scenario, prior_structures=args.prior_structures)
     run_demo(config)
     return 0
 
@@ -359,11 +356,12 @@ def register(commands, bench) -> None:
     """Add ``segdepth demo``."""
     p = commands.add_parser(
         "demo", help="simulated session -> engine -> recorder (+ viewer), with a scored summary",
-        description="Simulate an in-situ session with known oxygen-vacancy dynamics, replay it "
+        description="Simulate an in-situ session with known column dynamics, replay it "
                     "losslessly through the engine (bundled model) into the recorder and, when "
                     "a display exists, the viewer -- each a real process on loopback ports -- "
                     "then print and save (summary.json) frames processed, throughput, latency "
-                    "percentiles, frames lost and per-oxygen-column occupancy accuracy.")
+                    "percentiles, frames lost, per-oxygen-column occupancy accuracy and the "
+                    "event scores of segdepth evaluate-session (with plots in evaluation/).")
     p.add_argument("--frames", type=int, default=120, help="frames to simulate (default 120)")
     p.add_argument("--size", type=int, default=512, help="frame side in px (default 512)")
     p.add_argument("--out", default="demo_output",
@@ -378,4 +376,11 @@ def register(commands, bench) -> None:
                    help="engine backend (auto, tensorrt, torch-cuda, onnxruntime, torch-cpu)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="engine batch size limit in frames (default 8)")
+    p.add_argument("--scenario", choices=["evaluation", "flat"], default="evaluation",
+                   help="evaluation: thickness gradient, 1- and 2-atom events on O and Ce "
+                        "columns, one never regained; flat: the original flat 6-atom slab "
+                        "with three 2-atom O events (default evaluation)")
+    p.add_argument("--prior-structures", type=int, default=200,
+                   help="simulated surface models the network's class prior is estimated "
+                        "from (0: uniform prior, no correction; default 200, ~15 s)")
     p.set_defaults(func=_demo)

@@ -1,8 +1,13 @@
-"""Simulated in-situ sessions: one structure whose surface O columns lose and regain atoms.
+"""Simulated in-situ sessions: one structure whose surface columns lose and regain atoms.
 
-Each chosen O column (in the outermost surface layer) loses ``atoms_lost`` atoms during one
-time window. Only a few occupancy states occur, so each distinct state is simulated once
-(exit wave + CTF at one defocus); every frame is its state's clean image shifted by a smooth
+Each chosen O column (and Ce column, ``ce_events``) within ``event_depth_A`` of the outermost
+layer of its species loses ``atoms_lost`` atoms during one time window; the first
+``permanent`` of them never regain them. ``wedge_width_A`` > 0 thins the crystal toward the
+surface (a thickness gradient). The defaults are the original flat session (3 O events of 2
+atoms); :data:`EVALUATION` is one that a constant answer cannot pass.
+
+Only a few occupancy states occur, so each distinct state is simulated once (exit wave + CTF
+at one defocus); every frame is its state's clean image shifted by a smooth
 sub-pixel drift (a random walk, px) and drawn as Poisson counts with vacuum mean = dose λ
 (uint16). The ground truth (column table in frame-0 pixels, atoms per column per frame, drift)
 is saved beside the frames: "Session file" in docs/CONTRACTS.md.
@@ -30,7 +35,11 @@ TRUTH_COLUMN_DTYPE = np.dtype([("id", "<i8"), ("x_px", "<f4"), ("y_px", "<f4"),
 class SessionConfig:
     """A simulated session. ``dose_e_per_px``: mean counts of a vacuum pixel per frame;
     ``drift_step_px``: standard deviation of the per-frame drift step (px); ``events``: O
-    columns that lose ``atoms_lost`` atoms for a window of 15-40 % of the session."""
+    columns (``ce_events``: Ce columns) that lose atoms for a window of 15-40 % of the
+    session; event k loses ``atoms_lost`` atoms (a tuple: its k-th entry, cyclically), at most
+    all but one; ``permanent``: the first events never end; ``event_depth_A``: how far (Å)
+    behind the outermost column of its species an event column may lie;
+    ``wedge_width_A``: thinning toward the surface over this width (Å; 0: flat)."""
     frames: int = 120
     seed: int = 0
     size: int = 512
@@ -39,8 +48,12 @@ class SessionConfig:
     defocus_nm: float = 5.0
     thickness_atoms: int = 6
     events: int = 3
-    atoms_lost: int = 2
+    atoms_lost: int | tuple[int, ...] = 2
     drift_step_px: float = 0.15
+    ce_events: int = 0
+    permanent: int = 0
+    event_depth_A: float = 0.0
+    wedge_width_A: float = 0.0
     optics: Optics = field(default_factory=Optics)
 
 
@@ -58,32 +71,43 @@ def plan_session(cfg: SessionConfig):
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7]))
     grid = make_grid(cfg.size)
     structure = StructureConfig(shapes=("flat",), thickness_atoms=(cfg.thickness_atoms,) * 2,
-                                wedge_width_A=(0.0, 0.0), surface_fraction=(0.3, 0.3),
-                                vacancy_probability=0.0)
+                                wedge_width_A=(cfg.wedge_width_A,) * 2,
+                                surface_fraction=(0.3, 0.3), vacancy_probability=0.0)
     table, _ = build_columns(rng, grid.fov_A, grid.n_cells_y, grid.crystal_end_x_A, structure)
     labels = label_maps(table, grid)
     margin = 0.1 * cfg.size
     inside = (labels.x_px > margin) & (labels.x_px < cfg.size - margin)
-    o_inside = labels.index[inside & (labels.column_species == 2)]
-    top = table.x_A[o_inside].min() if len(o_inside) else np.inf
-    surface_o = o_inside[np.isclose(table.x_A[o_inside], top)]
-    chosen = rng.choice(surface_o, size=min(cfg.events, len(surface_o)), replace=False)
+
+    def surface_columns(species: int) -> np.ndarray:
+        cand = labels.index[inside & (labels.column_species == species)]
+        cand = cand[table.n_atoms[cand] > 1]
+        top = table.x_A[cand].min() if len(cand) else np.inf
+        return cand[table.x_A[cand] <= top + max(cfg.event_depth_A, 1e-6)]
+    surface_o = surface_columns(2)
+    chosen = list(rng.choice(surface_o, size=min(cfg.events, len(surface_o)), replace=False))
+    if cfg.ce_events:
+        surface_ce = surface_columns(1)
+        chosen += list(rng.choice(surface_ce, size=min(cfg.ce_events, len(surface_ce)),
+                                  replace=False))
+    sizes = np.atleast_1d(cfg.atoms_lost)
     t = cfg.frames
     windows = []
-    for col in chosen:
+    for k, col in enumerate(chosen):
         length = max(1, int(rng.uniform(0.15, 0.4) * t))
         start = int(rng.integers(1, max(2, t - length)))
-        windows.append((int(col), start, min(t, start + length)))
+        end = t if k < cfg.permanent else min(t, start + length)
+        n_lost = min(int(sizes[k % len(sizes)]), int(table.n_atoms[col]) - 1)
+        windows.append((int(col), start, end, n_lost))
     lost = np.zeros((t, len(windows)), bool)
-    for k, (_, a, b) in enumerate(windows):
+    for k, (_, a, b, _) in enumerate(windows):
         lost[a:b, k] = True
     states, state_of = np.unique(lost, axis=0, return_inverse=True)
     tables = []
     for row in states:
         tab = table
-        for (col, _, _), on in zip(windows, row):
+        for (col, _, _, n_lost), on in zip(windows, row):
             if on:
-                tab = tab.with_atoms_removed(col, min(cfg.atoms_lost, int(table.n_atoms[col]) - 1))
+                tab = tab.with_atoms_removed(col, n_lost)
         tables.append(tab)
     ids = np.arange(len(labels.index))
     columns = np.zeros(len(ids), TRUTH_COLUMN_DTYPE)
@@ -94,10 +118,17 @@ def plan_session(cfg: SessionConfig):
     steps[0] = 0
     drift = np.cumsum(steps, axis=0)
     events = [dict(column_id=int(np.flatnonzero(labels.index == c)[0]), start_frame=a,
-                   end_frame=b, atoms_lost=min(cfg.atoms_lost, int(table.n_atoms[c]) - 1))
-              for c, a, b in windows]
+                   end_frame=b, atoms_lost=n_lost, species=int(table.species[c]))
+              for c, a, b, n_lost in windows]
     truth = SessionTruth(columns, depth, drift, state_of.ravel(), events)
     return grid, tables, truth
+
+
+#: a session a constant answer cannot pass: thickness gradient (O columns of 3-7 atoms),
+#: 1- and 2-atom events on 5 O and 2 Ce columns near the surface, one never regained.
+EVALUATION = SessionConfig(frames=80, size=384, thickness_atoms=7, wedge_width_A=14.0,
+                           events=5, ce_events=2, atoms_lost=(2, 1), permanent=1,
+                           event_depth_A=4.0)
 
 
 def write_session(path: str | Path, cfg: SessionConfig, progress: bool = True) -> SessionTruth:

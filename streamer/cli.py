@@ -112,9 +112,10 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                      help="lossless Bitshuffle+LZ4 compression (readers need hdf5plugin)")
     rec.add_argument("--flush-s", type=float, default=0.5,
                      help="longest time between flushes to disk, s (default 0.5)")
-    rec.add_argument("--grace-s", type=float, default=5.0,
+    rec.add_argument("--grace-s", type=float, default=120.0,
                      help="after the end of stream, wait this long without news for missing "
-                          "results, s (default 5)")
+                          "results, s; a CPU engine can be minutes behind the frames, and the "
+                          "engine's own eos ends the wait early (default 120)")
     rec.add_argument("--min-free-mib", type=float, default=64.0,
                      help="stop cleanly when less than this is free on the disk, MiB (default 64)")
     rec.add_argument("--hwm", type=int, default=DEFAULT_HWM,

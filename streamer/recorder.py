@@ -43,7 +43,7 @@ class RecorderConfig:
     #: longest time between flushes to disk, s (what a crash can lose).
     flush_interval_s: float = 0.5
     #: after the source's eos, how long to wait without news for outstanding results, s.
-    grace_s: float = 5.0
+    grace_s: float = 120.0
     #: stop recording cleanly when less than this is free on the output disk, MiB.
     min_free_mib: float = 64.0
     #: queue length of each input socket, messages.

@@ -34,7 +34,13 @@ COLUMN_SERIES: dict[str, tuple[str, Any, str]] = {
     "confidence": ("f4", np.nan, "1"),
     "depth_filtered": ("i1", -1, "atoms"),
     "expected_filtered": ("f4", np.nan, "atoms"),
+    "change_probability": ("f4", np.nan, "P(depth changed since the previous frame)"),
 }
+#: one row per depth-change event (docs/SESSION_FILE.md "events"; engine.hmm.Event).
+EVENT_DTYPE = np.dtype([("column_id", "<i8"), ("species", "u1"), ("frame", "<i8"),
+                        ("time_s", "<f8"), ("before", "i1"), ("after", "i1"),
+                        ("probability", "<f4"), ("detected_frame", "<i8"),
+                        ("delay_frames", "<i4"), ("delay_s", "<f4")])
 #: per-column depth probability series (T, n_columns, 11), from the result buffers of that name.
 COLUMN_PROBABILITIES = ("column_probabilities", "column_probabilities_filtered")
 #: result maps (T, H, W): name -> (dtype, fill value for "no result", units)
@@ -151,6 +157,10 @@ class SessionWriter:
             chunks=(16, 64, N_DEPTHS), fillvalue=np.nan) for name in COLUMN_PROBABILITIES}
         for dset in self.col_probs.values():
             dset.attrs["units"] = "probability of 0..10 atoms"
+        self.events = f.create_dataset("events", (0,), EVENT_DTYPE, maxshape=(None,),
+                                       chunks=(256,))
+        self.events.attrs["units"] = ("frame, detected_frame: sequence numbers; time_s: s "
+                                      "(Unix epoch); before, after: atoms; delay_s: s")
         a = f.attrs
         a["layout_version"] = LAYOUT_VERSION
         a["protocol_version"] = PROTOCOL_VERSION
@@ -244,7 +254,16 @@ class SessionWriter:
                 block = np.full((hi - lo, N_DEPTHS), np.nan, np.float32)
                 block[index[order] - lo] = probs[order]
                 dset[row, lo:hi] = block
+        if head.get("events"):
+            self.add_events(head["events"])
         self.n_results += 1
+
+    def add_events(self, events: list[dict]) -> None:
+        """Append events (dicts with the fields of EVENT_DTYPE) to the ``events`` table."""
+        rows = events_table(events)
+        n = len(self.events)
+        self.events.resize(n + len(rows), axis=0)
+        self.events[n:] = rows
 
     def flush(self, force: bool = False) -> None:
         """Flush to disk if ``flush_interval_s`` has passed (or ``force``)."""
@@ -274,6 +293,31 @@ class SessionWriter:
             self.f.close()
         except Exception as exc:  # the file may be beyond repair from here; say so
             log.error("closing %s after a write error failed too: %s", self.path, exc)
+
+
+def events_table(events: list[dict]) -> np.ndarray:
+    """Event dicts (missing fields: fill 0) as a structured EVENT_DTYPE array."""
+    rows = np.zeros(len(events), EVENT_DTYPE)
+    for i, event in enumerate(events):
+        for name in EVENT_DTYPE.names:
+            rows[name][i] = event.get(name, 0)
+    return rows
+
+
+def _csv_value(value, dtype: np.dtype) -> str:
+    """Integers as such, float32 with the 7 digits it holds, float64 in full."""
+    if dtype.kind != "f":
+        return str(int(value))
+    return f"{float(value):.7g}" if dtype.itemsize == 4 else repr(float(value))
+
+
+def write_events_csv(path: str | Path, rows: np.ndarray) -> None:
+    """An events table (EVENT_DTYPE rows) as CSV with a header line."""
+    names = rows.dtype.names
+    with open(path, "w") as out:
+        out.write(",".join(names) + "\n")
+        for row in rows:
+            out.write(",".join(_csv_value(row[n], rows.dtype[n]) for n in names) + "\n")
 
 
 @dataclass

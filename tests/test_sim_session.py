@@ -91,3 +91,24 @@ def test_the_recorders_reader_opens_a_simulated_session(session):
     assert len(opened) == 40 and opened.frame_interval_s == pytest.approx(CFG.frame_interval_s)
     frames = dict(opened.iter_frames())
     assert np.array_equal(frames[39], data["frames"][39])
+
+
+def test_the_evaluation_session_has_a_gradient_and_events_a_constant_answer_misses():
+    from dataclasses import replace
+
+    from sim_source.session import EVALUATION
+
+    _, tables, truth = plan_session(replace(EVALUATION, frames=60, seed=3))
+    species, depth = truth.columns["species"], truth.depth
+    assert len(set(depth[0][species == 2])) >= 4  # thickness gradient over the O columns
+    events = truth.events
+    assert {e["species"] for e in events} == {1, 2}
+    assert {e["atoms_lost"] for e in events} == {1, 2}
+    never_back = [e for e in events if e["end_frame"] == 60]
+    assert len(never_back) >= 1
+    for e in events:
+        col = depth[:, e["column_id"]]
+        a, b = e["start_frame"], e["end_frame"]
+        assert np.all(col[a:b] == col[0] - e["atoms_lost"]) and np.all(col[:a] == col[0])
+        assert species[e["column_id"]] == e["species"]
+    assert len(tables) == len(np.unique(truth.state))

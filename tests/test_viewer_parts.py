@@ -59,6 +59,16 @@ def test_history_events_are_changes_of_the_filtered_depth():
     assert [e.seq for e in h.recent_events(species=2, until_seq=3)] == [2]
 
 
+def test_history_takes_the_engines_events_where_results_carry_them():
+    h = ColumnHistory()
+    for seq, d in enumerate([[6], [5], [4], [4]]):  # the filtered depth flickers through 5
+        head, arrays = result(seq, [10], d)
+        head["events"] = [{"column_id": 10, "species": 2, "frame": 1, "time_s": 101.0,
+                           "before": 6, "after": 4}] if seq == 3 else []
+        h.append(head, arrays)
+    assert [(e.seq, e.t_s, e.old, e.new) for e in h.recent_events()] == [(1, 1.0, 6, 4)]
+
+
 def test_a_new_session_clears_the_history():
     h = ColumnHistory()
     h.append(*result(0, [1], [4], session="a"))

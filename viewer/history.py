@@ -22,8 +22,9 @@ _SCALE = 254.0
 
 @dataclass(frozen=True)
 class OccupancyEvent:
-    """Column ``column_id`` changed its filtered depth from ``old`` to ``new`` atoms at result
-    ``seq``, ``t_s`` seconds after the session's first result."""
+    """Column ``column_id`` changed its depth from ``old`` to ``new`` atoms at frame ``seq``,
+    ``t_s`` seconds after the session's first result (the engine's event, or with older
+    engines a change of the filtered depth)."""
 
     seq: int
     t_s: float
@@ -164,11 +165,21 @@ class ColumnHistory:
                     store[row, slots] = np.clip(np.rint(probs * _SCALE), 0, _SCALE)
             self._e[row, slots] = table["expected_depth"]
             self._ef[row, slots] = table["expected_filtered"]
-            self._record_events(slots, table, self._seq[row], self._t[row])
+            self._record_events(slots, table, self._seq[row], self._t[row],
+                                header.get("events"))
 
     def _record_events(self, slots: np.ndarray, table: dict[str, np.ndarray], seq: int,
-                       t_s: float) -> None:
+                       t_s: float, engine_events: list | None) -> None:
+        """The engine's own events where the result has them (docs/CONTRACTS.md: thresholded,
+        with the change point), else changes of the filtered depth (older engines)."""
         new = table["depth_filtered"]
+        if engine_events is not None:
+            for e in engine_events:
+                self.events.append(OccupancyEvent(int(e["frame"]), float(e["time_s"]) - self.t0,
+                                                  int(e["column_id"]), int(e["species"]),
+                                                  int(e["before"]), int(e["after"])))
+            self._last_filtered[slots] = new
+            return
         old = self._last_filtered[slots]
         changed = np.flatnonzero((old >= 0) & (new >= 0) & (new != old))
         for k in changed:

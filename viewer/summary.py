@@ -1,5 +1,5 @@
 """Summary of all oxygen columns: current occupancy (histogram of filtered depths, totals) and
-the recent occupancy events (changes of a column's filtered depth)."""
+the recent occupancy events (the engine's, docs/CONTRACTS.md "Result message")."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,7 +33,7 @@ class OxygenSummary(QtWidgets.QWidget):
         self.histogram.addItem(self.bars)
         self.histogram.setXRange(-0.6, N_DEPTHS - 0.4, padding=0)
         self.histogram.setMinimumHeight(120)
-        events_title = QtWidgets.QLabel("<b>Recent events</b> (filtered depth changes)")
+        events_title = QtWidgets.QLabel("<b>Recent events</b> (the engine's)")
         self.events = QtWidgets.QListWidget()
         self.events.setMinimumHeight(80)
         for widget in (title, self.totals, self.histogram, events_title, self.events):
