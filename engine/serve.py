@@ -37,6 +37,7 @@ from engine.normalise import DoseNormaliser
 from engine.occupancy import Occupancy, SessionAnalysis
 from streamer import sockets
 from streamer.protocol import Message, encode, encode_control, make_header
+from training.inference import uncertainty_scores
 
 log = logging.getLogger(__name__)
 
@@ -188,16 +189,17 @@ class Server:
                 self._reject("inference", f"{type(exc).__name__}: {exc}")
             return
         depth, confidence, species = pred.maps()
+        ood = uncertainty_scores(depth, confidence)
         for i, item in enumerate(items):
             head = item.payload.header
             occ = self._session(item.payload).analysis.update(
                 pred.species_prob[i], pred.depth_prob[i], item.payload.seq, head.get("t_acq"))
             arrays = {"depth": depth[i], "confidence": confidence[i], "species": species[i],
                       **occ.buffers()}
-            self._publish(item, occ, arrays, doses[i], estimated[i], len(items))
+            self._publish(item, occ, arrays, doses[i], estimated[i], len(items), float(ood[i]))
 
     def _publish(self, item: Item, occ: Occupancy, arrays: dict[str, np.ndarray],
-                 dose: float, dose_estimated: bool, batch_size: int) -> None:
+                 dose: float, dose_estimated: bool, batch_size: int, ood_score: float) -> None:
         msg = item.payload
         head = msg.header
         latency_ms = (time.monotonic() - item.t_recv) * 1e3
@@ -207,7 +209,9 @@ class Server:
             latency_ms=latency_ms, frame_seq=msg.seq, skipped=self.queue.skipped,
             pixel_size_pm=float(head["pixel_size_pm"]), dose_e_per_px=float(dose),
             dose_estimated=dose_estimated, drift_px=list(occ.columns.drift_px),
-            columns=occ.table(), events=[e.as_dict() for e in occ.events], mode="live" if self._is_live(msg) else "replay")
+            columns=occ.table(), events=[e.as_dict() for e in occ.events],
+            ood_score=ood_score, ood_warning=self._ood_warning(ood_score),
+            mode="live" if self._is_live(msg) else "replay")
         parts = encode(result, arrays)
         if self.output.send(parts, wait=not self._is_live(msg)):
             self.counts["results_sent"] += 1
@@ -217,6 +221,12 @@ class Server:
             self.viewer.send(parts)
         self.latencies_ms.append(latency_ms)
         self._last_publish = time.monotonic()
+
+    def _ood_warning(self, score: float) -> bool | None:
+        """True when the frame's score passes the model's warning level (meta
+        ``ood_threshold``, set from the robustness suite); None when the model has none."""
+        threshold = self.loaded.meta.get("ood_threshold")
+        return None if threshold is None else bool(score > float(threshold))
 
     def _forward_eos(self, msg: Message) -> None:
         head = msg.header

@@ -136,6 +136,11 @@ class SessionWriter:
                      for name, (dt, fill, units) in RESULT_MAPS.items()}
         self.latency = self._series(res, "latency_ms", (), "f4", "ms", fill=np.nan)
         self.drift = self._series(res, "drift_px", (2,), "f4", "px (dy, dx)", fill=np.nan)
+        self.ood = self._series(res, "ood_score", (), "f4",
+                                "mean 1 - confidence over column pixels", fill=np.nan)
+        self.ood_warning = self._series(res, "ood_warning", (), "i1",
+                                        "1 outside the model's domain, 0 inside, -1 unknown",
+                                        fill=-1)
         self.skipped = self._series(res, "skipped", (), "i8", "frames", fill=-1)
         self.batch_size = self._series(res, "batch_size", (), "i4", "frames", fill=-1)
         self.model_id = self._series(res, "model_id", (), "S64", "", fill=b"")
@@ -180,7 +185,9 @@ class SessionWriter:
     # --- appending -----------------------------------------------------------------------
     def _grow_time(self, n: int) -> None:
         for dset in (self.frames, self.timestamps, self.sequence, self.received,
-                     self.frame_dose, self.has_result, self.latency, self.drift, self.skipped,
+                     self.frame_dose, self.has_result, self.latency, self.drift, self.ood,
+                     self.ood_warning,
+                     self.skipped,
                      self.batch_size, self.model_id, self.backend, *self.maps.values(),
                      *self.col_series.values(), *self.col_probs.values()):
             dset.resize(n, axis=0)
@@ -225,6 +232,9 @@ class SessionWriter:
                 dset[row] = msg.arrays[name]
         self.has_result[row] = 1
         self.latency[row] = _float(head, "latency_ms")
+        self.ood[row] = _float(head, "ood_score")
+        warning = head.get("ood_warning")
+        self.ood_warning[row] = int(warning) if isinstance(warning, bool) else -1
         drift = head.get("drift_px")
         if isinstance(drift, list) and len(drift) == 2:
             self.drift[row] = [_float({"v": d}, "v") for d in drift]

@@ -87,6 +87,7 @@ def test_replay_serves_every_frame_in_order_and_forwards_eos(engine):
         assert h["latency_ms"] > 0 and h["skipped"] == 0
         assert h["dose_e_per_px"] == 20.0 and h["dose_estimated"] is False
         assert len(h["drift_px"]) == 2
+        assert 0 <= h["ood_score"] <= 1 and h["ood_warning"] is None  # no warning level
         assert set(h["columns"]) >= {"id", "x_px", "y_px", "species", "depth",
                                      "expected_depth", "confidence", "depth_filtered",
                                      "expected_filtered"}
@@ -133,3 +134,17 @@ def test_frame_without_dose_gets_the_running_mean_estimate(engine):
     for m in got[:4]:
         assert m.header["dose_e_per_px"] == pytest.approx(20.0, rel=0.02)
     assert server.sessions["s1"].dose.estimated_frames == 4
+
+
+def test_frames_past_the_models_warning_level_are_flagged(engine):
+    """The warning follows the model meta's ``ood_threshold`` (none: no verdict)."""
+    src, results, server = engine("replay", max_batch=1, max_wait_ms=5)
+    rng = np.random.default_rng(1)
+    verdicts = []
+    for i, threshold in enumerate((None, -1.0, 2.0)):  # none, below every score, above all
+        if threshold is not None:
+            server.loaded.meta["ood_threshold"] = threshold
+        src.send(frame_msg(i, rng))
+        (got,) = collect(results, until_eos=False, n=1)
+        verdicts.append(got.header["ood_warning"])
+    assert verdicts == [None, True, False]

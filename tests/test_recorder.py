@@ -42,7 +42,8 @@ def result_parts(seq: int, column_ids: list[int], session="sess"):
     probs[np.arange(n), [c % 11 for c in column_ids]] = 1.0
     head = make_header("result", session=session, seq=seq, source="engine", model_id="m-1",
                        backend="torch-cpu", batch_size=4, latency_ms=3.5, frame_seq=seq,
-                       skipped=0, pixel_size_pm=5.3, drift_px=[0.5, -0.25], columns=cols)
+                       skipped=0, pixel_size_pm=5.3, drift_px=[0.5, -0.25], columns=cols,
+                       ood_score=seq / 100, ood_warning=seq >= 35)
     return encode(head, {"depth": np.full(SHAPE, seq % 11, np.uint8),
                          "confidence": np.full(SHAPE, 0.5, np.float32),
                          "species": np.ones(SHAPE, np.uint8),
@@ -96,6 +97,8 @@ def test_frames_and_results_in_any_order_are_aligned(tmp_path, endpoint_factory)
         assert res["depth"][7, 0, 0] == 7 and res["depth"][30, 0, 0] == 255
         assert res["model_id"][0] == b"m-1" and res["latency_ms"][3] == pytest.approx(3.5)
         np.testing.assert_allclose(res["drift_px"][3], [0.5, -0.25])
+        assert res["ood_score"][7] == pytest.approx(0.07) and np.isnan(res["ood_score"][30])
+        assert list(res["ood_warning"][[7, 30, 36]]) == [0, -1, 1]
         cols = f["columns"]
         np.testing.assert_array_equal(cols["id"][:], [10, 11, 12])
         np.testing.assert_array_equal(cols["first_row"][:], [0, 0, 20])

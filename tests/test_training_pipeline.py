@@ -116,7 +116,13 @@ def test_cli_train_resume_evaluate(synthetic, tmp_path, segdepth_cmd):
     assert meta["epochs_run"] == 3 and meta["train_config"]["epochs"] == 3
 
     report_dir = tmp_path / "report"
-    run_cli(segdepth_cmd, "evaluate", "--model", run / "model.pt", "--data", synthetic,
+    refused = subprocess.run([*segdepth_cmd, "evaluate", "--model", str(run / "model.pt"),
+                              "--data", str(synthetic), "--out", str(report_dir)],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "training or validation" in refused.stderr
+    test_file = tmp_path / "test.h5"
+    write_synthetic_set(test_file, seed=1)
+    run_cli(segdepth_cmd, "evaluate", "--model", run / "model.pt", "--data", test_file,
             "--out", report_dir, "--sweep", "1", "10")
     report = json.loads((report_dir / "report.json").read_text())
     for key in ("pixelwise_accuracy", "centre_accuracy", "detection_rate", "hallucination_rate"):

@@ -159,3 +159,30 @@ def test_robustness_suite_cli_tiny(tmp_path, segdepth_cmd):
         assert 0 <= summary["column_exact"] <= 1 or np.isnan(summary["column_exact"])
     assert (out / "robustness.png").stat().st_size > 1000
     assert "turned 90°" in (out / "robustness.md").read_text()
+
+
+def test_test_time_augmentation_is_equivariant():
+    """The 8-fold average maps back every transform: the TTA answer for a turned (or mirrored)
+    image is the turned answer of the original, which a wrong inverse would break."""
+    from training.inference import predict_batches
+    from training.model import SegDepthUNet, UNetConfig
+    torch.manual_seed(0)
+    model = SegDepthUNet(UNetConfig(base_channels=4, max_channels=8, scales=3)).eval()
+    image = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32) + 0.5
+    (_, plain), = predict_batches(model, image, tta=True)
+    for transform in (lambda a: np.rot90(a, 1, axes=(-2, -1)), lambda a: a[..., ::-1]):
+        (_, moved), = predict_batches(model, np.ascontiguousarray(transform(image)), tta=True)
+        np.testing.assert_allclose(moved.probabilities, transform(plain.probabilities),
+                                   atol=1e-5)
+    (_, single), = predict_batches(model, image)
+    assert not np.allclose(single.probabilities, plain.probabilities, atol=1e-4)
+
+
+def test_class_prior_is_the_loss_weighted_label_frequency():
+    from training.labels import class_prior
+    labels = np.array([[0, 0, 5, 5]])
+    weights = np.array([[0.2, 0.2, 1.0, 1.0]])
+    prior = class_prior(labels, weights, floor=0.0)
+    assert prior[5] == pytest.approx(2 / 2.4) and prior[0] == pytest.approx(0.4 / 2.4)
+    assert class_prior(labels, weights).min() > 0
+    assert class_prior(labels, weights).sum() == pytest.approx(1)

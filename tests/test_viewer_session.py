@@ -52,6 +52,8 @@ def write_session(path, results: bool = True) -> np.ndarray:
         res["confidence"] = np.full((T, H, W), 0.9, np.float32)
         res["species"] = np.zeros((T, H, W), np.uint8)
         res["latency_ms"] = np.full(T, 7.5, np.float32)
+        res["ood_score"] = np.full(T, 0.1, np.float32)
+        res["ood_warning"] = (np.arange(T) == 9).astype(np.int8)  # row 9 was flagged
         res["model_id"] = np.array([b"m-test"] * T, dtype="S64")
         res["backend"] = np.array([b"torch-cpu"] * T, dtype="S32")
         cols = f.create_group("columns")
@@ -185,3 +187,13 @@ def test_a_file_written_by_the_recorder_opens(window, tmp_path):
     np.testing.assert_allclose(series.probabilities[-1], probs, atol=1 / 254)
     window.slider.setValue(2)
     assert window.result is None
+
+
+def test_a_flagged_frame_raises_the_out_of_distribution_alarm(window, tmp_path):
+    write_session(tmp_path / "s.h5")
+    window.open_session(str(tmp_path / "s.h5"))
+    window.seek(8)
+    assert "outside what the model knows" not in window.status.text()
+    window.seek(9)
+    assert "outside what the model knows" in window.status.text()
+    assert "ff5050" in window.status.styleSheet()

@@ -81,6 +81,51 @@ def onnxruntime_infer_rate(model: torch.nn.Module, size: int, repeats: int,
     return 1.0 / _timed(lambda: session.run(None, feed), repeats)
 
 
+def data_rate(model: torch.nn.Module, loader, batches: int) -> float:
+    """Training samples/s through ``loader`` (data preparation included): noise at each
+    sample's dose, forward, weighted loss, backward, Adam step."""
+    from training.data import noisy
+    model = model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    seen, t0, it = 0, None, iter(loader)
+    for b in range(batches + 1):
+        batch = next(it)
+        clean, labels, species, weights = batch[:4]
+        dose = batch[4] if len(batch) > 4 else 2.5
+        depth, species_logits = model(noisy(clean, dose, gen))
+        loss, _ = segdepth_loss(depth, species_logits, labels, species, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if b == 0:  # the first batch pays worker start-up
+            t0 = time.perf_counter()
+        else:
+            seen += len(clean)
+    return seen / (time.perf_counter() - t0)
+
+
+def library_rows(model: torch.nn.Module, library_path: str, crop: int, batches: int) -> list[dict]:
+    """On-the-fly microscopes (a CTF per structure, turned crops, dose) against the same number
+    of pre-rendered images (random crops and flips of stored arrays), batch 8, same model."""
+    from training.data import CropDataset
+    from training.labels import TargetConfig
+    from training.library_data import (MicroscopeDataset, RenderConfig, collate_views,
+                                       load_library, render_set)
+    library = load_library(library_path)
+    render = RenderConfig(crop=crop)
+    rendered = MicroscopeDataset(library, render, TargetConfig(), seed=0)
+    fly = torch.utils.data.DataLoader(rendered, batch_size=8 // render.views_per_wave,
+                                      shuffle=True, collate_fn=collate_views, num_workers=1)
+    stored = render_set(library, 8 * (batches + 1), 0, RenderConfig(crop=2 * crop),
+                        TargetConfig())
+    pre = torch.utils.data.DataLoader(CropDataset(stored, crop, seed=0), batch_size=8,
+                                      shuffle=True)
+    return [{"backend": f"torch-cpu FP32, {name}", "size": crop,
+             "train_samples_per_s": data_rate(model, loader, batches), "infer_frames_per_s": None}
+            for name, loader in (("on-the-fly optics", fly), ("pre-rendered images", pre))]
+
+
 def bench_model(model_path: str | None) -> tuple[SegDepthUNet, str]:
     path = Path(model_path) if model_path else bundled_model_path()
     if path.exists():
@@ -91,7 +136,8 @@ def bench_model(model_path: str | None) -> tuple[SegDepthUNet, str]:
 
 
 def run_bench(sizes: list[int], out: str | Path, model_path: str | None = None, repeats: int = 3,
-              threads: int | None = None) -> dict:
+              threads: int | None = None, library: str | None = None, crop: int = 128,
+              batches: int = 10) -> dict:
     """Measure every (backend, size); print the table; write JSON to ``out``."""
     if threads:
         torch.set_num_threads(threads)
@@ -112,10 +158,13 @@ def run_bench(sizes: list[int], out: str | Path, model_path: str | None = None, 
                          "train_samples_per_s": None, "infer_frames_per_s": rate})
         except ImportError:
             log.info("onnxruntime not installed: skipped")
-    print(f"{'backend':<22}{'size':>7}{'train samples/s':>18}{'infer frames/s':>17}")
+    if library:
+        rows.extend(library_rows(model, library, crop, batches))
+    print(f"{'backend':<44}{'size':>7}{'train samples/s':>18}{'infer frames/s':>17}")
     for r in rows:
         train = f"{r['train_samples_per_s']:.3f}" if r["train_samples_per_s"] else "-"
-        print(f"{r['backend']:<22}{r['size']:>6}²{train:>18}{r['infer_frames_per_s']:>17.3f}")
+        infer = f"{r['infer_frames_per_s']:.3f}" if r["infer_frames_per_s"] else "-"
+        print(f"{r['backend']:<44}{r['size']:>6}²{train:>18}{infer:>17}")
     result = {"benchmark": "segdepth bench train", "model_id": model_id, "batch_size": 1,
               "repeats": repeats, "threads": torch.get_num_threads(),
               "machine": {"cpu": platform.processor() or platform.machine(),

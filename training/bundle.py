@@ -15,15 +15,21 @@ from pathlib import Path
 
 import torch
 
+from training.labels import TargetConfig, class_prior
+from training.library_data import load_or_render
 from training.model import bundled_model_path, load_model, save_model
 
 
 def bundle(model_path: str | Path, report_path: str | Path, train_command: str,
-           evaluate_command: str, out: str | Path | None = None) -> dict:
+           evaluate_command: str, out: str | Path | None = None,
+           simulate_commands: list[str] | None = None) -> dict:
     """Write the bundled model and its record; returns the record."""
     out = Path(out) if out else bundled_model_path()
     model, meta = load_model(model_path)
     report = json.loads(Path(report_path).read_text())
+    if meta.get("val"):  # the prior the weighted loss taught, for the engine's temporal model
+        val = load_or_render(meta["val"], TargetConfig(), None, seed=1)
+        meta["class_prior"] = class_prior(val.labels, val.weights).tolist()
     meta.update(temperature=report["calibration"]["temperature"],
                 test={"data": report["data"], "noise_lambda": report["noise_lambda"],
                       "metrics": report["metrics"]})
@@ -32,9 +38,13 @@ def bundle(model_path: str | Path, report_path: str | Path, train_command: str,
         "model_file": out.name, "model_id": meta["model_id"], "bytes": out.stat().st_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "config": meta["config"], "weights_dtype": "float16",
-        "commands": {"train": train_command, "evaluate": evaluate_command},
+        "commands": {"simulate": simulate_commands or [], "train": train_command,
+                     "evaluate": evaluate_command},
         "training": {"data": meta.get("data"), "data_sha256": meta.get("data_sha256"),
                      "val": meta.get("val"), "val_sha256": meta.get("val_sha256"),
+                     "data_files": meta.get("data_files"),
+                     "dose_range": meta.get("dose_range"), "init": (meta.get(
+                         "train_config") or {}).get("init"),
                      "noise_lambda": meta.get("noise_lambda"),
                      "pixel_size_pm": meta.get("pixel_size_pm"),
                      "epochs_run": meta.get("epochs_run"), "wall_s": meta.get("wall_s"),
@@ -63,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", required=True, help="report.json of `segdepth evaluate`")
     p.add_argument("--train-command", required=True, help="the exact training command line")
     p.add_argument("--evaluate-command", required=True, help="the exact evaluation command line")
+    p.add_argument("--simulate-command", action="append", default=[],
+                   help="an exact `segdepth simulate` command behind the data (repeatable)")
     p.add_argument("--out", default=None, help="model path (default: the bundled model path)")
     args = p.parse_args(argv)
-    record = bundle(args.model, args.report, args.train_command, args.evaluate_command, args.out)
+    record = bundle(args.model, args.report, args.train_command, args.evaluate_command, args.out,
+                    args.simulate_command)
     print(json.dumps(record["test"]["metrics"], indent=2))
     return 0
 

@@ -84,14 +84,15 @@ def _predict(args: argparse.Namespace) -> int:
     from training.predict import predict_file
 
     predict_file(args.input, args.output, args.model, args.probabilities, args.batch_size,
-                 args.temperature)
+                 args.temperature, args.tta)
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     from training.bench import run_bench
 
-    run_bench(args.sizes, args.json, args.model, args.repeats, args.threads)
+    run_bench(args.sizes, args.json, args.model, args.repeats, args.threads, args.library,
+              args.library_crop, args.library_batches)
     return 0
 
 
@@ -212,6 +213,9 @@ def register(commands, bench) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--temperature", type=float, default=None,
                    help="softmax temperature (default: the model's fitted one, else 1)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average over the 8 flips and quarter turns "
+                        "(8x the inference cost)")
     p.set_defaults(func=_predict)
 
     p = bench.add_parser(
@@ -225,6 +229,12 @@ def register(commands, bench) -> None:
                    help="model file (default: bundled model, else an untrained base-16 UNet)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--library", default=None,
+                   help="exit-wave library: also time training with on-the-fly optics against "
+                        "pre-rendered images of it (batch 8), in the same run")
+    p.add_argument("--library-crop", type=int, default=128, help="crop side, px (default 128)")
+    p.add_argument("--library-batches", type=int, default=10,
+                   help="timed batches per data path (default 10)")
     p.add_argument("--json", default="benchmarks/train.json",
                    help="JSON output path (default benchmarks/train.json)")
     p.set_defaults(func=_bench)

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from sim_source.noise import add_poisson_noise
 from training import figures
 from training.calibration import fit_temperature, sample_pixels
-from training.data import LabelledSet, load_set
+from training.data import LabelledSet
+from training.library_data import load_or_render
 from training.gradients import gradient_spread_px, input_gradients
 from training.inference import predict_batches
 from training.labels import TargetConfig
@@ -165,7 +166,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     model, meta = load_model(model_path)
     check_disjoint(meta, [cfg.data] + ([cfg.val] if cfg.val else []))
     targets = TargetConfig()
-    test = load_set(cfg.data, targets, cfg.limit)
+    test = load_or_render(cfg.data, targets, cfg.limit, cfg.seed)
     trained_pixel = meta.get("pixel_size_pm")
     if trained_pixel and abs(test.pixel_size_pm / trained_pixel - 1) > 0.1:
         log.warning("test pixel size %.2f pm differs from training %.2f pm",
@@ -177,7 +178,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     # temperature scaling: fit on validation pixels, report ECE on held-out test pixels
     if cfg.val:
-        val = load_set(cfg.val, targets, cfg.limit)
+        val = load_or_render(cfg.val, targets, cfg.limit, cfg.seed + 1)
         fit = run_pass(model, val, noisy_images(val.images, cfg.noise_lambda, cfg.seed + 2),
                        cfg, "validation (temperature)")
         fit_logits, fit_labels = fit.sample_logits, fit.sample_labels

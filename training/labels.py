@@ -72,3 +72,14 @@ def make_targets(depth: np.ndarray, centres_rc: np.ndarray | None, pixel_size_pm
     return (smooth_labels(depth, pixel_size_pm, cfg.ring_width_pm),
             loss_weights(depth.shape, centres_rc, pixel_size_pm, cfg.weight_sigma_pm,
                          cfg.background_weight))
+
+
+def class_prior(labels: np.ndarray, weights: np.ndarray, n_classes: int = 11,
+                floor: float = 0.002) -> np.ndarray:
+    """The depth-class prior a network trained with the weighted loss of eq. 6 learns: the
+    loss-weighted frequency of each label over the given training-like pixels, plus ``floor``
+    (relative) so that no class has prior 0. Sums to 1."""
+    counts = np.bincount(np.asarray(labels, np.int64).ravel(),
+                         weights=np.asarray(weights, np.float64).ravel(), minlength=n_classes)
+    prior = counts[:n_classes] / counts.sum() + floor
+    return prior / prior.sum()

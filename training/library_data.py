@@ -16,7 +16,8 @@ from sim_source.hrtem import BINNING
 from sim_source.microscope import (OpticsDraw, OpticsRanges, View, camera, draw_view, intensity,
                                    sample_view, view_labels)
 from sim_source.structure import MAX_ATOMS, ColumnTable
-from training.data import LabelledSet, file_sha256
+from sim_source.wave_library import is_library
+from training.data import LabelledSet, file_sha256, load_set
 from training.labels import TargetConfig, make_targets
 
 
@@ -170,3 +171,12 @@ def labelled(rendered: list[Rendered], pixel_size_pm: float, targets: TargetConf
                        np.stack([s.species for s in rendered]), np.stack(labels),
                        np.stack(weights), centres, [s.centre_species for s in rendered],
                        pixel_size_pm, sha256, path)
+
+
+def load_or_render(path: str | Path, targets: TargetConfig, limit: int | None, seed: int,
+                   crop: int = 192) -> LabelledSet:
+    """An image dataset file as stored, or ``limit`` (default 64) samples rendered from an
+    exit-wave library with microscopes drawn from the training ranges (any angle)."""
+    if not is_library(path):
+        return load_set(path, targets, limit)
+    return render_set(load_library(path), limit or 64, seed, RenderConfig(crop=crop), targets)

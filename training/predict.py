@@ -18,9 +18,10 @@ PIXEL_SIZE_TOLERANCE = 0.1  #: relative pixel-size mismatch (input vs training) 
 
 def predict_file(input_path: str | Path, output_path: str | Path, model_path: str | Path | None = None,
                  probabilities: bool = False, batch_size: int = 4,
-                 temperature: float | None = None) -> int:
+                 temperature: float | None = None, tta: bool = False) -> int:
     """Write `depth`, `confidence`, `species` (and `probabilities`) for IN's `images` to OUT;
-    returns the number of images. ``temperature`` None: the model's fitted value (meta), else 1."""
+    returns the number of images. ``temperature`` None: the model's fitted value (meta), else 1;
+    ``tta``: average over the 8 flips and quarter turns."""
     model_path = Path(model_path) if model_path else bundled_model_path()
     if not model_path.exists():
         raise FileNotFoundError(f"model file {model_path} does not exist")
@@ -50,13 +51,15 @@ def predict_file(input_path: str | Path, output_path: str | Path, model_path: st
             conf.attrs["units"] = "probability of the estimated depth (eq. 5)"
             species.attrs["units"] = "0 background, 1 Ce, 2 O"
             fout.attrs.update({"model_id": meta.get("model_id", ""), "model_path": str(model_path),
-                               "temperature": temperature, "source": str(input_path)})
+                               "temperature": temperature, "source": str(input_path),
+                               "test_time_augmentation": tta})
             if pixel_size is not None:
                 fout.attrs["pixel_size_pm"] = float(pixel_size)
             with tqdm(total=n, unit="img", desc="predict") as bar:
                 for start in range(0, n, batch_size):
                     block = np.asarray(images[start:start + batch_size], np.float32)
-                    for sl, p in predict_batches(model, block, batch_size, temperature):
+                    for sl, p in predict_batches(model, block, batch_size, temperature,
+                                                     tta=tta):
                         out = slice(start + sl.start, start + sl.stop)
                         depth[out], conf[out], species[out] = p.depth, p.confidence, p.species
                         if probs is not None:

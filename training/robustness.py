@@ -5,7 +5,8 @@ optics at and beyond the training ranges, facet family, dose, a thick carbon fil
 legacy `segdepth simulate` slabs — and reports, at the row's dose: column-level accuracy
 (exact, ±1, found, false columns; training.metrics.ColumnMetrics), the paper's pixel metrics,
 the expected calibration error on truth column pixels, and a per-frame out-of-distribution
-score (see :func:`ood_scores`) with its ROC AUC against the in-distribution row.
+score with its ROC AUC against the in-distribution row: :func:`ood_scores` (a frame against
+its 90° turn, two passes) and :func:`uncertainty_scores` (one pass; what the engine publishes).
 
 The suite's test structures come from exit-wave libraries of their own seeds (built by
 :func:`build_suite` when missing), never the training libraries' (:func:`check_disjoint`).
@@ -26,7 +27,7 @@ from sim_source.microscope import OpticsDraw, OpticsRanges
 from sim_source.noise import add_poisson_noise
 from sim_source.particle import ParticleConfig
 from training.data import LabelledSet, file_sha256, load_set
-from training.inference import predict_batches
+from training.inference import predict_batches, uncertainty_scores
 from training.labels import TargetConfig
 from training.library_data import RenderConfig, load_library, render_set
 from training.metrics import Calibration, ColumnMetrics, DepthMetrics, centre_mask
@@ -144,17 +145,21 @@ def check_disjoint(meta: dict, paths: list[str | Path]) -> None:
 
 @dataclass
 class RowResult:
-    """Accumulated figures of one model on one row."""
+    """Accumulated figures of one model on one row: ``ood`` the turn-disagreement scores of
+    :func:`ood_scores`, ``uncertainty`` the engine's :func:`uncertainty_scores`, per frame."""
     pixels: DepthMetrics = field(default_factory=DepthMetrics)
     columns: ColumnMetrics = field(default_factory=ColumnMetrics)
     calibration: Calibration = field(default_factory=Calibration)
     ood: list[float] = field(default_factory=list)
+    uncertainty: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {**self.columns.summary(),
                 **{k: v for k, v in self.pixels.summary().items() if "pixels" not in k},
                 "ece_column_pixels": self.calibration.ece(),
-                "ood_score_mean": float(np.mean(self.ood)) if self.ood else float("nan")}
+                "ood_score_mean": float(np.mean(self.ood)) if self.ood else float("nan"),
+                "uncertainty_mean": (float(np.mean(self.uncertainty)) if self.uncertainty
+                                     else float("nan"))}
 
 
 def ood_scores(probabilities: np.ndarray, turned: np.ndarray) -> np.ndarray:
@@ -183,6 +188,7 @@ def evaluate_row(model, temperature: float, data: LabelledSet, column_depths: li
     turned = _turned_probabilities(model, noisy, temperature)
     for sl, p in predict_batches(model, noisy, 8, temperature):
         result.ood.extend(ood_scores(p.probabilities, turned[sl]))
+        result.uncertainty.extend(uncertainty_scores(p.depth, p.confidence))
         for j, i in enumerate(range(sl.start, sl.stop)):
             truth = data.depth[i]
             result.pixels.update(p.depth[j], truth, centre_mask(
@@ -265,10 +271,15 @@ def run_suite(cfg: SuiteConfig) -> dict:
         for path, _, meta in loaded:
             result = results[(row.name, path)]
             summary = result.summary()
-            summary["ood_auc_vs_in_distribution"] = roc_auc(
-                results[(rows[0].name, path)].ood, result.ood)
+            reference = results[(rows[0].name, path)]
+            summary["ood_auc_vs_in_distribution"] = roc_auc(reference.ood, result.ood)
+            summary["uncertainty_auc_vs_in_distribution"] = roc_auc(reference.uncertainty,
+                                                                    result.uncertainty)
             entry["models"][meta.get("model_id", path)] = summary
         report["rows"].append(entry)
+    # the engine's warning level: 95 % of in-distribution frames stay below it
+    report["ood_threshold"] = {meta.get("model_id", path): float(np.percentile(
+        results[(rows[0].name, path)].uncertainty, 95)) for path, _, meta in loaded}
     report["wall_s"] = time.monotonic() - started
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,13 +292,15 @@ def run_suite(cfg: SuiteConfig) -> dict:
 def markdown_table(report: dict) -> str:
     """The suite as one Markdown table: a line per row and model."""
     lines = ["| row | model | exact | ±1 | found | false columns | centre acc. | ECE (columns)"
-             " | OOD AUC |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             " | AUC turn | AUC uncertainty |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for entry in report["rows"]:
         for model_id, s in entry["models"].items():
             lines.append(f"| {entry['row']} | {model_id} | {s['column_exact']:.3f} | "
                          f"{s['column_within_one']:.3f} | {s['column_found']:.3f} | "
                          f"{s['false_column_rate']:.3f} | {s['centre_accuracy']:.3f} | "
-                         f"{s['ece_column_pixels']:.3f} | {s['ood_auc_vs_in_distribution']:.2f} |")
+                         f"{s['ece_column_pixels']:.3f} | {s['ood_auc_vs_in_distribution']:.2f} | "
+                         f"{s['uncertainty_auc_vs_in_distribution']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

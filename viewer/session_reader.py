@@ -166,6 +166,8 @@ class SessionReader:
                 "source": _text(self.file.attrs.get("source", "file")),
                 "model_id": value("model_id", ""), "backend": value("backend", ""),
                 "latency_ms": value("latency_ms", math.nan), "skipped": value("skipped", 0),
+                "ood_score": value("ood_score", math.nan),
+                "ood_warning": value("ood_warning", -1) == 1,
                 "pixel_size_pm": self.pixel_size_pm, "columns": table}
         return Message(head, arrays)
 

@@ -332,6 +332,10 @@ class ViewerWindow(QtWidgets.QMainWindow):
                 f"{prefix}No data {verb} {where} for {s.idle_s:.0f} s — is the engine running "
                 f"(segdepth serve / demo)? Still listening…", alarm=True)
             return
+        warning = self._ood_warning()
+        if warning:
+            self._set_status(f"{prefix}{warning}", alarm=True)
+            return
         latency = "–" if s.latency_ms is None else f"{s.latency_ms:.1f} ms"
         rec = f" · recording {self.recorder.path.name}" if self.recorder.running else ""
         if s.malformed:
@@ -341,6 +345,15 @@ class ViewerWindow(QtWidgets.QMainWindow):
             f"engine latency {latency} · lost: engine {s.engine_skipped}, viewer "
             f"{s.results_lost} results, {s.frames_lost} frames · backend {s.backend or '–'} · "
             f"model {s.model_id or '–'}{rec}")
+
+    def _ood_warning(self) -> str:
+        """The alarm text when the shown result lies outside what the model knows, else ''."""
+        head = self.result.header if self.result is not None else {}
+        if not head.get("ood_warning"):
+            return ""
+        return (f"WARNING: this frame lies outside what the model knows (OOD score "
+                f"{float(head.get('ood_score', float('nan'))):.2f}): depths are unreliable — "
+                f"check optics, orientation and dose")
 
     def _show_session_status(self, k: int, result: Message | None) -> None:
         reader = self.session
@@ -352,7 +365,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
             text += (f" · backend {h.get('backend') or '–'} · model "
                      f"{h.get('model_id') or '–'}"
                      f" · latency {h.get('latency_ms', float('nan')):.1f} ms")
-        self._set_status(text)
+        warning = self._ood_warning() if result is not None else ""
+        self._set_status(f"{text} · {warning}" if warning else text, alarm=bool(warning))
 
     # --- recording and export ------------------------------------------------------------
     def _toggle_recording(self, on: bool) -> None:
