@@ -51,6 +51,7 @@ RESULT_MAPS: dict[str, tuple[str, Any, str]] = {
 }
 
 log = logging.getLogger(__name__)
+_UNCLOSABLE: list = []  #: writers whose file could not be closed after a write error
 
 
 def git_revision() -> str:
@@ -303,6 +304,9 @@ class SessionWriter:
             self.f.close()
         except Exception as exc:  # the file may be beyond repair from here; say so
             log.error("closing %s after a write error failed too: %s", self.path, exc)
+            # releasing this writer's HDF5 objects now can crash libhdf5 (seen as a segfault
+            # after ENOSPC): keep them referenced until the process leaves (record: os._exit)
+            _UNCLOSABLE.append(self)
 
 
 def events_table(events: list[dict]) -> np.ndarray:

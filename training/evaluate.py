@@ -164,7 +164,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     model_path = Path(cfg.model) if cfg.model else bundled_model_path()
     model, meta = load_model(model_path)
-    check_disjoint(meta, [cfg.data] + ([cfg.val] if cfg.val else []))
+    check_disjoint(meta, [cfg.data])  # the temperature may be fitted on validation data
     targets = TargetConfig()
     test = load_or_render(cfg.data, targets, cfg.limit, cfg.seed)
     trained_pixel = meta.get("pixel_size_pm")
