@@ -38,6 +38,23 @@ class Prediction:
                 species.to(torch.uint8).numpy())
 
 
+def infer_tta(backend: "Backend", frames: np.ndarray) -> Prediction:
+    """Test-time augmentation: the backend's probabilities averaged over the 8 flips and
+    quarter turns of the frames (B, H, W), each mapped back (8 passes; a backend whose plan
+    has a fixed H × W needs square frames)."""
+    from training.inference import DIHEDRAL
+    depth = species = 0.0
+    for k, flip in DIHEDRAL:
+        x = np.rot90(frames[..., ::-1] if flip else frames, k, axes=(-2, -1))
+        pred = backend.infer(np.ascontiguousarray(x))
+        d, s = (np.rot90(p, -k, axes=(-2, -1)) for p in (pred.depth_prob, pred.species_prob))
+        depth, species = depth + (d[..., ::-1] if flip else d), species + (
+            s[..., ::-1] if flip else s)
+    n = len(DIHEDRAL)
+    return Prediction(np.ascontiguousarray(depth / n, np.float32),
+                      np.ascontiguousarray(species / n, np.float32))
+
+
 class Backend(ABC):
     """One way of running the model. ``infer`` takes normalised frames (B, H, W) float32."""
 

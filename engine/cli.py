@@ -64,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
                          model=args.model, backend=args.backend, max_batch=args.max_batch,
                          max_wait_ms=args.max_wait_ms, mode=args.mode,
                          queue_frames=args.queue_frames, receive_hwm=args.receive_hwm,
-                         exit_on_eos=args.exit_on_eos,
+                         exit_on_eos=args.exit_on_eos, tta=args.tta,
                          columns=ColumnConfig(reference_frames=args.reference_frames),
                          hmm=hmm_config(args))
     return serve(config, Path(args.stats) if args.stats else None)
@@ -195,6 +195,9 @@ def register(commands, bench) -> None:
     p.add_argument("--reference-frames", type=int, default=8,
                    help="aligned frames averaged into the column reference (default 8)")
     hmm_options(p)
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the depth probabilities over the 8 "
+                        "flips and quarter turns of each frame (8x the inference cost)")
     p.add_argument("--exit-on-eos", action="store_true",
                    help="exit after forwarding the first end-of-stream message")
     p.add_argument("--stats", default=None,

@@ -64,6 +64,7 @@ class ServeConfig:
     queue_frames: int = 0  # 0: 4 x max_batch
     receive_hwm: int = sockets.DEFAULT_HWM  # messages the frame socket may hold, beyond queue
     exit_on_eos: bool = False
+    tta: bool = False  # average the 8 flips and quarter turns (8x the inference cost)
     columns: ColumnConfig = field(default_factory=ColumnConfig)
     hmm: HMMConfig = field(default_factory=HMMConfig)
 
@@ -183,7 +184,9 @@ class Server:
         if not items:
             return
         try:
-            pred = self.backend.infer(np.stack(inputs))
+            batch = np.stack(inputs)
+            pred = (backends.infer_tta(self.backend, batch) if self.config.tta
+                    else self.backend.infer(batch))
         except (RuntimeError, ValueError) as exc:  # e.g. a frame size the model cannot take
             for _ in items:
                 self._reject("inference", f"{type(exc).__name__}: {exc}")

@@ -149,3 +149,17 @@ def test_calibration_temperature_of_the_model_file_is_applied(tmp_path):
     for name in ("torch-cpu", "onnxruntime"):
         out = backends.create(name, loaded, cache_dir=tmp_path).infer(frames)
         assert np.allclose(out.depth_prob, expected, atol=1e-5), name
+
+
+def test_tta_in_the_engine_matches_training_tta(loaded, frames):
+    """serve --tta: the backend's 8-fold average equals training.inference's TTA, and it is
+    not the plain answer."""
+    from training.inference import predict_batches
+    backend = backends.create("torch-cpu", loaded, max_batch=2)
+    side = min(frames.shape[-2:])
+    square = np.ascontiguousarray(frames[..., :side, :side])
+    out = backends.infer_tta(backend, square)
+    (_, ref), = predict_batches(loaded.model, square, len(square), loaded.temperature, tta=True)
+    np.testing.assert_allclose(out.depth_prob, ref.probabilities, atol=2e-6)
+    # a random model is nearly uniform, so the TTA average moves probabilities by ~1e-4
+    assert np.abs(out.depth_prob - backend.infer(square).depth_prob).max() > 2e-5
