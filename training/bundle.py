@@ -22,7 +22,8 @@ from training.model import bundled_model_path, load_model, save_model
 
 def bundle(model_path: str | Path, report_path: str | Path, train_command: str,
            evaluate_command: str, out: str | Path | None = None,
-           simulate_commands: list[str] | None = None) -> dict:
+           simulate_commands: list[str] | None = None,
+           robustness_path: str | Path | None = None) -> dict:
     """Write the bundled model and its record; returns the record."""
     out = Path(out) if out else bundled_model_path()
     model, meta = load_model(model_path)
@@ -30,6 +31,9 @@ def bundle(model_path: str | Path, report_path: str | Path, train_command: str,
     if meta.get("val"):  # the prior the weighted loss taught, for the engine's temporal model
         val = load_or_render(meta["val"], TargetConfig(), None, seed=1)
         meta["class_prior"] = class_prior(val.labels, val.weights).tolist()
+    robustness = json.loads(Path(robustness_path).read_text()) if robustness_path else None
+    if robustness:  # the engine's out-of-distribution warning level for this model
+        meta["ood_threshold"] = robustness["ood_threshold"][meta["model_id"]]
     meta.update(temperature=report["calibration"]["temperature"],
                 test={"data": report["data"], "noise_lambda": report["noise_lambda"],
                       "metrics": report["metrics"]})
@@ -60,6 +64,9 @@ def bundle(model_path: str | Path, report_path: str | Path, train_command: str,
                                                     "centre_accuracy", "detection_rate",
                                                     "hallucination_rate")}
                                  for r in report["noise_sweep"]]},
+        "robustness": None if robustness is None else {
+            "report": str(robustness_path), "ood_threshold": meta["ood_threshold"],
+            "rows": {r["row"]: r["models"][meta["model_id"]] for r in robustness["rows"]}},
         "bundled_with": {"python": sys.version.split()[0], "torch": torch.__version__,
                          "machine": platform.machine()},
     }
@@ -76,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--simulate-command", action="append", default=[],
                    help="an exact `segdepth simulate` command behind the data (repeatable)")
     p.add_argument("--out", default=None, help="model path (default: the bundled model path)")
+    p.add_argument("--robustness", default=None,
+                   help="robustness.json of `segdepth evaluate --suite robustness` with this "
+                        "model: its OOD warning level goes into the meta, its rows into the record")
     args = p.parse_args(argv)
     record = bundle(args.model, args.report, args.train_command, args.evaluate_command, args.out,
-                    args.simulate_command)
+                    args.simulate_command, args.robustness)
     print(json.dumps(record["test"]["metrics"], indent=2))
     return 0
 
