@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -202,13 +202,21 @@ def write_dataset(path: str | Path, cfg: DatasetConfig, runner: Runner = run_inl
     KeyboardInterrupt is raised there (a Ctrl-C that landed where Python ignores exceptions,
     e.g. in a weakref callback, still stops the run)."""
     writer = DatasetWriter(path, cfg, resume)
+    groups = list(range(writer.n_complete // cfg.defocus_per_structure, cfg.n_groups))
+    return append_in_order(writer, runner(cfg, groups), cfg.count, "img", progress, interrupted)
+
+
+def append_in_order(writer, batches: Iterable[Iterable], total: int, unit: str,
+                    progress: bool, interrupted: Callable[[], bool]) -> int:
+    """Write records (each with an ``index``) arriving in batches in any order through
+    ``writer`` (``n_complete``, ``write``, ``close``) as a growing prefix; returns
+    ``n_complete``. Out-of-order records wait in memory; on any exception the writer is
+    closed with the finished prefix. ``interrupted`` is polled after each batch."""
     try:
-        start = writer.n_complete
-        groups = list(range(start // cfg.defocus_per_structure, cfg.n_groups))
-        pending: dict[int, ImageRecord] = {}
-        with tqdm(total=cfg.count, initial=start, unit="img", desc="simulate",
+        pending: dict[int, Any] = {}
+        with tqdm(total=total, initial=writer.n_complete, unit=unit, desc="simulate",
                   disable=not progress) as bar:
-            for records in runner(cfg, groups):
+            for records in batches:
                 pending.update({r.index: r for r in records if r.index >= writer.n_complete})
                 while writer.n_complete in pending:
                     writer.write(pending.pop(writer.n_complete))

@@ -17,8 +17,8 @@ from typing import Callable, Iterator
 
 import h5py
 import numpy as np
-from tqdm import tqdm
 
+from sim_source.dataset import append_in_order
 from sim_source.hrtem import TARGET_SAMPLING_PM, configure_abtem
 from sim_source.particle import ParticleConfig, build_particle, particle_atoms
 
@@ -133,20 +133,9 @@ def write_library(path: str | Path, cfg: LibraryConfig, runner: Runner = run_inl
     """Simulate the structures not yet in ``path``; returns ``n_complete``. On any exception
     (Ctrl-C included) the file is closed valid with the finished prefix."""
     writer = LibraryWriter(path, cfg, resume)
-    try:
-        pending: dict[int, WaveRecord] = {}
-        with tqdm(total=cfg.count, initial=writer.n_complete, unit="wave", desc="exit waves",
-                  disable=not progress) as bar:
-            for rec in runner(cfg, list(range(writer.n_complete, cfg.count))):
-                pending[rec.index] = rec
-                while writer.n_complete in pending:
-                    writer.write(pending.pop(writer.n_complete))
-                    bar.update(1)
-                if interrupted():
-                    raise KeyboardInterrupt
-        return writer.n_complete
-    finally:
-        writer.close()
+    records = runner(cfg, list(range(writer.n_complete, cfg.count)))
+    return append_in_order(writer, ([r] for r in records), cfg.count, "wave", progress,
+                           interrupted)
 
 
 def is_library(path: str | Path) -> bool:
