@@ -18,8 +18,10 @@ import pytest
 from engine_support import save_random_model
 
 FRAMES, SIZE = 12, 256
-#: floor with the bundled model: share of true O columns found, and occupancy accuracy
-BUNDLED_FLOOR = {"detection_rate": 0.9, "accuracy": 0.5, "accuracy_filtered": 0.7}
+#: floor with the bundled model: share of true O columns found, and occupancy accuracy (a
+#: broken or untrained model scores far below). The robust model of 2026-11-25 gives 0.66
+#: filtered on this axis-aligned legacy session (the previous model 0.7+): README "Demo".
+BUNDLED_FLOOR = {"detection_rate": 0.9, "accuracy": 0.5, "accuracy_filtered": 0.6}
 
 
 def simulate_supports_sessions(segdepth_cmd) -> bool:
