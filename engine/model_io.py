@@ -140,7 +140,8 @@ def class_prior_from_simulator(size_px: int = 256, structures: int = 400, seed: 
     from sim_source.hrtem import make_grid
     from sim_source.labels import label_maps
     from sim_source.structure import StructureConfig, build_columns
-    from training.labels import TargetConfig, column_centres, loss_weights
+    from training.labels import (TargetConfig, column_centres, loss_weights, prior_from_counts,
+                                 weighted_class_counts)
 
     cfg, grid = TargetConfig(), make_grid(size_px)
     counts = np.zeros(11)
@@ -151,9 +152,8 @@ def class_prior_from_simulator(size_px: int = 256, structures: int = 400, seed: 
         depth = label_maps(table, grid).depth
         weights = loss_weights(depth.shape, column_centres(depth), grid.pixel_size_pm,
                                cfg.weight_sigma_pm, cfg.background_weight)
-        counts += np.bincount(depth.ravel(), weights.ravel(), minlength=11)[:11]
-    prior = counts / counts.sum() + floor
-    return tuple(float(v) for v in prior / prior.sum())
+        counts += weighted_class_counts(depth, weights)
+    return tuple(float(v) for v in prior_from_counts(counts, floor))
 
 
 def pad_to_multiple(frames: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -28,6 +28,13 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def file_seed(path: str | Path) -> int | None:
+    """The ``seed`` attribute of a simulated file (None when absent)."""
+    with h5py.File(path, "r") as f:
+        seed = f.attrs.get("seed")
+    return None if seed is None else int(seed)
+
+
 @dataclass
 class LabelledSet:
     """A dataset file in memory: ``images`` (N,H,W) float32 clean (vacuum 1), ``depth`` and

@@ -74,12 +74,24 @@ def make_targets(depth: np.ndarray, centres_rc: np.ndarray | None, pixel_size_pm
                          cfg.background_weight))
 
 
+def weighted_class_counts(labels: np.ndarray, weights: np.ndarray,
+                          n_classes: int = 11) -> np.ndarray:
+    """(n_classes,) sum of the loss weights of the pixels of each label."""
+    return np.bincount(np.asarray(labels, np.int64).ravel(),
+                       weights=np.asarray(weights, np.float64).ravel(),
+                       minlength=n_classes)[:n_classes]
+
+
+def prior_from_counts(counts: np.ndarray, floor: float = 0.002) -> np.ndarray:
+    """Normalised class frequencies plus ``floor`` (relative) so that no class has prior 0;
+    sums to 1."""
+    prior = np.asarray(counts, np.float64) / np.sum(counts) + floor
+    return prior / prior.sum()
+
+
 def class_prior(labels: np.ndarray, weights: np.ndarray, n_classes: int = 11,
                 floor: float = 0.002) -> np.ndarray:
     """The depth-class prior a network trained with the weighted loss of eq. 6 learns: the
     loss-weighted frequency of each label over the given training-like pixels, plus ``floor``
     (relative) so that no class has prior 0. Sums to 1."""
-    counts = np.bincount(np.asarray(labels, np.int64).ravel(),
-                         weights=np.asarray(weights, np.float64).ravel(), minlength=n_classes)
-    prior = counts[:n_classes] / counts.sum() + floor
-    return prior / prior.sum()
+    return prior_from_counts(weighted_class_counts(labels, weights, n_classes), floor)

@@ -26,7 +26,7 @@ import torch
 from sim_source.microscope import OpticsDraw, OpticsRanges
 from sim_source.noise import add_poisson_noise
 from sim_source.particle import ParticleConfig
-from training.data import LabelledSet, file_sha256, load_set
+from training.data import LabelledSet, file_seed, file_sha256, load_set
 from training.inference import predict_batches, uncertainty_scores
 from training.labels import TargetConfig
 from training.library_data import RenderConfig, load_library, render_set
@@ -134,10 +134,9 @@ def check_disjoint(meta: dict, paths: list[str | Path]) -> None:
     seeds = {d.get("seed") for d in used} - {None}
     hashes = {d.get("sha256") for d in used} - {None}
     for path in paths:
-        with h5py.File(path, "r") as f:
-            seed = f.attrs.get("seed")
-        if seed is not None and int(seed) in seeds:
-            raise ValueError(f"{path} shares seed {int(seed)} with the model's training or "
+        seed = file_seed(path)
+        if seed is not None and seed in seeds:
+            raise ValueError(f"{path} shares seed {seed} with the model's training or "
                              f"validation data; simulate the test set with another --seed")
         if file_sha256(path) in hashes:
             raise ValueError(f"{path} is one of the model's training or validation files")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from sim_source.wave_library import is_library
-from training.data import CropDataset, LabelledSet, load_set, noisy
+from training.data import CropDataset, LabelledSet, file_seed, load_set, noisy
 from training.labels import TargetConfig
 from training.library_data import (MicroscopeDataset, RenderConfig, collate_views, load_library,
                                    render_set)
@@ -202,14 +202,6 @@ def _datasets(cfg: TrainConfig, progress: bool):
                   "val_sha256": sources[1][1] if len(sources) > 1 else None,
                   "data_files": [{"path": p, "sha256": h, "seed": s} for p, h, s in sources]}
     return dataset, val_set, provenance
-
-
-def file_seed(path: str) -> int | None:
-    """The ``seed`` attribute of a simulated file (None when absent)."""
-    import h5py
-    with h5py.File(path, "r") as f:
-        seed = f.attrs.get("seed")
-    return None if seed is None else int(seed)
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
