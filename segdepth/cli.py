@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 #: modules with a ``register(commands, bench)`` function, in help order.
-REGISTRARS = ("sim_source.cli", "sim_source.replay", "training.cli", "engine.cli", "streamer.cli",
+REGISTRARS = ("sim_source.cli", "training.cli", "engine.cli", "streamer.replay", "streamer.cli",
               "segdepth.demo", "segdepth.evaluate")
 
 

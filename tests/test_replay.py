@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from sim_source.replay import ReplayConfig, replay
+from streamer.replay import ReplayConfig, replay
 from streamer.dm_writer import write_dm4, write_k3_insitu
 from streamer.recorder import Recorder, RecorderConfig
 from streamer.sockets import Input
