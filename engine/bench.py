@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from engine import backends
 from engine.model_io import LoadedModel, load
+from streamer.domain import N_DEPTHS, N_SPECIES_CLASSES
 
 #: aims of the design for a base-16 model on one H100 (frames/s), not measurable without a GPU.
 GPU_AIMS_FPS = {512: 1500, 1024: 400}
@@ -105,8 +106,8 @@ def time_postprocess(side: int, rng: np.random.Generator, n_frames: int = 16) ->
     def softmax(logits: np.ndarray) -> np.ndarray:
         e = np.exp(logits - logits.max(axis=0))
         return (e / e.sum(axis=0)).astype(np.float32)
-    depth = softmax(rng.normal(0, 2, (11, side, side)))
-    species = softmax(rng.normal(0, 2, (3, side, side)))
+    depth = softmax(rng.normal(0, 2, (N_DEPTHS, side, side)))
+    species = softmax(rng.normal(0, 2, (N_SPECIES_CLASSES, side, side)))
     analysis = SessionAnalysis(pixel_size_pm=5.3)
     while not analysis.tracker.reference_complete:  # session start-up, not steady state
         analysis.update(species, depth)

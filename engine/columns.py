@@ -22,8 +22,7 @@ from scipy.spatial import cKDTree
 from skimage.feature import peak_local_max
 
 from engine.drift import DriftEstimator
-
-SPECIES_CE, SPECIES_O = 1, 2
+from streamer.domain import SPECIES_CE, SPECIES_O, px_per_angstrom
 #: CeO2 [110] projected distances, Å: Ce-O (a/4 along [001]), O-O (along [1-10]), and the
 #: shortest lattice translation in the image plane (a/2 [101] projected).
 CE_O_A, O_O_A, SHORTEST_TRANSLATION_A = 1.353, 1.913, 3.31
@@ -121,7 +120,7 @@ def find_columns(species_prob: np.ndarray, pixel_size_pm: float,
     ``min_peak_probability`` are columns, refined to the probability-weighted centroid over the
     column disk.
     """
-    px_per_A = 100.0 / pixel_size_pm
+    px_per_A = px_per_angstrom(pixel_size_pm)
     min_distance = max(1, int(config.min_separation_A * px_per_A))
     radius = config.disk_radius_A * px_per_A
     offsets = disk_offsets(radius)
@@ -170,7 +169,7 @@ class ColumnTracker:
         """``first_id``: the first column id handed out (then +1 per new column)."""
         self.config = config or ColumnConfig()
         self.pixel_size_pm = float(pixel_size_pm)
-        self._px_per_A = 100.0 / self.pixel_size_pm
+        self._px_per_A = px_per_angstrom(self.pixel_size_pm)
         self._ref: _Reference | None = None
         self._registration: DriftEstimator | None = None  # against the current reference
         self._drift = (0.0, 0.0)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-N_DEPTHS = 11  # depth classes 0..10 atoms
+from streamer.domain import N_DEPTHS
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamer.domain import N_DEPTHS
 from training.data import file_sha256
 
 
@@ -144,7 +145,7 @@ def class_prior_from_simulator(size_px: int = 256, structures: int = 400, seed: 
                                  weighted_class_counts)
 
     cfg, grid = TargetConfig(), make_grid(size_px)
-    counts = np.zeros(11)
+    counts = np.zeros(N_DEPTHS)
     for group in range(structures):
         rng = np.random.default_rng(np.random.SeedSequence([seed, group]))
         table, _ = build_columns(rng, grid.fov_A, grid.n_cells_y, grid.crystal_end_x_A,

@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from segdepth.evaluate import (SPECIES_O, load_recording, load_truth, match_columns,
+from segdepth.evaluate import (load_recording, load_truth, match_columns,
                                result_rows)
+from streamer.domain import SPECIES_O
 from streamer.sockets import free_tcp_endpoint
 
 log = logging.getLogger(__name__)

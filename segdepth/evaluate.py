@@ -27,9 +27,9 @@ import numpy as np
 
 from engine.hmm import (LEGACY, EventDetector, HMMConfig, filter_sequence,
                         likelihoods, smooth)
+from streamer.domain import SPECIES_NAME, SPECIES_O, px_per_angstrom
 from streamer.session_file import events_table, write_events_csv
 
-SPECIES_O = 2
 READINGS = ("single_frame", "legacy_filter", "filter", "smoother")
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -87,7 +87,7 @@ def match_columns(truth: dict, rec: dict, rows: np.ndarray,
     truth column that an engine column follows: mean distance to the truth position (frame-0
     position + drift of the frame) over the frames where both exist at most ``match_A`` Å;
     the nearest wins."""
-    px_per_A = 100.0 / truth["pixel_size_pm"]
+    px_per_A = px_per_angstrom(truth["pixel_size_pm"])
     frames = rec["sequence"][rows]
     ex, ey = rec["x_px"][rows], rec["y_px"][rows]  # (F, n_engine)
     matched = {}
@@ -263,7 +263,7 @@ def plot_columns(columns: dict[int, dict], truth_ids: np.ndarray, frames: np.nda
                           extent=(frames[0] - 0.5, frames[-1] + 0.5, -0.5, 10.5))
             ax.step(frames, c["truth"], where="mid", color="k" if path.name == "occupancy.png"
                     else "c", lw=1, label="truth")
-            ax.set_ylabel(f"{'Ce' if c['species'] == 1 else 'O'} {truth_ids[tk]}\natoms")
+            ax.set_ylabel(f"{SPECIES_NAME[int(c['species'])]} {truth_ids[tk]}\natoms")
         axes[0, 0].legend(loc="upper right", fontsize=6, ncol=5)
         axes[-1, 0].set_xlabel("frame")
         fig.tight_layout()

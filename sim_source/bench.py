@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from sim_source.hrtem import BINNING, Optics, configure_abtem, exit_wave, image, make_grid
-from sim_source.structure import (MAX_ATOMS, StructureConfig, build_columns,
+from streamer.domain import MAX_ATOMS
+from sim_source.structure import (StructureConfig, build_columns,
                                   slice_thicknesses_A, to_atoms)
 
 

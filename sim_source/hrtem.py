@@ -19,7 +19,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from sim_source.structure import CELL_Y, MAX_ATOMS, slice_thicknesses_A, to_atoms
+from streamer.domain import MAX_ATOMS
+from sim_source.structure import CELL_Y, slice_thicknesses_A, to_atoms
 
 TARGET_SAMPLING_PM = 2.65  # simulated pixel size; binned 2× to ≈ 5.3 pm
 BINNING = 2

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim_source.structure import (CELL_X, CELL_Y, MAX_ATOMS, ColumnTable, slice_thicknesses_A,
+from streamer.domain import MAX_ATOMS
+from sim_source.structure import (CELL_X, CELL_Y, ColumnTable, slice_thicknesses_A,
                                   to_atoms, unit_cell_columns)
 
 #: in-plane facet normals (degrees from x = [1-10] toward y = [001]) of the low-index facets

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from sim_source.hrtem import Optics, configure_abtem, exit_wave, image, make_grid
 from sim_source.labels import label_maps
 from sim_source.structure import StructureConfig, build_columns
+from streamer.domain import PAPER_DOSE_E_PER_PX
 
 TRUTH_COLUMN_DTYPE = np.dtype([("id", "<i8"), ("x_px", "<f4"), ("y_px", "<f4"),
                                ("species", "u1")])
@@ -43,7 +44,7 @@ class SessionConfig:
     frames: int = 120
     seed: int = 0
     size: int = 512
-    dose_e_per_px: float = 2.5
+    dose_e_per_px: float = PAPER_DOSE_E_PER_PX
     frame_interval_s: float = 0.13
     defocus_nm: float = 5.0
     thickness_atoms: int = 6

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamer.domain import MAX_ATOMS, SPECIES_CE, SPECIES_NAME, SPECIES_O
+
 A_CEO2 = 5.411  # Å, fluorite lattice constant
 CELL_X = A_CEO2 * np.sqrt(2.0)  # Å, [1-10]
 CELL_Y = A_CEO2  # Å, [001]
 CELL_Z = A_CEO2 / np.sqrt(2.0)  # Å, [110] (one atom per column per cell)
-MAX_ATOMS = 10  # deepest column (depth classes 0..10)
-SPECIES_CODE = {"Ce": 1, "O": 2}
-SPECIES_NAME = {1: "Ce", 2: "O"}
 SHAPES: tuple[str, ...] = ("flat", "sawtooth", "stepped")
 
 
@@ -43,7 +42,7 @@ def unit_cell_columns() -> np.ndarray:
         steps = np.round(np.stack([xr, yr, zr], axis=1) / eighth).astype(int) % 8
         rows.extend((*(k * eighth), code) for k in np.unique(steps, axis=0))
     table = np.array(rows)
-    assert (table[:, 3] == 1).sum() == 4 and (table[:, 3] == 2).sum() == 8
+    assert (table[:, 3] == SPECIES_CE).sum() == 4 and (table[:, 3] == SPECIES_O).sum() == 8
     return table
 
 
@@ -146,7 +145,7 @@ def build_columns(rng: np.random.Generator, length_x_A: float, n_cells_y: int,
     x, y, z, species, depth_A = x[keep], y[keep], z[keep], species[keep], (x - surface)[keep]
     ramp = np.ones_like(depth_A) if wedge == 0 else np.clip((depth_A + CELL_X / 2) / wedge, 0, 1)
     n_atoms = np.clip(np.round(thickness * ramp), 1, MAX_ATOMS).astype(int)
-    vacant = (species == 2) & (rng.random(len(x)) < cfg.vacancy_probability) & (n_atoms > 1)
+    vacant = (species == SPECIES_O) & (rng.random(len(x)) < cfg.vacancy_probability) & (n_atoms > 1)
     n_atoms[vacant] -= rng.integers(1, n_atoms[vacant])
     cells = np.zeros((len(x), MAX_ATOMS), bool)
     start = (MAX_ATOMS - n_atoms) // 2

@@ -21,9 +21,9 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
+from streamer.domain import N_DEPTHS
 from streamer.protocol import PROTOCOL_VERSION, Message
 
-N_DEPTHS = 11  # depth classes 0..10 atoms
 LAYOUT_VERSION = 1
 #: per-column time series (T, n_columns): name -> (dtype, fill value for "column absent", units)
 COLUMN_SERIES: dict[str, tuple[str, Any, str]] = {

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from engine.columns import (SPECIES_CE, SPECIES_O, ColumnConfig, ColumnTracker, disk_average,
+from streamer.domain import SPECIES_CE, SPECIES_O, px_per_angstrom
+from engine.columns import (ColumnConfig, ColumnTracker, disk_average,
                             disk_offsets)
 from engine.drift import DriftEstimator, estimate_drift
 from engine.occupancy import SessionAnalysis
@@ -140,7 +141,7 @@ def ceo2_110_columns(size, pixel_pm=PIXEL_PM, rotation_deg=0.0):
     """CeO2 [110] projected columns (y = [001], x = [1-10]) filling a frame of ``size`` px:
     Ce on the centred lattice (3.826 Å, 0), (1.913 Å, 2.706 Å); O at Ce +- a/4 along y;
     optionally rotated about the frame centre."""
-    a, px = 5.411, 100.0 / pixel_pm
+    a, px = 5.411, px_per_angstrom(pixel_pm)
     ce = np.array([(j * a / 2, i * a / np.sqrt(2) / 2) for i in range(-4, 20)
                    for j in range(-4, 20) if (i + j) % 2 == 0])  # (y, x) Å
     o = np.concatenate([ce + [a / 4, 0], ce - [a / 4, 0]])
@@ -169,7 +170,7 @@ def test_registration_survives_steps_beyond_the_ce_o_distance_and_a_slow_rotatio
     """Steps of 1.45-1.55 Å between frames (beyond a/4 = 1.353 Å, where a species-blind map
     lines up two thirds of the columns) and a rotation of 0.05 deg per frame: every column
     keeps its id and its species, and the drift is found within 0.1 Å."""
-    size, px = 224, 100.0 / PIXEL_PM
+    size, px = 224, px_per_angstrom(PIXEL_PM)
     rng = np.random.default_rng(4)
     steps_A = [(0, 0), (1.45, 0), (0, -1.5), (-1.55, 0.2), (0.3, 1.45), (-1.45, -0.3),
                (1.5, 0), (0, 1.5)] + [(0.05, -0.05)] * 8
@@ -193,7 +194,7 @@ def test_registration_survives_steps_beyond_the_ce_o_distance_and_a_slow_rotatio
 def test_species_resolved_registration_gives_the_ce_o_shift_no_false_peak():
     """At a shift of a/4 along [001] a species-blind map lines up two thirds of its columns
     (a false peak of ~2/3 height); P(Ce) and P(O) registered apart give at most a third."""
-    size, px = 224, 100.0 / PIXEL_PM
+    size, px = 224, px_per_angstrom(PIXEL_PM)
     rng = np.random.default_rng(6)
     pos, species = ceo2_110_columns(size)
     sp = render_lattice(pos, species, size, rng, noise=0.0)

@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from engine.hmm import (LEGACY, N_DEPTHS, DepthFilter, EventDetector, HMMConfig,
+from streamer.domain import N_DEPTHS
+from engine.hmm import (LEGACY, DepthFilter, EventDetector, HMMConfig,
                         filter_sequence, likelihoods, smooth, transition_matrix)
 
 DT = 0.13  # s between frames

@@ -7,7 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from engine.hmm import N_DEPTHS, HMMConfig
+from engine.hmm import HMMConfig
+from streamer.domain import N_DEPTHS
 from segdepth.evaluate import analyze, evaluate, format_report
 from streamer.protocol import decode, encode, encode_frame, make_header
 from streamer.session_file import EVENT_DTYPE, SessionWriter

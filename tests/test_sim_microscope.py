@@ -9,7 +9,8 @@ from sim_source.hrtem import BINNING, Optics
 from sim_source.microscope import (OpticsDraw, OpticsRanges, View, draw_view, intensity,
                                    sample_view, view_labels)
 from sim_source.particle import FACET_NORMALS_DEG, ParticleConfig, build_particle
-from sim_source.structure import CELL_X, CELL_Y, MAX_ATOMS, ColumnTable
+from streamer.domain import MAX_ATOMS
+from sim_source.structure import CELL_X, CELL_Y, ColumnTable
 
 SAMPLING_A = 0.0265
 

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from sim_source.structure import (CELL_Z, MAX_ATOMS, SHAPES, StructureConfig, build_columns,
+from streamer.domain import MAX_ATOMS
+from sim_source.structure import (CELL_Z, SHAPES, StructureConfig, build_columns,
                                   slice_thicknesses_A, to_atoms, unit_cell_columns)
 
 

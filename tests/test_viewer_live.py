@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from PyQt6 import QtCore  # noqa: E402
 
 from streamer.sockets import Publisher  # noqa: E402
-from viewer.colormaps import SPECIES_O
+from streamer.domain import SPECIES_O
 from viewer.synthetic import SceneConfig, SyntheticScene  # noqa: E402
 from viewer.window import ViewerConfig, ViewerWindow  # noqa: E402
 

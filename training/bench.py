@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from streamer.domain import PAPER_DOSE_E_PER_PX
 from training.loss import segdepth_loss
 from training.model import SegDepthUNet, UNetConfig, bundled_model_path, load_model
 
@@ -41,7 +42,7 @@ def train_rate(model: torch.nn.Module, size: int, device: str, repeats: int) -> 
     weights = torch.ones(1, size, size, device=device)
 
     def step():
-        x = torch.poisson(2.5 * clean) / 2.5
+        x = torch.poisson(PAPER_DOSE_E_PER_PX * clean) / PAPER_DOSE_E_PER_PX
         depth, species = model(x)
         loss, _ = segdepth_loss(depth, species, labels, labels.clamp(max=2), weights)
         opt.zero_grad(set_to_none=True)
@@ -92,7 +93,7 @@ def data_rate(model: torch.nn.Module, loader, batches: int) -> float:
     for b in range(batches + 1):
         batch = next(it)
         clean, labels, species, weights = batch[:4]
-        dose = batch[4] if len(batch) > 4 else 2.5
+        dose = batch[4] if len(batch) > 4 else PAPER_DOSE_E_PER_PX
         depth, species_logits = model(noisy(clean, dose, gen))
         loss, _ = segdepth_loss(depth, species_logits, labels, species, weights)
         opt.zero_grad(set_to_none=True)

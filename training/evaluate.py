@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from sim_source.noise import add_poisson_noise
+from streamer.domain import PAPER_DOSE_E_PER_PX, pixel_size_mismatch
 from training import figures
 from training.calibration import fit_temperature, sample_pixels
 from training.data import LabelledSet
@@ -47,8 +48,8 @@ class EvaluateConfig:
     out: str
     model: str | None = None  # None: the bundled model
     val: str | None = None  # temperature fit set; None: first half of ``data``
-    noise_lambda: float = 2.5
-    sweep_lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.5, 5.0, 10.0, 50.0])
+    noise_lambda: float = PAPER_DOSE_E_PER_PX
+    sweep_lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0, PAPER_DOSE_E_PER_PX, 5.0, 10.0, 50.0])
     limit: int | None = None
     batch_size: int = 4
     seed: int = 0
@@ -168,7 +169,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     targets = TargetConfig()
     test = load_or_render(cfg.data, targets, cfg.limit, cfg.seed)
     trained_pixel = meta.get("pixel_size_pm")
-    if trained_pixel and abs(test.pixel_size_pm / trained_pixel - 1) > 0.1:
+    if trained_pixel and pixel_size_mismatch(test.pixel_size_pm, trained_pixel):
         log.warning("test pixel size %.2f pm differs from training %.2f pm",
                     test.pixel_size_pm, trained_pixel)
 

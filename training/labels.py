@@ -19,6 +19,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from streamer.domain import N_DEPTHS
+
 
 @dataclass
 class TargetConfig:
@@ -75,7 +77,7 @@ def make_targets(depth: np.ndarray, centres_rc: np.ndarray | None, pixel_size_pm
 
 
 def weighted_class_counts(labels: np.ndarray, weights: np.ndarray,
-                          n_classes: int = 11) -> np.ndarray:
+                          n_classes: int = N_DEPTHS) -> np.ndarray:
     """(n_classes,) sum of the loss weights of the pixels of each label."""
     return np.bincount(np.asarray(labels, np.int64).ravel(),
                        weights=np.asarray(weights, np.float64).ravel(),
@@ -89,7 +91,7 @@ def prior_from_counts(counts: np.ndarray, floor: float = 0.002) -> np.ndarray:
     return prior / prior.sum()
 
 
-def class_prior(labels: np.ndarray, weights: np.ndarray, n_classes: int = 11,
+def class_prior(labels: np.ndarray, weights: np.ndarray, n_classes: int = N_DEPTHS,
                 floor: float = 0.002) -> np.ndarray:
     """The depth-class prior a network trained with the weighted loss of eq. 6 learns: the
     loss-weighted frequency of each label over the given training-like pixels, plus ``floor``

@@ -15,7 +15,8 @@ import torch
 from sim_source.hrtem import BINNING
 from sim_source.microscope import (OpticsDraw, OpticsRanges, View, camera, draw_view, intensity,
                                    sample_view, view_labels)
-from sim_source.structure import MAX_ATOMS, ColumnTable
+from streamer.domain import MAX_ATOMS
+from sim_source.structure import ColumnTable
 from sim_source.wave_library import is_library
 from training.data import LabelledSet, file_sha256, load_set
 from training.labels import TargetConfig, make_targets

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-N_CLASSES = 11
+from streamer.domain import N_DEPTHS
+
 REFERENCE_PIXEL_PM = 5.3  #: pixel size at which the paper states its centre radii
 CENTRE_RADIUS_PX = {1: 16.0, 2: 12.0}  #: Ce, O centre radii in px at REFERENCE_PIXEL_PM
 COLUMN_VOTE_RADIUS_PX = 5.0  #: vote disk of the column-level metrics, px at REFERENCE_PIXEL_PM
@@ -47,7 +48,7 @@ def centre_mask(shape: tuple[int, int], centres_rc: np.ndarray, species: np.ndar
 class DepthMetrics:
     """Pooled counts; ``update`` per image, ``summary`` for the four numbers."""
 
-    n_classes: int = N_CLASSES
+    n_classes: int = N_DEPTHS
     confusion: np.ndarray = field(default=None)  # [true, estimated] pixel counts
     centre_correct: int = 0
     centre_total: int = 0

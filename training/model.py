@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-N_DEPTH_CLASSES = 11  #: depth classes 0..10 atoms
-N_SPECIES_CLASSES = 3  #: background, Ce, O
+from streamer.domain import N_DEPTHS, N_SPECIES_CLASSES
 MODEL_FORMAT = "segdepth-unet-v1"
 
 
@@ -34,7 +33,7 @@ class UNetConfig:
     upsampling: str = "bilinear"  # "bilinear" | "transposed"
     extra_blocks: bool = False
     median_kernel: int = 0  # 0: off; the paper's value is 4
-    n_depth_classes: int = N_DEPTH_CLASSES
+    n_depth_classes: int = N_DEPTHS
     n_species_classes: int = N_SPECIES_CLASSES
 
     def __post_init__(self) -> None:

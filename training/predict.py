@@ -8,12 +8,11 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from streamer.domain import N_DEPTHS, pixel_size_mismatch
 from training.inference import predict_batches
 from training.model import bundled_model_path, load_model
 
 log = logging.getLogger(__name__)
-
-PIXEL_SIZE_TOLERANCE = 0.1  #: relative pixel-size mismatch (input vs training) that is warned about
 
 
 def predict_file(input_path: str | Path, output_path: str | Path, model_path: str | Path | None = None,
@@ -37,7 +36,7 @@ def predict_file(input_path: str | Path, output_path: str | Path, model_path: st
         trained = meta.get("pixel_size_pm")
         if pixel_size is None:
             log.warning("%s has no pixel_size_pm attribute; assuming the model's", input_path)
-        elif trained and abs(float(pixel_size) / float(trained) - 1) > PIXEL_SIZE_TOLERANCE:
+        elif trained and pixel_size_mismatch(float(pixel_size), float(trained)):
             log.warning("input pixel size %.2f pm differs from the model's %.2f pm: resample "
                         "the images for reliable depths", float(pixel_size), float(trained))
         with h5py.File(output_path, "w") as fout:
@@ -45,8 +44,8 @@ def predict_file(input_path: str | Path, output_path: str | Path, model_path: st
             depth = fout.create_dataset("depth", (n, h, w), "u1", chunks=chunk)
             conf = fout.create_dataset("confidence", (n, h, w), "f4", chunks=chunk)
             species = fout.create_dataset("species", (n, h, w), "u1", chunks=chunk)
-            probs = (fout.create_dataset("probabilities", (n, 11, h, w), "f4",
-                                         chunks=(1, 11, h, w)) if probabilities else None)
+            probs = (fout.create_dataset("probabilities", (n, N_DEPTHS, h, w), "f4",
+                                         chunks=(1, N_DEPTHS, h, w)) if probabilities else None)
             depth.attrs["units"] = "atoms (argmax, eq. 4)"
             conf.attrs["units"] = "probability of the estimated depth (eq. 5)"
             species.attrs["units"] = "0 background, 1 Ce, 2 O"

@@ -26,6 +26,7 @@ import torch
 from sim_source.microscope import OpticsDraw, OpticsRanges
 from sim_source.noise import add_poisson_noise
 from sim_source.particle import ParticleConfig
+from streamer.domain import PAPER_DOSE_E_PER_PX
 from training.data import LabelledSet, file_seed, file_sha256, load_set
 from training.inference import predict_batches, uncertainty_scores
 from training.labels import TargetConfig
@@ -35,7 +36,6 @@ from training.model import load_model
 
 log = logging.getLogger(__name__)
 
-PAPER_DOSE = 2.5
 #: the paper's microscope (section III-B2) at mid defocus: the rows' nominal optics
 NOMINAL = OpticsDraw(C10_A=50.0)
 
@@ -58,7 +58,7 @@ class Row:
     file: str
     optics: OpticsDraw | None = NOMINAL
     angles_deg: tuple[float, float] = (0.0, 0.0)
-    dose: float = PAPER_DOSE
+    dose: float = PAPER_DOSE_E_PER_PX
 
 
 def suite_files(scale: float = 1.0) -> list[SuiteFile]:
@@ -210,7 +210,7 @@ def roc_auc(negatives: list[float], positives: list[float]) -> float:
     return float(greater + 0.5 * ties)
 
 
-def _row_data(row: Row, paths: dict[str, Path], samples: int, crop: int, seed: int):
+def row_data(row: Row, paths: dict[str, Path], samples: int, crop: int, seed: int):
     """(clean labelled set, per-sample true column depths) of a row."""
     targets = TargetConfig()
     if row.file == "legacy":
@@ -257,7 +257,7 @@ def run_suite(cfg: SuiteConfig) -> dict:
         loaded.append((path, model, meta))
     rows, results = suite_rows(), {}
     for k, row in enumerate(rows):
-        data, depths = _row_data(row, paths, cfg.samples, cfg.crop, cfg.seed + k)
+        data, depths = row_data(row, paths, cfg.samples, cfg.crop, cfg.seed + k)
         for path, model, meta in loaded:
             results[(row.name, path)] = evaluate_row(model, float(meta.get("temperature", 1.0)),
                                                      data, depths, row.dose, cfg.seed + k)

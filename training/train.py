@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from sim_source.wave_library import is_library
+from streamer.domain import PAPER_DOSE_E_PER_PX
 from training.data import CropDataset, LabelledSet, file_seed, load_set, noisy
 from training.labels import TargetConfig
 from training.library_data import (MicroscopeDataset, RenderConfig, collate_views, load_library,
@@ -46,7 +47,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # held out of ``data`` when no ``val`` file is given
     model: UNetConfig = field(default_factory=UNetConfig)
     targets: TargetConfig = field(default_factory=TargetConfig)
-    noise_lambda: float = 2.5  # mean vacuum counts per pixel (eq. 1)
+    noise_lambda: float = PAPER_DOSE_E_PER_PX  # mean vacuum counts per pixel (eq. 1)
     epochs: int = 30
     crop: int | None = 128  # px; None = whole images
     batch_size: int = 8

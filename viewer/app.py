@@ -9,7 +9,8 @@ import time
 from collections import Counter
 
 from streamer.sockets import FRAMES_TO_VIEWER, RESULTS_TO_VIEWER
-from viewer.colormaps import COLORMAPS, SPECIES_O
+from streamer.domain import SPECIES_O
+from viewer.colormaps import COLORMAPS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -91,7 +91,7 @@ def _measure(step, shown, received, duration_s: float, wait_s: float = 30.0) -> 
 def measure_viewer(cfg: BenchConfig, results_ep: str, frames_ep: str) -> dict:
     """The viewer as shipped: worker thread, 30 Hz timer, fixed levels, pinned plots."""
     import pyqtgraph as pg
-    from viewer.colormaps import SPECIES_O
+    from streamer.domain import SPECIES_O
     from viewer.window import ViewerConfig, ViewerWindow
     app = pg.mkQApp()
     window = ViewerWindow(ViewerConfig(results=[results_ep],
@@ -123,7 +123,7 @@ def measure_naive(cfg: BenchConfig, results_ep: str, frames_ep: str) -> dict:
     message as it arrives, with auto levels on every frame (no worker thread, no timer)."""
     import pyqtgraph as pg
     from streamer.sockets import Subscriber
-    from viewer.colormaps import SPECIES_O
+    from streamer.domain import SPECIES_O
     from viewer.window import ViewerConfig, ViewerWindow
     app = pg.mkQApp()
     window = ViewerWindow(ViewerConfig(refresh_hz=cfg.refresh_hz))

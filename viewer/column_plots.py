@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyqtgraph as pg
 
-from viewer.colormaps import DEPTH_COLOURS, N_DEPTHS, species_name
+from streamer.domain import N_DEPTHS
+from viewer.colormaps import DEPTH_COLOURS, species_name
 from viewer.history import ColumnHistory, ColumnSeries
 
 #: a depth whose probability stays below this over the plotted time is not drawn.

@@ -8,7 +8,8 @@ from typing import Iterable
 import numpy as np
 from PyQt6 import QtWidgets
 
-from viewer.colormaps import N_DEPTHS, species_name
+from streamer.domain import N_DEPTHS
+from viewer.colormaps import species_name
 from viewer.history import ColumnSeries
 
 CSV_FIELDS = (["column_id", "species", "seq", "t_s", "expected_atoms", "expected_filtered_atoms"]

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from viewer.colormaps import N_DEPTHS, SPECIES_O
+from streamer.domain import N_DEPTHS, SPECIES_O
 
 _MISSING = 255  # uint8 probability code of "column not in this result"
 _SCALE = 254.0

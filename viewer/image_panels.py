@@ -11,7 +11,8 @@ import numpy as np
 import pyqtgraph as pg
 from PyQt6 import QtCore
 
-from viewer.colormaps import N_DEPTHS, SPECIES, continuous_lut, depth_lut
+from streamer.domain import N_DEPTHS
+from viewer.colormaps import SPECIES, continuous_lut, depth_lut
 from viewer.history import column_table
 
 #: percentiles of the frame's counts used by auto-levels.

@@ -6,7 +6,8 @@ import numpy as np
 import pyqtgraph as pg
 from PyQt6 import QtWidgets
 
-from viewer.colormaps import DEPTH_COLOURS, N_DEPTHS, SPECIES_O
+from streamer.domain import N_DEPTHS, SPECIES_O
+from viewer.colormaps import DEPTH_COLOURS
 from viewer.history import ColumnHistory
 
 MAX_EVENTS_SHOWN = 100

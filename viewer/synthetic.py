@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamer.protocol import encode, encode_frame, make_header
-from viewer.colormaps import N_DEPTHS, SPECIES_CE, SPECIES_O
+from streamer.domain import N_DEPTHS, SPECIES_CE, SPECIES_O
 
 
 @dataclass(frozen=True)
