@@ -1,4 +1,7 @@
-"""Engine subcommands: ``segdepth export``, ``segdepth serve`` and ``segdepth bench engine``."""
+"""Engine subcommands: ``segdepth export``, ``segdepth serve``, ``segdepth bench engine`` and
+``segdepth bench parity``. Defaults are the config dataclasses' (engine.serve.ServeConfig,
+engine.export.PlanProfile, engine.bench.BenchConfig, engine.hmm.HMMConfig), read through
+streamer.cli_support; the heavy modules are imported only to run a command or show its help."""
 from __future__ import annotations
 
 import argparse
@@ -7,20 +10,17 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from engine.hmm import HMMConfig
 from streamer import sockets
+from streamer.cli_support import config_option, endpoint, given, list_of, positive_int
 
 #: backend names, fastest first (engine.backends.PREFERENCE; kept here so --help needs no torch).
-BACKEND_NAMES = ("tensorrt", "torch-cuda", "onnxruntime", "torch-cpu")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+BACKEND_NAMES = ("tensorrt", "torch-cuda", "onnxruntime-int8", "onnxruntime", "torch-cpu")
+SERVE = "engine.serve:ServeConfig"
+PROFILE = "engine.export:PlanProfile"
+BENCH = "engine.bench:BenchConfig"
+COLUMNS = "engine.columns:ColumnConfig"
+PARITY = "engine.parity:ParityConfig"
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -42,10 +42,7 @@ def _export(args: argparse.Namespace) -> int:
         info = {"format": "onnx", "path": str(path), "precision": args.precision,
                 "opset": export.OPSET, "dynamic_axes": ["batch", "height", "width"]}
     else:
-        profile = export.PlanProfile(max_batch=args.max_batch,
-                                     opt_batch=min(args.opt_batch, args.max_batch),
-                                     min_side=args.min_side, opt_side=args.min_side,
-                                     max_side=args.max_side)
+        profile = plan_profile(args)
         path = export.build_tensorrt_plan(loaded, out, profile)
         info = {"format": "tensorrt", "path": str(path), "profile": asdict(profile)}
     info.update(model=str(loaded.path), model_id=loaded.model_id, model_sha256=loaded.sha256,
@@ -55,22 +52,38 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+def plan_profile(args: argparse.Namespace):
+    """The TensorRT profile of ``export`` (opt batch capped at max batch; optimised for the
+    smallest side)."""
+    from engine.export import PlanProfile
+
+    profile = PlanProfile(**given(args, "max_batch", "opt_batch", "min_side", "max_side"))
+    return PlanProfile(max_batch=profile.max_batch,
+                       opt_batch=min(profile.opt_batch, profile.max_batch),
+                       min_side=profile.min_side, opt_side=profile.min_side,
+                       max_side=profile.max_side)
+
+
+def serve_config(args: argparse.Namespace):
+    """The engine.serve.ServeConfig of a ``serve`` command line."""
     from engine.columns import ColumnConfig
-    from engine.serve import ServeConfig, serve
+    from engine.serve import ServeConfig
 
-    config = ServeConfig(frames=args.frames, results=args.results,
-                         viewer=None if args.viewer == "none" else args.viewer,
-                         model=args.model, backend=args.backend, max_batch=args.max_batch,
-                         max_wait_ms=args.max_wait_ms, mode=args.mode,
-                         queue_frames=args.queue_frames, receive_hwm=args.receive_hwm,
-                         exit_on_eos=args.exit_on_eos, tta=args.tta,
-                         columns=ColumnConfig(reference_frames=args.reference_frames),
-                         hmm=hmm_config(args))
-    return serve(config, Path(args.stats) if args.stats else None)
+    viewer = {"viewer": None} if args.viewer == "none" else given(args, "viewer")
+    return ServeConfig(columns=ColumnConfig(**given(args, "reference_frames")),
+                       hmm=hmm_config(args), **viewer,
+                       **given(args, "frames", "results", "model", "backend", "max_batch",
+                               "max_wait_ms", "mode", "queue_frames", "receive_hwm",
+                               "exit_on_eos", "tta"))
 
 
-def hmm_config(args: argparse.Namespace):
+def _serve(args: argparse.Namespace) -> int:
+    from engine.serve import serve
+
+    return serve(serve_config(args), Path(args.stats) if args.stats else None)
+
+
+def hmm_config(args: argparse.Namespace) -> HMMConfig:
     """The temporal model from the ``--filter``, ``--change-rate-per-s``, ``--jump-decay``,
     ``--event-threshold`` and ``--class-prior`` options (:func:`hmm_options`)."""
     from dataclasses import replace
@@ -94,21 +107,16 @@ def hmm_config(args: argparse.Namespace):
 
 def hmm_options(p: argparse.ArgumentParser) -> None:
     """Options of the temporal model (engine.hmm; defaults: engine.hmm.HMMConfig)."""
-    from engine.hmm import HMMConfig
-
-    d = HMMConfig()
     p.add_argument("--filter", choices=["rate", "legacy"], default="rate",
                    help="rate: prior-corrected evidence, multi-atom jumps, rates per second; "
                         "legacy: the filter before issue 10 (+-1 atom, 0.02 per frame)")
-    p.add_argument("--change-rate-per-s", type=float, default=d.change_rate_per_s,
-                   help=f"expected depth changes per column per second "
-                        f"(default {d.change_rate_per_s})")
-    p.add_argument("--jump-decay", type=float, default=d.jump_decay,
-                   help=f"probability ratio of a (k+1)- to a k-atom change (default "
-                        f"{d.jump_decay})")
-    p.add_argument("--event-threshold", type=float, default=d.event_threshold,
-                   help=f"filtered probability a new depth needs to count as an event "
-                        f"(false alarms vs delay; default {d.event_threshold})")
+    config_option(p, "--change-rate-per-s", HMMConfig, type=float,
+                  help="expected depth changes per column per second")
+    config_option(p, "--jump-decay", HMMConfig, type=float,
+                  help="probability ratio of a (k+1)- to a k-atom change")
+    config_option(p, "--event-threshold", HMMConfig, type=float,
+                  help="filtered probability a new depth needs to count as an event "
+                       "(false alarms vs delay)")
     p.add_argument("--class-prior", default=None,
                    help="depth-class prior the network was trained under, divided out of "
                         "its posteriors: 11 comma-separated frequencies, or 'simulator' "
@@ -117,14 +125,28 @@ def hmm_options(p: argparse.ArgumentParser) -> None:
                         "default: the model meta's class_prior, else uniform (no correction)")
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from engine.bench import BenchConfig, run_bench
+def bench_config(args: argparse.Namespace):
+    """The engine.bench.BenchConfig of a ``bench engine`` command line."""
+    from engine.bench import BenchConfig
 
-    config = BenchConfig(model=args.model, backends=args.backends, sizes=args.sizes,
-                         batches=args.batches, iterations=args.iterations,
-                         max_seconds=args.max_seconds, seed=args.seed)
-    run_bench(config, Path(args.json))
+    return BenchConfig(model=args.model, **given(args, "backends", "sizes", "batches",
+                                                 "iterations", "max_seconds", "seed"))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from engine.bench import run_bench
+
+    run_bench(bench_config(args), Path(args.json))
     return 0
+
+
+def _parity(args: argparse.Namespace) -> int:
+    from engine.parity import ParityConfig, run_parity
+
+    record = run_parity(ParityConfig(model=args.model, out=args.out,
+                                     **given(args, "candidate", "suite_dir", "samples", "crop",
+                                             "scale", "gpts")))
+    return 0 if record["passed"] else 1
 
 
 def _model_option(parser: argparse.ArgumentParser) -> None:
@@ -133,9 +155,7 @@ def _model_option(parser: argparse.ArgumentParser) -> None:
                              "bundled model training/models/segdepth_base16.pt")
 
 
-def register(commands, bench) -> None:
-    """Add ``export``, ``serve`` and ``bench engine`` to the ``segdepth`` program."""
-    backend_names = ["auto", *BACKEND_NAMES]
+def _add_export(commands) -> None:
     p = commands.add_parser(
         "export", help="export the model to ONNX or a TensorRT plan",
         description="Export the model: ONNX with dynamic batch, height and width axes, or a "
@@ -143,85 +163,121 @@ def register(commands, bench) -> None:
                     "by model hash + GPU + TensorRT version. Without TensorRT and a CUDA GPU "
                     "the tensorrt format is skipped with the reason (exit code 0).")
     p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx",
-                   help="onnx: a .onnx graph; tensorrt: a .plan for this GPU (default: onnx)")
+                   help="onnx: a .onnx graph; tensorrt: a .plan for this GPU")
     _model_option(p)
-    p.add_argument("--out", default="exported", help="output directory (default: exported/)")
+    p.add_argument("--out", default="exported", help="output directory")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                   help="ONNX precision (fp16: the graph TensorRT builds from; default fp32)")
-    p.add_argument("--max-batch", type=int, default=32,
-                   help="largest batch (frames) of the TensorRT profile (default 32)")
-    p.add_argument("--opt-batch", type=int, default=8,
-                   help="batch (frames) TensorRT optimises for (default 8)")
-    p.add_argument("--min-side", type=int, default=512,
-                   help="smallest frame side in px of the TensorRT profile; also the side it "
-                        "optimises for (default 512)")
-    p.add_argument("--max-side", type=int, default=1024,
-                   help="largest frame side in px of the TensorRT profile (default 1024)")
+                   help="ONNX precision (fp16: the graph TensorRT builds from)")
+    config_option(p, "--max-batch", PROFILE, type=positive_int,
+                  help="largest batch (frames) of the TensorRT profile")
+    config_option(p, "--opt-batch", PROFILE, type=positive_int,
+                  help="batch (frames) TensorRT optimises for")
+    config_option(p, "--min-side", PROFILE, type=positive_int,
+                  help="smallest frame side in px of the TensorRT profile; also the side it "
+                       "optimises for")
+    config_option(p, "--max-side", PROFILE, type=positive_int,
+                  help="largest frame side in px of the TensorRT profile")
     p.set_defaults(func=_export)
 
+
+def _add_serve(commands) -> None:
     p = commands.add_parser(
         "serve", help="the inference engine: frames in, depth/occupancy results out",
         description="Receive frames, batch them (up to --max-batch frames or --max-wait-ms), "
                     "divide by the dose (header dose_e_per_px, e-/px/frame; without it the "
                     "running mean count of the session's frames), infer, track the atomic "
                     "columns and publish one result per frame. Ctrl-C stops it.")
-    p.add_argument("--frames", default=sockets.FRAMES_TO_ENGINE,
-                   help=f"endpoint the frame source binds (default {sockets.FRAMES_TO_ENGINE})")
-    p.add_argument("--results", default=sockets.RESULTS_TO_RECORDER,
-                   help=f"endpoint to bind for the recorder (default "
-                        f"{sockets.RESULTS_TO_RECORDER})")
-    p.add_argument("--viewer", default=sockets.RESULTS_TO_VIEWER,
-                   help=f"endpoint to bind for viewers (PUB), or 'none' (default "
-                        f"{sockets.RESULTS_TO_VIEWER})")
+    _serve_endpoints(p)
     _model_option(p)
-    p.add_argument("--backend", choices=backend_names, default="auto",
-                   help="inference backend; auto: the fastest available (default auto)")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="largest batch in frames (default 8)")
-    p.add_argument("--max-wait-ms", type=float, default=10.0,
-                   help="longest wait in ms after a batch's first frame for more (default 10)")
-    p.add_argument("--mode", choices=["auto", "replay", "live"], default="auto",
-                   help="replay: serve every frame, wait for the recorder; live: bounded queue, "
-                        "skip the oldest frames under overload; auto: each frame's mode header "
-                        "(live if absent) (default auto)")
-    p.add_argument("--queue-frames", type=int, default=0,
-                   help="frames held waiting at most (live mode; default 4 x max-batch)")
-    p.add_argument("--receive-hwm", type=int, default=sockets.DEFAULT_HWM,
-                   help=f"messages the frame socket may hold beyond the queue (default "
-                        f"{sockets.DEFAULT_HWM}); a replay source that exits while frames are "
-                        f"still queued on its side loses them after its linger (up to 120 s "
-                        f"in replay mode), so for a slow engine raise it to the session's "
-                        f"frame count")
-    p.add_argument("--reference-frames", type=int, default=8,
-                   help="aligned frames averaged into the column reference (default 8)")
+    config_option(p, "--backend", SERVE, choices=["auto", *BACKEND_NAMES],
+                  help="inference backend; auto: the fastest available")
+    _serve_batching(p)
+    config_option(p, "--reference-frames", COLUMNS, type=positive_int,
+                  help="aligned frames averaged into the column reference")
     hmm_options(p)
-    p.add_argument("--tta", action="store_true",
-                   help="test-time augmentation: average the depth probabilities over the 8 "
-                        "flips and quarter turns of each frame (8x the inference cost)")
-    p.add_argument("--exit-on-eos", action="store_true",
-                   help="exit after forwarding the first end-of-stream message")
+    config_option(p, "--tta", SERVE, action="store_true",
+                  help="test-time augmentation: average the depth probabilities over the 8 "
+                       "flips and quarter turns of each frame (8x the inference cost)")
+    config_option(p, "--exit-on-eos", SERVE, action="store_true",
+                  help="exit after forwarding the first end-of-stream message")
     p.add_argument("--stats", default=None,
                    help="write counters, latency percentiles and the config as JSON here on exit")
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_serve, bind_options=("results", "viewer"))
 
+
+def _serve_endpoints(p: argparse.ArgumentParser) -> None:
+    config_option(p, "--frames", SERVE, type=endpoint, help="endpoint the frame source binds")
+    config_option(p, "--results", SERVE, type=endpoint, help="endpoint to bind for the recorder")
+    config_option(p, "--viewer", SERVE, type=endpoint,
+                  help="endpoint to bind for viewers (PUB), or 'none'")
+
+
+def _serve_batching(p: argparse.ArgumentParser) -> None:
+    config_option(p, "--max-batch", SERVE, type=positive_int, help="largest batch in frames")
+    config_option(p, "--max-wait-ms", SERVE, type=float,
+                  help="longest wait in ms after a batch's first frame for more")
+    config_option(p, "--mode", SERVE, choices=["auto", *sockets.MODES],
+                  help="replay: serve every frame, wait for the recorder; live: bounded queue, "
+                       "skip the oldest frames under overload; auto: each frame's mode header "
+                       "(live if absent)")
+    config_option(p, "--queue-frames", SERVE, type=int,
+                  help="frames held waiting at most (live mode; 0: 4 x max-batch)")
+    config_option(p, "--receive-hwm", SERVE, type=positive_int,
+                  help="messages the frame socket may hold beyond the queue; a replay source "
+                       "that exits while frames are still queued on its side loses them after "
+                       "its linger (up to 120 s in replay mode), so for a slow engine raise it "
+                       "to the session's frame count")
+
+
+def _add_bench_engine(bench) -> None:
     p = bench.add_parser(
         "engine", help="engine throughput and latency per backend vs PyTorch eager FP32",
         description="Frames/s and per-batch latency (p50/p99, ms) of every backend at each "
                     "frame size and batch, beside PyTorch eager FP32 in the same run. Backends "
                     "absent here are listed with the reason (GPU: not run on real hardware).")
     _model_option(p)
-    p.add_argument("--backends", default="all",
-                   help="comma-separated backends, or all (default all)")
-    p.add_argument("--sizes", type=_int_list, default=[512, 1024],
-                   help="frame sides in px, comma-separated (default 512,1024)")
-    p.add_argument("--batches", type=_int_list, default=[1, 2, 4, 8, 16, 32],
-                   help="batch sizes in frames, comma-separated (default 1,2,4,8,16,32)")
-    p.add_argument("--iterations", type=int, default=5,
-                   help="timed calls per cell after one warm-up call (default 5)")
-    p.add_argument("--max-seconds", type=float, default=20.0,
-                   help="stop timing a cell after this many seconds (at least one call; "
-                        "default 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random frames and weights")
+    config_option(p, "--backends", BENCH, help="comma-separated backends, or all")
+    config_option(p, "--sizes", BENCH, **list_of(positive_int),
+                  help="frame sides in px (comma- or space-separated)")
+    config_option(p, "--batches", BENCH, **list_of(positive_int),
+                  help="batch sizes in frames (comma- or space-separated)")
+    config_option(p, "--iterations", BENCH, type=positive_int,
+                  help="timed calls per cell after one warm-up call")
+    config_option(p, "--max-seconds", BENCH, type=float,
+                  help="stop timing a cell after this many seconds (at least one call)")
+    config_option(p, "--seed", BENCH, type=int, help="seed of the random frames and weights")
     p.add_argument("--json", default="benchmarks/engine.json",
-                   help="where to write the figures (default benchmarks/engine.json)")
+                   help="where to write the figures")
     p.set_defaults(func=_bench)
+
+
+def _add_bench_parity(bench) -> None:
+    p = bench.add_parser(
+        "parity", help="INT8 against FP32 on the robustness suite: is INT8 offered?",
+        description="Column-level accuracy of the candidate backend (default INT8) against "
+                    "the FP32 onnxruntime graph on every robustness-suite row, same frames. "
+                    "Writes <model>.int8.json beside the model; the INT8 backend is offered "
+                    "only when no row's column-exact accuracy moves by more than 0.5 points "
+                    "(exit code 1 when it does).")
+    _model_option(p)
+    config_option(p, "--candidate", PARITY, choices=["onnxruntime-int8"],
+                  help="backend checked against FP32")
+    config_option(p, "--suite-dir", PARITY,
+                  help="the suite's test libraries, built when missing")
+    config_option(p, "--samples", PARITY, type=positive_int, help="frames per row")
+    config_option(p, "--crop", PARITY, type=positive_int, help="frame side in px")
+    config_option(p, "--suite-scale", PARITY, dest="scale", type=float,
+                  help="structures per suite file, relative")
+    config_option(p, "--suite-gpts", PARITY, dest="gpts", type=positive_int,
+                  help="multislice grid of the suite's libraries")
+    p.add_argument("--out", default=None,
+                   help="record path (default: beside the model, <stem>.int8.json)")
+    p.set_defaults(func=_parity)
+
+
+def register(commands, bench) -> None:
+    """Add ``export``, ``serve``, ``bench engine`` and ``bench parity`` to ``segdepth``."""
+    _add_export(commands)
+    _add_serve(commands)
+    _add_bench_engine(bench)
+    _add_bench_parity(bench)

@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+from streamer.cli_support import HelpFormatter, one_line_errors
+
 #: modules with a ``register(commands, bench)`` function, in help order.
 REGISTRARS = ("sim_source.cli", "training.cli", "engine.cli", "streamer.replay", "streamer.cli",
               "segdepth.demo", "segdepth.evaluate")
@@ -27,17 +29,27 @@ def _run_viewer(module: str, viewer_args: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", module, *viewer_args])
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's parser: one help formatter, which shows each option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="segdepth",
         description="SegDepth Live: atomic-column depth (0-10 atoms) in noisy in-situ HRTEM "
                     "frames of CeO2 [110], live.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=_Parser)
     bench_parser = commands.add_parser(
         "bench", help="benchmarks: print a table and write JSON",
         description="Benchmarks that print a table of figures and write them as JSON.")
-    bench = bench_parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    bench = bench_parser.add_subparsers(dest="bench", metavar="WHAT", required=True,
+                                        parser_class=_Parser)
     for name in REGISTRARS:
         importlib.import_module(name).register(commands, bench)
     # listed for --help only: main() hands these over to the viewer's own parser.
@@ -57,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return int(args.func(args) or 0)
+    return int(one_line_errors(args.func)(args) or 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,266 @@
+"""Command-line conventions every package's ``cli.py`` and ``bench.py`` share.
+
+- :func:`one_line_errors` wraps a subcommand handler: a user mistake ends with one line
+  ``segdepth CMD: error: WHAT (FIX)`` on stderr and exit code 2, never a traceback.
+- Typed argument parsers: :func:`positive_int`, :func:`positive_float`, :func:`endpoint`, and
+  :func:`list_of` for list options that accept both ``--sizes 512,1024`` and
+  ``--sizes 512 1024``.
+- Defaults are declared once, in the config dataclasses: :func:`config_option` reads them
+  (:func:`given` hands the options set back to the dataclass), and :class:`HelpFormatter`
+  appends ``(default: X)`` to every option's help.
+- :func:`add_json_option`, :func:`write_json` and :func:`machine_info` for benchmarks;
+  :func:`install_stop_signals` for long-running commands; :func:`check_image_side` is the one
+  image-size check of every command.
+
+Imports nothing of the project but the standard library (the lowest layer: any package may use it).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import functools
+import importlib
+import json
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+#: endpoint schemes ZeroMQ understands.
+ENDPOINT_SCHEMES = ("tcp", "ipc", "inproc")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UserError(Exception):
+    """A mistake of the user's: the message names the file, port or option and says the fix."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help where it has a default worth showing; for a
+    :func:`config_option` declared by module path, X is read from the dataclass (imported only
+    now, so that parsing stays light)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        lazy = getattr(action, "config_default", None)
+        default = _config_default(*lazy) if lazy else action.default
+        if ("default" in text or any(default is v for v in (None, False, argparse.SUPPRESS))
+                or not action.option_strings):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+def default_of(config: Any, name: str) -> Any:
+    """The declared default of field ``name`` of the dataclass ``config`` (a class or instance)."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise ValueError(f"{f.name} of {config} has no default")
+    raise AttributeError(f"{config} has no field {name!r}")
+
+
+def _config_default(config: str, name: str) -> Any:
+    module, _, cls = config.partition(":")
+    return default_of(getattr(importlib.import_module(module), cls), name)
+
+
+def config_option(parser: Any, flag: str, config: Any, *, field: str | None = None,
+                  **kwargs: Any) -> argparse.Action:
+    """Add option ``flag`` whose default is declared once, as field ``field`` (default: the
+    option's dest) of the dataclass ``config``. ``config`` is the class, or ``"module:Class"`` for
+    a module too heavy to import for parsing: the option then parses to None unless given, help
+    imports the class to show the default, and :func:`given` leaves the option out so that the
+    dataclass's own default applies."""
+    name = field or kwargs.get("dest") or flag.lstrip("-").replace("-", "_")
+    if isinstance(config, str):
+        action = parser.add_argument(flag, default=None, **kwargs)
+        action.config_default = (config, name)  # type: ignore[attr-defined]  # read by HelpFormatter
+    else:
+        action = parser.add_argument(flag, default=default_of(config, name), **kwargs)
+    return action
+
+
+def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options ``names`` the command line set (not None), as keyword arguments of a config."""
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+# --- typed parsers -----------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def endpoint(text: str) -> str:
+    """A ZeroMQ endpoint with its scheme (``tcp://HOST:PORT``, ``ipc://PATH``), or ``none``."""
+    if text.lower() == "none" or urlsplit(text).scheme in ENDPOINT_SCHEMES and "://" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"endpoint {text!r} has no scheme: write it as tcp://{text} (or ipc://PATH)")
+
+
+class _ListAction(argparse.Action):
+    """Collects ``--opt a,b`` and ``--opt a b`` (and ``--opt a,b c``) into one flat list."""
+
+    def __init__(self, *args: Any, item_type: Callable[[str], Any] = str, **kwargs: Any):
+        self.item_type = item_type
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        items = [v for text in values for v in str(text).split(",") if v.strip()]
+        try:
+            parsed = [self.item_type(v.strip()) for v in items]
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        if not parsed:
+            raise argparse.ArgumentError(self, "expected at least one value")
+        setattr(namespace, self.dest, parsed)
+
+
+def list_of(item_type: Callable[[str], Any]) -> dict[str, Any]:
+    """Keyword arguments of a list option taking comma- or space-separated values
+    (``--sizes 512,1024`` or ``--sizes 512 1024``), each parsed by ``item_type``."""
+    return {"nargs": "+", "action": _ListAction, "item_type": item_type}
+
+
+def add_json_option(parser: Any, default: str) -> None:
+    """``--json PATH``: where a benchmark writes its figures."""
+    parser.add_argument("--json", default=default, help="where to write the figures (JSON)")
+
+
+# --- running -----------------------------------------------------------------------------------
+def _in_use(endpoint_text: str) -> bool:
+    """Whether a tcp endpoint's port cannot be bound now (held by another socket)."""
+    parts = urlsplit(endpoint_text)
+    host = parts.hostname or "127.0.0.1"
+    if parts.scheme != "tcp" or parts.port is None or host == "*":
+        return False
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, parts.port))
+        except OSError:
+            return True
+    return False
+
+
+def _address_in_use(args: argparse.Namespace) -> str:
+    """The message for a bind that failed: which of the command's endpoints is taken."""
+    options = getattr(args, "bind_options", ())
+    bound = [(o, getattr(args, o)) for o in options if isinstance(getattr(args, o, None), str)]
+    taken = [(o, e) for o, e in bound if _in_use(e)] or bound
+    if not taken:
+        return "address already in use (another process holds the port: stop it)"
+    names = ", ".join(f"{e} (--{o.replace('_', '-')})" for o, e in taken)
+    return (f"address already in use: {names}; another process holds it: stop that process or "
+            f"pass another endpoint")
+
+
+def _message(exc: BaseException, args: argparse.Namespace) -> str | None:
+    """One line for a user mistake, or None for a bug (which keeps its traceback)."""
+    if isinstance(exc, (UserError, ValueError)):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.filename}: no such file or directory"
+    if isinstance(exc, OSError) and getattr(exc, "errno", None) == errno.EADDRINUSE:
+        return _address_in_use(args)
+    if type(exc).__name__ == "ZMQError" and getattr(exc, "errno", None) == errno.EADDRINUSE:
+        return _address_in_use(args)
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    return None
+
+
+def one_line_errors(handler: Handler) -> Handler:
+    """Wrap a subcommand handler: user mistakes end with one line on stderr and exit code 2."""
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except Exception as exc:  # noqa: BLE001 -- re-raised unless it is a user mistake
+            message = _message(exc, args)
+            if message is None:
+                raise
+            print(f"segdepth {getattr(args, 'command', '')}: error: {message}", file=sys.stderr)
+            return 2
+    return run
+
+
+def install_stop_signals(on_stop: Callable[[int], None] | None = None) -> threading.Event:
+    """SIGINT and SIGTERM set the returned event (and call ``on_stop(signum)``) instead of
+    killing the process; a no-op outside the main thread (signals go to the main thread)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return stop
+
+    def handle(signum: int, _frame: Any) -> None:
+        stop.set()
+        if on_stop is not None:
+            on_stop(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handle)
+    return stop
+
+
+def check_image_side(side_px: int, multiple: int, minimum: int, option: str) -> None:
+    """The one image-size check: ``side_px`` must be a multiple of ``multiple`` and at least
+    ``minimum`` px; raises :class:`UserError` naming ``option`` and the nearest valid sides."""
+    if side_px >= minimum and side_px % multiple == 0:
+        return
+    below = max(minimum, side_px // multiple * multiple)
+    above = max(minimum, -(-side_px // multiple) * multiple)
+    choices = " or ".join(str(v) for v in sorted({below, above}))
+    raise UserError(f"{option} {side_px}: image sides must be multiples of {multiple} px and at "
+                    f"least {minimum} px; use {choices}")
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a benchmark ran on: platform, CPU, core count, Python and, where torch is
+    already imported, its version, threads and CUDA device."""
+    info: dict[str, Any] = {"platform": platform.platform(),
+                            "cpu": platform.processor() or platform.machine(),
+                            "cpus": os.cpu_count(), "python": platform.python_version()}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                    cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    return info
+
+
+def write_json(path: str | Path, record: dict[str, Any]) -> Path:
+    """Write a benchmark's figures (parents created) and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, default=str))
+    print(f"wrote {out}")
+    return out
+

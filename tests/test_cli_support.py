@@ -1,0 +1,92 @@
+"""The shared command-line conventions (streamer.cli_support)."""
+from __future__ import annotations
+
+import argparse
+import socket
+
+import pytest
+
+from streamer.cli_support import (HelpFormatter, UserError, check_image_side, config_option,
+                                  endpoint, list_of, machine_info, one_line_errors, positive_int)
+
+
+def test_list_options_accept_commas_spaces_and_both():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", default=[512], **list_of(positive_int))
+    assert p.parse_args([]).sizes == [512]
+    assert p.parse_args(["--sizes", "512,1024"]).sizes == [512, 1024]
+    assert p.parse_args(["--sizes", "512", "1024"]).sizes == [512, 1024]
+    assert p.parse_args(["--sizes", "256,512", "1024"]).sizes == [256, 512, 1024]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--sizes", "0"])
+
+
+def test_endpoint_needs_a_scheme_and_says_how():
+    assert endpoint("tcp://127.0.0.1:5555") == "tcp://127.0.0.1:5555"
+    assert endpoint("none") == "none"
+    with pytest.raises(argparse.ArgumentTypeError, match="tcp://localhost:6655"):
+        endpoint("localhost:6655")
+
+
+def test_help_shows_the_dataclass_default_once():
+    from engine.hmm import HMMConfig
+
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    config_option(p, "--jump-decay", HMMConfig, type=float, help="ratio")
+    config_option(p, "--max-batch", "engine.serve:ServeConfig", type=int, help="frames")
+    text = " ".join(p.format_help().split())
+    assert f"ratio (default: {HMMConfig().jump_decay})" in text
+    assert "frames (default: 8)" in text
+    assert p.parse_args([]).max_batch is None  # the dataclass's own default applies
+
+
+def _run(handler, capsys, **args):
+    code = one_line_errors(handler)(argparse.Namespace(command="x", **args))
+    return code, capsys.readouterr().err
+
+
+def test_user_mistakes_end_in_one_line_and_bugs_keep_their_traceback(capsys):
+    def mistake(_args):
+        raise UserError("bad thing; do this")
+    code, err = _run(mistake, capsys)
+    assert code == 2 and err == "segdepth x: error: bad thing; do this\n"
+
+    def missing(_args):
+        open("/nonexistent/dir/file.h5")
+    code, err = _run(missing, capsys)
+    assert code == 2 and "/nonexistent/dir/file.h5" in err and err.count("\n") == 1
+
+    def bug(_args):
+        return {}["key"]
+    with pytest.raises(KeyError):
+        one_line_errors(bug)(argparse.Namespace(command="x"))
+
+
+def test_a_port_in_use_is_named_with_its_option(capsys):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+
+        def bind(_args):
+            import zmq
+            with zmq.Context() as ctx, ctx.socket(zmq.PUSH) as s:
+                s.bind(f"tcp://127.0.0.1:{port}")
+            return 0
+        code, err = _run(bind, capsys, results=f"tcp://127.0.0.1:{port}", viewer="none",
+                         bind_options=("results", "viewer"))
+    assert code == 2 and err.count("\n") == 1
+    assert f"tcp://127.0.0.1:{port} (--results)" in err and "already in use" in err
+
+
+def test_one_image_size_check_suggests_valid_sides():
+    check_image_side(512, 32, 32, "--crop")
+    with pytest.raises(UserError, match="--size 37.*use 36 or 38"):
+        check_image_side(37, 2, 16, "--size")
+    with pytest.raises(UserError, match="224 or 256"):
+        check_image_side(250, 32, 32, "--crop")
+
+
+def test_machine_info_has_one_set_of_keys():
+    info = machine_info()
+    assert {"platform", "cpu", "cpus", "python"} <= set(info) and info["cpus"] >= 1
