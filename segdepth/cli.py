@@ -30,11 +30,15 @@ def _run_viewer(module: str, viewer_args: list[str]) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every (sub)command's parser: one help formatter, which shows each option's default."""
+    """Every (sub)command's parser: one help formatter, which shows each option's default, and
+    one-line usage errors."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

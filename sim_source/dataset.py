@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from sim_source.hrtem import Optics, configure_abtem, exit_wave, image, make_grid
+from sim_source.hrtem import (Optics, check_output_size, configure_abtem, exit_wave, image,
+                              make_grid)
 from sim_source.labels import COLUMN_RADIUS_A, label_maps
 from sim_source.structure import StructureConfig, build_columns
 
@@ -45,6 +46,9 @@ class DatasetConfig:
     defocus_per_structure: int = 4
     optics: Optics = field(default_factory=Optics)
     structure: StructureConfig = field(default_factory=StructureConfig)
+
+    def __post_init__(self) -> None:
+        check_output_size(self.size)  # before any file is written
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -19,11 +19,13 @@ from functools import lru_cache
 
 import numpy as np
 
+from streamer.cli_support import check_image_side
 from streamer.domain import MAX_ATOMS
 from sim_source.structure import CELL_Y, slice_thicknesses_A, to_atoms
 
 TARGET_SAMPLING_PM = 2.65  # simulated pixel size; binned 2× to ≈ 5.3 pm
 BINNING = 2
+MIN_OUTPUT_PX = 16  # smallest output side, px
 #: vacuum margin (Å) below the crystal's far end and crystal margin below the crop, so the
 #: periodic wrap of the multislice puts no artificial surface in the field of view.
 CRYSTAL_MARGIN_A = 6.0
@@ -98,12 +100,16 @@ class Grid:
                 (np.asarray(y_A) - self.crop_y0 * self.sampling_A) / p - 0.25)
 
 
+def check_output_size(size: int) -> None:
+    """Output sides the simulator makes: multiples of the binning, at least ``MIN_OUTPUT_PX``."""
+    check_image_side(size, BINNING, MIN_OUTPUT_PX, f"--size {size}")
+
+
 @lru_cache(maxsize=None)
 def make_grid(size: int, sampling_pm: float = TARGET_SAMPLING_PM) -> Grid:
     """The grid for ``size`` output pixels: y spans whole periods of a (smooth FFT size
     closest to the target sampling), x the field of view plus margins."""
-    if size < 16 or size % 2:
-        raise ValueError(f"output size must be an even number of pixels >= 16, got {size}")
+    check_output_size(size)
     n_sim = size * BINNING
     target = sampling_pm / 100.0
     n_cells_y = math.ceil(n_sim * target / CELL_Y)

@@ -23,7 +23,8 @@ import numpy as np
 from scipy.ndimage import shift as nd_shift
 from tqdm import tqdm
 
-from sim_source.hrtem import Optics, configure_abtem, exit_wave, image, make_grid
+from sim_source.hrtem import (Optics, check_output_size, configure_abtem, exit_wave, image,
+                              make_grid)
 from sim_source.labels import label_maps
 from sim_source.structure import StructureConfig, build_columns
 from streamer.domain import PAPER_DOSE_E_PER_PX
@@ -56,6 +57,9 @@ class SessionConfig:
     event_depth_A: float = 0.0
     wedge_width_A: float = 0.0
     optics: Optics = field(default_factory=Optics)
+
+    def __post_init__(self) -> None:
+        check_output_size(self.size)  # before any file is written
 
 
 @dataclass

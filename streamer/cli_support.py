@@ -2,7 +2,8 @@
 
 - :func:`one_line_errors` wraps a subcommand handler: a user mistake ends with one line
   ``segdepth CMD: error: WHAT (FIX)`` on stderr and exit code 2, never a traceback.
-- Typed argument parsers: :func:`positive_int`, :func:`positive_float`, :func:`endpoint`, and
+- Typed argument parsers: :func:`positive_int`, :func:`positive_float`, :func:`endpoint`,
+  :func:`output_file`, :func:`input_file`, and
   :func:`list_of` for list options that accept both ``--sizes 512,1024`` and
   ``--sizes 512 1024``.
 - Defaults are declared once, in the config dataclasses: :func:`config_option` reads them
@@ -21,9 +22,11 @@ import dataclasses
 import errno
 import functools
 import importlib
+import inspect
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import sys
@@ -39,7 +42,7 @@ ENDPOINT_SCHEMES = ("tcp", "ipc", "inproc")
 Handler = Callable[[argparse.Namespace], int]
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake of the user's: the message names the file, port or option and says the fix."""
 
 
@@ -60,7 +63,13 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def default_of(config: Any, name: str) -> Any:
-    """The declared default of field ``name`` of the dataclass ``config`` (a class or instance)."""
+    """The declared default of field ``name`` of the dataclass ``config`` (a class or instance),
+    or of parameter ``name`` of the function ``config``."""
+    if not dataclasses.is_dataclass(config):
+        default = inspect.signature(config).parameters[name].default
+        if default is inspect.Parameter.empty:
+            raise ValueError(f"{name} of {config} has no default")
+        return default
     for f in dataclasses.fields(config):
         if f.name == name:
             if f.default is not dataclasses.MISSING:
@@ -79,7 +88,8 @@ def _config_default(config: str, name: str) -> Any:
 def config_option(parser: Any, flag: str, config: Any, *, field: str | None = None,
                   **kwargs: Any) -> argparse.Action:
     """Add option ``flag`` whose default is declared once, as field ``field`` (default: the
-    option's dest) of the dataclass ``config``. ``config`` is the class, or ``"module:Class"`` for
+    option's dest) of the dataclass ``config`` (or a parameter of a function). ``config`` is the
+    class, or ``"module:Class"`` for
     a module too heavy to import for parsing: the option then parses to None unless given, help
     imports the class to show the default, and :func:`given` leaves the option out so that the
     dataclass's own default applies."""
@@ -128,6 +138,22 @@ def endpoint(text: str) -> str:
         f"endpoint {text!r} has no scheme: write it as tcp://{text} (or ipc://PATH)")
 
 
+def output_file(text: str) -> str:
+    """A file to write, in a folder that exists."""
+    folder = Path(text).parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text}: folder {folder} does not exist (create it: mkdir -p {folder})")
+    return text
+
+
+def input_file(text: str) -> str:
+    """A file to read, which exists."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
+
+
 class _ListAction(argparse.Action):
     """Collects ``--opt a,b`` and ``--opt a b`` (and ``--opt a,b c``) into one flat list."""
 
@@ -137,7 +163,7 @@ class _ListAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
-        items = [v for text in values for v in str(text).split(",") if v.strip()]
+        items = [v for text in values for v in re.split(r"[,\s]+", str(text)) if v]
         try:
             parsed = [self.item_type(v.strip()) for v in items]
         except (argparse.ArgumentTypeError, ValueError) as exc:
@@ -231,16 +257,17 @@ def install_stop_signals(on_stop: Callable[[int], None] | None = None) -> thread
     return stop
 
 
-def check_image_side(side_px: int, multiple: int, minimum: int, option: str) -> None:
-    """The one image-size check: ``side_px`` must be a multiple of ``multiple`` and at least
-    ``minimum`` px; raises :class:`UserError` naming ``option`` and the nearest valid sides."""
+def check_image_side(side_px: int, multiple: int, minimum: int, what: str) -> None:
+    """The one image-size check of every command: ``side_px`` must be a multiple of ``multiple``
+    and at least ``minimum`` px; raises :class:`UserError` starting with ``what`` (the option or
+    file) and naming the nearest valid sides."""
     if side_px >= minimum and side_px % multiple == 0:
         return
     below = max(minimum, side_px // multiple * multiple)
     above = max(minimum, -(-side_px // multiple) * multiple)
     choices = " or ".join(str(v) for v in sorted({below, above}))
-    raise UserError(f"{option} {side_px}: image sides must be multiples of {multiple} px and at "
-                    f"least {minimum} px; use {choices}")
+    unit = "an even number of pixels" if multiple == 2 else f"a multiple of {multiple} px"
+    raise UserError(f"{what}: image sides must be {unit}, at least {minimum} px; use {choices}")
 
 
 def machine_info() -> dict[str, Any]:

@@ -146,6 +146,8 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, segdepth_cmd):
     r = subprocess.run([*segdepth_cmd, "simulate", "--out", str(out), "--size", "15",
                         "--workers", "1"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "even number of pixels" in r.stderr
+    assert "--size 15" in r.stderr and "use 16" in r.stderr and r.stderr.count("\n") == 1
+    assert not out.exists()  # checked before the file is created
     r = subprocess.run([*segdepth_cmd, "simulate", "--session", "--out", str(out), "--dose",
                         "0"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "must be > 0" in r.stderr
