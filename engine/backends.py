@@ -1,11 +1,13 @@
 """Inference backends behind one interface: frames in, depth and species probabilities out.
 
 ``tensorrt`` (serialized FP16 plan, optimisation profile over batch), ``torch-cuda`` (FP16,
-channels-last, one CUDA graph replayed per batch size and frame shape), ``onnxruntime`` (the
-FP32 ONNX graph; CUDA provider when present, else CPU) and ``torch-cpu`` (eager FP32, the
-reference). :func:`unavailable_reason` says why a backend cannot run here; ``auto`` picks the
-first available one in :data:`PREFERENCE` (fastest first: on the 2-core CPU machines
-onnxruntime measured faster than torch-cpu, see ``segdepth bench engine``).
+channels-last, one CUDA graph replayed per batch size and frame shape), ``onnxruntime-int8``
+(the statically quantized graph of :mod:`engine.quantize`, CPU), ``onnxruntime`` (the FP32 ONNX
+graph; CUDA provider when present, else CPU) and ``torch-cpu`` (eager FP32, the reference).
+:func:`unavailable_reason` says why a backend cannot run here and :meth:`Backend.refusal` why
+it is not offered for a given model (INT8 without a passing parity record); ``auto`` picks the
+first backend in :data:`PREFERENCE` (fastest first, see ``segdepth bench engine``) that is
+neither.
 """
 from __future__ import annotations
 
@@ -71,6 +73,11 @@ class Backend(ABC):
     @staticmethod
     def unavailable_reason() -> str | None:
         """Why this backend cannot run on this machine, or None."""
+        return None
+
+    @staticmethod
+    def refusal(loaded: LoadedModel) -> str | None:
+        """Why this backend is not offered for ``loaded`` although it runs here, or None."""
         return None
 
     def infer(self, frames: np.ndarray) -> Prediction:
@@ -150,22 +157,31 @@ class TorchCUDABackend(Backend):
 
 
 class OnnxRuntimeBackend(Backend):
-    """ONNX Runtime on the FP32 graph (dynamic batch/H/W); CUDA provider when it has one."""
+    """ONNX Runtime on the FP32 graph (dynamic batch/H/W); CUDA provider when it has one.
+
+    Threads: ``intra_op_num_threads`` = the cores torch sees, and idle workers do not spin,
+    so that the engine's post-processing stage gets the cores while a batch waits.
+    """
 
     name, precision = "onnxruntime", "fp32"
+    providers_wanted: ClassVar[tuple[str, ...]] = ("CUDAExecutionProvider",
+                                                   "CPUExecutionProvider")
 
     def __init__(self, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None):
         super().__init__(loaded, max_batch, cache_dir)
         import onnxruntime as ort
 
-        path = export_onnx(loaded, self.cache_dir, half=False)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                     if p in ort.get_available_providers()]
-        self._session = ort.InferenceSession(str(path), options, providers=providers)
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = [p for p in self.providers_wanted if p in ort.get_available_providers()]
+        self._session = ort.InferenceSession(str(self._graph()), options, providers=providers)
         self.providers = self._session.get_providers()
+
+    def _graph(self) -> Path:
+        return export_onnx(self.loaded, self.cache_dir, half=False)
 
     @staticmethod
     def unavailable_reason() -> str | None:
@@ -178,6 +194,25 @@ class OnnxRuntimeBackend(Backend):
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         depth, species = self._session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
         return depth, species
+
+
+class OnnxRuntimeInt8Backend(OnnxRuntimeBackend):
+    """ONNX Runtime on the CPU with the INT8 graph of :mod:`engine.quantize` (quantized and
+    cached on first use); offered only for a model whose INT8 parity record passes."""
+
+    name, precision = "onnxruntime-int8", "int8"
+    providers_wanted = ("CPUExecutionProvider",)
+
+    def _graph(self) -> Path:
+        from engine.quantize import int8_graph
+
+        return int8_graph(self.loaded, self.cache_dir)
+
+    @staticmethod
+    def refusal(loaded: LoadedModel) -> str | None:
+        from engine.quantize import parity_refusal
+
+        return parity_refusal(loaded)
 
 
 class TensorRTBackend(Backend):
@@ -224,9 +259,9 @@ class TensorRTBackend(Backend):
         return result
 
 
-#: backends by name, fastest first: ``auto`` takes the first available.
-PREFERENCE: tuple[type[Backend], ...] = (TensorRTBackend, TorchCUDABackend, OnnxRuntimeBackend,
-                                         TorchCPUBackend)
+#: backends by name, fastest first: ``auto`` takes the first available and offered one.
+PREFERENCE: tuple[type[Backend], ...] = (TensorRTBackend, TorchCUDABackend, OnnxRuntimeInt8Backend,
+                                         OnnxRuntimeBackend, TorchCPUBackend)
 BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in PREFERENCE}
 
 
@@ -237,11 +272,13 @@ def unavailable_reason(name: str) -> str | None:
     return BACKENDS[name].unavailable_reason()
 
 
-def resolve(name: str) -> str:
-    """``auto`` -> the fastest available backend's name; any other name is checked."""
+def resolve(name: str, loaded: LoadedModel | None = None) -> str:
+    """``auto`` -> the fastest backend that runs here (and, given ``loaded``, is offered for
+    that model); any other name is checked the same way."""
     if name == "auto":
-        return next(cls.name for cls in PREFERENCE if cls.unavailable_reason() is None)
-    reason = unavailable_reason(name)
+        return next(cls.name for cls in PREFERENCE if cls.unavailable_reason() is None
+                    and (loaded is None or cls.refusal(loaded) is None))
+    reason = unavailable_reason(name) or (BACKENDS[name].refusal(loaded) if loaded else None)
     if reason:
         raise RuntimeError(f"backend {name!r} is unavailable here: {reason}")
     return name
@@ -250,4 +287,4 @@ def resolve(name: str) -> str:
 def create(name: str, loaded: LoadedModel, max_batch: int = 32,
            cache_dir: Path | None = None) -> Backend:
     """Instantiate backend ``name`` (or ``auto``) for ``loaded``."""
-    return BACKENDS[resolve(name)](loaded, max_batch=max_batch, cache_dir=cache_dir)
+    return BACKENDS[resolve(name, loaded)](loaded, max_batch=max_batch, cache_dir=cache_dir)

@@ -21,6 +21,7 @@ PROFILE = "engine.export:PlanProfile"
 BENCH = "engine.bench:BenchConfig"
 COLUMNS = "engine.columns:ColumnConfig"
 PARITY = "engine.parity:ParityConfig"
+E2E = "engine.bench_e2e:E2EConfig"
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -133,10 +134,32 @@ def bench_config(args: argparse.Namespace):
                                                  "iterations", "max_seconds", "seed"))
 
 
+def e2e_config(args: argparse.Namespace):
+    """The engine.bench_e2e.E2EConfig of a ``bench engine --e2e`` command line (``--backends
+    all``: every backend available here but torch-cpu)."""
+    from engine import backends
+    from engine.bench_e2e import E2EConfig
+
+    chosen = {}
+    if args.backends == "all":
+        chosen["backends"] = [n for n in BACKEND_NAMES if n != "torch-cpu"
+                              and backends.unavailable_reason(n) is None]
+    elif args.backends is not None:
+        chosen["backends"] = [n.strip() for n in args.backends.split(",") if n.strip()]
+    return E2EConfig(model=args.model, **chosen,
+                     **given(args, "sizes", "seed", "e2e_frames", "paced_frames", "rate_fps",
+                                 "max_batch"))
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.e2e:
+        from engine.bench_e2e import run_e2e
+
+        run_e2e(e2e_config(args), Path(args.json or "benchmarks/engine_e2e.json"))
+        return 0
     from engine.bench import run_bench
 
-    run_bench(bench_config(args), Path(args.json))
+    run_bench(bench_config(args), Path(args.json or "benchmarks/engine.json"))
     return 0
 
 
@@ -246,8 +269,22 @@ def _add_bench_engine(bench) -> None:
     config_option(p, "--max-seconds", BENCH, type=float,
                   help="stop timing a cell after this many seconds (at least one call)")
     config_option(p, "--seed", BENCH, type=int, help="seed of the random frames and weights")
-    p.add_argument("--json", default="benchmarks/engine.json",
-                   help="where to write the figures")
+    p.add_argument("--json", default=None,
+                   help="where to write the figures (default benchmarks/engine.json, with "
+                        "--e2e benchmarks/engine_e2e.json)")
+    p.add_argument("--e2e", action="store_true",
+                   help="end to end instead: a `segdepth serve` process per backend and size "
+                        "fed over loopback TCP -- frames/s at max rate, latency p50/p99 at "
+                        "--rate-fps, each stage's ms per frame (--backends all: every backend "
+                        "available here but torch-cpu; --sizes default 512)")
+    config_option(p, "--e2e-frames", E2E, type=positive_int,
+                  help="with --e2e: frames timed at max rate")
+    config_option(p, "--paced-frames", E2E, type=positive_int,
+                  help="with --e2e: frames sent at --rate-fps for the latency")
+    config_option(p, "--rate-fps", E2E, type=float,
+                  help="with --e2e: camera rate of the paced phase (the paper's 0.13 s/frame)")
+    config_option(p, "--max-batch", E2E, type=positive_int,
+                  help="with --e2e: serve's --max-batch")
     p.set_defaults(func=_bench)
 
 

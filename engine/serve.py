@@ -1,10 +1,15 @@
 """``segdepth serve``: frames in, per-frame depth results out, at camera rate.
 
-Two threads. The receiver pulls frames (streamer ``Input``) into a :class:`FrameQueue`; the
-inference loop takes batches (up to ``max_batch`` frames or ``max_wait_ms``), divides each frame
-by its dose (:mod:`engine.normalise`), runs the backend, follows the columns of each session
-(:mod:`engine.occupancy`) and publishes one result per frame to the recorder (PUSH) and the
-viewers (PUB). ``eos`` is forwarded once every frame before it has been answered.
+A pipeline of three threads joined by bounded queues, so that throughput is set by the slowest
+stage rather than the sum of all: the **receiver** pulls frames (streamer ``Input``) into a
+:class:`FrameQueue`; the **inference** stage takes batches (up to ``max_batch`` frames or
+``max_wait_ms``), divides each frame by its dose (:mod:`engine.normalise`) and runs the
+backend; the **publish** stage turns each prediction into maps, follows the columns of each
+session (:mod:`engine.occupancy`) and publishes one result per frame to the recorder (PUSH) and
+the viewers (PUB). At most ``pipeline_depth`` predicted batches wait between the last two, so
+inference of batch n+1 overlaps post-processing of batch n. ``eos`` travels the same queues,
+so it is forwarded once every frame before it has been answered. Each stage's busy time per
+frame is in :meth:`Server.stats` (``stage_ms_per_frame``).
 
 Modes: ``replay`` -- every frame is served and results wait for the recorder (lossless);
 ``live`` -- the queue holds at most ``queue_frames``, the oldest frames are skipped under
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import signal
 import threading
 import time
@@ -29,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from engine import backends
+from engine.backends import Prediction
 from engine.batching import FrameQueue, Item
 from engine.columns import ColumnConfig
 from engine.hmm import HMMConfig
@@ -65,23 +72,45 @@ class ServeConfig:
     receive_hwm: int = sockets.DEFAULT_HWM  # messages the frame socket may hold, beyond queue
     exit_on_eos: bool = False
     tta: bool = False  # average the 8 flips and quarter turns (8x the inference cost)
+    pipeline_depth: int = 2  # predicted batches waiting for post-processing, at most
     columns: ColumnConfig = field(default_factory=ColumnConfig)
     hmm: HMMConfig = field(default_factory=HMMConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", *sockets.MODES):
             raise ValueError(f"mode must be auto, replay or live, got {self.mode!r}")
-        if self.max_batch < 1 or self.max_wait_ms < 0:
-            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        if self.max_batch < 1 or self.max_wait_ms < 0 or self.pipeline_depth < 1:
+            raise ValueError("max_batch and pipeline_depth must be >= 1 and max_wait_ms >= 0")
         if self.queue_frames <= 0:
             self.queue_frames = 4 * self.max_batch
 
 
 @dataclass
 class _Session:
+    """A session's state: its dose estimate (inference stage) and column analysis (publish
+    stage); a frame carries the state it was prepared with, so a shape change mid-pipeline
+    never mixes them."""
+
     analysis: SessionAnalysis
     dose: DoseNormaliser
     shape: tuple[int, ...]
+
+
+@dataclass
+class _Batch:
+    """Inference -> publish: a batch's frames, their sessions, doses and prediction; or a
+    single control item (``pred`` None)."""
+
+    items: list[Item]
+    states: list[_Session] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)  # normalised by dose
+    doses: list[float] = field(default_factory=list)
+    estimated: list[bool] = field(default_factory=list)
+    pred: Prediction | None = None
+
+
+#: the engine's stages as reported in ``stage_ms_per_frame``
+STAGES = ("prepare", "infer", "postprocess", "publish")
 
 
 class Server:
@@ -110,7 +139,13 @@ class Server:
         self.output = sockets.Output(config.results, mode="replay")
         self.output.stop = self.stop
         self.viewer = sockets.Publisher(config.viewer) if config.viewer else None
+        self._predicted: queue.Queue[_Batch] = queue.Queue(config.pipeline_depth)
+        #: busy seconds and frames of each stage (STAGES), for stage_ms_per_frame
+        self.stage_s: Counter[str] = Counter(dict.fromkeys(STAGES, 0.0))
+        self.stage_frames: Counter[str] = Counter(dict.fromkeys(STAGES, 0))
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
+        self._publisher = threading.Thread(target=self._publish_loop, name="publish",
+                                           daemon=True)
 
     # -- receiving ---------------------------------------------------------------------------
     def _is_live(self, msg: Message) -> bool:
@@ -158,8 +193,14 @@ class Server:
                         "counted silently", reason, detail)
         self.rejected[reason] += 1
 
-    def _prepare(self, items: list[Item]) -> tuple[list[Item], list[float], list[bool], list]:
-        kept, doses, estimated, inputs = [], [], [], []
+    def _clock(self, stage: str, since: float, frames: int) -> float:
+        now = time.perf_counter()
+        self.stage_s[stage] += now - since
+        self.stage_frames[stage] += frames
+        return now
+
+    def _prepare(self, items: list[Item]) -> _Batch:
+        batch = _Batch([])
         for item in items:
             head = item.payload.header
             pixel = head["pixel_size_pm"]
@@ -173,33 +214,76 @@ class Server:
             except ValueError as exc:
                 self._reject("dose", str(exc))
                 continue
-            kept.append(item)
-            doses.append(dose)
-            estimated.append(was_estimated)
-            inputs.append(x)
-        return kept, doses, estimated, inputs
+            batch.items.append(item)
+            batch.states.append(state)
+            batch.doses.append(dose)
+            batch.estimated.append(was_estimated)
+            batch.frames.append(x)
+        return batch
 
-    def _serve_batch(self, items: list[Item]) -> None:
-        items, doses, estimated, inputs = self._prepare(items)
-        if not items:
-            return
+    def _infer(self, items: list[Item]) -> _Batch | None:
+        """Inference stage: the prepared batch with its prediction (None: nothing usable)."""
+        t = time.perf_counter()
+        batch = self._prepare(items)
+        t = self._clock("prepare", t, len(items))
+        if not batch.items:
+            return None
         try:
-            batch = np.stack(inputs)
-            pred = (backends.infer_tta(self.backend, batch) if self.config.tta
-                    else self.backend.infer(batch))
+            frames = np.stack(batch.frames)
+            batch.pred = (backends.infer_tta(self.backend, frames) if self.config.tta
+                          else self.backend.infer(frames))
         except (RuntimeError, ValueError) as exc:  # e.g. a frame size the model cannot take
-            for _ in items:
+            for _ in batch.items:
                 self._reject("inference", f"{type(exc).__name__}: {exc}")
-            return
-        depth, confidence, species = pred.maps()
+            return None
+        self._clock("infer", t, len(batch.items))
+        return batch
+
+    def _handoff(self, batch: _Batch) -> bool:
+        """Queue a batch for the publish stage (waits while it is ``pipeline_depth`` behind);
+        False when stopped first."""
+        while not self.stop.is_set():
+            try:
+                self._predicted.put(batch, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _publish_loop(self) -> None:
+        """Publish stage: results of predicted batches, eos forwarded in order."""
+        while True:
+            try:
+                batch = self._predicted.get(timeout=0.1)
+            except queue.Empty:
+                if self.stop.is_set():
+                    return
+                continue
+            if batch.pred is None:
+                self._forward_eos(batch.items[0].payload)
+                if self.config.exit_on_eos:
+                    self.stop.set()
+                    return
+                continue
+            self._serve_batch(batch)
+
+    def _serve_batch(self, batch: _Batch) -> None:
+        t = time.perf_counter()
+        n = len(batch.items)
+        depth, confidence, species = batch.pred.maps()
         ood = uncertainty_scores(depth, confidence)
-        for i, item in enumerate(items):
-            head = item.payload.header
-            occ = self._session(item.payload).analysis.update(
-                pred.species_prob[i], pred.depth_prob[i], item.payload.seq, head.get("t_acq"))
-            arrays = {"depth": depth[i], "confidence": confidence[i], "species": species[i],
-                      **occ.buffers()}
-            self._publish(item, occ, arrays, doses[i], estimated[i], len(items), float(ood[i]))
+        results = []
+        for i, item in enumerate(batch.items):
+            occ = batch.states[i].analysis.update(
+                batch.pred.species_prob[i], batch.pred.depth_prob[i], item.payload.seq,
+                item.payload.header.get("t_acq"))
+            results.append((occ, {"depth": depth[i], "confidence": confidence[i],
+                                  "species": species[i], **occ.buffers()}))
+        t = self._clock("postprocess", t, n)
+        for i, (item, (occ, arrays)) in enumerate(zip(batch.items, results)):
+            self._publish(item, occ, arrays, batch.doses[i], batch.estimated[i], n,
+                          float(ood[i]))
+        self._clock("publish", t, n)
 
     def _publish(self, item: Item, occ: Occupancy, arrays: dict[str, np.ndarray],
                  dose: float, dose_estimated: bool, batch_size: int, ood_score: float) -> None:
@@ -250,19 +334,21 @@ class Server:
                  self.backend.name, self.config.max_batch, self.config.max_wait_ms,
                  self.config.mode, self.config.frames, self.config.results, self.config.viewer)
         self._receiver.start()
+        self._publisher.start()
         max_wait_s = self.config.max_wait_ms / 1e3
         last_log = time.monotonic()
         while not self.stop.is_set():
-            batch = self.queue.take_batch(self.config.max_batch, max_wait_s)
-            if batch and batch[0].is_frame:
-                self._serve_batch(batch)
-            elif batch:
-                self._forward_eos(batch[0].payload)
-                if self.config.exit_on_eos:
-                    break
+            items = self.queue.take_batch(self.config.max_batch, max_wait_s)
+            if items and items[0].is_frame:
+                batch = self._infer(items)
+                if batch is not None:
+                    self._handoff(batch)
+            elif items:
+                self._handoff(_Batch(items))  # eos, in order behind the frames before it
             if time.monotonic() - last_log > 10.0:
                 last_log = time.monotonic()
                 log.info("%s", self.stats())
+        self._publisher.join()
         return 0
 
     def stats(self) -> dict[str, Any]:
@@ -275,12 +361,16 @@ class Server:
                 "rejected": dict(self.rejected), "input": self.input.stats(),
                 "latency_ms_p50": float(np.percentile(lat, 50)),
                 "latency_ms_p99": float(np.percentile(lat, 99)),
+                "stage_ms_per_frame": {k: 1e3 * self.stage_s[k] / self.stage_frames[k]
+                                       if self.stage_frames[k] else None for k in STAGES},
                 "backend": self.backend.name, "model_id": self.loaded.model_id}
 
     def close(self) -> None:
         self.stop.set()
         self.queue.close()
         self._receiver.join(timeout=2.0)
+        if self._publisher.is_alive():
+            self._publisher.join(timeout=10.0)
         self.input.close()
         self.output.close()
         if self.viewer is not None:

@@ -1,4 +1,5 @@
-"""Every backend present agrees with torch-cpu FP32; export to ONNX; TensorRT skips cleanly."""
+"""Every backend present agrees with torch-cpu FP32 (INT8: tests/test_engine_int8.py, on a
+trained model, within its own bound); export to ONNX; TensorRT skips cleanly."""
 import json
 import subprocess
 
@@ -41,7 +42,7 @@ def test_reference_shapes_and_probabilities(reference, frames):
     assert np.allclose(reference.species_prob.sum(axis=1), 1, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", BACKEND_NAMES)
+@pytest.mark.parametrize("name", [n for n in BACKEND_NAMES if n != "onnxruntime-int8"])
 def test_backend_matches_torch_cpu_fp32(name, loaded, frames, reference, tmp_path):
     reason = backends.unavailable_reason(name)
     if reason:

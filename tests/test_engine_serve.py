@@ -148,3 +148,35 @@ def test_frames_past_the_models_warning_level_are_flagged(engine):
         (got,) = collect(results, until_eos=False, n=1)
         verdicts.append(got.header["ood_warning"])
     assert verdicts == [None, True, False]
+
+
+def test_inference_and_publishing_overlap_and_stage_times_are_reported(engine):
+    """The pipeline: batch n+1 is inferred while batch n is post-processed and published,
+    so the slower stage, not the sum, sets the pace; each stage's time per frame is reported."""
+    src, results, server = engine("replay", max_batch=1, max_wait_ms=0)
+    spans: dict[str, list[tuple[float, float]]] = {"infer": [], "publish": []}
+
+    def timed(name, fn):
+        def run(*args, **kw):
+            t0 = time.monotonic()
+            time.sleep(0.15)  # a stage slow enough that any overlap shows
+            out = fn(*args, **kw)
+            spans[name].append((t0, time.monotonic()))
+            return out
+        return run
+    server.backend.infer = timed("infer", server.backend.infer)
+    server._serve_batch = timed("publish", server._serve_batch)
+    rng = np.random.default_rng(3)
+    n = 6
+    for i in range(n):
+        src.send(frame_msg(i, rng, mode="replay"))
+    src.send(encode_control("eos", session="s1", seq=n, source="test"))
+    got = collect(results)
+    assert [m.header["frame_seq"] for m in got[:-1]] == list(range(n))
+    assert got[-1].kind == "eos"
+    overlapping = sum(1 for a0, a1 in spans["infer"] for b0, b1 in spans["publish"]
+                      if a0 < b1 and b0 < a1)
+    assert overlapping >= n - 2  # a sequential loop would give 0
+    stages = server.stats()["stage_ms_per_frame"]
+    assert set(stages) == {"prepare", "infer", "postprocess", "publish"}
+    assert stages["infer"] >= 150 and all(v is not None and v >= 0 for v in stages.values())

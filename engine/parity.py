@@ -1,0 +1,116 @@
+"""``segdepth bench parity``: an engine backend against FP32 on the robustness suite.
+
+Each suite row (training.robustness: orientations, optics, facets, doses, carbon film, legacy
+slabs) is evaluated twice through the engine's own backends -- the FP32 onnxruntime graph and
+the candidate (default: INT8) -- with the same noisy frames, and the column-level accuracies are
+compared. The record, written beside the model as ``<stem>.int8.json``, is what
+:func:`engine.quantize.parity_refusal` reads: INT8 is offered only when no row moves by more
+than :data:`engine.quantize.PARITY_BOUND_POINTS` percentage points. (Heavy imports sit in the
+functions, so that the CLI reads :class:`ParityConfig` without torch.)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: the figures compared per row (training.metrics.ColumnMetrics), in [0, 1]
+COMPARED = ("column_exact", "column_within_one", "column_found")
+
+
+def as_network(backend):
+    """An engine backend seen by training's evaluation code as a network (torch module): it
+    returns the log of the backend's (already temperature-scaled) probabilities, so softmax at
+    temperature 1 gives them back exactly."""
+    import torch
+
+    class BackendAsNetwork(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pred = backend.infer(x[:, 0].numpy())
+            return (torch.from_numpy(pred.depth_prob).clamp_min(1e-30).log(),
+                    torch.from_numpy(pred.species_prob).clamp_min(1e-30).log())
+
+    return BackendAsNetwork()
+
+
+@dataclass
+class ParityConfig:
+    """What a parity record is a function of (saved in it). ``samples`` frames of ``crop`` px
+    per row; ``suite_dir`` holds the suite's test libraries (built when missing)."""
+
+    model: str | None = None
+    candidate: str = "onnxruntime-int8"
+    suite_dir: str = "data/suite"
+    samples: int = 48
+    crop: int = 192
+    scale: float = 1.0
+    gpts: int = 768
+    seed: int = 0
+    out: str | None = None  # default: beside the model (engine.quantize.parity_path)
+
+
+def run_parity(cfg: ParityConfig) -> dict[str, Any]:
+    """Evaluate FP32 and the candidate on every suite row; write and return the record."""
+    from engine import backends
+    from engine.model_io import load
+    from engine.quantize import PARITY_BOUND_POINTS, CalibrationConfig, parity_path
+    from training.robustness import (build_suite, check_disjoint, evaluate_row, row_data,
+                                     suite_rows)
+
+    started = time.monotonic()
+    loaded = load(cfg.model)
+    paths = build_suite(cfg.suite_dir, cfg.scale, cfg.gpts)
+    check_disjoint(loaded.meta, list(paths.values()))
+    cache = Path(cfg.suite_dir) / "engine_cache"
+    # the candidate is built directly: its own refusal (no record yet) is what this writes
+    nets = {name: as_network(backends.BACKENDS[name](loaded, max_batch=8, cache_dir=cache))
+            for name in ("onnxruntime", cfg.candidate)}
+    rows = []
+    for k, row in enumerate(suite_rows()):
+        data, depths = row_data(row, paths, cfg.samples, cfg.crop, cfg.seed + k)
+        figures = {name: {key: evaluate_row(net, 1.0, data, depths, row.dose, cfg.seed + k)
+                          .columns.summary()[key] for key in COMPARED}
+                   for name, net in nets.items()}
+        diff = 100.0 * (figures[cfg.candidate]["column_exact"]
+                        - figures["onnxruntime"]["column_exact"])
+        rows.append({"row": row.name, "dose": row.dose, "samples": len(data),
+                     "fp32": figures["onnxruntime"], "candidate": figures[cfg.candidate],
+                     "column_exact_diff_points": diff})
+        log.info("parity row %s: column exact FP32 %.3f, %s %.3f (%+.2f points)", row.name,
+                 figures["onnxruntime"]["column_exact"], cfg.candidate,
+                 figures[cfg.candidate]["column_exact"], diff)
+    worst = max(abs(r["column_exact_diff_points"]) for r in rows)
+    record = {"model": str(loaded.path), "model_id": loaded.model_id,
+              "model_sha256": loaded.sha256, "candidate": cfg.candidate,
+              "calibration": asdict(CalibrationConfig()), "config": asdict(cfg),
+              "bound_points": PARITY_BOUND_POINTS, "max_abs_diff_points": worst,
+              "passed": bool(worst <= PARITY_BOUND_POINTS), "rows": rows,
+              "wall_s": time.monotonic() - started}
+    out = Path(cfg.out) if cfg.out else parity_path(loaded.path)
+    out.write_text(json.dumps(record, indent=2))
+    print(format_parity(record))
+    print(f"wrote {out}")
+    return record
+
+
+def format_parity(record: dict[str, Any]) -> str:
+    """The record as a table: column exact per row, FP32 and candidate, and the difference."""
+    lines = [f"{record['candidate']} vs FP32 onnxruntime, model {record['model_id']}: "
+             f"largest change {record['max_abs_diff_points']:.2f} points (bound "
+             f"{record['bound_points']}) -> {'offered' if record['passed'] else 'NOT offered'}",
+             f"{'row':<24}{'fp32':>8}{'cand.':>8}{'diff pt':>9}"]
+    for r in record["rows"]:
+        lines.append(f"{r['row']:<24}{r['fp32']['column_exact']:>8.3f}"
+                     f"{r['candidate']['column_exact']:>8.3f}"
+                     f"{r['column_exact_diff_points']:>+9.2f}")
+    lines.append(f"mean column exact: fp32 "
+                 f"{np.mean([r['fp32']['column_exact'] for r in record['rows']]):.3f}, "
+                 f"candidate {np.mean([r['candidate']['column_exact'] for r in record['rows']]):.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""INT8 (onnxruntime static quantization) is offered only for a model whose parity record
+passes, and its answers stay close to FP32 on simulated frames."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from engine import backends
+from engine.model_io import default_model_path, load
+from engine.quantize import parity_path, parity_refusal
+
+
+@pytest.fixture(scope="module")
+def bundled_copy(tmp_path_factory):
+    """The bundled model copied alone (without its parity record) into a temporary folder."""
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    shutil.copy(default_model_path(), path)
+    return load(path)
+
+
+def _record(loaded, **fields):
+    record = {"model_sha256": loaded.sha256, "passed": True, "max_abs_diff_points": 0.1,
+              **fields}
+    parity_path(loaded.path).write_text(json.dumps(record))
+
+
+def test_int8_is_offered_only_with_a_passing_record_of_the_same_model(bundled_copy):
+    parity_path(bundled_copy.path).unlink(missing_ok=True)
+    assert "no INT8 parity record" in parity_refusal(bundled_copy)
+    with pytest.raises(RuntimeError, match="parity"):
+        backends.resolve("onnxruntime-int8", bundled_copy)
+    assert backends.resolve("auto", bundled_copy) != "onnxruntime-int8"
+    _record(bundled_copy, model_sha256="0" * 64)
+    assert "another model" in parity_refusal(bundled_copy)
+    _record(bundled_copy, passed=False, max_abs_diff_points=2.3)
+    assert "2.3 points" in parity_refusal(bundled_copy)
+    _record(bundled_copy)
+    assert parity_refusal(bundled_copy) is None
+    assert backends.resolve("onnxruntime-int8", bundled_copy) == "onnxruntime-int8"
+    if all(backends.BACKENDS[n].unavailable_reason() for n in ("tensorrt", "torch-cuda")):
+        assert backends.resolve("auto", bundled_copy) == "onnxruntime-int8"
+
+
+@pytest.mark.slow
+def test_int8_agrees_with_fp32_on_simulated_frames(bundled_copy, tmp_path):
+    """Same frames through the FP32 and the INT8 graph: the depth class of almost every pixel
+    and the mean column-pixel confidence stay; a broken quantization (wrong scales, a skipped
+    calibration) would not."""
+    from engine.quantize import CalibrationConfig, calibration_frames
+
+    _record(bundled_copy)
+    frames = calibration_frames(CalibrationConfig(frames=4, size=256, seed=8000))[:, 0]
+    fp32 = backends.create("onnxruntime", bundled_copy, cache_dir=tmp_path).infer(frames)
+    int8 = backends.create("onnxruntime-int8", bundled_copy, cache_dir=tmp_path).infer(frames)
+    d32, d8 = fp32.depth_prob.argmax(1), int8.depth_prob.argmax(1)
+    assert (d32 == d8).mean() >= 0.98
+    column = d32 > 0
+    assert column.mean() > 0.05  # the frames show columns
+    assert (d32 == d8)[column].mean() >= 0.9
+    conf32, conf8 = fp32.depth_prob.max(1)[column], int8.depth_prob.max(1)[column]
+    assert abs(conf32.mean() - conf8.mean()) < 0.03
