@@ -5,16 +5,16 @@ torch-cpu FP32 always, torch-cuda FP32 when a GPU exists (training, inference), 
 """
 from __future__ import annotations
 
-import json
 import logging
-import platform
 import tempfile
 import time
 import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from streamer.cli_support import check_image_side, machine_info, write_json
 from streamer.domain import PAPER_DOSE_E_PER_PX
 from training.loss import segdepth_loss
 from training.model import SegDepthUNet, UNetConfig, bundled_model_path, load_model
@@ -136,44 +136,51 @@ def bench_model(model_path: str | None) -> tuple[SegDepthUNet, str]:
     return SegDepthUNet(UNetConfig(base_channels=16)), "untrained-base16"
 
 
-def run_bench(sizes: list[int], out: str | Path, model_path: str | None = None, repeats: int = 3,
-              threads: int | None = None, library: str | None = None, crop: int = 128,
-              batches: int = 10) -> dict:
+@dataclass
+class BenchConfig:
+    """Settings of ``segdepth bench train``: square image ``sizes`` (px), ``model`` (None: the
+    bundled one), timed ``repeats``, torch CPU ``threads``; with an exit-wave ``library``, also
+    ``library_batches`` batches of ``library_crop`` px crops per data path."""
+
+    sizes: list[int] = field(default_factory=lambda: [512, 1024])
+    model: str | None = None
+    repeats: int = 3
+    threads: int | None = None
+    library: str | None = None
+    library_crop: int = 128
+    library_batches: int = 10
+
+
+def run_bench(cfg: BenchConfig, out: str | Path) -> dict:
     """Measure every (backend, size); print the table; write JSON to ``out``."""
-    if threads:
-        torch.set_num_threads(threads)
-    model, model_id = bench_model(model_path)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, model_id = bench_model(cfg.model)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = []
-    for size in sizes:
-        if size % model.size_multiple:
-            raise ValueError(f"size {size} is not a multiple of {model.size_multiple}")
+    repeats, rows = cfg.repeats, []
+    for size in cfg.sizes:
+        check_image_side(size, model.size_multiple, model.size_multiple, f"--sizes {size}")
         for device in devices:
             backend = f"torch-{device} FP32"
             rows.append({"backend": backend, "size": size,
                          "train_samples_per_s": train_rate(model, size, device, repeats),
                          "infer_frames_per_s": torch_infer_rate(model, size, device, repeats)})
         try:
-            rate = onnxruntime_infer_rate(model, size, repeats, threads)
+            rate = onnxruntime_infer_rate(model, size, repeats, cfg.threads)
             rows.append({"backend": "onnxruntime-cpu FP32", "size": size,
                          "train_samples_per_s": None, "infer_frames_per_s": rate})
         except ImportError:
             log.info("onnxruntime not installed: skipped")
-    if library:
-        rows.extend(library_rows(model, library, crop, batches))
+    if cfg.library:
+        rows.extend(library_rows(model, cfg.library, cfg.library_crop, cfg.library_batches))
     print(f"{'backend':<44}{'size':>7}{'train samples/s':>18}{'infer frames/s':>17}")
     for r in rows:
         train = f"{r['train_samples_per_s']:.3f}" if r["train_samples_per_s"] else "-"
         infer = f"{r['infer_frames_per_s']:.3f}" if r["infer_frames_per_s"] else "-"
         print(f"{r['backend']:<44}{r['size']:>6}²{train:>18}{infer:>17}")
-    result = {"benchmark": "segdepth bench train", "model_id": model_id, "batch_size": 1,
-              "repeats": repeats, "threads": torch.get_num_threads(),
-              "machine": {"cpu": platform.processor() or platform.machine(),
-                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                          "torch": torch.__version__}, "rows": rows,
+    result = {"benchmark": "segdepth bench train", "config": asdict(cfg), "model_id": model_id,
+              "batch_size": 1, "repeats": repeats, "threads": torch.get_num_threads(),
+              "machine": machine_info(), "rows": rows,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_json(out, result)
     return result

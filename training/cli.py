@@ -1,103 +1,125 @@
-"""``segdepth train``, ``segdepth evaluate``, ``segdepth predict`` and ``segdepth bench train``."""
+"""``segdepth train``, ``segdepth evaluate``, ``segdepth predict`` and ``segdepth bench train``.
+
+Defaults are the config dataclasses' (training.train.TrainConfig, training.model.UNetConfig,
+training.labels.TargetConfig, training.evaluate.EvaluateConfig, training.robustness.SuiteConfig,
+training.bench.BenchConfig, training.predict.predict_file), read through streamer.cli_support;
+torch is imported only to run a command or show its help."""
 from __future__ import annotations
 
 import argparse
-import functools
-import sys
+
+from streamer.cli_support import (config_option, given, input_file, list_of, output_file,
+                                  positive_int)
+
+TRAIN = "training.train:TrainConfig"
+UNET = "training.model:UNetConfig"
+TARGETS = "training.labels:TargetConfig"
+EVALUATE = "training.evaluate:EvaluateConfig"
+SUITE = "training.robustness:SuiteConfig"
+PREDICT = "training.predict:predict_file"
+BENCH = "training.bench:BenchConfig"
 
 
-def _clear_errors(handler):
-    """Bad input (missing file, wrong layout) ends with one readable line and exit code 2."""
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            print(f"segdepth {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-    return run
-
-
-@_clear_errors
-def _train(args: argparse.Namespace) -> int:
+def train_config(args: argparse.Namespace):
+    """The training.train.TrainConfig of a ``train`` command line (``--resume``: the run's saved
+    config, whose epochs alone ``--epochs`` may extend)."""
     from pathlib import Path
 
     from training.labels import TargetConfig
     from training.model import UNetConfig
-    from training.train import TrainConfig, train
+    from training.train import TrainConfig
 
     config_path = Path(args.out) / "config.json"
     if args.resume and config_path.exists():
         cfg = TrainConfig.from_json(config_path.read_text())
         if args.epochs is not None:
             cfg.epochs = args.epochs  # extending a finished run is the one allowed change
-    else:
-        cfg = TrainConfig(
-            data=args.data, val=args.val, out=args.out,
-            model=UNetConfig(base_channels=args.base_channels, max_channels=args.max_channels,
-                             upsampling=args.upsampling, extra_blocks=args.extra_blocks,
-                             median_kernel=args.median_kernel),
-            targets=TargetConfig(ring_width_pm=args.ring_width_pm,
-                                 weight_sigma_pm=args.weight_sigma_pm,
-                                 background_weight=args.background_weight),
-            noise_lambda=args.noise_lambda, epochs=args.epochs or 30,
-            crop=args.crop or None, batch_size=args.batch_size, lr=args.lr,
-            patience=args.patience, time_limit_min=args.time_limit_min,
-            val_limit=args.val_limit, limit=args.limit, threads=args.threads, seed=args.seed,
-            dose_range=tuple(args.dose_range) if args.dose_range else None,
-            views_per_wave=args.views_per_wave, val_count=args.val_count, init=args.init)
-    train(cfg, resume=args.resume, progress=not args.no_progress)
+        return cfg
+    options = given(args, "val", "noise_lambda", "epochs", "batch_size", "lr", "patience",
+                    "time_limit_min", "val_limit", "limit", "threads", "seed",
+                    "views_per_wave", "val_count", "init")
+    if args.crop is not None:
+        options["crop"] = args.crop or None  # 0: whole images
+    if args.dose_range:
+        options["dose_range"] = tuple(args.dose_range)
+    return TrainConfig(
+        data=args.data, out=args.out,
+        model=UNetConfig(**given(args, "base_channels", "max_channels", "upsampling",
+                                 "extra_blocks", "median_kernel")),
+        targets=TargetConfig(**given(args, "ring_width_pm", "weight_sigma_pm",
+                                     "background_weight")),
+        **options)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.train import train
+
+    train(train_config(args), resume=args.resume, progress=not args.no_progress,
+          force=args.force)
     return 0
 
 
-@_clear_errors
-def _evaluate(args: argparse.Namespace) -> int:
-    if args.suite:
-        return _suite(args)
-    if not args.data or not args.out:
-        raise ValueError("--data and --out are needed (or --suite robustness)")
-    from training.evaluate import EvaluateConfig, evaluate
+def evaluate_config(args: argparse.Namespace):
+    """The training.evaluate.EvaluateConfig of an ``evaluate`` command line."""
+    from training.evaluate import EvaluateConfig
 
-    evaluate(EvaluateConfig(model=args.model, data=args.data, out=args.out, val=args.val,
-                            noise_lambda=args.noise_lambda, sweep_lambdas=args.sweep,
-                            limit=args.limit, batch_size=args.batch_size, seed=args.seed,
-                            threads=args.threads))
-    return 0
+    return EvaluateConfig(data=args.data, out=args.out,
+                          **given(args, "model", "val", "noise_lambda", "sweep_lambdas",
+                                  "limit", "batch_size", "seed", "threads"))
 
 
-def _suite(args: argparse.Namespace) -> int:
+def suite_config(args: argparse.Namespace):
+    """The training.robustness.SuiteConfig of an ``evaluate --suite robustness`` command line
+    (``--limit``: samples per row)."""
     from training.model import bundled_model_path
-    from training.robustness import SuiteConfig, markdown_table, run_suite
+    from training.robustness import SuiteConfig
 
     models = [args.model or str(bundled_model_path()), *args.compare]
-    report = run_suite(SuiteConfig(models=models, directory=args.suite_dir,
-                                   out=args.out or "training/models/robustness",
-                                   samples=args.limit or 48, scale=args.suite_scale,
-                                   gpts=args.suite_gpts, crop=args.suite_crop, seed=args.seed,
-                                   threads=args.threads))
-    print(markdown_table(report), end="")
+    options = given(args, "out", "directory", "scale", "gpts", "crop", "seed", "threads")
+    if args.limit is not None:
+        options["samples"] = args.limit
+    return SuiteConfig(models=models, **options)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if args.suite:
+        from training.robustness import markdown_table, run_suite
+
+        print(markdown_table(run_suite(suite_config(args))), end="")
+        return 0
+    if not args.data or not args.out:
+        raise ValueError("--data and --out are needed (or --suite robustness)")
+    from training.evaluate import evaluate
+
+    evaluate(evaluate_config(args))
     return 0
 
 
-@_clear_errors
 def _predict(args: argparse.Namespace) -> int:
     from training.predict import predict_file
 
-    predict_file(args.input, args.output, args.model, args.probabilities, args.batch_size,
-                 args.temperature, args.tta)
+    predict_file(args.input, args.output,
+                 **given(args, "model_path", "probabilities", "batch_size", "temperature",
+                         "tta"))
     return 0
+
+
+def bench_config(args: argparse.Namespace):
+    """The training.bench.BenchConfig of a ``bench train`` command line."""
+    from training.bench import BenchConfig
+
+    return BenchConfig(**given(args, "sizes", "model", "repeats", "threads", "library",
+                               "library_crop", "library_batches"))
 
 
 def _bench(args: argparse.Namespace) -> int:
     from training.bench import run_bench
 
-    run_bench(args.sizes, args.json, args.model, args.repeats, args.threads, args.library,
-              args.library_crop, args.library_batches)
+    run_bench(bench_config(args), args.json)
     return 0
 
 
-def register(commands, bench) -> None:
-    """Add train / evaluate / predict to ``segdepth`` and ``train`` to ``segdepth bench``."""
+def _add_train(commands) -> None:
     p = commands.add_parser(
         "train", help="train the SegDepth UNet on a simulated dataset file",
         description="Train the UNet (paper III-C): fresh Poisson noise every epoch, weighted "
@@ -105,136 +127,171 @@ def register(commands, bench) -> None:
                     "stopping on the validation loss. Writes RUN/config.json, metrics.jsonl, "
                     "checkpoint.pt and model.pt. Several GPUs: torchrun --nproc-per-node N "
                     "-m segdepth train ...")
-    p.add_argument("--data", required=True,
+    p.add_argument("--data", required=True, type=input_file,
                    help="training dataset file, or an exit-wave library (segdepth simulate "
                         "--waves): then every sample gets a new microscope, angle and dose")
-    p.add_argument("--val", help="validation dataset file (default: hold out 10%% of --data); "
-                                 "with a library, another library of its own seed")
+    p.add_argument("--val", type=input_file,
+                   help="validation dataset file (default: hold out 10%% of --data); "
+                        "with a library, another library of its own seed")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--base-channels", type=int, default=16,
-                   help="channels of the first scale (doubled per scale) (default 16)")
-    p.add_argument("--max-channels", type=int, default=128,
-                   help="cap on channels at the coarse scales (default 128)")
-    p.add_argument("--upsampling", choices=("bilinear", "transposed"), default="bilinear",
-                   help="decoder upsampling (default bilinear)")
-    p.add_argument("--extra-blocks", action="store_true",
-                   help="two extra double-conv blocks before the heads (section III-C)")
-    p.add_argument("--median-kernel", type=int, default=0,
-                   help="median filter over depth logits, px (paper: 4; default 0 = off)")
-    p.add_argument("--noise-lambda", type=float, default=2.5,
-                   help="dose λ: mean counts per vacuum pixel of the training noise (default 2.5)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 30)")
-    p.add_argument("--crop", type=int, default=128,
-                   help="random crop side in px, a multiple of 32; 0 = whole images (default 128)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per step and process (default 8)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (default 2e-3)")
-    p.add_argument("--patience", type=int, default=8,
-                   help="epochs without a better validation loss before stopping (default 8)")
-    p.add_argument("--time-limit-min", type=float, default=None,
-                   help="stop after this many minutes of wall time, keeping the best epoch")
-    p.add_argument("--ring-width-pm", type=float, default=0.0,
-                   help="width of the smoothed-label rings around each column (Fig. 4), pm; "
-                        "e.g. 16; 0 = off: rings count as hallucinations against disk labels "
-                        "(default 0)")
-    p.add_argument("--weight-sigma-pm", type=float, default=60.0,
-                   help="Gaussian σ of the loss weights around column centres, pm (default 60)")
-    p.add_argument("--background-weight", type=float, default=0.2,
-                   help="loss weight far from any column (default 0.2)")
-    p.add_argument("--val-limit", type=int, default=None,
-                   help="validation images used per epoch (default all)")
-    p.add_argument("--limit", type=int, default=None, help="training images used (default all)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _model_options(p)
+    config_option(p, "--noise-lambda", TRAIN, type=float,
+                  help="dose λ: mean counts per vacuum pixel of the training noise")
+    config_option(p, "--epochs", TRAIN, type=positive_int, help="epochs")
+    config_option(p, "--crop", TRAIN, type=int,
+                  help="random crop side in px, a multiple of 32; 0 = whole images")
+    config_option(p, "--batch-size", TRAIN, type=positive_int, help="images per step and process")
+    config_option(p, "--lr", TRAIN, type=float, help="peak Adam learning rate")
+    config_option(p, "--patience", TRAIN, type=positive_int,
+                  help="epochs without a better validation loss before stopping")
+    config_option(p, "--time-limit-min", TRAIN, type=float,
+                  help="stop after this many minutes of wall time, keeping the best epoch")
+    _target_options(p)
+    config_option(p, "--val-limit", TRAIN, type=positive_int,
+                  help="validation images used per epoch (default all)")
+    config_option(p, "--limit", TRAIN, type=positive_int,
+                  help="training images used (default all)")
+    config_option(p, "--threads", TRAIN, type=positive_int,
+                  help="torch CPU threads (default torch's)")
+    config_option(p, "--seed", TRAIN, type=int, help="random seed")
+    _library_training_options(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue RUN/checkpoint.pt with RUN/config.json (--epochs may extend it)")
+    p.add_argument("--force", action="store_true",
+                   help="start afresh in a run directory that already holds a run (its "
+                        "checkpoint and metrics log are replaced)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    config_option(p, "--base-channels", UNET, type=positive_int,
+                  help="channels of the first scale (doubled per scale)")
+    config_option(p, "--max-channels", UNET, type=positive_int,
+                  help="cap on channels at the coarse scales")
+    config_option(p, "--upsampling", UNET, choices=("bilinear", "transposed"),
+                  help="decoder upsampling")
+    config_option(p, "--extra-blocks", UNET, action="store_true",
+                  help="two extra double-conv blocks before the heads (section III-C)")
+    config_option(p, "--median-kernel", UNET, type=int,
+                  help="median filter over depth logits, px (paper: 4; 0 = off)")
+
+
+def _target_options(p: argparse.ArgumentParser) -> None:
+    config_option(p, "--ring-width-pm", TARGETS, type=float,
+                  help="width of the smoothed-label rings around each column (Fig. 4), pm; "
+                       "e.g. 16; 0 = off: rings count as hallucinations against disk labels")
+    config_option(p, "--weight-sigma-pm", TARGETS, type=float,
+                  help="Gaussian σ of the loss weights around column centres, pm")
+    config_option(p, "--background-weight", TARGETS, type=float,
+                  help="loss weight far from any column")
+
+
+def _library_training_options(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("exit-wave library training")
     w.add_argument("--dose-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="draw λ log-uniformly in [LO, HI] counts per vacuum pixel per sample "
                         "(e.g. 0.5 10; default: --noise-lambda for all)")
-    w.add_argument("--views-per-wave", type=int, default=4,
-                   help="crops rendered per optics draw of one structure (default 4)")
-    w.add_argument("--val-count", type=int, default=64,
-                   help="validation samples rendered from the --val library (default 64)")
-    w.add_argument("--init", default=None,
-                   help="model file whose weights start the run (same architecture)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue RUN/checkpoint.pt with RUN/config.json (--epochs may extend it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_train)
+    config_option(w, "--views-per-wave", TRAIN, type=positive_int,
+                  help="crops rendered per optics draw of one structure")
+    config_option(w, "--val-count", TRAIN, type=positive_int,
+                  help="validation samples rendered from the --val library")
+    config_option(w, "--init", TRAIN, type=input_file,
+                  help="model file whose weights start the run (same architecture)")
 
+
+def _add_evaluate(commands) -> None:
     p = commands.add_parser(
         "evaluate", help="paper metrics, confusion, calibration, gradients, noise sweep",
         description="Evaluate a model on a test dataset file at a noise level: the four metrics "
                     "of section IV-A, confusion matrix (Fig. 6), reliability diagram + ECE and "
                     "temperature scaling (Fig. 7), input gradients (eq. 7, Fig. 8) and a sweep "
                     "over λ (Fig. 9). Writes REPORT/report.json and PNG figures.")
-    p.add_argument("--model", default=None, help="model file (default: the bundled model)")
-    p.add_argument("--data", help="test dataset file (segdepth simulate)")
-    p.add_argument("--val", default=None,
+    p.add_argument("--model", default=None, type=input_file,
+                   help="model file (default: the bundled model)")
+    p.add_argument("--data", type=input_file, help="test dataset file (segdepth simulate)")
+    p.add_argument("--val", default=None, type=input_file,
                    help="validation file to fit the temperature on (default: first half of --data "
                         "is used for the fit and reported separately)")
     p.add_argument("--out", help="report directory (suite default: training/models/robustness)")
-    p.add_argument("--noise-lambda", type=float, default=2.5,
-                   help="dose λ of the test noise, counts per vacuum pixel (default 2.5)")
+    config_option(p, "--noise-lambda", EVALUATE, type=float,
+                  help="dose λ of the test noise, counts per vacuum pixel")
+    _suite_options(p)
+    config_option(p, "--sweep", EVALUATE, dest="sweep_lambdas", **list_of(float),
+                  help="λ values of the noise-generalisation sweep (comma- or space-separated)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="test images used (default all; suite: samples per row, default 48)")
+    config_option(p, "--batch-size", EVALUATE, type=positive_int, help="images per forward pass")
+    config_option(p, "--threads", EVALUATE, type=positive_int, help="torch CPU threads")
+    config_option(p, "--seed", EVALUATE, type=int, help="seed of the test noise")
+    p.set_defaults(func=_evaluate)
+
+
+def _suite_options(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("robustness suite (--suite robustness): rows off the training "
                              "distribution; JSON, Markdown and PNG")
     r.add_argument("--suite", choices=["robustness"], default=None,
                    help="run the robustness suite instead of the single-file report")
     r.add_argument("--compare", nargs="*", default=[],
                    help="further model files in the same table (e.g. the previous model)")
-    r.add_argument("--suite-dir", default="data/suite",
-                   help="where the suite's test files are read, or built when missing "
-                        "(default data/suite)")
-    r.add_argument("--suite-scale", type=float, default=1.0,
-                   help="fraction of the suite's structures simulated (default 1: 48 mixed, "
-                        "16 per facet/film/legacy file)")
-    r.add_argument("--suite-gpts", type=int, default=768,
-                   help="simulated pixels per side of the suite's exit waves (default 768)")
-    r.add_argument("--suite-crop", type=int, default=192,
-                   help="side of each evaluated view, px (default 192)")
-    p.add_argument("--sweep", type=float, nargs="*", default=[0.5, 1.0, 2.5, 5.0, 10.0, 50.0],
-                   help="λ values of the noise-generalisation sweep (default 0.5 1 2.5 5 10 50)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="test images used (default all; suite: samples per row, default 48)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0, help="seed of the test noise (default 0)")
-    p.set_defaults(func=_evaluate)
+    config_option(r, "--suite-dir", SUITE, dest="directory",
+                  help="where the suite's test files are read, or built when missing")
+    config_option(r, "--suite-scale", SUITE, dest="scale", type=float,
+                  help="fraction of the suite's structures simulated (1: 48 mixed, 16 per "
+                       "facet/film/legacy file)")
+    config_option(r, "--suite-gpts", SUITE, dest="gpts", type=positive_int,
+                  help="simulated pixels per side of the suite's exit waves")
+    config_option(r, "--suite-crop", SUITE, dest="crop", type=positive_int,
+                  help="side of each evaluated view, px")
 
+
+def _add_predict(commands) -> None:
     p = commands.add_parser(
         "predict", help="depth / confidence / species maps for the images of an HDF5 file",
         description="Run a model on IN.h5 (`images` (N,H,W) float32, vacuum mean 1, attribute "
                     "pixel_size_pm) and write OUT.h5 with `depth` (N,H,W) uint8, `confidence` "
                     "(N,H,W) float32, `species` (N,H,W) uint8 (0 bg, 1 Ce, 2 O) and optionally "
                     "`probabilities` (N,11,H,W) float32. Any H, W.")
-    p.add_argument("input", help="input HDF5 file")
-    p.add_argument("output", help="output HDF5 file")
-    p.add_argument("--model", default=None, help="model file (default: the bundled model)")
-    p.add_argument("--probabilities", action="store_true",
-                   help="also write the 11 depth probabilities per pixel")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("input", type=input_file, help="input HDF5 file")
+    p.add_argument("output", type=output_file, help="output HDF5 file")
+    p.add_argument("--model", dest="model_path", default=None, type=input_file,
+                   help="model file (default: the bundled model)")
+    config_option(p, "--probabilities", PREDICT, action="store_true",
+                  help="also write the 11 depth probabilities per pixel")
+    config_option(p, "--batch-size", PREDICT, type=positive_int, help="images per forward pass")
     p.add_argument("--temperature", type=float, default=None,
                    help="softmax temperature (default: the model's fitted one, else 1)")
-    p.add_argument("--tta", action="store_true",
-                   help="test-time augmentation: average over the 8 flips and quarter turns "
-                        "(8x the inference cost)")
+    config_option(p, "--tta", PREDICT, action="store_true",
+                  help="test-time augmentation: average over the 8 flips and quarter turns "
+                       "(8x the inference cost)")
     p.set_defaults(func=_predict)
 
+
+def _add_bench(bench) -> None:
     p = bench.add_parser(
         "train", help="training samples/s and inference frames/s per backend",
         description="Training samples/s and inference frames/s of the UNet at each size per "
                     "backend on this machine (torch-cpu FP32, torch-cuda, onnxruntime when "
                     "installed). Prints a table, writes JSON.")
-    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024],
-                   help="square image sides, px (default 512 1024)")
-    p.add_argument("--model", default=None,
-                   help="model file (default: bundled model, else an untrained base-16 UNet)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--library", default=None,
-                   help="exit-wave library: also time training with on-the-fly optics against "
-                        "pre-rendered images of it (batch 8), in the same run")
-    p.add_argument("--library-crop", type=int, default=128, help="crop side, px (default 128)")
-    p.add_argument("--library-batches", type=int, default=10,
-                   help="timed batches per data path (default 10)")
-    p.add_argument("--json", default="benchmarks/train.json",
-                   help="JSON output path (default benchmarks/train.json)")
+    config_option(p, "--sizes", BENCH, **list_of(positive_int),
+                  help="square image sides, px (comma- or space-separated)")
+    config_option(p, "--model", BENCH, type=input_file,
+                  help="model file (default: bundled model, else an untrained base-16 UNet)")
+    config_option(p, "--repeats", BENCH, type=positive_int, help="timed repetitions")
+    config_option(p, "--threads", BENCH, type=positive_int, help="torch CPU threads")
+    config_option(p, "--library", BENCH, type=input_file,
+                  help="exit-wave library: also time training with on-the-fly optics against "
+                       "pre-rendered images of it (batch 8), in the same run")
+    config_option(p, "--library-crop", BENCH, type=positive_int, help="crop side, px")
+    config_option(p, "--library-batches", BENCH, type=positive_int,
+                  help="timed batches per data path")
+    p.add_argument("--json", default="benchmarks/train.json", help="JSON output path")
     p.set_defaults(func=_bench)
+
+
+def register(commands, bench) -> None:
+    """Add train / evaluate / predict to ``segdepth`` and ``train`` to ``segdepth bench``."""
+    _add_train(commands)
+    _add_evaluate(commands)
+    _add_predict(commands)
+    _add_bench(bench)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,11 @@ class UNetConfig:
             raise ValueError(f"upsampling must be 'bilinear' or 'transposed', not {self.upsampling!r}")
         if self.median_kernel < 0:
             raise ValueError("median_kernel must be >= 0")
+
+    @property
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this many px (one halving per coarser scale)."""
+        return 2 ** (self.scales - 1)
 
     def channels(self) -> list[int]:
         """Feature channels at each scale, finest first."""
@@ -96,7 +102,7 @@ class SegDepthUNet(nn.Module):
         super().__init__()
         self.config = config or UNetConfig()
         ch = self.config.channels()
-        self.size_multiple = 2 ** (self.config.scales - 1)
+        self.size_multiple = self.config.size_multiple
         self.inc = DoubleConv(1, ch[0])
         self.downs = nn.ModuleList(DoubleConv(ch[i - 1], ch[i]) for i in range(1, len(ch)))
         self.ups = nn.ModuleList(Up(ch[i], ch[i - 1], ch[i - 1], self.config.upsampling)
@@ -168,9 +174,14 @@ def save_model(path: str | Path, model: SegDepthUNet, meta: dict[str, Any] | Non
 
 def load_model(path: str | Path) -> tuple[SegDepthUNet, dict[str, Any]]:
     """Read a file written by :func:`save_model`: (model in eval mode on CPU, FP32; meta)."""
-    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    not_a_model = ValueError(f"{path} is not a SegDepth model file ({MODEL_FORMAT}): give a .pt "
+                             f"written by `segdepth train`, or no --model for the bundled one")
+    try:
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise not_a_model from exc
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a SegDepth model file ({MODEL_FORMAT})")
+        raise not_a_model
     meta = json.loads(blob["meta_json"])
     model = SegDepthUNet(UNetConfig(**meta["config"]))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v

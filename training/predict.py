@@ -27,7 +27,12 @@ def predict_file(input_path: str | Path, output_path: str | Path, model_path: st
     model, meta = load_model(model_path)
     if temperature is None:
         temperature = float(meta.get("temperature", 1.0))
-    with h5py.File(input_path, "r") as fin:
+    try:
+        fin_file = h5py.File(input_path, "r")
+    except OSError as exc:
+        raise ValueError(f"{input_path} is not an HDF5 file ({exc}): give the images file of "
+                         f"`segdepth simulate`") from exc
+    with fin_file as fin:
         if "images" not in fin or fin["images"].ndim != 3:
             raise ValueError(f"{input_path}: needs an `images` dataset of shape (N, H, W)")
         images = fin["images"]

@@ -14,17 +14,19 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import h5py
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from sim_source.wave_library import is_library
+from streamer.cli_support import check_image_side, machine_info
 from streamer.domain import PAPER_DOSE_E_PER_PX
 from training.data import CropDataset, LabelledSet, file_seed, load_set, noisy
 from training.labels import TargetConfig
@@ -210,38 +212,78 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run training as configured; returns the path of the final model file (RUN/model.pt)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dd = setup_distributed()
+#: files of a run directory that a fresh run would overwrite or append to.
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "model.pt")
+
+
+@dataclass
+class _Progress:
+    """Where a run stands (saved in RUN/checkpoint.pt): the next epoch to run (0-based), best
+    validation loss so far, its weights and metrics, epochs since it, wall time used (s)."""
+
+    epoch: int = 0
+    best_loss: float = math.inf
+    best_state: dict[str, torch.Tensor] | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    since_best: int = 0
+    wall_s: float = 0.0
+
+
+def _prepare_run_directory(cfg: TrainConfig, resume: bool, force: bool) -> None:
+    """Refuse to overwrite an existing run unless resuming or forced (then its checkpoint and
+    metrics log go); write RUN/config.json."""
     out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    if dd.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(cfg.to_json())
-    torch.manual_seed(cfg.seed)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not (resume or force):
+        raise FileExistsError(f"{out} already holds a training run ({', '.join(existing)}): "
+                              f"continue it with --resume, or start afresh with --force")
+    if force and not resume:
+        for name in ("metrics.jsonl", "checkpoint.pt"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.to_json())
 
-    dataset, val_set, provenance = _datasets(cfg, progress and dd.main)
 
-    model = SegDepthUNet(cfg.model).to(dd.device)
-    if cfg.init and not (resume and ckpt_path.exists()):
-        model.load_state_dict(load_model(cfg.init)[0].float().state_dict())
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_epoch, best_loss, best_state, since_best, wall_before = 0, math.inf, None, 0, 0.0
-    best_metrics: dict[str, float] = {}
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        optimiser.load_state_dict(ck["optimiser"])
-        start_epoch, best_loss, since_best = ck["epoch"] + 1, ck["best_loss"], ck["since_best"]
-        best_state, best_metrics, wall_before = ck["best_state"], ck["best_metrics"], ck["wall_s"]
-        if dd.main:
-            log.info("resumed %s at epoch %d (best val loss %.4f)", ckpt_path, start_epoch, best_loss)
-    elif resume:
-        log.warning("--resume: no checkpoint at %s, starting fresh", ckpt_path)
-    net = (torch.nn.parallel.DistributedDataParallel(model) if dd.world > 1 else model)
+def check_image_sizes(cfg: TrainConfig, multiple: int) -> None:
+    """Before any loading: crops, and the whole images validated (and trained on without a crop)
+    of a dataset file, must be multiples of the network's ``multiple`` px."""
+    if cfg.crop:
+        check_image_side(cfg.crop, multiple, multiple, f"--crop {cfg.crop}")
+    if is_library(cfg.data):
+        return  # rendered at the crop size
+    whole = ([cfg.val] if cfg.val else [cfg.data]) + ([cfg.data] if cfg.val and not cfg.crop else [])
+    for path in whole:
+        with h5py.File(path, "r") as f:
+            h, w = f["images"].shape[1:]
+        for side in (h, w):
+            check_image_side(side, multiple, multiple,
+                             f"{path}: {h}x{w} px images (used whole for validation)")
 
+
+def _restore_checkpoint(path: Path, model: torch.nn.Module,
+                        optimiser: torch.optim.Optimizer) -> _Progress:
+    """Load weights and optimiser state of RUN/checkpoint.pt (tensors and numbers only)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["model"])
+    optimiser.load_state_dict(saved["optimiser"])
+    return _Progress(epoch=saved["epoch"] + 1, best_loss=saved["best_loss"],
+                     best_state=saved["best_state"], best_metrics=saved["best_metrics"],
+                     since_best=saved["since_best"], wall_s=saved["wall_s"])
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer,
+                     done: _Progress) -> None:
+    """Write RUN/checkpoint.pt atomically (its ``epoch``: the last one finished)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": _state(model), "optimiser": optimiser.state_dict(),
+                "epoch": done.epoch - 1, "best_loss": done.best_loss, "best_state": done.best_state,
+                "since_best": done.since_best, "best_metrics": done.best_metrics,
+                "wall_s": done.wall_s}, tmp)
+    tmp.replace(path)
+
+
+def _loader(dataset, cfg: TrainConfig, dd: Dist):
+    """(DataLoader, DistributedSampler or None) of one process."""
     sampler = (torch.utils.data.distributed.DistributedSampler(dataset, seed=cfg.seed)
                if dd.world > 1 else None)
     rendered = isinstance(dataset, MicroscopeDataset)
@@ -254,44 +296,127 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         collate_fn=collate_views if rendered else None,
         # rendering (a CTF and a few crops per item) overlaps the network in one worker
         num_workers=1 if rendered else 0, persistent_workers=rendered)
-    started = time.monotonic() - wall_before
-    epochs_done = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
+    return loader, sampler
+
+
+def _past_time_limit(cfg: TrainConfig, elapsed_s: float, dd: Dist) -> bool:
+    """Whether the wall-time limit is reached, agreed by every rank (they must stop together)."""
+    over = cfg.time_limit_min is not None and elapsed_s > 60 * cfg.time_limit_min
+    if dd.world > 1:
+        flag = torch.tensor([float(over)], device=dd.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        over = bool(flag.item())
+    return over
+
+
+def _train_epoch(net: torch.nn.Module, loader, optimiser: torch.optim.Optimizer,
+                 cfg: TrainConfig, dd: Dist, epoch: int, started: float,
+                 progress: bool) -> tuple[list[float], int, bool]:
+    """One epoch of steps (learning rate by run progress, fresh noise per step); returns (step
+    losses, samples seen by this process, whether the time limit cut the epoch short)."""
+    gen = torch.Generator(dd.device).manual_seed(cfg.seed * 1_000_003 + epoch * dd.world
+                                                 + dd.rank)
+    net.train()
+    losses, seen = [], 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+               disable=not (progress and dd.main), leave=False)
+    for step, batch in enumerate(bar):
+        elapsed = time.monotonic() - started
+        for group in optimiser.param_groups:
+            group["lr"] = cfg.lr * lr_factor(run_progress(epoch, step, len(loader), elapsed, cfg),
+                                             cfg.warmup)
+        if _past_time_limit(cfg, elapsed, dd):
+            return losses, seen, True  # finish this epoch early: validate, save, stop
+        clean, labels, species, weights = (t.to(dd.device) for t in batch[:4])
+        dose = batch[4] if len(batch) > 4 else cfg.noise_lambda  # per sample when rendered
+        depth_logits, species_logits = net(noisy(clean, dose, gen))
+        loss, _ = segdepth_loss(depth_logits, species_logits, labels, species, weights,
+                                cfg.species_weight)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        seen += len(clean)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    return losses, seen, False
+
+
+def _end_epoch(record: dict[str, Any], model: torch.nn.Module, state: _Progress,
+               out: Path) -> None:
+    """Keep the best epoch (RUN/best.pt), append ``record`` to RUN/metrics.jsonl, log it."""
+    epoch = record["epoch"]
+    if record["val_loss"] < state.best_loss:
+        state.best_loss, state.best_state, state.since_best = record["val_loss"], _state(model), 0
+        state.best_metrics = {k: v for k, v in record.items() if k.startswith("val") or
+                              k in ("pixelwise_accuracy", "centre_accuracy", "detection_rate",
+                                    "hallucination_rate", "epoch")}
+        save_model(out / "best.pt", model, {"best_epoch": epoch}, half=False)
+    else:
+        state.since_best += 1
+    record["best_val_loss"] = state.best_loss
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    log.info("epoch %d: train %.4f val %.4f pixelwise %.3f centre %.3f detect %.3f "
+             "halluc %.4f (%.1f samples/s)", epoch, record["train_loss"] or 0,
+             record["val_loss"], record["pixelwise_accuracy"], record["centre_accuracy"],
+             record["detection_rate"], record["hallucination_rate"],
+             record["train_samples_per_s"])
+
+
+def _save_final(path: Path, model: torch.nn.Module, state: _Progress, cfg: TrainConfig,
+                provenance: dict[str, Any], pixel_size_pm: float, epochs_run: int, wall_s: float,
+                dd: Dist) -> None:
+    """Write RUN/model.pt with the best epoch's weights and the model card."""
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    save_model(path, model, {
+        **provenance, "noise_lambda": cfg.noise_lambda, "dose_range": cfg.dose_range,
+        "pixel_size_pm": pixel_size_pm, "train_config": json.loads(cfg.to_json()),
+        "validation": state.best_metrics, "epochs_run": epochs_run, "wall_s": wall_s,
+        "hardware": {"device": str(dd.device), "world_size": dd.world, **machine_info()}})
+    log.info("wrote %s", path)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          force: bool = False) -> Path:
+    """Run training as configured; returns the path of the final model file (RUN/model.pt).
+    An existing run in ``cfg.out`` is continued with ``resume`` or replaced with ``force``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dd = setup_distributed()
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    if dd.main:
+        check_image_sizes(cfg, cfg.model.size_multiple)
+        _prepare_run_directory(cfg, resume, force)
+    torch.manual_seed(cfg.seed)
+    dataset, val_set, provenance = _datasets(cfg, progress and dd.main)
+    model = SegDepthUNet(cfg.model).to(dd.device)
+    if cfg.init and not (resume and ckpt_path.exists()):
+        model.load_state_dict(load_model(cfg.init)[0].float().state_dict())
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = _Progress()
+    if resume and ckpt_path.exists():
+        state = _restore_checkpoint(ckpt_path, model, optimiser)
+        if dd.main:
+            log.info("resumed %s at epoch %d (best val loss %.4f)", ckpt_path, state.epoch,
+                     state.best_loss)
+    elif resume:
+        log.warning("--resume: no checkpoint at %s, starting fresh", ckpt_path)
+    net = (torch.nn.parallel.DistributedDataParallel(model) if dd.world > 1 else model)
+    loader, sampler = _loader(dataset, cfg, dd)
+    started = time.monotonic() - state.wall_s
+    epochs_done = state.epoch
+    for epoch in range(state.epoch, cfg.epochs):
         if cfg.time_limit_min is not None and time.monotonic() - started > 60 * cfg.time_limit_min:
             break
         dataset.set_epoch(epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
         loader.generator.manual_seed(cfg.seed * 100003 + epoch)
-        gen = torch.Generator(dd.device).manual_seed(cfg.seed * 1_000_003 + epoch * dd.world + dd.rank)
-        net.train()
-        losses, seen, t0 = [], 0, time.monotonic()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=not (progress and dd.main), leave=False)
-        over_time = False
-        for b, batch in enumerate(bar):
-            elapsed = time.monotonic() - started
-            for group in optimiser.param_groups:
-                group["lr"] = cfg.lr * lr_factor(run_progress(epoch, b, len(loader), elapsed, cfg),
-                                                 cfg.warmup)
-            over_time = cfg.time_limit_min is not None and elapsed > 60 * cfg.time_limit_min
-            if dd.world > 1:  # every rank must leave the epoch at the same step
-                flag = torch.tensor([float(over_time)], device=dd.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                over_time = bool(flag.item())
-            if over_time:
-                break  # finish this epoch early: validate, save, stop
-            clean, labels, species, weights = (t.to(dd.device) for t in batch[:4])
-            dose = batch[4] if len(batch) > 4 else cfg.noise_lambda  # per sample when rendered
-            depth_logits, species_logits = net(noisy(clean, dose, gen))
-            loss, _ = segdepth_loss(depth_logits, species_logits, labels, species, weights,
-                                    cfg.species_weight)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()))
-            seen += len(clean)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        t0 = time.monotonic()
+        losses, seen, over_time = _train_epoch(net, loader, optimiser, cfg, dd, epoch, started,
+                                               progress)
         train_s = time.monotonic() - t0
         stop = torch.zeros(1)
         if dd.main:
@@ -299,30 +424,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                       "lr": optimiser.param_groups[0]["lr"],
                       "train_samples_per_s": seen * dd.world / max(train_s, 1e-9),
                       **validate(model, val_set, cfg, dd.device)}
-            record["wall_s"] = time.monotonic() - started
-            if record["val_loss"] < best_loss:
-                best_loss, best_state, since_best = record["val_loss"], _state(model), 0
-                best_metrics = {k: v for k, v in record.items() if k.startswith("val") or
-                                k in ("pixelwise_accuracy", "centre_accuracy", "detection_rate",
-                                      "hallucination_rate", "epoch")}
-                save_model(out / "best.pt", model, {"best_epoch": epoch + 1}, half=False)
-            else:
-                since_best += 1
-            record["best_val_loss"] = best_loss
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            log.info("epoch %d: train %.4f val %.4f pixelwise %.3f centre %.3f detect %.3f "
-                     "halluc %.4f (%.1f samples/s)", epoch + 1, record["train_loss"] or 0,
-                     record["val_loss"], record["pixelwise_accuracy"], record["centre_accuracy"],
-                     record["detection_rate"], record["hallucination_rate"],
-                     record["train_samples_per_s"])
-            torch.save({"model": _state(model), "optimiser": optimiser.state_dict(),
-                        "epoch": epoch,
-                        "best_loss": best_loss, "best_state": best_state, "since_best": since_best,
-                        "best_metrics": best_metrics, "wall_s": record["wall_s"]},
-                       out / "checkpoint.tmp")
-            (out / "checkpoint.tmp").replace(ckpt_path)
-            if since_best >= cfg.patience or over_time:
+            record["wall_s"] = state.wall_s = time.monotonic() - started
+            _end_epoch(record, model, state, out)
+            state.epoch = epoch + 1
+            _save_checkpoint(ckpt_path, model, optimiser, state)
+            if state.since_best >= cfg.patience or over_time:
                 log.info("stopping after epoch %d (%s)", epoch + 1,
                          "time limit" if over_time else "early stopping")
                 stop[0] = 1
@@ -334,17 +440,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     final = out / "model.pt"
     if dd.main:
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        save_model(final, model, {
-            **provenance, "noise_lambda": cfg.noise_lambda, "dose_range": cfg.dose_range,
-            "pixel_size_pm": val_set.pixel_size_pm,
-            "train_config": json.loads(cfg.to_json()), "validation": best_metrics,
-            "epochs_run": epochs_done, "wall_s": time.monotonic() - started,
-            "hardware": {"device": str(dd.device), "world_size": dd.world,
-                         "threads": torch.get_num_threads(), "cpu": platform.processor() or
-                         platform.machine(), "torch": torch.__version__}})
-        log.info("wrote %s", final)
+        _save_final(final, model, state, cfg, provenance, val_set.pixel_size_pm, epochs_done,
+                    time.monotonic() - started, dd)
     if dd.world > 1:
         dist.barrier()
         dist.destroy_process_group()
