@@ -32,6 +32,8 @@ import numpy as np
 
 from segdepth.evaluate import (load_recording, load_truth, match_columns,
                                result_rows)
+from engine.cli import BACKEND_NAMES
+from streamer.cli_support import config_option, given, input_file, positive_int
 from streamer.domain import SPECIES_O
 from streamer.sockets import free_tcp_endpoint
 
@@ -344,12 +346,14 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def demo_config(args: argparse.Namespace) -> DemoConfig:
+    """The DemoConfig of a ``demo`` command line."""
+    return DemoConfig(**given(args, "frames", "size", "out", "headless", "seed", "model",
+                              "backend", "max_batch", "scenario", "prior_structures"))
+
+
 def _demo(args: argparse.Namespace) -> int:
-    config = DemoConfig(frames=args.frames, size=args.size, out=args.out,
-                        headless=args.headless, seed=args.seed, model=args.model,
-                        backend=args.backend, max_batch=args.max_batch,
-                        scenario=args.scenario, prior_structures=args.prior_structures)
-    run_demo(config)
+    run_demo(demo_config(args))
     return 0
 
 
@@ -363,25 +367,25 @@ def register(commands, bench) -> None:
                     "then print and save (summary.json) frames processed, throughput, latency "
                     "percentiles, frames lost, per-oxygen-column occupancy accuracy and the "
                     "event scores of segdepth evaluate-session (with plots in evaluation/).")
-    p.add_argument("--frames", type=int, default=120, help="frames to simulate (default 120)")
-    p.add_argument("--size", type=int, default=512, help="frame side in px (default 512)")
-    p.add_argument("--out", default="demo_output",
-                   help="output directory: session, recording, summary, logs "
-                        "(default demo_output/)")
-    p.add_argument("--headless", action="store_true", help="never start the viewer")
-    p.add_argument("--seed", type=int, default=0, help="seed of the simulated session")
-    p.add_argument("--model", default=None,
-                   help="model file (default: the bundled model; without one, a random model "
-                        "and a warning)")
-    p.add_argument("--backend", default="auto",
-                   help="engine backend (auto, tensorrt, torch-cuda, onnxruntime, torch-cpu)")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="engine batch size limit in frames (default 8)")
-    p.add_argument("--scenario", choices=["evaluation", "flat"], default="evaluation",
-                   help="evaluation: thickness gradient, 1- and 2-atom events on O and Ce "
-                        "columns, one never regained; flat: the original flat 6-atom slab "
-                        "with three 2-atom O events (default evaluation)")
-    p.add_argument("--prior-structures", type=int, default=200,
-                   help="simulated surface models the network's class prior is estimated "
-                        "from (0: uniform prior, no correction; default 200, ~15 s)")
+    config_option(p, "--frames", DemoConfig, type=positive_int, help="frames to simulate")
+    config_option(p, "--size", DemoConfig, type=positive_int, help="frame side in px")
+    config_option(p, "--out", DemoConfig,
+                  help="output directory: session, recording, summary, logs")
+    config_option(p, "--headless", DemoConfig, action="store_true",
+                  help="never start the viewer")
+    config_option(p, "--seed", DemoConfig, type=int, help="seed of the simulated session")
+    config_option(p, "--model", DemoConfig, type=input_file,
+                  help="model file (default: the bundled model; without one, a random model "
+                       "and a warning)")
+    config_option(p, "--backend", DemoConfig, choices=["auto", *BACKEND_NAMES],
+                  help="engine backend")
+    config_option(p, "--max-batch", DemoConfig, type=positive_int,
+                  help="engine batch size limit in frames")
+    config_option(p, "--scenario", DemoConfig, choices=["evaluation", "flat"],
+                  help="evaluation: thickness gradient, 1- and 2-atom events on O and Ce "
+                       "columns, one never regained; flat: the original flat 6-atom slab "
+                       "with three 2-atom O events")
+    config_option(p, "--prior-structures", DemoConfig, type=int,
+                  help="simulated surface models the network's class prior is estimated "
+                       "from (0: uniform prior, no correction; 200: ~15 s)")
     p.set_defaults(func=_demo)

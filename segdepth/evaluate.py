@@ -27,6 +27,8 @@ import numpy as np
 
 from engine.hmm import (LEGACY, EventDetector, HMMConfig, filter_sequence,
                         likelihoods, smooth)
+from streamer.cli_support import (config_option, given, input_file, positive_float,
+                                  positive_int)
 from streamer.domain import SPECIES_NAME, SPECIES_O, px_per_angstrom
 from streamer.session_file import events_table, write_events_csv
 
@@ -294,8 +296,8 @@ def _evaluate_session(args: argparse.Namespace) -> int:
     from engine.cli import hmm_config
 
     config = hmm_config(args)
-    result, columns = evaluate(Path(args.session), Path(args.recording), config, args.k,
-                               args.match_A)
+    result, columns = evaluate(Path(args.session), Path(args.recording), config,
+                               **given(args, "k", "match_A"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     truth = load_truth(Path(args.session))
@@ -377,7 +379,7 @@ def register(commands, bench) -> None:
                     "probabilities (no network) and write group analysis/ (docs/"
                     "SESSION_FILE.md) into the recording, or into --out; events also as CSV "
                     "beside it (STEM_events_smoothed.csv, STEM_events_live.csv).")
-    p.add_argument("recording", help="a recorded session (segdepth record)")
+    p.add_argument("recording", type=input_file, help="a recorded session (segdepth record)")
     p.add_argument("--out", default=None,
                    help="write the analysis to this new HDF5 file instead of the recording")
     hmm_options(p)
@@ -390,13 +392,12 @@ def register(commands, bench) -> None:
                     "delay, false changes per 100 static column-frames -- for the single-"
                     "frame argmax, the legacy filter, the filter and the smoother, all from "
                     "the recording's stored probabilities; JSON and PNG plots in --out.")
-    p.add_argument("session", help="the simulated session file (with truth/)")
-    p.add_argument("recording", help="its recording (segdepth record)")
-    p.add_argument("--out", default="evaluation", help="output folder (default evaluation/)")
-    p.add_argument("-k", type=int, default=5,
-                   help="an event counts as found within this many frames (default 5)")
-    p.add_argument("--match-A", type=float, default=0.5,
-                   help="largest mean distance of an engine column to its truth column, Å "
-                        "(default 0.5)")
+    p.add_argument("session", type=input_file, help="the simulated session file (with truth/)")
+    p.add_argument("recording", type=input_file, help="its recording (segdepth record)")
+    p.add_argument("--out", default="evaluation", help="output folder")
+    config_option(p, "-k", evaluate, type=positive_int,
+                  help="an event counts as found within this many frames")
+    config_option(p, "--match-A", evaluate, type=positive_float,
+                  help="largest mean distance of an engine column to its truth column, Å")
     hmm_options(p)
     p.set_defaults(func=_evaluate_session)

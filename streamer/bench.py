@@ -8,19 +8,17 @@ both timed up to an fsync of the file. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from streamer.cli_support import machine_info, write_json
 from streamer.sockets import free_tcp_endpoint
 
 N_DISTINCT = 8  # distinct frames cycled by a sender (counting-mode noise)
@@ -198,6 +196,31 @@ def measure_raw_write(size: int, dtype: str, n_frames: int, folder: Path) -> Row
                n * frames[0].nbytes / elapsed / 1e9)
 
 
+@dataclass
+class TransportBenchConfig:
+    """``segdepth bench transport``: ``seconds`` per measurement, frames of ``size``² px of each
+    of ``dtypes``, over ``transport`` (tcp loopback or ipc), median of ``repeats``."""
+
+    seconds: float = 5.0
+    size: int = 1024
+    dtypes: list[str] = field(default_factory=lambda: ["uint16", "float32"])
+    transport: str = "tcp"
+    repeats: int = 3
+
+
+@dataclass
+class RecordBenchConfig:
+    """``segdepth bench record``: ``seconds`` per measurement, frames of ``size``² px of each of
+    ``dtypes``, files in ``dir`` (None: a temporary folder under runs/), also with Bitshuffle+LZ4
+    when ``compress``."""
+
+    seconds: float = 5.0
+    size: int = 1024
+    dtypes: list[str] = field(default_factory=lambda: ["uint16", "float32"])
+    dir: str | None = None
+    compress: bool = False
+
+
 # --- reporting -------------------------------------------------------------------------------
 def _report(rows: list[Row], json_path: str, extra: dict) -> None:
     print(f"{'bench':<10} {'path':<22} {'dtype':<8} {'frames':>7} {'s':>6} {'frames/s':>9} "
@@ -205,31 +228,25 @@ def _report(rows: list[Row], json_path: str, extra: dict) -> None:
     for r in rows:
         print(f"{r.bench:<10} {r.path:<22} {r.dtype:<8} {r.frames:>7} {r.seconds:>6.2f} "
               f"{r.frames_per_s:>9.0f} {r.gb_per_s:>6.2f} {r.vs_ceiling:>9.0%}")
-    record = {"rows": [asdict(r) for r in rows], "machine": {
-        "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version()}, **extra}
-    path = Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+    write_json(json_path, {"rows": [asdict(r) for r in rows], "machine": machine_info(), **extra})
 
 
 def _median(rows: list[Row]) -> Row:
     return sorted(rows, key=lambda r: r.frames_per_s)[len(rows) // 2]
 
 
-def run_transport_bench(args: argparse.Namespace) -> list[Row]:
+def run_transport_bench(cfg: TransportBenchConfig, json_path: str) -> list[Row]:
     import zmq
     rows = []
-    for dtype in args.dtypes.split(","):
+    for dtype in cfg.dtypes:
         paths = ["bare", "protocol"]
         if np.dtype(dtype).kind == "f":
             paths.append(PROTOCOL_NO_CHECK)
         runs: dict[str, list[Row]] = {path: [] for path in paths}
-        for _ in range(args.repeats):  # interleaved, so all see the same machine load
+        for _ in range(cfg.repeats):  # interleaved, so all see the same machine load
             for path in paths:
-                runs[path].append(measure_transport(args.size, dtype, path, args.seconds,
-                                                    args.transport))
+                runs[path].append(measure_transport(cfg.size, dtype, path, cfg.seconds,
+                                                    cfg.transport))
         bare = _median(runs["bare"])
         rows.append(bare)
         for path in paths[1:]:
@@ -237,33 +254,34 @@ def run_transport_bench(args: argparse.Namespace) -> list[Row]:
             ours.vs_ceiling = ours.frames_per_s / bare.frames_per_s if bare.frames_per_s \
                 else 0.0
             rows.append(ours)
-    _report(rows, args.json, {"transport": args.transport, "pyzmq": zmq.__version__,
-                              "libzmq": zmq.zmq_version(), "seconds": args.seconds,
-                              "repeats": args.repeats,
+    _report(rows, json_path, {"transport": cfg.transport, "pyzmq": zmq.__version__,
+                              "libzmq": zmq.zmq_version(), "seconds": cfg.seconds,
+                              "repeats": cfg.repeats, "config": asdict(cfg),
                               "note": "median of interleaved repeats"})
     return rows
 
 
-def run_record_bench(args: argparse.Namespace) -> list[Row]:
+def run_record_bench(cfg: RecordBenchConfig, json_path: str) -> list[Row]:
     import h5py
-    folder = Path(args.dir) if args.dir else Path("runs") / "bench-record"
+    folder = Path(cfg.dir) if cfg.dir else Path("runs") / "bench-record"
     folder.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=folder))
     max_bytes = min(4 << 30, shutil.disk_usage(work).free // 4)
     rows = []
     try:
-        for dtype in args.dtypes.split(","):
-            max_frames = int(max_bytes // (args.size ** 2 * np.dtype(dtype).itemsize))
-            recs = [measure_recorder(args.size, dtype, args.seconds, work, max_frames, compress)
-                    for compress in ([False, True] if args.compress else [False])]
-            raw = measure_raw_write(args.size, dtype, recs[0].frames, work)  # the same bytes
+        for dtype in cfg.dtypes:
+            max_frames = int(max_bytes // (cfg.size ** 2 * np.dtype(dtype).itemsize))
+            recs = [measure_recorder(cfg.size, dtype, cfg.seconds, work, max_frames, compress)
+                    for compress in ([False, True] if cfg.compress else [False])]
+            raw = measure_raw_write(cfg.size, dtype, recs[0].frames, work)  # the same bytes
             rows.append(raw)
             for rec in recs:
                 rec.vs_ceiling = rec.gb_per_s / raw.gb_per_s if raw.gb_per_s else 0.0
                 rows.append(rec)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _report(rows, args.json, {"folder": str(folder.resolve()), "h5py": h5py.__version__,
-                              "hdf5": h5py.version.hdf5_version, "seconds": args.seconds,
+    _report(rows, json_path, {"folder": str(folder.resolve()), "h5py": h5py.__version__,
+                              "hdf5": h5py.version.hdf5_version, "seconds": cfg.seconds,
+                              "config": asdict(cfg),
                               "note": "both paths timed up to an fsync of their file"})
     return rows

@@ -1,34 +1,37 @@
 """Subcommands of the streamer package: ``record``, ``watch``, ``bench transport``,
-``bench record`` (heavy modules are imported inside the handlers)."""
+``bench record`` (heavy modules are imported inside the handlers). Defaults are the config
+dataclasses' (streamer.recorder.RecorderConfig, streamer.watcher.WatchConfig,
+streamer.source.SourceConfig, streamer.bench.*BenchConfig), read through streamer.cli_support."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
 import sys
-import threading
 
-from streamer.sockets import (DEFAULT_HWM, FRAMES_TO_ENGINE, FRAMES_TO_RECORDER,
-                              FRAMES_TO_VIEWER, MODES, RESULTS_TO_RECORDER)
+from streamer.cli_support import (config_option, default_of, endpoint, given,
+                                  install_stop_signals, list_of, output_file, positive_float,
+                                  positive_int)
+from streamer.sockets import FRAMES_TO_RECORDER, MODES
 
-log = logging.getLogger(__name__)
+RECORDER = "streamer.recorder:RecorderConfig"
+WATCH = "streamer.watcher:WatchConfig"
+SOURCE = "streamer.source:SourceConfig"
+TRANSPORT_BENCH = "streamer.bench:TransportBenchConfig"
+RECORD_BENCH = "streamer.bench:RecordBenchConfig"
 
 
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
+def record_config(args: argparse.Namespace):
+    """The streamer.recorder.RecorderConfig of a ``record`` command line."""
+    from streamer.recorder import RecorderConfig
+    results = {"results": None} if args.results and args.results.lower() == "none" else {}
+    return RecorderConfig(out=args.out, **{**given(args, "frames", "results", "compress",
+                                                   "flush_interval_s", "grace_s",
+                                                   "min_free_mib", "hwm"), **results})
 
 
 def _record(args: argparse.Namespace) -> int:
-    from streamer.recorder import WRITE_ERROR, Recorder, RecorderConfig
-    results = None if args.results.lower() == "none" else args.results
-    config = RecorderConfig(out=args.out, frames=args.frames, results=results,
-                            compress=args.compress, flush_interval_s=args.flush_s,
-                            grace_s=args.grace_s, min_free_mib=args.min_free_mib, hwm=args.hwm)
-    summary = Recorder(config).run()
+    from streamer.recorder import WRITE_ERROR, Recorder
+    summary = Recorder(record_config(args)).run()
     print(summary.table(), flush=True)
     if summary.stopped_by == WRITE_ERROR:
         # HDF5 cannot be shut down cleanly after a failed write (it may crash at exit); the
@@ -38,19 +41,21 @@ def _record(args: argparse.Namespace) -> int:
     return 1 if summary.error else 0
 
 
+def watch_config(args: argparse.Namespace):
+    """The streamer.watcher.WatchConfig of a ``watch`` command line (its default outputs, changed
+    by the output options given)."""
+    from dataclasses import replace
+
+    from streamer.watcher import WatchConfig
+    outputs = replace(default_of(WatchConfig, "outputs"),
+                      **given(args, "mode", "to_engine", "to_recorder", "to_viewer", "hwm"))
+    return WatchConfig(folder=args.folder, outputs=outputs,
+                       **given(args, "poll_s", "settle_s", "existing", "pixel_size_pm"))
+
+
 def _watch(args: argparse.Namespace) -> int:
-    from streamer.source import SourceConfig
-    from streamer.watcher import FolderWatcher, WatchConfig
-    config = WatchConfig(folder=args.folder, poll_s=args.poll_s, settle_s=args.settle_s,
-                         existing=args.existing, pixel_size_pm=args.pixel_size_pm,
-                         outputs=SourceConfig(mode=args.mode, to_engine=args.to_engine,
-                                              to_recorder=args.to_recorder,
-                                              to_viewer=args.to_viewer, hwm=args.hwm))
-    try:
-        watcher = FolderWatcher(config, stop=_stop_on_signals())
-    except FileNotFoundError as exc:
-        log.error("%s", exc)
-        return 2
+    from streamer.watcher import FolderWatcher
+    watcher = FolderWatcher(watch_config(args), stop=install_stop_signals())
     stats = watcher.run()
     print(f"published {stats['files']} files, {stats['frames']} frames; per output: "
           f"{ {k: v for k, v in stats.items() if isinstance(v, dict)} }", flush=True)
@@ -58,40 +63,42 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _bench_transport(args: argparse.Namespace) -> int:
-    from streamer.bench import run_transport_bench
-    run_transport_bench(args)
+    from streamer.bench import TransportBenchConfig, run_transport_bench
+    run_transport_bench(TransportBenchConfig(**given(args, "seconds", "size", "dtypes",
+                                                     "transport", "repeats")), args.json)
     return 0
 
 
 def _bench_record(args: argparse.Namespace) -> int:
-    from streamer.bench import run_record_bench
-    run_record_bench(args)
+    from streamer.bench import RecordBenchConfig, run_record_bench
+    run_record_bench(RecordBenchConfig(**given(args, "seconds", "size", "dtypes", "dir",
+                                               "compress")), args.json)
     return 0
 
 
-def _add_outputs(p: argparse.ArgumentParser, mode_default: str) -> None:
-    p.add_argument("--mode", choices=MODES, default=mode_default,
-                   help=f"live: never waits, a slow consumer loses frames (counted); replay: "
-                        f"lossless, waits for consumers. Default: {mode_default}")
-    p.add_argument("--to-engine", default=FRAMES_TO_ENGINE,
-                   help=f"bind endpoint for the engine ('none' to skip; default "
-                        f"{FRAMES_TO_ENGINE})")
-    p.add_argument("--to-recorder", default="none",
+def _add_outputs(p: argparse.ArgumentParser) -> None:
+    """Options of a frame source's outputs (streamer.source.SourceConfig)."""
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="live: never waits, a slow consumer loses frames (counted); replay: "
+                        "lossless, waits for consumers (default: live)")
+    config_option(p, "--to-engine", SOURCE, type=endpoint,
+                  help="bind endpoint for the engine ('none' to skip)")
+    p.add_argument("--to-recorder", type=endpoint, default=None,
                    help=f"bind endpoint for the recorder ('none' to skip, the default; the "
                         f"usual one is {FRAMES_TO_RECORDER})")
-    p.add_argument("--to-viewer", default=FRAMES_TO_VIEWER,
-                   help=f"PUB endpoint for viewers ('none' to skip; default {FRAMES_TO_VIEWER})")
-    p.add_argument("--hwm", type=int, default=DEFAULT_HWM,
-                   help=f"messages queued per output (default {DEFAULT_HWM})")
+    config_option(p, "--to-viewer", SOURCE, type=endpoint,
+                  help="PUB endpoint for viewers ('none' to skip)")
+    config_option(p, "--hwm", SOURCE, type=positive_int, help="messages queued per output")
+    p.set_defaults(bind_options=("to_engine", "to_recorder", "to_viewer"))
 
 
-def _add_bench_common(p: argparse.ArgumentParser, default_json: str) -> None:
-    p.add_argument("--seconds", type=float, default=5.0,
-                   help="duration of each measurement, s (default 5)")
-    p.add_argument("--size", type=int, default=1024, help="frame side, px (default 1024)")
-    p.add_argument("--dtypes", default="uint16,float32",
-                   help="comma-separated frame dtypes (default uint16,float32)")
-    p.add_argument("--json", default=default_json, help=f"output JSON (default {default_json})")
+def _add_bench_common(p: argparse.ArgumentParser, config: str, default_json: str) -> None:
+    config_option(p, "--seconds", config, type=positive_float,
+                  help="duration of each measurement, s")
+    config_option(p, "--size", config, type=positive_int, help="frame side, px")
+    config_option(p, "--dtypes", config, **list_of(str),
+                  help="frame dtypes (comma- or space-separated)")
+    p.add_argument("--json", default=default_json, help="output JSON")
 
 
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -102,24 +109,23 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                     "session file (SWMR: readable while written; docs/SESSION_FILE.md). Stops "
                     "on the source's end of stream (after the results for all frames, or "
                     "--grace-s), on Ctrl-C/SIGTERM, or when the disk fills up; prints a summary.")
-    rec.add_argument("--out", required=True, metavar="SESSION.h5", help="file to write")
-    rec.add_argument("--frames", default=FRAMES_TO_RECORDER,
-                     help=f"endpoint of the frame source (default {FRAMES_TO_RECORDER})")
-    rec.add_argument("--results", default=RESULTS_TO_RECORDER,
-                     help=f"endpoint of the engine's results, 'none' for frames only (default "
-                          f"{RESULTS_TO_RECORDER})")
-    rec.add_argument("--compress", action="store_true",
-                     help="lossless Bitshuffle+LZ4 compression (readers need hdf5plugin)")
-    rec.add_argument("--flush-s", type=float, default=0.5,
-                     help="longest time between flushes to disk, s (default 0.5)")
-    rec.add_argument("--grace-s", type=float, default=120.0,
-                     help="after the end of stream, wait this long without news for missing "
-                          "results, s; a CPU engine can be minutes behind the frames, and the "
-                          "engine's own eos ends the wait early (default 120)")
-    rec.add_argument("--min-free-mib", type=float, default=64.0,
-                     help="stop cleanly when less than this is free on the disk, MiB (default 64)")
-    rec.add_argument("--hwm", type=int, default=DEFAULT_HWM,
-                     help=f"messages queued per input (default {DEFAULT_HWM})")
+    rec.add_argument("--out", required=True, type=output_file, metavar="SESSION.h5",
+                     help="file to write")
+    config_option(rec, "--frames", RECORDER, type=endpoint,
+                  help="endpoint of the frame source")
+    config_option(rec, "--results", RECORDER, type=endpoint,
+                  help="endpoint of the engine's results, 'none' for frames only")
+    config_option(rec, "--compress", RECORDER, action="store_true",
+                  help="lossless Bitshuffle+LZ4 compression (readers need hdf5plugin)")
+    config_option(rec, "--flush-s", RECORDER, dest="flush_interval_s", type=float,
+                  metavar="FLUSH_S", help="longest time between flushes to disk, s")
+    config_option(rec, "--grace-s", RECORDER, type=float,
+                  help="after the end of stream, wait this long without news for missing "
+                       "results, s; a CPU engine can be minutes behind the frames, and the "
+                       "engine's own eos ends the wait early")
+    config_option(rec, "--min-free-mib", RECORDER, type=float,
+                  help="stop cleanly when less than this is free on the disk, MiB")
+    config_option(rec, "--hwm", RECORDER, type=positive_int, help="messages queued per input")
     rec.set_defaults(func=_record)
 
     watch = commands.add_parser(
@@ -129,15 +135,15 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                     "NAME.raw_1, ...) frame by frame as they are written. Ctrl-C ends the "
                     "stream.")
     watch.add_argument("folder", help="folder to watch")
-    watch.add_argument("--existing", action="store_true",
-                       help="also publish the files already in the folder")
-    watch.add_argument("--poll-s", type=float, default=0.2,
-                       help="time between folder scans, s (default 0.2)")
-    watch.add_argument("--settle-s", type=float, default=1.0,
-                       help="a file unchanged this long is complete, s (default 1)")
-    watch.add_argument("--pixel-size-pm", type=float,
-                       help="pixel size in pm for files that do not state it")
-    _add_outputs(watch, "live")
+    config_option(watch, "--existing", WATCH, action="store_true",
+                  help="also publish the files already in the folder")
+    config_option(watch, "--poll-s", WATCH, type=positive_float,
+                  help="time between folder scans, s")
+    config_option(watch, "--settle-s", WATCH, type=positive_float,
+                  help="a file unchanged this long is complete, s")
+    config_option(watch, "--pixel-size-pm", WATCH, type=positive_float,
+                  help="pixel size in pm for files that do not state it")
+    _add_outputs(watch)
     watch.set_defaults(func=_watch)
 
     bt = bench.add_parser(
@@ -146,12 +152,11 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                     "PUSH/PULL, decode) and, in the same run, bare pyzmq multipart sends of the "
                     "same bytes over the same transport (the ceiling). Prints a table, writes "
                     "JSON.")
-    _add_bench_common(bt, "benchmarks/transport.json")
-    bt.add_argument("--transport", choices=("tcp", "ipc"), default="tcp",
-                    help="tcp (loopback) or ipc (Unix socket); default tcp")
-    bt.add_argument("--repeats", type=int, default=3,
-                    help="interleaved repeats of each measurement; the median is reported "
-                         "(default 3)")
+    _add_bench_common(bt, TRANSPORT_BENCH, "benchmarks/transport.json")
+    config_option(bt, "--transport", TRANSPORT_BENCH, choices=("tcp", "ipc"),
+                  help="tcp (loopback) or ipc (Unix socket)")
+    config_option(bt, "--repeats", TRANSPORT_BENCH, type=positive_int,
+                  help="interleaved repeats of each measurement; the median is reported")
     bt.set_defaults(func=_bench_transport)
 
     br = bench.add_parser(
@@ -159,8 +164,9 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
         description="Stream frames from another process into the recorder (HDF5, SWMR) and, in "
                     "the same run, write the same bytes sequentially to a raw file on the same "
                     "disk (the ceiling). Prints a table, writes JSON.")
-    _add_bench_common(br, "benchmarks/record.json")
+    _add_bench_common(br, RECORD_BENCH, "benchmarks/record.json")
     br.add_argument("--dir", default=None,
                     help="folder for the files (default: a temporary folder under runs/)")
-    br.add_argument("--compress", action="store_true", help="also measure Bitshuffle+LZ4")
+    config_option(br, "--compress", RECORD_BENCH, action="store_true",
+                  help="also measure Bitshuffle+LZ4")
     br.set_defaults(func=_bench_record)

@@ -80,11 +80,11 @@ def test_a_port_in_use_is_named_with_its_option(capsys):
 
 
 def test_one_image_size_check_suggests_valid_sides():
-    check_image_side(512, 32, 32, "--crop")
-    with pytest.raises(UserError, match="--size 37.*use 36 or 38"):
-        check_image_side(37, 2, 16, "--size")
+    check_image_side(512, 32, 32, "--crop 512")
+    with pytest.raises(UserError, match="--size 37: .*use 36 or 38"):
+        check_image_side(37, 2, 16, "--size 37")
     with pytest.raises(UserError, match="224 or 256"):
-        check_image_side(250, 32, 32, "--crop")
+        check_image_side(250, 32, 32, "--crop 250")
 
 
 def test_machine_info_has_one_set_of_keys():
