@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from streamer.domain import N_DEPTHS
-from training.data import file_sha256
+from training.model import file_sha256
 
 
 def exportable_median(x: torch.Tensor, kernel: int) -> torch.Tensor:

@@ -6,7 +6,6 @@ they are the augmentations used; transposes are not (the two axes have different
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,15 +16,7 @@ from tqdm import tqdm
 
 from sim_source.noise import add_poisson_noise
 from training.labels import TargetConfig, make_targets
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+from training.model import file_sha256
 
 
 def file_seed(path: str | Path) -> int | None:

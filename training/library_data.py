@@ -18,7 +18,8 @@ from sim_source.microscope import (OpticsDraw, OpticsRanges, View, camera, draw_
 from streamer.domain import MAX_ATOMS
 from sim_source.structure import ColumnTable
 from sim_source.wave_library import is_library
-from training.data import LabelledSet, file_sha256, load_set
+from training.data import LabelledSet, load_set
+from training.model import file_sha256
 from training.labels import TargetConfig, make_targets
 
 

@@ -143,6 +143,15 @@ def bundled_model_path() -> Path:
     return Path(__file__).resolve().parent / "models" / "segdepth_base16.pt"
 
 
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def model_id_for(config: UNetConfig, state: dict[str, torch.Tensor]) -> str:
     """Short stable identity: base channels plus a hash of the weights."""
     digest = hashlib.sha256()

@@ -27,12 +27,12 @@ from sim_source.microscope import OpticsDraw, OpticsRanges
 from sim_source.noise import add_poisson_noise
 from sim_source.particle import ParticleConfig
 from streamer.domain import PAPER_DOSE_E_PER_PX
-from training.data import LabelledSet, file_seed, file_sha256, load_set
+from training.data import LabelledSet, file_seed, load_set
 from training.inference import predict_batches, uncertainty_scores
 from training.labels import TargetConfig
 from training.library_data import RenderConfig, load_library, render_set
 from training.metrics import Calibration, ColumnMetrics, DepthMetrics, centre_mask
-from training.model import load_model
+from training.model import file_sha256, load_model
 
 log = logging.getLogger(__name__)
 
