@@ -225,7 +225,7 @@ def _add_serve(commands) -> None:
                   help="exit after forwarding the first end-of-stream message")
     p.add_argument("--stats", default=None,
                    help="write counters, latency percentiles and the config as JSON here on exit")
-    p.set_defaults(func=_serve, bind_options=("results", "viewer"))
+    p.set_defaults(func=_serve)
 
 
 def _serve_endpoints(p: argparse.ArgumentParser) -> None:

@@ -89,7 +89,6 @@ def _add_outputs(p: argparse.ArgumentParser) -> None:
     config_option(p, "--to-viewer", SOURCE, type=endpoint,
                   help="PUB endpoint for viewers ('none' to skip)")
     config_option(p, "--hwm", SOURCE, type=positive_int, help="messages queued per output")
-    p.set_defaults(bind_options=("to_engine", "to_recorder", "to_viewer"))
 
 
 def _add_bench_common(p: argparse.ArgumentParser, config: str, default_json: str) -> None:

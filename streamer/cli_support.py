@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import functools
 import importlib
 import inspect
@@ -28,7 +27,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -56,7 +54,7 @@ class HelpFormatter(argparse.HelpFormatter):
         lazy = getattr(action, "config_default", None)
         default = _config_default(*lazy) if lazy else action.default
         if ("default" in text or any(default is v for v in (None, False, argparse.SUPPRESS))
-                or not action.option_strings):
+                or default in ([], "") or not action.option_strings):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         return f"{text} (default: {str(shown).replace('%', '%%')})"
@@ -185,43 +183,13 @@ def add_json_option(parser: Any, default: str) -> None:
 
 
 # --- running -----------------------------------------------------------------------------------
-def _in_use(endpoint_text: str) -> bool:
-    """Whether a tcp endpoint's port cannot be bound now (held by another socket)."""
-    parts = urlsplit(endpoint_text)
-    host = parts.hostname or "127.0.0.1"
-    if parts.scheme != "tcp" or parts.port is None or host == "*":
-        return False
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        try:
-            probe.bind((host, parts.port))
-        except OSError:
-            return True
-    return False
-
-
-def _address_in_use(args: argparse.Namespace) -> str:
-    """The message for a bind that failed: which of the command's endpoints is taken."""
-    options = getattr(args, "bind_options", ())
-    bound = [(o, getattr(args, o)) for o in options if isinstance(getattr(args, o, None), str)]
-    taken = [(o, e) for o, e in bound if _in_use(e)] or bound
-    if not taken:
-        return "address already in use (another process holds the port: stop it)"
-    names = ", ".join(f"{e} (--{o.replace('_', '-')})" for o, e in taken)
-    return (f"address already in use: {names}; another process holds it: stop that process or "
-            f"pass another endpoint")
-
-
-def _message(exc: BaseException, args: argparse.Namespace) -> str | None:
+def _message(exc: BaseException) -> str | None:
     """One line for a user mistake, or None for a bug (which keeps its traceback)."""
     if isinstance(exc, (UserError, ValueError)):
         return str(exc)
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"{exc.filename}: no such file or directory"
-    if isinstance(exc, OSError) and getattr(exc, "errno", None) == errno.EADDRINUSE:
-        return _address_in_use(args)
-    if type(exc).__name__ == "ZMQError" and getattr(exc, "errno", None) == errno.EADDRINUSE:
-        return _address_in_use(args)
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError):  # streamer.sockets names the endpoint of a failed bind
         return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
     return None
 
@@ -233,7 +201,7 @@ def one_line_errors(handler: Handler) -> Handler:
         try:
             return handler(args)
         except Exception as exc:  # noqa: BLE001 -- re-raised unless it is a user mistake
-            message = _message(exc, args)
+            message = _message(exc)
             if message is None:
                 raise
             print(f"segdepth {getattr(args, 'command', '')}: error: {message}", file=sys.stderr)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import socket
 
 import pytest
 
@@ -60,23 +59,6 @@ def test_user_mistakes_end_in_one_line_and_bugs_keep_their_traceback(capsys):
         return {}["key"]
     with pytest.raises(KeyError):
         one_line_errors(bug)(argparse.Namespace(command="x"))
-
-
-def test_a_port_in_use_is_named_with_its_option(capsys):
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-
-        def bind(_args):
-            import zmq
-            with zmq.Context() as ctx, ctx.socket(zmq.PUSH) as s:
-                s.bind(f"tcp://127.0.0.1:{port}")
-            return 0
-        code, err = _run(bind, capsys, results=f"tcp://127.0.0.1:{port}", viewer="none",
-                         bind_options=("results", "viewer"))
-    assert code == 2 and err.count("\n") == 1
-    assert f"tcp://127.0.0.1:{port} (--results)" in err and "already in use" in err
 
 
 def test_one_image_size_check_suggests_valid_sides():

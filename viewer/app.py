@@ -2,24 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import os
 import shlex
 import sys
 import time
 from collections import Counter
 
-from streamer.sockets import FRAMES_TO_VIEWER, RESULTS_TO_VIEWER
+from streamer.cli_support import (HelpFormatter, UserError, config_option, given, one_line_errors,
+                                  positive_float, positive_int)
 from streamer.domain import SPECIES_O
+from streamer.sockets import FRAMES_TO_VIEWER, RESULTS_TO_VIEWER
 from viewer.colormaps import COLORMAPS
 
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default unless it is empty (None, [], "", False)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or action.default in ([], ""):
-            return action.help or ""
-        return super()._get_help_string(action)
+CONFIG = "viewer.window:ViewerConfig"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,25 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--levels", type=float, nargs=2, metavar=("LO", "HI"),
                       help="fixed display levels of the raw frame, counts [default: auto from "
                            "the first frame]")
-    view.add_argument("--frame-cmap", default="gray", choices=COLORMAPS,
-                      help="colormap of the raw frame")
-    view.add_argument("--confidence-cmap", default="viridis", choices=COLORMAPS,
-                      help="colormap of the confidence map")
-    view.add_argument("--refresh-hz", type=float, default=30.0,
-                      help="image updates per second (at most 30)")
-    view.add_argument("--plots-hz", type=float, default=5.0,
-                      help="updates per second of the pinned columns' plots (at most 30)")
-    view.add_argument("--stale-s", type=float, default=5.0,
-                      help="seconds without messages before the status bar reports the stream "
-                           "as unreachable")
-    view.add_argument("--history", type=int, default=2000, metavar="N",
-                      help="results kept per column for the time-series plots")
-    view.add_argument("--max-pins", type=int, default=3, help="columns pinned at most at once")
-    view.add_argument("--pick-radius-px", type=float, default=20.0,
-                      help="a click selects the nearest column within this radius, image pixels")
+    config_option(view, "--frame-cmap", CONFIG, choices=COLORMAPS,
+                  help="colormap of the raw frame")
+    config_option(view, "--confidence-cmap", CONFIG, choices=COLORMAPS,
+                  help="colormap of the confidence map")
+    config_option(view, "--refresh-hz", CONFIG, type=positive_float,
+                  help="image updates per second (at most 30)")
+    config_option(view, "--plots-hz", CONFIG, type=positive_float,
+                  help="updates per second of the pinned columns' plots (at most 30)")
+    config_option(view, "--stale-s", CONFIG, type=positive_float,
+                  help="seconds without messages before the status bar reports the stream "
+                       "as unreachable")
+    config_option(view, "--history", CONFIG, dest="history_len", type=positive_int,
+                  metavar="N", help="results kept per column for the time-series plots")
+    config_option(view, "--max-pins", CONFIG, type=positive_int,
+                  help="columns pinned at most at once")
+    config_option(view, "--pick-radius-px", CONFIG, type=positive_float,
+                  help="a click selects the nearest column within this radius, image pixels")
     rec = p.add_argument_group("recording")
-    rec.add_argument("--record-dir", default=".",
-                     help="folder of the session files the Record button writes")
+    config_option(rec, "--record-dir", CONFIG,
+                  help="folder of the session files the Record button writes")
     rec.add_argument("--record-args", default="", metavar="ARGS",
                      help="extra arguments for `segdepth record` (one quoted string)")
     return p
@@ -86,11 +83,10 @@ def _config(args: argparse.Namespace):
     from viewer.window import ViewerConfig
     frames = [] if args.no_frames else (args.frames or [FRAMES_TO_VIEWER])
     return ViewerConfig(results=args.results or [RESULTS_TO_VIEWER], frames=frames,
-                        refresh_hz=args.refresh_hz, plots_hz=args.plots_hz, stale_s=args.stale_s,
-                        history_len=args.history, max_pins=args.max_pins,
-                        pick_radius_px=args.pick_radius_px, frame_cmap=args.frame_cmap,
-                        confidence_cmap=args.confidence_cmap, record_dir=args.record_dir,
-                        record_args=shlex.split(args.record_args))
+                        record_args=shlex.split(args.record_args),
+                        **given(args, "refresh_hz", "plots_hz", "stale_s", "history_len",
+                                "max_pins", "pick_radius_px", "frame_cmap", "confidence_cmap",
+                                "record_dir"))
 
 
 def most_eventful_oxygen(window) -> int | None:
@@ -112,34 +108,47 @@ def _wait_for(app, condition, timeout_s: float) -> bool:
     return condition()
 
 
+def check_display(environ: dict[str, str] | None = None) -> None:
+    """Refuse, in one line with the way out, to open a window where Qt cannot: no display, or
+    no libxcb-cursor for Qt's xcb platform (Qt would abort with rc 250)."""
+    env = os.environ if environ is None else environ
+    qpa = env.get("QT_QPA_PLATFORM", "")
+    if not sys.platform.startswith("linux") or qpa not in ("", "xcb", "wayland"):
+        return
+    way_out = ("for a PNG run `segdepth view --screenshot shot.png ...`, or set "
+               "QT_QPA_PLATFORM=offscreen")
+    if not env.get("DISPLAY") and not env.get("WAYLAND_DISPLAY"):
+        raise UserError(f"no display to open a window on (DISPLAY is not set): {way_out}")
+    if qpa != "wayland" and not env.get("WAYLAND_DISPLAY") \
+            and ctypes.util.find_library("xcb-cursor") is None:
+        raise UserError("Qt's xcb platform needs libxcb-cursor (apt-get install "
+                        f"libxcb-cursor0); or {way_out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command = "view"
+    return one_line_errors(_run)(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.screenshot:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    else:
+        check_display()
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
-        print(f"error: --size must be WxH, got {args.size!r}", file=sys.stderr)
-        return 2
+        raise UserError(f"--size must be WxH, got {args.size!r}") from None
     import pyqtgraph as pg
     from viewer.window import ViewerWindow
     app = pg.mkQApp("SegDepth Live")
-    try:
-        window = ViewerWindow(_config(args))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    window = ViewerWindow(_config(args))
     window.resize(width, height)
     if args.session:
-        try:
-            window.open_session(args.session)
-        except (OSError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        window.open_session(args.session)
         if not 0 <= args.frame < len(window.session):
-            print(f"error: --frame {args.frame} outside 0..{len(window.session) - 1}",
-                  file=sys.stderr)
-            return 2
+            raise UserError(f"--frame {args.frame} outside 0..{len(window.session) - 1}")
         window.slider.setValue(args.frame)
     else:
         window.connect_live()

@@ -9,16 +9,15 @@ message as it comes with pyqtgraph's defaults (auto levels on every image).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from streamer.cli_support import (HelpFormatter, config_option, given, machine_info,
+                                  positive_float, positive_int, write_json)
 from streamer.sockets import free_tcp_endpoint
 
 
@@ -182,27 +181,25 @@ def run(cfg: BenchConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from viewer.app import HelpFormatter
-    d = BenchConfig()
     p = argparse.ArgumentParser(
         prog="segdepth bench view",
         description="Display rate of the viewer (offscreen) at SIZE² while a publisher process "
                     "sends RATE results and frames per second on loopback; compared with "
                     "drawing every message in the GUI thread. Prints a table, writes JSON.",
         formatter_class=HelpFormatter)
-    p.add_argument("--size", type=int, default=d.size, help="frame side, pixels")
-    p.add_argument("--rate-hz", type=float, default=d.rate_hz,
-                   help="results (and frames) published per second")
-    p.add_argument("--duration-s", type=float, default=d.duration_s,
-                   help="seconds measured per mode, after the first display")
-    p.add_argument("--refresh-hz", type=float, default=d.refresh_hz,
-                   help="viewer display updates per second (at most 30)")
-    p.add_argument("--spacing-px", type=int, default=d.spacing_px,
-                   help="distance between Ce columns of the synthetic scene, pixels")
-    p.add_argument("--pins", type=int, default=d.pins, help="oxygen columns pinned (plots)")
+    config_option(p, "--size", BenchConfig, type=positive_int, help="frame side, pixels")
+    config_option(p, "--rate-hz", BenchConfig, type=positive_float,
+                  help="results (and frames) published per second")
+    config_option(p, "--duration-s", BenchConfig, type=positive_float,
+                  help="seconds measured per mode, after the first display")
+    config_option(p, "--refresh-hz", BenchConfig, type=positive_float,
+                  help="viewer display updates per second (at most 30)")
+    config_option(p, "--spacing-px", BenchConfig, type=positive_int,
+                  help="distance between Ce columns of the synthetic scene, pixels")
+    config_option(p, "--pins", BenchConfig, type=int, help="oxygen columns pinned (plots)")
     p.add_argument("--no-frames", action="store_true", help="publish results only")
     p.add_argument("--no-baseline", action="store_true", help="skip the naive comparison")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the synthetic scene")
+    config_option(p, "--seed", BenchConfig, type=int, help="seed of the synthetic scene")
     p.add_argument("--json", default="benchmarks/view.json", help="JSON file written")
     return p
 
@@ -210,10 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    cfg = BenchConfig(size=args.size, rate_hz=args.rate_hz, duration_s=args.duration_s,
-                      refresh_hz=args.refresh_hz, spacing_px=args.spacing_px, pins=args.pins,
-                      send_frames=not args.no_frames, baseline=not args.no_baseline,
-                      seed=args.seed)
+    cfg = BenchConfig(send_frames=not args.no_frames, baseline=not args.no_baseline,
+                      **given(args, "size", "rate_hz", "duration_s", "refresh_hz", "spacing_px",
+                              "pins", "seed"))
     rows = run(cfg)
     print(f"\nviewer display rate at {cfg.size}x{cfg.size}, publisher at {cfg.rate_hz:g}/s "
           f"({'results + frames' if cfg.send_frames else 'results'}), {cfg.duration_s:g} s "
@@ -224,15 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         print(f"{name:<50} {r['displayed_per_s']:>12.1f} {r['received_per_s']:>11.1f} "
               f"{r['results_lost']:>7} {r['viewer_cpu_percent']:>7.0f}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": asdict(cfg), "results": rows,
-                               "machine": {"cpus": os.cpu_count(), "python": sys.version,
-                                           "platform": platform.platform(),
-                                           "qt_platform": os.environ["QT_QPA_PLATFORM"]},
-                               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                              indent=2))
-    print(f"wrote {out}")
+    write_json(args.json, {"config": asdict(cfg), "results": rows,
+                           "machine": {**machine_info(),
+                                       "qt_platform": os.environ["QT_QPA_PLATFORM"]},
+                           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return 0
 
 
