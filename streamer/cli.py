@@ -8,9 +8,18 @@ import argparse
 import os
 import sys
 
-from streamer.cli_support import (config_option, default_of, endpoint, given,
-                                  install_stop_signals, list_of, output_file, positive_float,
-                                  positive_int)
+from streamer import security
+from streamer.cli_support import (
+    config_option,
+    default_of,
+    endpoint,
+    given,
+    install_stop_signals,
+    list_of,
+    output_file,
+    positive_float,
+    positive_int,
+)
 from streamer.sockets import FRAMES_TO_RECORDER, MODES
 
 RECORDER = "streamer.recorder:RecorderConfig"
@@ -31,6 +40,7 @@ def record_config(args: argparse.Namespace):
 
 def _record(args: argparse.Namespace) -> int:
     from streamer.recorder import WRITE_ERROR, Recorder
+    security.apply_options(args)
     summary = Recorder(record_config(args)).run()
     print(summary.table(), flush=True)
     if summary.stopped_by == WRITE_ERROR:
@@ -55,10 +65,27 @@ def watch_config(args: argparse.Namespace):
 
 def _watch(args: argparse.Namespace) -> int:
     from streamer.watcher import FolderWatcher
+    security.apply_options(args)
     watcher = FolderWatcher(watch_config(args), stop=install_stop_signals())
     stats = watcher.run()
     print(f"published {stats['files']} files, {stats['frames']} frames; per output: "
           f"{ {k: v for k, v in stats.items() if isinstance(v, dict)} }", flush=True)
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from streamer.session_file import recover
+    info = recover(args.file)
+    print(f"{info['path']}: {info['rows']} rows kept, {info['dropped_rows']} dropped (no "
+          f"sequence number or timestamp); session {info['session_id']!r}, last frame "
+          f"{info['last_seq']}. It now opens with plain h5py.", flush=True)
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    keys = security.make_keys(args.dir, overwrite=args.force)
+    print(f"keys in {keys.folder}: server.key(_secret), client.key(_secret), allowed/ "
+          f"(1 client). Pass --keys {keys.folder} to every program.", flush=True)
     return 0
 
 
@@ -125,6 +152,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     config_option(rec, "--min-free-mib", RECORDER, type=float,
                   help="stop cleanly when less than this is free on the disk, MiB")
     config_option(rec, "--hwm", RECORDER, type=positive_int, help="messages queued per input")
+    security.add_options(rec)
     rec.set_defaults(func=_record)
 
     watch = commands.add_parser(
@@ -143,7 +171,28 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     config_option(watch, "--pixel-size-pm", WATCH, type=positive_float,
                   help="pixel size in pm for files that do not state it")
     _add_outputs(watch)
+    security.add_options(watch)
     watch.set_defaults(func=_watch)
+
+    rc = commands.add_parser(
+        "recover", help="make a recording left by a killed recorder open with plain h5py",
+        description="Rewrite a session file whose recorder was killed (SIGKILL, power cut): "
+                    "rows with their sequence number and timestamp are kept, the rest "
+                    "dropped; afterwards h5py.File(path, 'r') opens it. Needs as much free "
+                    "space as the file. A restarted `segdepth record` does this by itself "
+                    "for the file it finds unfinished at --out.")
+    rc.add_argument("file", help="session file (.h5)")
+    rc.set_defaults(func=_recover)
+
+    keys = commands.add_parser(
+        "keys", help="make CURVE key files for encrypted, authenticated links",
+        description="Create DIR with a server and a client CURVE key pair and DIR/allowed/ "
+                    "(the client public keys servers admit). Give the same DIR to every "
+                    "program (--keys DIR, or SEGDEPTH_KEYS=DIR for serve and view); copy "
+                    "another client's .key into DIR/allowed/ to admit it.")
+    keys.add_argument("dir", help="folder to create")
+    keys.add_argument("--force", action="store_true", help="replace existing keys")
+    keys.set_defaults(func=_keys)
 
     bt = bench.add_parser(
         "transport", help="frames/s and GB/s through the protocol vs bare pyzmq",

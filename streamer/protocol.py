@@ -55,6 +55,15 @@ RESULT_FIELDS: Mapping[str, tuple[type, ...]] = {
 MAX_BUFFERS = 16
 MAX_DIM = 1 << 16
 MAX_HEADER_BYTES = 16 << 20
+#: default largest frame side a receiver accepts, px (``FrameLimits.max_side_px``).
+MAX_FRAME_SIDE_PX = 8192
+#: pixel sizes a receiver accepts, pm (HRTEM: a few pm; 1e-3 pm would make the engine's
+#: column disks millions of pixels wide).
+PIXEL_SIZE_RANGE_PM = (0.1, 1000.0)
+#: doses a receiver accepts, electrons per pixel per frame (mean count of a vacuum pixel).
+DOSE_RANGE_E_PER_PX = (1e-3, 1e6)
+#: largest magnitude of a value in a floating-point frame, counts (1e308 overflows float32).
+MAX_FRAME_VALUE = 1e9
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +206,13 @@ def _buffer_spec(desc: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
     return name, np.dtype(dtype), tuple(shape)
 
 
-def decode(parts: Sequence[Any], *, check_finite: bool = True) -> Message:
+def decode(parts: Sequence[Any], *, check_finite: bool = True,
+           limits: FrameLimits | None = None) -> Message:
     """Decode and validate multipart ``parts``; raise :class:`ProtocolError` on any defect.
 
-    Arrays are views on the received buffers (no copy) and are read-only.
+    Arrays are views on the received buffers (no copy) and are read-only. ``limits``: also
+    check frames against them (:func:`check_frame_header` before the buffers are read,
+    :func:`check_frame_values` after).
     """
     if len(parts) < 2:
         raise ProtocolError("parts", f"{len(parts)} parts, need at least topic and header")
@@ -216,6 +228,8 @@ def decode(parts: Sequence[Any], *, check_finite: bool = True) -> Message:
     _check_header(head)
     if topic != head["kind"].encode("ascii"):
         raise ProtocolError("topic", f"topic {topic[:20]!r} does not match kind {head['kind']!r}")
+    if limits is not None and head["kind"] == "frame":
+        check_frame_header(head, limits)
     specs = [_buffer_spec(d) for d in head["buffers"]]
     if len(parts) - 2 != len(specs):
         raise ProtocolError("buffers", f"header lists {len(specs)} buffers, "
@@ -232,7 +246,68 @@ def decode(parts: Sequence[Any], *, check_finite: bool = True) -> Message:
         if check_finite and dtype.kind == "f" and not np.isfinite(arr).all():
             raise ProtocolError("nonfinite", f"buffer {name!r} holds NaN or Inf")
         arrays[name] = arr
+    if limits is not None and head["kind"] == "frame":
+        check_frame_values(arrays["frame"], limits)
     return Message(head, arrays)
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """What a receiver accepts before it allocates anything for a frame.
+
+    ``max_side_px``: largest H and W (0 < H, W), px. ``pixel_size_range_pm``: accepted pixel
+    sizes, pm (NaN, "unknown", passes here; the engine refuses it itself).
+    ``dose_range_e_per_px``: accepted ``dose_e_per_px`` when present. ``max_value``: largest
+    magnitude in a floating-point frame, counts.
+    """
+
+    max_side_px: int = MAX_FRAME_SIDE_PX
+    pixel_size_range_pm: tuple[float, float] = PIXEL_SIZE_RANGE_PM
+    dose_range_e_per_px: tuple[float, float] = DOSE_RANGE_E_PER_PX
+    max_value: float = MAX_FRAME_VALUE
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_side_px <= MAX_DIM:
+            raise ValueError(f"max_side_px must be in 1..{MAX_DIM}, got {self.max_side_px}")
+
+    @property
+    def max_part_bytes(self) -> int:
+        """Largest message part a receiver needs: a float64 frame of the largest side, or the
+        largest header (ZMQ_MAXMSGSIZE is set from it)."""
+        return max(self.max_side_px ** 2 * 8, MAX_HEADER_BYTES)
+
+
+def _in_range(value: Any, bounds: tuple[float, float]) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and bounds[0] <= value <= bounds[1])
+
+
+def check_frame_header(head: Mapping[str, Any], limits: FrameLimits = FrameLimits()) -> None:
+    """Check a frame header (already protocol-valid) against ``limits``; raise ProtocolError
+    with reason ``shape``, ``pixel_size`` or ``dose``. Runs before any buffer is looked at."""
+    h, w = head["buffers"][0]["shape"]
+    if not (0 < h <= limits.max_side_px and 0 < w <= limits.max_side_px):
+        raise ProtocolError("shape", f"frame of {h} x {w} px: each side must be 1.."
+                                     f"{limits.max_side_px} px")
+    pixel = head["pixel_size_pm"]
+    if not (isinstance(pixel, float) and math.isnan(pixel)) \
+            and not _in_range(pixel, limits.pixel_size_range_pm):
+        lo, hi = limits.pixel_size_range_pm
+        raise ProtocolError("pixel_size", f"pixel_size_pm = {pixel!r:.20} is outside "
+                                          f"{lo:g}..{hi:g} pm (NaN: unknown)")
+    dose = head.get("dose_e_per_px")
+    if dose is not None and not _in_range(dose, limits.dose_range_e_per_px):
+        lo, hi = limits.dose_range_e_per_px
+        raise ProtocolError("dose", f"dose_e_per_px = {dose!r:.20} is outside {lo:g}..{hi:g} "
+                                    f"electrons per pixel")
+
+
+def check_frame_values(frame: np.ndarray, limits: FrameLimits = FrameLimits()) -> None:
+    """Reject a floating-point frame with a value beyond ``limits.max_value`` (reason
+    ``range``); NaN/Inf are caught by :func:`decode` (reason ``nonfinite``)."""
+    if frame.dtype.kind == "f" and frame.size and \
+            float(np.max(np.abs(frame))) > limits.max_value:
+        raise ProtocolError("range", f"frame values beyond +-{limits.max_value:g} counts")
 
 
 class MalformedCounter:
@@ -261,26 +336,36 @@ class MalformedCounter:
 
 
 class SequenceTracker:
-    """Counts frames lost as gaps in sequence numbers, per session (a new session resets it)."""
+    """Counts frames lost as gaps in sequence numbers, per session (a new session resets it).
+
+    The first frame of a session counts the frames before it as lost (``seq`` numbers from 0),
+    unless ``resume_after`` says which sequence number this receiver already holds (e.g. a
+    restarted recorder that recovered its previous file)."""
 
     def __init__(self) -> None:
         self.session: str | None = None
         self.last_seq: int | None = None
         self.received = 0
         self.lost = 0
+        self.lost_at_start = 0
         self.out_of_order = 0
+
+    def resume_after(self, session: str, seq: int) -> None:
+        """Continue ``session`` after ``seq`` (held already): no gap counted before it."""
+        self.session, self.last_seq = session, seq
 
     def update(self, session: str, seq: int) -> int:
         """Record ``seq``; return the number of frames missing just before it."""
         if session != self.session:
             self.session, self.last_seq = session, None
-        gap = 0
-        if self.last_seq is not None:
-            if seq > self.last_seq:
-                gap = seq - self.last_seq - 1
-            else:
-                self.out_of_order += 1
-                return 0
+        if self.last_seq is None:
+            gap = seq  # frames 0..seq-1 never arrived
+            self.lost_at_start += gap
+        elif seq > self.last_seq:
+            gap = seq - self.last_seq - 1
+        else:
+            self.out_of_order += 1
+            return 0
         self.lost += gap
         self.received += 1
         self.last_seq = seq
@@ -299,4 +384,5 @@ class SequenceTracker:
         return tail
 
     def as_dict(self) -> dict[str, int]:
-        return {"received": self.received, "lost": self.lost, "out_of_order": self.out_of_order}
+        return {"received": self.received, "lost": self.lost,
+                "lost_at_start": self.lost_at_start, "out_of_order": self.out_of_order}

@@ -2,14 +2,22 @@
 
 Frames and results arrive on separate sockets in any order; a result is stored in the row of the
 frame it answers (matched by session and sequence number; a result that comes first waits).
-The recorder stops on the source's ``eos`` once every frame has its result (or the engine sent
-its own ``eos``, or ``grace_s`` passed without news), on SIGINT/SIGTERM, or when the disk fills
-up; it then prints a summary. What was flushed before a crash stays readable (SWMR).
+The recorder follows one session, the first whose frame it gets: frames, results and ``eos``
+of any other session are refused and counted (``foreign``), so only the session's own source
+ends a recording. It stops on that ``eos`` once every frame has its result (or the engine sent
+its own ``eos``, or ``grace_s`` passed without news), on SIGINT/SIGTERM, or before the disk
+fills up (a reserve of at least :data:`MIN_RESERVE_MIB` stays free); it then prints a summary.
+
+Messages are acknowledged to their senders only once flushed to disk, so a recorder killed and
+restarted loses nothing: the sender resends what was not on disk. A restarted recorder finds
+its previous file unfinished, recovers it (:func:`streamer.session_file.recover`) and records
+into ``NAME.1.h5`` (``.2``...) beside it, continuing that session's loss accounting.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -21,13 +29,27 @@ from pathlib import Path
 import zmq
 
 from streamer.protocol import Message, ProtocolError
-from streamer.session_file import RESULT_MAPS, SessionWriter, config_json
+from streamer.session_file import (RESULT_MAPS, SessionWriter, config_json, needs_recovery,
+                                   recover)
 from streamer.sockets import DEFAULT_HWM, FRAMES_TO_RECORDER, RESULTS_TO_RECORDER, Input
 from streamer.source import progress
 
 log = logging.getLogger(__name__)
 #: ``stopped_by`` after HDF5 failed to write (the file keeps what was flushed before).
 WRITE_ERROR = "write error"
+#: smallest free-space reserve, MiB: HDF5 needs room to flush and close a file cleanly.
+MIN_RESERVE_MIB = 16.0
+#: bytes a row may need beyond its maps (metadata, column series, chunk index), B.
+ROW_OVERHEAD_BYTES = 64 * 1024
+
+
+def next_free_name(path: Path) -> Path:
+    """``NAME.1.h5``, ``NAME.2.h5``... beside ``path``: the first that does not exist."""
+    for k in range(1, 10_000):
+        candidate = path.with_name(f"{path.stem}.{k}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise FileExistsError(f"no free file name beside {path}")
 
 
 @dataclass
@@ -44,13 +66,27 @@ class RecorderConfig:
     flush_interval_s: float = 0.5
     #: after the source's eos, how long to wait without news for outstanding results, s.
     grace_s: float = 120.0
-    #: stop recording cleanly when less than this is free on the output disk, MiB.
+    #: stop recording cleanly when less than this is free on the output disk, MiB
+    #: (at least MIN_RESERVE_MIB).
     min_free_mib: float = 64.0
     #: queue length of each input socket, messages.
     hwm: int = DEFAULT_HWM
     #: results kept while waiting for their frame (each holds its maps: ~6 MB at 1024^2);
     #: beyond, the oldest is dropped and counted.
     max_pending_results: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.min_free_mib >= MIN_RESERVE_MIB:
+            raise ValueError(f"--min-free-mib {self.min_free_mib:g} is too small: the recorder "
+                             f"keeps at least {MIN_RESERVE_MIB:g} MiB free so that HDF5 can "
+                             f"close the file cleanly")
+        folder = Path(self.out).resolve().parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"cannot record to {self.out}: the folder {folder} does "
+                                    f"not exist (create it, or choose another --out)")
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"cannot record to {self.out}: the folder {folder} is not "
+                                  f"writable (choose another --out)")
 
 
 @dataclass
@@ -63,6 +99,11 @@ class RecordSummary:
     lost: int = 0
     malformed: dict[str, int] = field(default_factory=dict)
     results_without_frame: int = 0
+    #: frames, results and eos of sessions other than the one recorded (refused).
+    foreign: dict[str, int] = field(default_factory=dict)
+    #: the session recorded, and the earlier file this one continues (after a crash).
+    session: str = ""
+    continues: str = ""
     stopped_by: str = "running"
     error: str | None = None
     elapsed_s: float = 0.0
@@ -72,10 +113,15 @@ class RecordSummary:
                 ("frames lost (sequence gaps)", self.lost),
                 ("malformed messages", sum(self.malformed.values())),
                 ("results without a frame", self.results_without_frame),
+                ("other sessions refused", sum(self.foreign.values())),
                 ("stopped by", self.stopped_by), ("elapsed, s", f"{self.elapsed_s:.1f}")]
         text = "\n".join(f"{k:<30} {v}" for k, v in rows)
         if self.malformed:
             text += f"\n{'malformed by reason':<30} {self.malformed}"
+        if self.foreign:
+            text += f"\n{'other sessions, by kind':<30} {self.foreign}"
+        if self.continues:
+            text += f"\n{'continues':<30} {self.continues}"
         if self.error:
             text += f"\nERROR: {self.error}"
         return text
@@ -86,57 +132,103 @@ class Recorder:
 
     def __init__(self, config: RecorderConfig):
         self.config = config
+        self.out = Path(config.out)
         self.summary = RecordSummary(path=str(config.out))
         self.stop = threading.Event()
         self.writer: SessionWriter | None = None
-        self._rows: dict[tuple[str, int], int] = {}
-        self._pending: OrderedDict[tuple[str, int], Message] = OrderedDict()
+        self._rows: dict[int, int] = {}
+        self._pending: OrderedDict[int, Message] = OrderedDict()
         self._session: str | None = None
-        self._sessions: set[str] = set()
+        self._resume: tuple[str, int] | None = None  # (session, last seq) of a crashed file
         self._eos_frames = False
         self._eos_results = False
         self._last_news = time.monotonic()
         self._last_disk_check = 0.0
         self._free_estimate = 0
+        self._row_bytes = 0
+
+    # --- the previous file -----------------------------------------------------------------
+    def _take_over_previous(self) -> None:
+        """An unfinished file at ``out`` (a killed recorder): recover it, record beside it."""
+        if not self.out.exists() or not needs_recovery(self.out):
+            return
+        try:
+            info = recover(self.out)
+        except (OSError, ValueError) as exc:
+            log.warning("%s was left unfinished and could not be recovered (%s); recording "
+                        "beside it", self.out, exc)
+        else:
+            log.warning("%s was left unfinished by a stopped recorder: recovered (%d rows "
+                        "kept, %d dropped); this recording continues it", self.out,
+                        info["rows"], info["dropped_rows"])
+            if info["session_id"]:
+                self._resume = (info["session_id"], info["last_seq"])
+        self.summary.continues = str(self.out)
+        self.out = next_free_name(self.out)
+        self.summary.path = str(self.out)
 
     # --- message handling ----------------------------------------------------------------
     def _reject(self, inp: Input, reason: str, detail: str) -> None:
         inp.malformed.record(ProtocolError(reason, detail))
 
+    def _foreign(self, kind: str, session: str) -> bool:
+        """True (and counted) when ``session`` is not the one recorded."""
+        if session == self._session:
+            return False
+        if not self.summary.foreign:
+            log.warning("refused a %s of session %r while recording session %r; further "
+                        "messages of other sessions are counted silently", kind, session,
+                        self._session)
+        self.summary.foreign[kind] = self.summary.foreign.get(kind, 0) + 1
+        return True
+
+    def _start(self, msg: Message, frames_in: Input) -> bool:
+        """Open the file on the first frame; False if the disk has no room."""
+        frame = msg.arrays["frame"]
+        h, w = frame.shape
+        self._row_bytes = frame.nbytes + h * w * 6 + ROW_OVERHEAD_BYTES
+        self._check_disk(force=True)
+        if self.stop.is_set():
+            return False
+        self._session = self.summary.session = msg.header["session"]
+        if self._resume is not None and self._resume[0] == self._session:
+            frames_in.sequences["frame"].resume_after(*self._resume)
+        self.writer = SessionWriter(
+            self.out, msg, compress=self.config.compress,
+            flush_interval_s=self.config.flush_interval_s,
+            attrs={"recorder_config": config_json(self.config),
+                   "continues": os.path.basename(self.summary.continues)})
+        log.info("recording %s: session %s, %s %s frames", self.out, self._session,
+                 frame.shape, frame.dtype)
+        return True
+
     def _on_frame(self, msg: Message, inp: Input) -> None:
         frame = msg.arrays["frame"]
         if self.writer is None:
-            self._check_disk(force=True, writing=frame.nbytes)
-            if self.stop.is_set():
+            if not self._start(msg, inp):
                 return
-            self.writer = SessionWriter(
-                self.config.out, msg, compress=self.config.compress,
-                flush_interval_s=self.config.flush_interval_s,
-                attrs={"recorder_config": config_json(self.config)})
-            log.info("recording %s: %s %s frames", self.config.out, frame.shape, frame.dtype)
+        elif self._foreign("frame", msg.header["session"]):
+            return
         elif frame.shape != self.writer.shape or frame.dtype != self.writer.dtype:
             self._reject(inp, "shape", f"frame {frame.shape} {frame.dtype} does not match the "
                                        f"session's {self.writer.shape} {self.writer.dtype}")
             return
         else:
-            self._check_disk(writing=frame.nbytes)
+            self._check_disk()
             if self.stop.is_set():
                 return
-        key = (msg.header["session"], msg.seq)
-        self._session = key[0]
-        self._sessions.add(key[0])
-        self._rows[key] = row = self.writer.add_frame(msg)
-        result = self._pending.pop(key, None)
+        self._rows[msg.seq] = row = self.writer.add_frame(msg)
+        self._free_estimate -= self._row_bytes
+        result = self._pending.pop(msg.seq, None)
         if result is not None:
             self.writer.add_result(row, result)
 
     def _on_result(self, msg: Message, inp: Input) -> None:
         head = msg.header
+        if self._session is not None and self._foreign("result", head["session"]):
+            return
         seq = head.get("frame_seq", msg.seq)
-        session = head["session"]
-        if session not in self._sessions and self._session is not None:
-            session = self._session  # an engine naming its own session answers the source's
-        key = (session, int(seq) if isinstance(seq, int) else -1)
+        seq = int(seq) if isinstance(seq, int) and not isinstance(seq, bool) else msg.seq
         shape = self.writer.shape if self.writer else None
         for name in RESULT_MAPS:
             arr = msg.arrays.get(name)
@@ -144,11 +236,11 @@ class Recorder:
                 self._reject(inp, "shape", f"result map {name!r} {arr.shape} does not match "
                                            f"the frames {shape}")
                 return
-        row = self._rows.get(key)
+        row = self._rows.get(seq)
         if row is not None:
             self.writer.add_result(row, msg)
             return
-        self._pending[key] = msg
+        self._pending[seq] = msg
         if len(self._pending) > self.config.max_pending_results:
             self._pending.popitem(last=False)
             self.summary.results_without_frame += 1
@@ -160,6 +252,8 @@ class Recorder:
         elif msg.kind == "result":
             self._on_result(msg, inp)
         elif msg.kind == "eos":
+            if self._foreign("eos", msg.header["session"]):
+                return
             if is_results:
                 self._eos_results = True
             else:
@@ -167,29 +261,32 @@ class Recorder:
                 log.info("end of stream from %s after %d frames", msg.header["source"], msg.seq)
 
     # --- stopping ------------------------------------------------------------------------
-    def _check_disk(self, force: bool = False, writing: int = 0) -> None:
-        """Stop before the disk fills up: HDF5 cannot recover from a failed write. Checked once
-        a second, and whenever the bytes written since the last check may have used the
-        margin up."""
+    def _check_disk(self, force: bool = False) -> None:
+        """Stop before the disk fills up: HDF5 cannot recover from a failed write. Asks the
+        disk once a second, and whenever the rows written since may have used the margin
+        up (each row is counted at its frame, maps and overhead)."""
         now = time.monotonic()
-        self._free_estimate -= writing
-        margin = self.config.min_free_mib * 2**20
+        margin = self.config.min_free_mib * 2**20 + 2 * self._row_bytes
         if not force and now - self._last_disk_check < 1.0 and self._free_estimate > margin:
             return
         self._last_disk_check = now
-        folder = Path(self.config.out).resolve().parent
-        self._free_estimate = shutil.disk_usage(folder).free - writing
-        free_mib = self._free_estimate / 2**20
-        if free_mib < self.config.min_free_mib:
-            self._fail("disk full", f"only {free_mib:.1f} MiB free on {folder} (the minimum is "
-                                    f"{self.config.min_free_mib:g} MiB, --min-free-mib)")
+        folder = self.out.resolve().parent
+        free = shutil.disk_usage(folder).free
+        self._free_estimate = free
+        if free <= margin:
+            self._fail("disk full", f"{free / 2**20:.1f} MiB free on {folder}, the reserve is "
+                                    f"{self.config.min_free_mib:g} MiB (--min-free-mib) plus "
+                                    f"two rows")
 
     def _fail(self, why: str, detail: str) -> None:
-        """Stop with an error. After a write error only what was flushed is certain."""
+        """Stop with an error (logged once). After a write error only what was flushed is
+        certain."""
+        if self.summary.error is not None:
+            return
         writer, fatal = self.writer, why == WRITE_ERROR
         n = 0 if writer is None else writer.n_flushed if fatal else writer.n_frames
         kept = f"the {n} frames {'flushed before' if fatal else 'recorded'}"
-        self.summary.error = (f"recording stopped ({why}): {detail}. {self.config.out} keeps "
+        self.summary.error = (f"recording stopped ({why}): {detail}. {self.out} keeps "
                               f"{kept}; free some space and start a new recording.")
         self.summary.stopped_by = why
         log.error(self.summary.error)
@@ -205,19 +302,32 @@ class Recorder:
             return True
         return time.monotonic() - self._last_news > self.config.grace_s
 
+    def _flush(self, inputs: list[Input], force: bool = False) -> None:
+        """Flush on the clock (or when half an input's credit waits for it), then acknowledge
+        what is on disk, so senders resend only what a crash could lose."""
+        due = force or any(inp.pending_ack >= max(1, inp.credit // 2) for inp in inputs)
+        if self.writer is None or self.writer.flush(force=due):
+            for inp in inputs:
+                inp.ack()
+        else:
+            for inp in inputs:
+                inp.service()
+
     # --- main loop -----------------------------------------------------------------------
     def run(self) -> RecordSummary:
         """Record until eos, a signal, ``stop`` or a write error; return the summary."""
         cfg, t0 = self.config, time.monotonic()
+        self._take_over_previous()
         frames_in = Input(cfg.frames, hwm=cfg.hwm, accept=("frame", "eos", "heartbeat"),
-                          name="recorder frames")
+                          name="recorder frames", auto_ack=False)
         inputs = [(frames_in, False)]
         if cfg.results:
             inputs.append((Input(cfg.results, hwm=cfg.hwm,
                                  accept=("result", "eos", "heartbeat"),
-                                 name="recorder results"), True))
+                                 name="recorder results", auto_ack=False), True))
+        links = [inp for inp, _ in inputs]
         poller = zmq.Poller()
-        for inp, _ in inputs:
+        for inp in links:
             poller.register(inp.socket, zmq.POLLIN)
         restore = self._install_signal_handlers()
         bar = progress(None, "recording")
@@ -228,9 +338,13 @@ class Recorder:
                     if inp.socket in ready:
                         for msg in inp.drain(16):  # bounded: flushes stay on time
                             self._handle(msg, inp, is_results)
+                            if self.stop.is_set():
+                                break
+                if self.stop.is_set():
+                    break
                 if self.writer is not None:
                     bar.update(self.writer.n_frames - bar.n)
-                    self.writer.flush()
+                self._flush(links)
                 self._check_disk()
                 if self._finished():
                     self.summary.stopped_by = "eos"
@@ -240,7 +354,7 @@ class Recorder:
         finally:
             bar.close()
             restore()
-            self._close(frames_in, [inp for inp, _ in inputs], t0)
+            self._close(frames_in, links, t0)
         return self.summary
 
     def _install_signal_handlers(self):
@@ -258,19 +372,17 @@ class Recorder:
         s = self.summary
         s.lost = frames_in.lost
         s.malformed = {}
-        for inp in inputs:
-            for reason, n in inp.malformed.as_dict().items():
-                s.malformed[reason] = s.malformed.get(reason, 0) + n
-            inp.close()
         s.results_without_frame += len(self._pending)
         s.elapsed_s = time.monotonic() - t0
         if s.stopped_by == "running":
             s.stopped_by = "stop"
+        flushed = self.writer is None
         if self.writer is not None:
             s.frames, s.results = self.writer.n_frames, self.writer.n_results
             if s.stopped_by != WRITE_ERROR:
                 try:
                     self.writer.flush(force=True)
+                    flushed = True
                     self.writer.close({"summary": json.dumps(asdict(s)),
                                        "frames_lost": s.lost,
                                        "stopped_by": s.stopped_by})
@@ -281,3 +393,9 @@ class Recorder:
                 self.writer.abandon()
             if s.stopped_by == WRITE_ERROR:  # beyond the last flush nothing is certain
                 s.frames = self.writer.n_flushed
+        for inp in inputs:
+            for reason, n in inp.malformed.as_dict().items():
+                s.malformed[reason] = s.malformed.get(reason, 0) + n
+            if flushed:
+                inp.ack()  # on disk: the senders may forget it
+            inp.close()

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
+from streamer import security
 from streamer.camera_files import iter_folder
 from streamer.session_file import open_session
 from streamer.sockets import (DEFAULT_HWM, FRAMES_TO_ENGINE, FRAMES_TO_RECORDER,
@@ -93,6 +94,7 @@ def replay(config: ReplayConfig, stop: threading.Event | None = None) -> dict:
         raise ValueError(f"timing must be one of {TIMINGS}")
     if config.timing == "rate" and not (config.rate_hz and config.rate_hz > 0):
         raise ValueError("timing 'rate' needs a positive rate_hz")
+    open_frames(config.source)[0].close()  # a missing or unreadable source fails at once
     sender = FrameSender(config.outputs, source=Path(config.source).name, stop=stop)
     pacer = Pacer(sender.stop)
     t0, sent, passes, pass_offset, warned = time.monotonic(), 0, 0, 0.0, False
@@ -138,8 +140,8 @@ def replay(config: ReplayConfig, stop: threading.Event | None = None) -> dict:
                 break
     finally:
         sender.end()
-        stats = sender.stats()
         sender.close()
+        stats = sender.stats()
     elapsed = time.monotonic() - t0
     stats.update(passes=passes, elapsed_s=elapsed, rate_hz=sent / elapsed if elapsed else 0.0)
     return stats
@@ -184,6 +186,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--hwm", type=int, default=DEFAULT_HWM,
                    help=f"messages queued per output before waiting/dropping "
                         f"(default {DEFAULT_HWM})")
+    security.add_options(p)
     p.set_defaults(func=_run)
 
 
@@ -195,6 +198,7 @@ def _run(args: argparse.Namespace) -> int:
         outputs=SourceConfig(mode=args.mode, to_engine=args.to_engine,
                              to_recorder=args.to_recorder, to_viewer=args.to_viewer,
                              hwm=args.hwm))
+    security.apply_options(args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -4,14 +4,16 @@ The layout is documented in docs/SESSION_FILE.md; its base (``frames``, ``timest
 ``sequence`` and the root attributes) is the "Session file" of docs/CONTRACTS.md, so a recording
 replays like a simulated session. Every dataset is chunked and resizable along time (axis 0);
 the writer works in SWMR mode (readers: ``h5py.File(path, "r", swmr=True)`` and ``refresh()``).
-A file whose writer was killed keeps its SWMR flag set: open it with ``swmr=True`` (plain
-``"r"`` refuses it until ``h5clear -s`` clears the flag); :func:`open_session` does so.
+A file whose writer was killed keeps its SWMR flag set: :func:`recover` (``segdepth recover``)
+rewrites it so plain h5py opens it, keeping every row that has its sequence number and
+timestamp; :func:`open_session` also reads such a file as it is (``swmr=True``).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -198,9 +200,9 @@ class SessionWriter:
         row = self.n_frames
         self._grow_time(row + 1)
         head = msg.header
-        self.frames[row] = msg.arrays["frame"]
-        self.timestamps[row] = head["t_acq"]
+        self.timestamps[row] = head["t_acq"]  # first: a row is valid once these two are set
         self.sequence[row] = head["seq"]
+        self.frames[row] = msg.arrays["frame"]
         self.received[row] = time.time()
         self.frame_dose[row] = _float(head, "dose_e_per_px")
         self.n_frames = row + 1
@@ -276,14 +278,16 @@ class SessionWriter:
         self.events.resize(n + len(rows), axis=0)
         self.events[n:] = rows
 
-    def flush(self, force: bool = False) -> None:
-        """Flush to disk if ``flush_interval_s`` has passed (or ``force``)."""
+    def flush(self, force: bool = False) -> bool:
+        """Flush to disk if ``flush_interval_s`` has passed (or ``force``); True if it did."""
         now = time.monotonic()
         if force or now - self._last_flush >= self.flush_interval_s:
             n = self.n_frames
             self.f.flush()
             self._last_flush = now
             self.n_flushed = n
+            return True
+        return False
 
     def close(self, final_attrs: dict[str, Any] | None = None) -> None:
         """Close the file; then reopen it briefly (not SWMR) to write the final attributes."""
@@ -403,6 +407,88 @@ def open_session(path: str | Path) -> Session:
                    frame_interval_s=interval,
                    session_id=str(_attr(f, "session_id", path.stem)),
                    source=str(_attr(f, "source", "file")))
+
+
+def needs_recovery(path: str | Path) -> bool:
+    """True for an existing session file its writer never closed (killed, crashed)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f.attrs.get("complete", 1)) == 0 and "sequence" in f
+    except OSError:  # still flagged as open for writing (SWMR), or damaged
+        return True
+
+
+def _valid_rows(f: h5py.File) -> int:
+    """Rows from the start that have a sequence number and a timestamp."""
+    n = f["frames"].shape[0]
+    if "sequence" not in f or "timestamps_s" not in f:
+        return n
+    seq = f["sequence"][:n]
+    t = f["timestamps_s"][:n]
+    bad = np.flatnonzero((seq < 0) | ~np.isfinite(t) | (t <= 0))
+    return int(bad[0]) if bad.size else n
+
+
+def _along_time(name: str, dset: h5py.Dataset) -> bool:
+    """Whether axis 0 of a session-file dataset is time (docs/SESSION_FILE.md)."""
+    if name.startswith("columns/"):
+        return dset.ndim >= 2  # (T, n_columns[, 11]); id, species, first_row run along columns
+    return dset.ndim >= 1 and name not in ("events",) and not name.startswith("analysis/")
+
+
+def recover(path: str | Path) -> dict[str, Any]:
+    """Rewrite a session file left by a killed recorder so plain h5py opens it.
+
+    Keeps the rows (frames and their results) that have a sequence number and a timestamp,
+    drops the rest, marks the file ``recovered`` (``complete`` stays 0). Works on a copy that
+    replaces the file at the end (needs as much free space as the file). Returns
+    ``{"path", "rows", "dropped_rows", "session_id", "last_seq"}``. Raises ValueError for a
+    file that is not a session file or cannot be read at all.
+    """
+    import hdf5plugin  # noqa: F401  (compressed recordings)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        src = h5py.File(path, "r", swmr=True)
+    except OSError:
+        try:
+            src = h5py.File(path, "r")
+        except OSError as exc:
+            raise ValueError(f"{path} cannot be read as HDF5 ({exc}); nothing to recover")
+    tmp = path.with_name(path.name + ".recover-tmp")
+    try:
+        if "frames" not in src or src["frames"].ndim != 3:
+            raise ValueError(f"{path} is not a session file: no (T, H, W) 'frames' dataset")
+        total = src["frames"].shape[0]
+        n = _valid_rows(src)
+        with h5py.File(tmp, "w", libver="latest") as dst:
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            for name in src:
+                src.copy(src[name], dst, name=name)
+
+            def trim(name: str, obj: Any) -> None:
+                if isinstance(obj, h5py.Dataset) and _along_time(name, obj) \
+                        and obj.shape[0] == total:
+                    obj.resize(n, axis=0)
+            dst.visititems(trim)
+            seq = dst["sequence"][:n] if "sequence" in dst else np.arange(n)
+            if n > 1 and "timestamps_s" in dst:
+                dst.attrs["frame_interval_s"] = float(np.median(np.diff(dst["timestamps_s"][:n])))
+            dst.attrs["complete"] = 0
+            dst.attrs["recovered"] = 1
+            dst.attrs["recovered_dropped_rows"] = total - n
+            session_id = str(_attr(dst, "session_id", ""))
+            last_seq = int(seq[-1]) if n else -1
+    except BaseException:
+        src.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    src.close()
+    os.replace(tmp, path)
+    return {"path": str(path), "rows": n, "dropped_rows": total - n, "session_id": session_id,
+            "last_seq": last_seq}
 
 
 def config_json(obj: Any) -> str:

@@ -37,6 +37,9 @@ class SourceConfig:
     hwm: int = DEFAULT_HWM
     #: how long the final eos may wait for a receiver, s.
     eos_timeout_s: float = 10.0
+    #: how long closing may wait for receivers to acknowledge everything after the user
+    #: stopped the source (Ctrl-C), s; an undisturbed end waits the outputs' full linger.
+    stopped_linger_s: float = 0.5
 
 
 def _enabled(endpoint: str | None) -> bool:
@@ -61,6 +64,7 @@ class FrameSender:
         self.stop = stop or threading.Event()
         self.outputs: dict[str, Output] = {}
         self.viewer: Publisher | None = None
+        self._interrupted = False
         try:
             for name in ("to_engine", "to_recorder"):
                 endpoint = getattr(config, name)
@@ -92,26 +96,32 @@ class FrameSender:
         return True
 
     def end(self) -> None:
-        """Send ``eos`` (``seq`` = frames sent) to every output, waiting a bounded time."""
+        """Send ``eos`` (``seq`` = frames sent) to every output, waiting a bounded time (a
+        moment only when the source was stopped: Ctrl-C must act at once)."""
         parts = encode_control("eos", session=self.session, seq=self.seq, source=self.source)
+        self._interrupted = self.stop.is_set()
+        timeout = self.config.stopped_linger_s if self._interrupted \
+            else self.config.eos_timeout_s
         for name, out in self.outputs.items():
             out.stop = threading.Event()  # a stopped source still says goodbye (bounded wait)
-            if not out.send(parts, timeout_s=self.config.eos_timeout_s, wait=True):
-                log.warning("eos to %s (%s) not delivered within %.0f s", name, out.endpoint,
-                            self.config.eos_timeout_s)
+            if not out.send(parts, timeout_s=timeout, wait=True):
+                log.warning("eos to %s (%s) not delivered within %.1f s", name, out.endpoint,
+                            timeout)
         if self.viewer is not None:
             self.viewer.send(parts)
 
     def stats(self) -> dict[str, Any]:
         """Frames numbered, and per output the messages sent and dropped."""
         return {"frames": self.seq, "session": self.session,
-                **{name: {"sent": o.sent, "dropped": o.dropped}
-                   for name, o in self.outputs.items()}}
+                **{name: o.stats() for name, o in self.outputs.items()}}
 
     def close(self) -> None:
+        """Close every output: each waits for its reader to acknowledge what it holds (its
+        linger; a moment only when the source was stopped)."""
+        interrupted = self._interrupted or self.stop.is_set() and not self.seq
         self.stop.set()
         for out in self.outputs.values():
-            out.close()
+            out.close(self.config.stopped_linger_s if interrupted else None)
         if self.viewer is not None:
             self.viewer.close()
 

@@ -34,6 +34,7 @@ def engine(model_path, endpoint_factory):
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         results = sockets.Input(cfg.results, hwm=1000)
+        assert src.wait_for_reader(10), "the engine never said ready"
         made.append((src, results, server, thread))
         return src, results, server
     yield start
@@ -104,7 +105,9 @@ def test_replay_serves_every_frame_in_order_and_forwards_eos(engine):
 
 
 def test_live_overload_serves_the_newest_and_counts_skipped(engine):
-    src, results, server = engine("live", max_batch=1, max_wait_ms=0, queue_frames=2)
+    # receive credit for the whole burst: the engine's own queue does the skipping here
+    src, results, server = engine("live", max_batch=1, max_wait_ms=0, queue_frames=2,
+                                  receive_hwm=64)
     rng = np.random.default_rng(1)
     n = 40
     msgs = [frame_msg(i, rng, mode="live") for i in range(n)]

@@ -96,7 +96,7 @@ def test_sequence_tracker_counts_gaps_tail_and_sessions():
     tracker = SequenceTracker()
     for seq in (0, 1, 4, 3, 5):
         tracker.update("a", seq)
-    assert tracker.as_dict() == {"received": 4, "lost": 2, "out_of_order": 1}
+    assert tracker.as_dict() == {"received": 4, "lost": 2, "lost_at_start": 0, "out_of_order": 1}
     assert tracker.end("a", 8) == 2  # frames 6 and 7 never came
     assert tracker.end("a", 8) == 0  # a repeated eos counts nothing more
     tracker.update("b", 0)  # a new session starts afresh

@@ -69,7 +69,8 @@ def test_simulated_session_replays_every_frame_with_metadata(tmp_path, endpoint_
         assert msg.header["dose_e_per_px"] == pytest.approx(3.0)
         assert msg.header["mode"] == "replay"
     np.testing.assert_allclose([m.header["t_acq"] for m in got], 5000 + 0.05 * np.arange(12))
-    assert box["stats"]["to_engine"] == {"sent": 13, "dropped": 0}
+    assert box["stats"]["to_engine"] == {"sent": 13, "dropped": 0, "resent": 0,
+                                         "refused_readers": 0, "unacknowledged": 0}
 
 
 def test_recorded_rate_paces_the_stream(tmp_path, endpoint_factory):

@@ -8,8 +8,13 @@ import threading
 import numpy as np
 import pytest
 
-from streamer.k3_bridge import (BridgeConfig, ChangeDetector, config_from_env, pixel_size_pm,
-                                run_bridge)
+from streamer.k3_bridge import (
+    BridgeConfig,
+    ChangeDetector,
+    config_from_env,
+    pixel_size_pm,
+    run_bridge,
+)
 from streamer.sockets import Input
 from streamer.source import FrameSender, SourceConfig
 
@@ -55,7 +60,15 @@ def test_bridge_publishes_live_frames_without_tearing(endpoint_factory):
     sender = FrameSender(SourceConfig(mode="live", to_engine=ep, to_viewer=None), source="k3")
     got = []
     with Input(ep) as inp:
-        assert sender.outputs["to_engine"].socket.poll(5000, 2)  # POLLOUT: connected
+        assert sender.outputs["to_engine"].wait_for_reader(5)
+        last = []
+
+        def read():  # the engine reads while the bridge publishes
+            while (msg := inp.recv(timeout_s=5)) is not None and msg.kind != "eos":
+                got.append(msg)
+            last.append(msg)
+        reader = threading.Thread(target=read)
+        reader.start()
         bridge = threading.Thread(target=lambda: run_bridge(lambda: view, sender, config, 5.3,
                                                             stop))
         bridge.start()
@@ -63,8 +76,8 @@ def test_bridge_publishes_live_frames_without_tearing(endpoint_factory):
         camera_done.wait(20)
         stop.set()
         bridge.join(20)
-        while (msg := inp.recv(timeout_s=5)) is not None and msg.kind != "eos":
-            got.append(msg)
+        reader.join(20)
+        msg = last[0]
     sender.close()
     values = [int(m.arrays["frame"][0, 0]) for m in got]
     for m in got:
