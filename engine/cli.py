@@ -9,10 +9,12 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from engine.hmm import HMMConfig
 from streamer import sockets
 from streamer.cli_support import config_option, endpoint, given, list_of, positive_int
+from training.cli import suite_files_options
 
 #: backend names, fastest first (engine.backends.PREFERENCE; kept here so --help needs no torch).
 BACKEND_NAMES = ("tensorrt", "torch-cuda", "onnxruntime-int8", "onnxruntime", "torch-cpu")
@@ -140,7 +142,7 @@ def e2e_config(args: argparse.Namespace):
     from engine import backends
     from engine.bench_e2e import E2EConfig
 
-    chosen = {}
+    chosen: dict[str, Any] = {}
     if args.backends == "all":
         chosen["backends"] = [n for n in BACKEND_NAMES if n != "torch-cpu"
                               and backends.unavailable_reason(n) is None]
@@ -299,14 +301,9 @@ def _add_bench_parity(bench) -> None:
     _model_option(p)
     config_option(p, "--candidate", PARITY, choices=["onnxruntime-int8"],
                   help="backend checked against FP32")
-    config_option(p, "--suite-dir", PARITY,
-                  help="the suite's test libraries, built when missing")
     config_option(p, "--samples", PARITY, type=positive_int, help="frames per row")
     config_option(p, "--crop", PARITY, type=positive_int, help="frame side in px")
-    config_option(p, "--suite-scale", PARITY, dest="scale", type=float,
-                  help="structures per suite file, relative")
-    config_option(p, "--suite-gpts", PARITY, dest="gpts", type=positive_int,
-                  help="multislice grid of the suite's libraries")
+    suite_files_options(p, PARITY, dir_field="suite_dir")
     p.add_argument("--out", default=None,
                    help="record path (default: beside the model, <stem>.int8.json)")
     p.set_defaults(func=_parity)

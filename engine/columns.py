@@ -189,6 +189,7 @@ class ColumnTracker:
             if self._ref.sum.shape != species_prob.shape:
                 raise ValueError(f"frame shape {species_prob.shape[1:]} differs from the "
                                  f"session's {self._ref.sum.shape[1:]}")
+            assert self._registration is not None  # made with the first reference
             self._drift = self._registration.estimate(
                 species_prob[1:], prior=self._drift,
                 search_px=self.config.drift_search_A * self._px_per_A)
@@ -206,6 +207,7 @@ class ColumnTracker:
 
     def _grow_reference(self, species_prob: np.ndarray) -> None:
         ref = self._ref
+        assert ref is not None  # update() made it
         if ref.count == 0:
             ref.count = 1
         else:
@@ -221,6 +223,7 @@ class ColumnTracker:
 
     def _match_ids(self, y: np.ndarray, x: np.ndarray, species: np.ndarray) -> np.ndarray:
         ref = self._ref
+        assert ref is not None  # update() made it
         ids = np.full(len(y), -1, dtype=np.int64)
         taken: set[int] = set()
         for sp in (SPECIES_CE, SPECIES_O):

@@ -51,15 +51,15 @@ class ProbabilityHead(torch.nn.Module):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
-        config = getattr(model, "config", None)
+        config: Any = getattr(model, "config", None)
         self.median_kernel = int(getattr(config, "median_kernel", 0) or 0)
         if self.median_kernel > 1:
             model.config = dataclasses.replace(config, median_kernel=0)
         self.model = model.half() if half else model
-        self.half = half
+        self.fp16 = half
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.half:
+        if self.fp16:
             x = x.half()
         depth_logits, species_logits = self.model(x)
         if self.median_kernel > 1:
@@ -67,7 +67,7 @@ class ProbabilityHead(torch.nn.Module):
         if self.temperature != 1.0:
             depth_logits = depth_logits / self.temperature
         depth, species = depth_logits.softmax(dim=1), species_logits.softmax(dim=1)
-        if self.half:
+        if self.fp16:
             depth, species = depth.float(), species.float()
         return depth, species
 
@@ -141,8 +141,13 @@ def class_prior_from_simulator(size_px: int = 256, structures: int = 400, seed: 
     from sim_source.hrtem import make_grid
     from sim_source.labels import label_maps
     from sim_source.structure import StructureConfig, build_columns
-    from training.labels import (TargetConfig, column_centres, loss_weights, prior_from_counts,
-                                 weighted_class_counts)
+    from training.labels import (
+        TargetConfig,
+        column_centres,
+        loss_weights,
+        prior_from_counts,
+        weighted_class_counts,
+    )
 
     cfg, grid = TargetConfig(), make_grid(size_px)
     counts = np.zeros(N_DEPTHS)

@@ -24,15 +24,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segdepth.evaluate import (load_recording, load_truth, match_columns,
-                               result_rows)
 from engine.cli import BACKEND_NAMES
+from segdepth.evaluate import load_recording, load_truth, match_columns, result_rows
 from streamer.cli_support import config_option, given, input_file, positive_int
 from streamer.domain import SPECIES_O
 from streamer.sockets import free_tcp_endpoint
@@ -80,7 +80,7 @@ def column_accuracy(recording: Path, session: Path, match_A: float = 0.5) -> dic
                                "truth_depths": sorted({int(d) for d in
                                                        truth["depth"][frames, k]})})
             continue
-        j, distance_A = matched_columns[k]
+        j, distance_A = matched_columns[int(k)]
         seen = np.isfinite(rec["x_px"][rows, j])
         true_depth = truth["depth"][frames[seen], k]
         est = rec["depth"][rows[seen], j].astype(int)
@@ -198,6 +198,7 @@ def _resolve_model(config: DemoConfig, out: Path) -> str:
     if bundled.is_file():
         return str(bundled)
     import torch
+
     from training.model import SegDepthUNet, UNetConfig, save_model
 
     log.warning("no bundled model at %s: using a RANDOMLY INITIALISED model, so the depth "
@@ -237,7 +238,7 @@ def class_prior(config: DemoConfig) -> list[str]:
 
 
 def run_pipeline(config: DemoConfig, session: Path, model: str,
-                 hmm_options: list[str] = ()) -> dict[str, Any]:
+                 hmm_options: Sequence[str] = ()) -> dict[str, Any]:
     """Replay ``session`` through engine and recorder (and viewer) processes; score it.
     ``hmm_options``: extra ``segdepth serve`` options of the temporal model.
 

@@ -25,10 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.hmm import (LEGACY, EventDetector, HMMConfig, filter_sequence,
-                        likelihoods, smooth)
-from streamer.cli_support import (config_option, given, input_file, positive_float,
-                                  positive_int)
+from engine.hmm import LEGACY, EventDetector, HMMConfig, filter_sequence, likelihoods, smooth
+from streamer.cli_support import config_option, given, input_file, positive_float, positive_int
 from streamer.domain import SPECIES_NAME, SPECIES_O, px_per_angstrom
 from streamer.session_file import events_table, write_events_csv
 
@@ -179,7 +177,8 @@ def evaluate(session: Path, recording: Path, config: HMMConfig, k: int = 5,
 
     def scores(name: str, threshold: float) -> dict[str, Any]:
         cfg = replace(config, event_threshold=threshold)
-        correct = {"O": [], "O_constant": [], "event": [], "event_constant": []}
+        correct: dict[str, list[bool]] = {"O": [], "O_constant": [], "event": [],
+                                          "event_constant": []}
         pairs, n_found, static_events, static_frames, static_flips = [], 0, 0, 0, 0
         for tk, c in columns.items():
             est = c["readings"][name].argmax(axis=1)[c["present"]]

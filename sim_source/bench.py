@@ -12,13 +12,22 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from sim_source.hrtem import BINNING, Optics, configure_abtem, exit_wave, image, make_grid
+from sim_source.hrtem import (
+    BINNING,
+    Grid,
+    Optics,
+    computed,
+    configure_abtem,
+    exit_wave,
+    image,
+    make_grid,
+)
+from sim_source.structure import StructureConfig, build_columns, slice_thicknesses_A, to_atoms
 from streamer.domain import MAX_ATOMS
-from sim_source.structure import (StructureConfig, build_columns,
-                                  slice_thicknesses_A, to_atoms)
 
 
 @dataclass(frozen=True)
@@ -30,14 +39,14 @@ class BenchConfig:
     seed: int = 0
 
 
-def _baseline_image(table, grid, defocus_nm: float, optics: Optics) -> np.ndarray:
+def _baseline_image(table, grid: Grid, defocus_nm: float, optics: Optics) -> np.ndarray:
     import abtem
     atoms = to_atoms(table, *grid.extent_A, n_cells_z=MAX_ATOMS)
     potential = abtem.Potential(atoms, gpts=grid.gpts, slice_thickness=slice_thicknesses_A(),
                                 projection="infinite", parametrization="lobato")
     wave = abtem.PlaneWave(energy=optics.voltage_kV * 1e3, normalize=False)
-    result = wave.multislice(potential).apply_ctf(optics.ctf(defocus_nm)).intensity()
-    arr = np.asarray(result.compute(scheduler="synchronous").array)
+    exit: Any = wave.multislice(potential)  # abTEM types it as a union of result kinds
+    arr = computed(exit.apply_ctf(optics.ctf(defocus_nm)).intensity())
     n = grid.size * BINNING
     crop = arr[:n, grid.crop_y0:grid.crop_y0 + n]
     return crop.reshape(grid.size, BINNING, grid.size, BINNING).mean(axis=(1, 3))

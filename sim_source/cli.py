@@ -6,9 +6,18 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
-from streamer.cli_support import (config_option, given, list_of, output_file, positive_float,
-                                  positive_int)
+from streamer.cli_support import (
+    config_option,
+    given,
+    list_of,
+    output_file,
+    positive_float,
+    positive_int,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +50,10 @@ def _particle(args: argparse.Namespace):
         raise ValueError(f"--facets: choose from {', '.join(FACET_NORMALS_DEG)}, got "
                          f"{', '.join(sorted(unknown))}")
     settings = given(args, "facets", "carbon_probability", "carbon_thickness_A")
-    return ParticleConfig(**{k: tuple(v) if isinstance(v, list) else v
-                             for k, v in settings.items()})
+    for name in ("facets", "carbon_thickness_A"):  # lists on the command line
+        if name in settings:
+            settings[name] = tuple(settings[name])
+    return ParticleConfig(**settings)
 
 
 def dataset_config(args: argparse.Namespace):
@@ -71,6 +82,10 @@ def session_config(args: argparse.Namespace):
 
 def _dataset(args: argparse.Namespace) -> int:
     from sim_source import dataset, wave_library
+    cfg: Any
+    module: ModuleType
+    write: Callable[..., int]
+    task: Callable[..., Any]
     if args.waves:
         cfg = library_config(args)
         module, write, unit = wave_library, wave_library.write_library, "exit waves"
@@ -139,7 +154,8 @@ def register(commands, bench) -> None:
         description="Simulate CeO2 [110] surface images with depth labels (HDF5 'Dataset "
                     "file'), or with --session a noisy drifting frame series with known column "
                     "occupancy ('Session file'). Pixel size ≈ 5.3 pm (simulated at ≈ 2.65 pm "
-                    "and binned 2x); 300 kV, C3 = -9 µm, C5 = 5 mm, defocus 1-9 nm (C10 = +defocus). "
+                    "and binned 2x); 300 kV, C3 = -9 µm, C5 = 5 mm, defocus 1-9 nm "
+                    "(C10 = +defocus). "
                     "Ctrl-C leaves a valid file (attribute n_complete); --resume completes it.")
     _dataset_options(p)
     _library_options(p)

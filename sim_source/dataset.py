@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
-from sim_source.hrtem import (Optics, check_output_size, configure_abtem, exit_wave, image,
-                              make_grid)
+from sim_source.hrtem import Optics, check_output_size, configure_abtem, exit_wave, image, make_grid
 from sim_source.labels import COLUMN_RADIUS_A, label_maps
 from sim_source.structure import StructureConfig, build_columns
 

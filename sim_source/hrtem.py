@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
+from typing import Any
 
 import numpy as np
 
+from sim_source.structure import CELL_Y, slice_thicknesses_A, to_atoms
 from streamer.cli_support import check_image_side
 from streamer.domain import MAX_ATOMS
-from sim_source.structure import CELL_Y, slice_thicknesses_A, to_atoms
 
 TARGET_SAMPLING_PM = 2.65  # simulated pixel size; binned 2× to ≈ 5.3 pm
 BINNING = 2
@@ -105,7 +106,7 @@ def check_output_size(size: int) -> None:
     check_image_side(size, BINNING, MIN_OUTPUT_PX, f"--size {size}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def make_grid(size: int, sampling_pm: float = TARGET_SAMPLING_PM) -> Grid:
     """The grid for ``size`` output pixels: y spans whole periods of a (smooth FFT size
     closest to the target sampling), x the field of view plus margins."""
@@ -128,6 +129,11 @@ def configure_abtem(threads: int = 1) -> None:
                       "diagnostics.progress_bar": False})
 
 
+def computed(lazy: Any) -> np.ndarray:
+    """The array of a lazy abTEM result (waves, measurements), computed in this process."""
+    return np.asarray(lazy.compute(scheduler="synchronous").array)
+
+
 def exit_wave(table, grid: Grid, optics: Optics = Optics()) -> np.ndarray:
     """Complex exit wave (gx, gy) of a plane wave through the column table (Lobato potential,
     two slices per cell, infinite projection), incident intensity 1 per pixel."""
@@ -136,7 +142,7 @@ def exit_wave(table, grid: Grid, optics: Optics = Optics()) -> np.ndarray:
     potential = abtem.Potential(atoms, gpts=grid.gpts, slice_thickness=slice_thicknesses_A(),
                                 projection="infinite", parametrization="lobato")
     wave = abtem.PlaneWave(energy=optics.voltage_kV * 1e3, normalize=False)
-    return np.asarray(wave.multislice(potential).compute(scheduler="synchronous").array)
+    return computed(wave.multislice(potential))
 
 
 def image(exit: np.ndarray, grid: Grid, defocus_nm: float, optics: Optics = Optics()) -> np.ndarray:
@@ -144,8 +150,7 @@ def image(exit: np.ndarray, grid: Grid, defocus_nm: float, optics: Optics = Opti
     crop, 2 × 2 binning, normalised so the incident (vacuum) intensity is 1."""
     import abtem
     waves = abtem.Waves(exit, energy=optics.voltage_kV * 1e3, sampling=grid.sampling_A)
-    intensity = np.asarray(waves.apply_ctf(optics.ctf(defocus_nm)).intensity()
-                           .compute(scheduler="synchronous").array)
+    intensity = computed(waves.apply_ctf(optics.ctf(defocus_nm)).intensity())
     n = grid.size * BINNING
     crop = intensity[:n, grid.crop_y0:grid.crop_y0 + n]
     return crop.reshape(grid.size, BINNING, grid.size, BINNING).mean(axis=(1, 3)).astype(np.float32)

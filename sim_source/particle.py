@@ -14,9 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sim_source.structure import (
+    CELL_X,
+    CELL_Y,
+    ColumnTable,
+    slice_thicknesses_A,
+    to_atoms,
+    unit_cell_columns,
+)
 from streamer.domain import MAX_ATOMS
-from sim_source.structure import (CELL_X, CELL_Y, ColumnTable, slice_thicknesses_A,
-                                  to_atoms, unit_cell_columns)
 
 #: in-plane facet normals (degrees from x = [1-10] toward y = [001]) of the low-index facets
 #: seen edge-on along [110]; {111} normals lie atan(1/√2) = 35.26° from [1-10].
@@ -134,8 +140,9 @@ def build_particle(rng: np.random.Generator, field_A: float,
 
 
 def particle_atoms(particle: Particle, field_A: float, thermal: bool = True):
-    """ASE atoms of the particle (:func:`structure.to_atoms`) with the carbon film after the crystal, plus the slice thicknesses (Å) that centre every atomic layer
-    in its slice; frozen-phonon displacements from the particle's thermal seed when ``thermal``."""
+    """ASE atoms of the particle (:func:`structure.to_atoms`) with the carbon film after the
+    crystal, plus the slice thicknesses (Å) that centre every atomic layer in its slice;
+    frozen-phonon displacements from the particle's thermal seed when ``thermal``."""
     from ase import Atoms
     crystal = to_atoms(particle.table, field_A, field_A)
     positions = crystal.positions

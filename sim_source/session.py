@@ -23,8 +23,7 @@ import numpy as np
 from scipy.ndimage import shift as nd_shift
 from tqdm import tqdm
 
-from sim_source.hrtem import (Optics, check_output_size, configure_abtem, exit_wave, image,
-                              make_grid)
+from sim_source.hrtem import Optics, check_output_size, configure_abtem, exit_wave, image, make_grid
 from sim_source.labels import label_maps
 from sim_source.structure import StructureConfig, build_columns
 from streamer.domain import PAPER_DOSE_E_PER_PX

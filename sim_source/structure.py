@@ -30,8 +30,8 @@ def unit_cell_columns() -> np.ndarray:
     """
     fcc = np.array([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0]])
     tetra = np.array([[i, j, k] for i in (.25, .75) for j in (.25, .75) for k in (.25, .75)])
-    rows = []
-    for frac, code in ((fcc, 1), (tetra, 2)):
+    rows: list[tuple[float, ...]] = []
+    for frac, code in ((fcc, SPECIES_CE), (tetra, SPECIES_O)):
         shifts = np.array([[i, j, k] for i in range(-2, 3) for j in range(-2, 3)
                            for k in range(-2, 3)])
         cart = ((frac[:, None, :] + shifts[None]) * A_CEO2).reshape(-1, 3)
@@ -81,7 +81,7 @@ class ColumnTable:
     def __len__(self) -> int:
         return len(self.x_A)
 
-    def with_atoms_removed(self, index: int, n_remove: int) -> "ColumnTable":
+    def with_atoms_removed(self, index: int, n_remove: int) -> ColumnTable:
         """A copy in which column ``index`` lost its ``n_remove`` outermost atoms (toward
         the exit surface)."""
         cells = self.cells.copy()

@@ -11,15 +11,15 @@ camera and dose are applied later (:mod:`microscope`), so every epoch sees new m
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import h5py
 import numpy as np
 
 from sim_source.dataset import append_in_order
-from sim_source.hrtem import TARGET_SAMPLING_PM, configure_abtem
+from sim_source.hrtem import TARGET_SAMPLING_PM, computed, configure_abtem
 from sim_source.particle import ParticleConfig, build_particle, particle_atoms
 
 LIBRARY_KIND = "segdepth exit-wave library"
@@ -66,7 +66,7 @@ def simulate_wave(cfg: LibraryConfig, index: int) -> WaveRecord:
     potential = abtem.Potential(atoms, gpts=(cfg.gpts, cfg.gpts), slice_thickness=slices,
                                 projection="infinite", parametrization="lobato")
     wave = abtem.PlaneWave(energy=cfg.voltage_kV * 1e3, normalize=False)
-    exit_wave = np.asarray(wave.multislice(potential).compute(scheduler="synchronous").array)
+    exit_wave = computed(wave.multislice(potential))
     table = particle.table
     cols = np.zeros(len(table), LIBRARY_COLUMN_DTYPE)
     cols["structure"], cols["x_A"], cols["y_A"] = index, table.x_A, table.y_A

@@ -187,7 +187,7 @@ def measure_raw_write(size: int, dtype: str, n_frames: int, folder: Path) -> Row
     n = 0
     with open(out, "wb", buffering=0) as fh:
         while n < n_frames:
-            fh.write(frames[n % N_DISTINCT])
+            fh.write(frames[n % N_DISTINCT].data)
             n += 1
         os.fsync(fh.fileno())
     elapsed = time.perf_counter() - t0

@@ -29,7 +29,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -94,7 +94,7 @@ def config_option(parser: Any, flag: str, config: Any, *, field: str | None = No
     name = field or kwargs.get("dest") or flag.lstrip("-").replace("-", "_")
     if isinstance(config, str):
         action = parser.add_argument(flag, default=None, **kwargs)
-        action.config_default = (config, name)  # type: ignore[attr-defined]  # read by HelpFormatter
+        action.config_default = (config, name)  # read by HelpFormatter
     else:
         action = parser.add_argument(flag, default=default_of(config, name), **kwargs)
     return action

@@ -1,6 +1,7 @@
 """Helpers shared by the engine, e2e and demo tests (no tests here): a random model file."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,9 @@ class ProcessGroup:
 
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
-        self.procs: dict[str, "subprocess.Popen"] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, argv: list[str]):
-        import subprocess
 
         with open(self.log_dir / f"{name}.log", "w") as logfile:
             proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT)
@@ -52,7 +52,6 @@ class ProcessGroup:
         return (self.log_dir / f"{name}.log").read_text()
 
     def wait(self, name: str, timeout_s: float) -> int:
-        import subprocess
 
         try:
             return self.procs[name].wait(timeout_s)

@@ -5,8 +5,17 @@ import argparse
 
 import pytest
 
-from streamer.cli_support import (HelpFormatter, UserError, check_image_side, config_option,
-                                  endpoint, list_of, machine_info, one_line_errors, positive_int)
+from streamer.cli_support import (
+    HelpFormatter,
+    UserError,
+    check_image_side,
+    config_option,
+    endpoint,
+    list_of,
+    machine_info,
+    one_line_errors,
+    positive_int,
+)
 
 
 def test_list_options_accept_commas_spaces_and_both():

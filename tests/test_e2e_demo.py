@@ -14,7 +14,6 @@ from pathlib import Path
 
 import h5py
 import pytest
-
 from engine_support import save_random_model
 
 FRAMES, SIZE = 12, 256

@@ -5,7 +5,6 @@ import time
 import h5py
 import numpy as np
 import pytest
-
 from engine_support import ProcessGroup, save_random_model, write_session
 
 # the source is slower than the engine, so few frames are in flight when it is killed and

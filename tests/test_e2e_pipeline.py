@@ -5,10 +5,10 @@ With a random model the floor is structural (see test_e2e_demo.py for the bundle
 import h5py
 import numpy as np
 import pytest
+from engine_support import save_random_model, write_synthetic_session
 
 from engine.model_io import load
 from segdepth.demo import DemoConfig, run_pipeline
-from engine_support import save_random_model, write_synthetic_session
 
 FRAMES, SIDE = 16, 128
 

@@ -5,11 +5,11 @@ import subprocess
 
 import numpy as np
 import pytest
+from engine_support import save_random_model
 
 from engine import backends
 from engine.cli import BACKEND_NAMES
 from engine.model_io import load
-from engine_support import save_random_model
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,7 @@ def test_backend_matches_torch_cpu_fp32(name, loaded, frames, reference, tmp_pat
 def test_fp16_graph_for_tensorrt_matches_fp32(loaded, frames, reference, tmp_path):
     """The FP16 ONNX graph TensorRT builds from, run here by ONNX Runtime's CPU provider."""
     import onnxruntime as ort
+
     from engine.export import INPUT_NAME, export_onnx
     from engine.model_io import pad_to_multiple
 
@@ -114,9 +115,9 @@ def test_median_filter_model_exports_and_matches_training(tmp_path):
     """A model with the paper's median filter (kernel 4) gives the training model's own
     probabilities on torch-cpu, and the same depth map through ONNX Runtime."""
     import torch
-    from training.model import SegDepthUNet, UNetConfig, load_model, save_model
 
     from engine.model_io import pad_to_multiple
+    from training.model import SegDepthUNet, UNetConfig, load_model, save_model
 
     torch.manual_seed(1)
     path = tmp_path / "median.pt"
@@ -136,6 +137,7 @@ def test_median_filter_model_exports_and_matches_training(tmp_path):
 
 def test_calibration_temperature_of_the_model_file_is_applied(tmp_path):
     import torch
+
     from training.model import SegDepthUNet, UNetConfig, load_model, save_model
 
     torch.manual_seed(2)

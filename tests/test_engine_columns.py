@@ -2,11 +2,10 @@
 import numpy as np
 import pytest
 
-from streamer.domain import SPECIES_CE, SPECIES_O, px_per_angstrom
-from engine.columns import (ColumnConfig, ColumnTracker, disk_average,
-                            disk_offsets)
+from engine.columns import ColumnConfig, ColumnTracker, disk_average, disk_offsets
 from engine.drift import DriftEstimator, estimate_drift
 from engine.occupancy import SessionAnalysis
+from streamer.domain import SPECIES_CE, SPECIES_O, px_per_angstrom
 
 PIXEL_PM = 5.3  # 0.45 Å disk = 8.5 px, 0.9 Å separation = 17 px
 SIZE = 160

@@ -4,9 +4,17 @@ import math
 import numpy as np
 import pytest
 
+from engine.hmm import (
+    LEGACY,
+    DepthFilter,
+    EventDetector,
+    HMMConfig,
+    filter_sequence,
+    likelihoods,
+    smooth,
+    transition_matrix,
+)
 from streamer.domain import N_DEPTHS
-from engine.hmm import (LEGACY, DepthFilter, EventDetector, HMMConfig,
-                        filter_sequence, likelihoods, smooth, transition_matrix)
 
 DT = 0.13  # s between frames
 

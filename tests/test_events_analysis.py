@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from engine.hmm import HMMConfig
-from streamer.domain import N_DEPTHS
 from segdepth.evaluate import analyze, evaluate, format_report
+from streamer.domain import N_DEPTHS
 from streamer.protocol import decode, encode, encode_frame, make_header
 from streamer.session_file import EVENT_DTYPE, SessionWriter
 

@@ -65,7 +65,8 @@ def test_vacuum_is_one(waves):
 
 def test_contrast_changes_with_thickness(waves):
     thin = _column_means(image(waves[3][3], waves[3][0], 5.0), label_maps(waves[3][1], waves[3][0]))
-    thick = _column_means(image(waves[8][3], waves[8][0], 5.0), label_maps(waves[8][1], waves[8][0]))
+    thick = _column_means(image(waves[8][3], waves[8][0], 5.0),
+                          label_maps(waves[8][1], waves[8][0]))
     assert abs(thin[1] - thick[1]) > 0.1 or abs(thin[2] - thick[2]) > 0.1
     # and the Ce/O contrast relation itself changes (non-linear, species-dependent)
     assert (thin[1] - thin[2]) != pytest.approx(thick[1] - thick[2], abs=0.1)

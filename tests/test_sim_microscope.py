@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 
 from sim_source.hrtem import BINNING, Optics
-from sim_source.microscope import (OpticsDraw, OpticsRanges, View, draw_view, intensity,
-                                   sample_view, view_labels)
+from sim_source.microscope import (
+    OpticsDraw,
+    OpticsRanges,
+    View,
+    draw_view,
+    intensity,
+    sample_view,
+    view_labels,
+)
 from sim_source.particle import FACET_NORMALS_DEG, ParticleConfig, build_particle
-from streamer.domain import MAX_ATOMS
 from sim_source.structure import CELL_X, CELL_Y, ColumnTable
+from streamer.domain import MAX_ATOMS
 
 SAMPLING_A = 0.0265
 

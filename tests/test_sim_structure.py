@@ -2,9 +2,16 @@
 import numpy as np
 import pytest
 
+from sim_source.structure import (
+    CELL_Z,
+    SHAPES,
+    StructureConfig,
+    build_columns,
+    slice_thicknesses_A,
+    to_atoms,
+    unit_cell_columns,
+)
 from streamer.domain import MAX_ATOMS
-from sim_source.structure import (CELL_Z, SHAPES, StructureConfig, build_columns,
-                                  slice_thicknesses_A, to_atoms, unit_cell_columns)
 
 
 def test_unit_cell_has_4_ce_and_8_o_columns_a_quarter_lattice_apart():

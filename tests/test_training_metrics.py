@@ -1,4 +1,5 @@
-"""The paper's four metrics, calibration, temperature scaling and gradient spread on hand-made cases."""
+"""The paper's four metrics, calibration, temperature scaling and gradient spread on hand-made
+cases."""
 from __future__ import annotations
 
 import numpy as np

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from training.inference import forward_padded, predict_batches
-from training.model import (SegDepthUNet, UNetConfig, bundled_model_path, load_model,
-                            median_filter2d, pad_to_multiple, save_model)
+from training.model import (
+    SegDepthUNet,
+    UNetConfig,
+    bundled_model_path,
+    load_model,
+    median_filter2d,
+    pad_to_multiple,
+    save_model,
+)
 
 SMALL = UNetConfig(base_channels=4, max_channels=16)
 

@@ -1,4 +1,5 @@
-"""Training on a tiny synthetic dataset file, and the train / evaluate / predict CLI as subprocesses."""
+"""Training on a tiny synthetic dataset file, and the train / evaluate / predict CLI as
+subprocesses."""
 from __future__ import annotations
 
 import json
@@ -83,7 +84,8 @@ def test_model_overfits_a_tiny_set(tmp_path):
                       epochs=30, crop=None, batch_size=2, lr=1e-2, patience=100, seed=0,
                       warmup=0.05)
     train(cfg, progress=False)
-    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    log = [json.loads(line) for line in metrics.splitlines()]
     assert len(log) == 30
     first, last = log[0], log[-1]
     assert last["train_loss"] < 0.3 * first["train_loss"]

@@ -12,9 +12,14 @@ import torch
 
 from sim_source.noise import add_poisson_noise
 from sim_source.wave_library import LibraryConfig, is_library, write_library
-from training.library_data import (MicroscopeDataset, RenderConfig, collate_views, load_library,
-                                   render_set)
 from training.labels import TargetConfig
+from training.library_data import (
+    MicroscopeDataset,
+    RenderConfig,
+    collate_views,
+    load_library,
+    render_set,
+)
 from training.metrics import ColumnMetrics, DepthMetrics, centre_mask
 from training.model import load_model
 from training.robustness import check_disjoint, ood_scores, roc_auc

@@ -14,8 +14,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PyQt6 import QtCore  # noqa: E402
 
-from streamer.sockets import Publisher  # noqa: E402
 from streamer.domain import SPECIES_O
+from streamer.sockets import Publisher  # noqa: E402
 from viewer.synthetic import SceneConfig, SyntheticScene  # noqa: E402
 from viewer.window import ViewerConfig, ViewerWindow  # noqa: E402
 

@@ -45,7 +45,7 @@ def write_session(path, results: bool = True) -> np.ndarray:
         res["has_result"] = has
         depth = np.zeros((T, H, W), np.uint8)
         for t in range(T):
-            for (cid, x, y, _), d in zip(COLUMNS, column_depth(t)):
+            for (_, x, y, _), d in zip(COLUMNS, column_depth(t)):
                 depth[t, int(y) - 2:int(y) + 3, int(x) - 2:int(x) + 3] = d
         depth[4] = 255
         res["depth"] = depth

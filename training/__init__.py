@@ -1,1 +1,2 @@
-"""UNet, losses, training loop, metrics, calibration and reports (SegDepth, sections III-C and IV)."""
+"""UNet, losses, training loop, metrics, calibration and reports (SegDepth, sections III-C and
+IV)."""

@@ -89,7 +89,7 @@ def data_rate(model: torch.nn.Module, loader, batches: int) -> float:
     model = model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    seen, t0, it = 0, None, iter(loader)
+    seen, t0, it = 0, time.perf_counter(), iter(loader)  # t0 restarts after the first batch
     for b in range(batches + 1):
         batch = next(it)
         clean, labels, species, weights = batch[:4]
@@ -111,8 +111,13 @@ def library_rows(model: torch.nn.Module, library_path: str, crop: int, batches: 
     of pre-rendered images (random crops and flips of stored arrays), batch 8, same model."""
     from training.data import CropDataset
     from training.labels import TargetConfig
-    from training.library_data import (MicroscopeDataset, RenderConfig, collate_views,
-                                       load_library, render_set)
+    from training.library_data import (
+        MicroscopeDataset,
+        RenderConfig,
+        collate_views,
+        load_library,
+        render_set,
+    )
     library = load_library(library_path)
     render = RenderConfig(crop=crop)
     rendered = MicroscopeDataset(library, render, TargetConfig(), seed=0)

@@ -12,7 +12,8 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     return float(-logp[np.arange(len(labels)), labels].mean())
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)
+def fit_temperature(logits: np.ndarray, labels: np.ndarray,
+                    bounds: tuple[float, float] = (0.05, 20.0)
                     ) -> float:
     """T > 0 minimising the NLL of ``labels`` (n,) given ``logits`` (n,K) (bounded 1-D search
     over log T)."""

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from streamer.cli_support import (config_option, given, input_file, list_of, output_file,
-                                  positive_int)
+from streamer.cli_support import (
+    config_option,
+    given,
+    input_file,
+    list_of,
+    output_file,
+    positive_int,
+)
 
 TRAIN = "training.train:TrainConfig"
 UNET = "training.model:UNetConfig"
@@ -234,15 +240,22 @@ def _suite_options(p: argparse.ArgumentParser) -> None:
                    help="run the robustness suite instead of the single-file report")
     r.add_argument("--compare", nargs="*", default=[],
                    help="further model files in the same table (e.g. the previous model)")
-    config_option(r, "--suite-dir", SUITE, dest="directory",
-                  help="where the suite's test files are read, or built when missing")
-    config_option(r, "--suite-scale", SUITE, dest="scale", type=float,
-                  help="fraction of the suite's structures simulated (1: 48 mixed, 16 per "
-                       "facet/film/legacy file)")
-    config_option(r, "--suite-gpts", SUITE, dest="gpts", type=positive_int,
-                  help="simulated pixels per side of the suite's exit waves")
+    suite_files_options(r, SUITE, dir_field="directory")
     config_option(r, "--suite-crop", SUITE, dest="crop", type=positive_int,
                   help="side of each evaluated view, px")
+
+
+def suite_files_options(p, config: str, dir_field: str) -> None:
+    """``--suite-dir``, ``--suite-scale``, ``--suite-gpts``: where the robustness suite's test
+    files are and how they are simulated when missing (fields ``dir_field``, ``scale`` and
+    ``gpts`` of ``config``)."""
+    config_option(p, "--suite-dir", config, dest=dir_field,
+                  help="where the suite's test files are read, or built when missing")
+    config_option(p, "--suite-scale", config, dest="scale", type=float,
+                  help="fraction of the suite's structures simulated (1: 48 mixed, 16 per "
+                       "facet/film/legacy file)")
+    config_option(p, "--suite-gpts", config, dest="gpts", type=positive_int,
+                  help="simulated pixels per side of the suite's exit waves")
 
 
 def _add_predict(commands) -> None:

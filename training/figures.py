@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -107,12 +108,13 @@ def plot_examples(noisy: np.ndarray, truth: np.ndarray, estimate: np.ndarray,
     """Rows of (noisy input, true depth, estimated depth, confidence)."""
     n = len(noisy)
     fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
+    styles: tuple[dict[str, Any], ...] = (
+        {"cmap": "gray"}, {"cmap": "magma", "vmin": 0, "vmax": 10},
+        {"cmap": "magma", "vmin": 0, "vmax": 10}, {"cmap": "viridis", "vmin": 0, "vmax": 1})
     for i in range(n):
         for ax, img, title, kw in zip(
                 axes[i], (noisy[i], truth[i], estimate[i], confidence[i]),
-                ("noisy input", "true depth", "estimated depth", "confidence"),
-                ({"cmap": "gray"}, {"cmap": "magma", "vmin": 0, "vmax": 10},
-                 {"cmap": "magma", "vmin": 0, "vmax": 10}, {"cmap": "viridis", "vmin": 0, "vmax": 1})):
+                ("noisy input", "true depth", "estimated depth", "confidence"), styles):
             ax.imshow(img, **kw)
             ax.set_title(title, fontsize=8)
             ax.axis("off")

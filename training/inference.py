@@ -1,8 +1,9 @@
-"""Batched inference on images of any size: replicate-pad to the model's size multiple, crop back."""
+"""Batched inference on images of any size: replicate-pad to the model's size multiple, crop
+back."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -39,16 +40,16 @@ def forward_tta(model: torch.nn.Module, x: torch.Tensor, temperature: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Test-time augmentation: (mean depth probabilities, mean depth logits, mean species
     logits) over the 8 flips and quarter turns of the input, each mapped back."""
-    probs = logits = species = 0
+    total: list[torch.Tensor] = []  # running sums of (probabilities, logits, species logits)
     for k, flip in DIHEDRAL:
         t = torch.rot90(x.flip(-1) if flip else x, k, dims=(-2, -1))
         d, s = (torch.rot90(o.float(), -k, dims=(-2, -1)) for o in forward_padded(model, t))
         if flip:
             d, s = d.flip(-1), s.flip(-1)
-        probs = probs + torch.softmax(d / temperature, dim=1)
-        logits, species = logits + d, species + s
+        parts = (torch.softmax(d / temperature, dim=1), d, s)
+        total = [a + b for a, b in zip(total, parts)] if total else list(parts)
     n = len(DIHEDRAL)
-    return probs / n, logits / n, species / n
+    return total[0] / n, total[1] / n, total[2] / n
 
 
 @torch.no_grad()

@@ -13,14 +13,22 @@ import numpy as np
 import torch
 
 from sim_source.hrtem import BINNING
-from sim_source.microscope import (OpticsDraw, OpticsRanges, View, camera, draw_view, intensity,
-                                   sample_view, view_labels)
-from streamer.domain import MAX_ATOMS
+from sim_source.microscope import (
+    OpticsDraw,
+    OpticsRanges,
+    View,
+    camera,
+    draw_view,
+    intensity,
+    sample_view,
+    view_labels,
+)
 from sim_source.structure import ColumnTable
 from sim_source.wave_library import is_library
+from streamer.domain import MAX_ATOMS
 from training.data import LabelledSet, load_set
-from training.model import file_sha256
 from training.labels import TargetConfig, make_targets
+from training.model import file_sha256
 
 
 @dataclass

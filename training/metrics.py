@@ -49,13 +49,12 @@ class DepthMetrics:
     """Pooled counts; ``update`` per image, ``summary`` for the four numbers."""
 
     n_classes: int = N_DEPTHS
-    confusion: np.ndarray = field(default=None)  # [true, estimated] pixel counts
+    confusion: np.ndarray = field(init=False)  # [true, estimated] pixel counts
     centre_correct: int = 0
     centre_total: int = 0
 
     def __post_init__(self) -> None:
-        if self.confusion is None:
-            self.confusion = np.zeros((self.n_classes, self.n_classes), np.int64)
+        self.confusion = np.zeros((self.n_classes, self.n_classes), np.int64)
 
     def update(self, estimated: np.ndarray, truth: np.ndarray,
                centre: np.ndarray | None = None) -> None:
@@ -94,14 +93,13 @@ class Calibration:
     """Reliability diagram counts: confidence bins of width 1/n_bins (Fig. 7)."""
 
     n_bins: int = 20
-    count: np.ndarray = field(default=None)
-    correct: np.ndarray = field(default=None)
-    confidence_sum: np.ndarray = field(default=None)
+    count: np.ndarray = field(init=False)  # pixels per confidence bin
+    correct: np.ndarray = field(init=False)
+    confidence_sum: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("count", "correct", "confidence_sum"):
-            if getattr(self, name) is None:
-                setattr(self, name, np.zeros(self.n_bins, np.float64))
+        self.count, self.correct, self.confidence_sum = (np.zeros(self.n_bins, np.float64)
+                                                         for _ in range(3))
 
     def update(self, confidence: np.ndarray, correct: np.ndarray) -> None:
         conf = np.asarray(confidence, np.float64).ravel()

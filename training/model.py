@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamer.domain import N_DEPTHS, N_SPECIES_CLASSES
+
 MODEL_FORMAT = "segdepth-unet-v1"
 
 
@@ -41,7 +42,8 @@ class UNetConfig:
         if self.scales < 1 or self.base_channels < 1 or self.max_channels < self.base_channels:
             raise ValueError(f"invalid UNetConfig {self}")
         if self.upsampling not in ("bilinear", "transposed"):
-            raise ValueError(f"upsampling must be 'bilinear' or 'transposed', not {self.upsampling!r}")
+            raise ValueError(f"upsampling must be 'bilinear' or 'transposed', "
+                             f"not {self.upsampling!r}")
         if self.median_kernel < 0:
             raise ValueError("median_kernel must be >= 0")
 

@@ -15,7 +15,8 @@ from training.model import bundled_model_path, load_model
 log = logging.getLogger(__name__)
 
 
-def predict_file(input_path: str | Path, output_path: str | Path, model_path: str | Path | None = None,
+def predict_file(input_path: str | Path, output_path: str | Path,
+                 model_path: str | Path | None = None,
                  probabilities: bool = False, batch_size: int = 4,
                  temperature: float | None = None, tta: bool = False) -> int:
     """Write `depth`, `confidence`, `species` (and `probabilities`) for IN's `images` to OUT;

@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -262,11 +263,12 @@ def run_suite(cfg: SuiteConfig) -> dict:
             results[(row.name, path)] = evaluate_row(model, float(meta.get("temperature", 1.0)),
                                                      data, depths, row.dose, cfg.seed + k)
         log.info("suite row %s done (%d samples)", row.name, len(data))
-    report = {"config": cfg.__dict__, "files": {k: str(v) for k, v in paths.items()},
+    report: dict[str, Any] = {"config": cfg.__dict__,
+                              "files": {k: str(v) for k, v in paths.items()},
               "models": [{"path": p, "model_id": m.get("model_id")} for p, _, m in loaded],
               "rows": []}
     for row in rows:
-        entry = {"row": row.name, "axis": row.axis, "dose": row.dose, "models": {}}
+        entry: dict[str, Any] = {"row": row.name, "axis": row.axis, "dose": row.dose, "models": {}}
         for path, _, meta in loaded:
             result = results[(row.name, path)]
             summary = result.summary()

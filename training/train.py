@@ -30,8 +30,13 @@ from streamer.cli_support import check_image_side, machine_info
 from streamer.domain import PAPER_DOSE_E_PER_PX
 from training.data import CropDataset, LabelledSet, file_seed, load_set, noisy
 from training.labels import TargetConfig
-from training.library_data import (MicroscopeDataset, RenderConfig, collate_views, load_library,
-                                   render_set)
+from training.library_data import (
+    MicroscopeDataset,
+    RenderConfig,
+    collate_views,
+    load_library,
+    render_set,
+)
 from training.loss import segdepth_loss
 from training.metrics import DepthMetrics, centre_mask
 from training.model import SegDepthUNet, UNetConfig, load_model, save_model
@@ -73,7 +78,7 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
+    def from_json(cls, text: str) -> TrainConfig:
         raw = json.loads(text)
         raw["model"] = UNetConfig(**raw["model"])
         raw["targets"] = TargetConfig(**raw["targets"])
@@ -86,7 +91,7 @@ class TrainConfig:
         """How library samples are drawn (training and validation alike)."""
         dose = self.dose_range or (self.noise_lambda, self.noise_lambda)
         return RenderConfig(crop=self.crop or 128, views_per_wave=self.views_per_wave,
-                            dose=tuple(dose))
+                            dose=(dose[0], dose[1]))
 
 
 @dataclass
@@ -142,7 +147,7 @@ def lr_factor(progress: float, warmup: float) -> float:
 
 
 def run_progress(epoch: int, batch: int, n_batches: int, elapsed_s: float,
-                 cfg: "TrainConfig") -> float:
+                 cfg: TrainConfig) -> float:
     """Fraction of the run done: by epochs, or by wall time when a time limit is nearer."""
     progress = (epoch + batch / max(1, n_batches)) / cfg.epochs
     if cfg.time_limit_min:
@@ -180,6 +185,8 @@ def validate(model: torch.nn.Module, val: LabelledSet, cfg: TrainConfig,
 def _datasets(cfg: TrainConfig, progress: bool):
     """(training dataset, validation set, provenance for the model card): image datasets are
     cropped and flipped; exit-wave libraries render a new microscope per sample."""
+    dataset: MicroscopeDataset | CropDataset
+    sources: list[tuple[str, str, int | None]]  # path, SHA-256, seed
     if is_library(cfg.data):
         if not cfg.val or not is_library(cfg.val):
             raise ValueError("training on an exit-wave library needs --val, another library "
@@ -251,7 +258,9 @@ def check_image_sizes(cfg: TrainConfig, multiple: int) -> None:
         check_image_side(cfg.crop, multiple, multiple, f"--crop {cfg.crop}")
     if is_library(cfg.data):
         return  # rendered at the crop size
-    whole = ([cfg.val] if cfg.val else [cfg.data]) + ([cfg.data] if cfg.val and not cfg.crop else [])
+    whole = [cfg.val] if cfg.val else [cfg.data]
+    if cfg.val and not cfg.crop:
+        whole.append(cfg.data)
     for path in whole:
         with h5py.File(path, "r") as f:
             h, w = f["images"].shape[1:]
@@ -284,7 +293,8 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.
 
 def _loader(dataset, cfg: TrainConfig, dd: Dist):
     """(DataLoader, DistributedSampler or None) of one process."""
-    sampler = (torch.utils.data.distributed.DistributedSampler(dataset, seed=cfg.seed)
+    sampler: torch.utils.data.DistributedSampler | None = (
+        torch.utils.data.distributed.DistributedSampler(dataset, seed=cfg.seed)
                if dd.world > 1 else None)
     rendered = isinstance(dataset, MicroscopeDataset)
     per_item = cfg.views_per_wave if rendered else 1
@@ -317,7 +327,8 @@ def _train_epoch(net: torch.nn.Module, loader, optimiser: torch.optim.Optimizer,
     gen = torch.Generator(dd.device).manual_seed(cfg.seed * 1_000_003 + epoch * dd.world
                                                  + dd.rank)
     net.train()
-    losses, seen = [], 0
+    losses: list[float] = []
+    seen = 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                disable=not (progress and dd.main), leave=False)
     for step, batch in enumerate(bar):
@@ -341,7 +352,7 @@ def _train_epoch(net: torch.nn.Module, loader, optimiser: torch.optim.Optimizer,
     return losses, seen, False
 
 
-def _end_epoch(record: dict[str, Any], model: torch.nn.Module, state: _Progress,
+def _end_epoch(record: dict[str, Any], model: SegDepthUNet, state: _Progress,
                out: Path) -> None:
     """Keep the best epoch (RUN/best.pt), append ``record`` to RUN/metrics.jsonl, log it."""
     epoch = record["epoch"]
@@ -363,7 +374,7 @@ def _end_epoch(record: dict[str, Any], model: torch.nn.Module, state: _Progress,
              record["train_samples_per_s"])
 
 
-def _save_final(path: Path, model: torch.nn.Module, state: _Progress, cfg: TrainConfig,
+def _save_final(path: Path, model: SegDepthUNet, state: _Progress, cfg: TrainConfig,
                 provenance: dict[str, Any], pixel_size_pm: float, epochs_run: int, wall_s: float,
                 dd: Dist) -> None:
     """Write RUN/model.pt with the best epoch's weights and the model card."""

@@ -9,8 +9,15 @@ import sys
 import time
 from collections import Counter
 
-from streamer.cli_support import (HelpFormatter, UserError, config_option, given, one_line_errors,
-                                  positive_float, positive_int)
+from streamer.cli_support import (
+    HelpFormatter,
+    UserError,
+    config_option,
+    given,
+    one_line_errors,
+    positive_float,
+    positive_int,
+)
 from streamer.domain import SPECIES_O
 from streamer.sockets import FRAMES_TO_VIEWER, RESULTS_TO_VIEWER
 from viewer.colormaps import COLORMAPS
@@ -141,14 +148,16 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError:
         raise UserError(f"--size must be WxH, got {args.size!r}") from None
     import pyqtgraph as pg
+
     from viewer.window import ViewerWindow
     app = pg.mkQApp("SegDepth Live")
     window = ViewerWindow(_config(args))
     window.resize(width, height)
     if args.session:
         window.open_session(args.session)
-        if not 0 <= args.frame < len(window.session):
-            raise UserError(f"--frame {args.frame} outside 0..{len(window.session) - 1}")
+        rows = len(window.session) if window.session is not None else 0
+        if not 0 <= args.frame < rows:
+            raise UserError(f"--frame {args.frame} outside 0..{rows - 1}")
         window.slider.setValue(args.frame)
     else:
         window.connect_live()

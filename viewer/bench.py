@@ -16,8 +16,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from streamer.cli_support import (HelpFormatter, config_option, given, machine_info,
-                                  positive_float, positive_int, write_json)
+from streamer.cli_support import (
+    HelpFormatter,
+    config_option,
+    given,
+    machine_info,
+    positive_float,
+    positive_int,
+    write_json,
+)
 from streamer.sockets import free_tcp_endpoint
 
 
@@ -90,6 +97,7 @@ def _measure(step, shown, received, duration_s: float, wait_s: float = 30.0) -> 
 def measure_viewer(cfg: BenchConfig, results_ep: str, frames_ep: str) -> dict:
     """The viewer as shipped: worker thread, 30 Hz timer, fixed levels, pinned plots."""
     import pyqtgraph as pg
+
     from streamer.domain import SPECIES_O
     from viewer.window import ViewerConfig, ViewerWindow
     app = pg.mkQApp()
@@ -109,6 +117,7 @@ def measure_viewer(cfg: BenchConfig, results_ep: str, frames_ep: str) -> dict:
         time.sleep(0.002)
 
     feed = window.feed
+    assert feed is not None  # connect_live() made it
     out = _measure(step, lambda: window.displayed, lambda: feed.stats().results_received,
                    cfg.duration_s)
     stats = feed.stats()
@@ -121,8 +130,9 @@ def measure_naive(cfg: BenchConfig, results_ep: str, frames_ep: str) -> dict:
     """The obvious alternative on the same widgets: receive in the GUI thread and draw every
     message as it arrives, with auto levels on every frame (no worker thread, no timer)."""
     import pyqtgraph as pg
-    from streamer.sockets import Subscriber
+
     from streamer.domain import SPECIES_O
+    from streamer.sockets import Subscriber
     from viewer.window import ViewerConfig, ViewerWindow
     app = pg.mkQApp()
     window = ViewerWindow(ViewerConfig(refresh_hz=cfg.refresh_hz))

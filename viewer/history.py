@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -173,6 +174,7 @@ class ColumnHistory:
         """The engine's own events where the result has them (docs/CONTRACTS.md: thresholded,
         with the change point), else changes of the filtered depth (older engines)."""
         new = table["depth_filtered"]
+        assert self.t0 is not None  # set by append() before it records events
         if engine_events is not None:
             for e in engine_events:
                 self.events.append(OccupancyEvent(int(e["frame"]), float(e["time_s"]) - self.t0,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from streamer.protocol import Message
 from streamer.sockets import Subscriber
@@ -86,7 +86,7 @@ class LiveFeed:
         self._last_message: float | None = None
         self._counters = {"results_lost": 0, "frames_lost": 0, "malformed": 0}
 
-    def start(self) -> "LiveFeed":
+    def start(self) -> LiveFeed:
         if not self.results_endpoints and not self.frames_endpoints:
             raise ValueError("no endpoint to subscribe to")
         self._started = time.monotonic()

@@ -6,8 +6,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def record_command(out: Path, extra_args: Sequence[str] = ()) -> list[str]:

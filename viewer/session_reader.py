@@ -92,7 +92,7 @@ class SessionReader:
 
     def _row_series(self, name: str, dtype: type, fill: Any, group: str = "") -> np.ndarray:
         f = self.file[group] if group else self.file
-        out = np.full(self.n_rows, fill, dtype=dtype)
+        out: np.ndarray = np.full(self.n_rows, fill, dtype=dtype)
         if name in f and f[name].ndim == 1:
             data = f[name][:self.n_rows]
             out[:len(data)] = data

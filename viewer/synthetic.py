@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamer.protocol import encode, encode_frame, make_header
 from streamer.domain import N_DEPTHS, SPECIES_CE, SPECIES_O
+from streamer.protocol import encode, encode_frame, make_header
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class SyntheticScene:
             label[sl][disk] = k
         inside = label >= 0
         self.probabilities = []
-        self.maps = []
+        self.maps: list[dict[str, np.ndarray]] = []
         for k in range(c.states):
             probs = self._probabilities(self.depths[k], rng)
             depth = np.where(inside, self.depths[k][label], 0).astype(np.uint8)

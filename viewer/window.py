@@ -110,34 +110,51 @@ class ViewerWindow(QtWidgets.QMainWindow):
 
     # --- construction --------------------------------------------------------------------
     def _build_controls(self) -> None:
-        bar = self.addToolBar("controls")
+        bar = QtWidgets.QToolBar("controls", self)
+        self.addToolBar(bar)
         bar.setMovable(False)
-        self.pause_action = bar.addAction("Pause")
+        self.pause_action = self._action(bar, "Pause")
         self.pause_action.setCheckable(True)
         self.pause_action.setShortcut("Space")
         self.pause_action.toggled.connect(self.set_paused)
         bar.addSeparator()
-        bar.addAction("Auto contrast", self.images.auto_levels).setToolTip(
-            "Set the raw frame's display levels from the frame shown now (0.5-99.5 percentile); "
-            "they stay fixed afterwards")
+        self._action(bar, "Auto contrast", self.images.auto_levels,
+                     "Set the raw frame's display levels from the frame shown now (0.5-99.5 "
+                     "percentile); they stay fixed afterwards")
         self.frame_cmap = self._combo(bar, "Frame", self.config.frame_cmap,
                                       self.images.set_frame_colormap)
         self.conf_cmap = self._combo(bar, "Confidence", self.config.confidence_cmap,
                                      self.images.set_confidence_colormap)
-        self.columns_action = bar.addAction("Columns")
+        self.columns_action = self._action(bar, "Columns", None,
+                                           "Show detected columns (yellow: Ce, magenta: O)")
         self.columns_action.setCheckable(True)
         self.columns_action.setChecked(True)
-        self.columns_action.setToolTip("Show detected columns (yellow: Ce, magenta: O)")
         self.columns_action.toggled.connect(self.images.show_columns)
-        bar.addAction("Clear pins", self.clear_pins)
+        self._action(bar, "Clear pins", self.clear_pins)
         bar.addSeparator()
-        self.record_action = bar.addAction("Record")
+        self.record_action = self._action(bar, "Record", None,
+                                          "Start / stop a `segdepth record` process")
         self.record_action.setCheckable(True)
-        self.record_action.setToolTip("Start / stop a `segdepth record` process")
         self.record_action.toggled.connect(self._toggle_recording)
-        bar.addAction("Export CSV…", self._ask_export_csv)
-        bar.addAction("Export PNG…", self._ask_export_png)
-        bar.addAction("Open session…", self._ask_open_session)
+        self._action(bar, "Export CSV…", self._ask_export_csv)
+        self._action(bar, "Export PNG…", self._ask_export_png)
+        self._action(bar, "Open session…", self._ask_open_session)
+
+    def _status_bar(self) -> QtWidgets.QStatusBar:
+        bar = self.statusBar()  # QMainWindow makes it on first use
+        assert bar is not None
+        return bar
+
+    def _action(self, bar: QtWidgets.QToolBar, text: str, slot=None,
+                tip: str | None = None) -> QtGui.QAction:
+        """A toolbar button (``slot`` called when it is clicked)."""
+        action = QtGui.QAction(text, self)
+        if slot is not None:
+            action.triggered.connect(slot)
+        if tip:
+            action.setToolTip(tip)
+        bar.addAction(action)
+        return action
 
     @staticmethod
     def _combo(bar: QtWidgets.QToolBar, label: str, value: str, slot) -> QtWidgets.QComboBox:
@@ -178,7 +195,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         layout.addWidget(slider_row)
         self.setCentralWidget(central)
         self.status = QtWidgets.QLabel("not connected")
-        self.statusBar().addWidget(self.status, 1)
+        self._status_bar().addWidget(self.status, 1)
         self.summary.events.setFont(QtGui.QFontDatabase.systemFont(
             QtGui.QFontDatabase.SystemFont.FixedFont))
 
@@ -233,7 +250,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         if self.recorder.process is not None and not self.recorder.running:
             code = self.recorder.stop()
             self.record_action.setChecked(False)
-            self.statusBar().showMessage(f"recorder exited with code {code}", 10000)
+            self._status_bar().showMessage(f"recorder exited with code {code}", 10000)
         if self.feed is None:
             return
         if not self.paused:
@@ -285,13 +302,13 @@ class ViewerWindow(QtWidgets.QMainWindow):
         """Pin (or unpin) the column nearest image point (x, y) px; its id, or None."""
         k = nearest_column(self.table, x, y, self.config.pick_radius_px)
         if k is None:
-            self.statusBar().showMessage(f"no column within {self.config.pick_radius_px:g} px "
+            self._status_bar().showMessage(f"no column within {self.config.pick_radius_px:g} px "
                                          f"of ({x:.0f}, {y:.0f})", 4000)
             return None
         cid = int(self.table["id"][k])
         pinned = self.pins.toggle(cid)
         self.refresh_plots()
-        self.statusBar().showMessage(
+        self._status_bar().showMessage(
             f"{'pinned' if pinned else 'unpinned'} column #{cid} "
             f"({species_name(self.table['species'][k])})", 4000)
         return cid
@@ -337,7 +354,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
             self._set_status(f"{prefix}{warning}", alarm=True)
             return
         latency = "–" if s.latency_ms is None else f"{s.latency_ms:.1f} ms"
-        rec = f" · recording {self.recorder.path.name}" if self.recorder.running else ""
+        path = self.recorder.path
+        rec = f" · recording {path.name}" if self.recorder.running and path is not None else ""
         if s.malformed:
             rec += f" · {s.malformed} malformed messages skipped"
         self._set_status(
@@ -357,6 +375,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
 
     def _show_session_status(self, k: int, result: Message | None) -> None:
         reader = self.session
+        assert reader is not None  # called while a session is open
         text = f"{reader.path.name} · session {reader.session_id} · frame {k + 1}/{len(reader)}"
         if result is None:
             text += " · no engine result for this frame"
@@ -375,12 +394,12 @@ class ViewerWindow(QtWidgets.QMainWindow):
                 path = self.recorder.start()
             except OSError as exc:
                 self.record_action.setChecked(False)
-                self.statusBar().showMessage(f"cannot start the recorder: {exc}", 10000)
+                self._status_bar().showMessage(f"cannot start the recorder: {exc}", 10000)
                 return
-            self.statusBar().showMessage(f"recording to {path}", 5000)
+            self._status_bar().showMessage(f"recording to {path}", 5000)
         elif not on and self.recorder.process is not None:
             code = self.recorder.stop()
-            self.statusBar().showMessage(f"recording stopped ({self.recorder.path}, exit code "
+            self._status_bar().showMessage(f"recording stopped ({self.recorder.path}, exit code "
                                          f"{code})", 8000)
 
     def export_csv(self, path: str | Path) -> int:
@@ -397,14 +416,14 @@ class ViewerWindow(QtWidgets.QMainWindow):
                                                         "columns.csv", "CSV (*.csv)")
         if path:
             n = self.export_csv(path)
-            self.statusBar().showMessage(f"wrote {n} lines to {path}", 5000)
+            self._status_bar().showMessage(f"wrote {n} lines to {path}", 5000)
 
     def _ask_export_png(self) -> None:
         path, _ = QtWidgets.QFileDialog.getSaveFileName(self, "Export view", "view.png",
                                                         "PNG (*.png)")
         if path:
             self.export_png(path)
-            self.statusBar().showMessage(f"saved {path}", 5000)
+            self._status_bar().showMessage(f"saved {path}", 5000)
 
     def _ask_open_session(self) -> None:
         path, _ = QtWidgets.QFileDialog.getOpenFileName(self, "Open session", "",
@@ -415,7 +434,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
             except (OSError, ValueError) as exc:
                 QtWidgets.QMessageBox.warning(self, "Cannot open session", str(exc))
 
-    def closeEvent(self, event: QtGui.QCloseEvent) -> None:  # noqa: N802 (Qt name)
+    def closeEvent(self, event: QtGui.QCloseEvent | None) -> None:  # noqa: N802 (Qt name)
         self.timer.stop()
         self._close_sources()
         if self.recorder.running:
