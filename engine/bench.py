@@ -9,12 +9,14 @@ itself). Also timed: the serve loop's CPU work per frame after inference (maps, 
 HMM, encoding), which bounds the engine's frame rate whatever the backend. Speed does not
 depend on the weights: without the bundled model a randomly initialised
 default SegDepthUNet is timed. GPU backends absent here are listed as not run, with the reason.
+Each row also gives the network's arithmetic rate (frames/s x GFLOP per frame, engine.flops) and
+its fraction of the machine's dense FP32 matrix-product rate measured in the same run; a
+backend that runs here but is not offered for the model (INT8 without a passing parity record)
+is timed and marked.
 """
 from __future__ import annotations
 
 import json
-import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +28,9 @@ import torch
 from tqdm import tqdm
 
 from engine import backends
+from engine.flops import gemm_ceiling_gflops, model_gflop
 from engine.model_io import LoadedModel, load
+from streamer.cli_support import machine_info
 from streamer.domain import N_DEPTHS, N_SPECIES_CLASSES
 
 #: aims of the design for a base-16 model on one H100 (frames/s), not measurable without a GPU.
@@ -152,6 +156,8 @@ def run_bench(config: BenchConfig, json_path: Path) -> dict[str, Any]:
             if reason:
                 rows.append({"backend": cls.name, "status": f"not run on real hardware: {reason}"})
         made: dict[str, backends.Backend] = {}
+        gflop = {side: model_gflop(loaded, side) for side in config.sizes}
+        ceiling = gemm_ceiling_gflops(device="cuda" if torch.cuda.is_available() else "cpu")
         for cls, side, batch in tqdm(cells, desc="bench engine", unit="cell"):
             if cls.name not in made:
                 made[cls.name] = cls(loaded, max_batch=max(config.batches),
@@ -160,7 +166,10 @@ def run_bench(config: BenchConfig, json_path: Path) -> dict[str, Any]:
             cell = time_cell(made[cls.name], frames, config.iterations, config.max_seconds)
             rows.append({"backend": cls.name, "precision": cls.precision, "size": side,
                          "batch": batch, "status": "ok", "baseline": cls.name == baseline,
-                         **cell})
+                         "offered": cls.refusal(loaded) is None, **cell,
+                         "gflop_per_s": cell["frames_per_s"] * gflop[side],
+                         "fraction_of_gemm_ceiling": cell["frames_per_s"] * gflop[side]
+                         / ceiling})
     postprocess = {str(side): time_postprocess(side, rng) for side in config.sizes}
     for row in rows:
         if row["status"] == "ok":
@@ -170,14 +179,13 @@ def run_bench(config: BenchConfig, json_path: Path) -> dict[str, Any]:
                 if base else None
     report = {"config": asdict(config), "model_id": loaded.model_id, "model_sha256":
               loaded.sha256, "model_provenance": provenance, "baseline": baseline,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available()
-                          else None},
+              "machine": machine_info(),
               "gpu_aims_frames_per_s": {str(k): v for k, v in GPU_AIMS_FPS.items()},
               "gpu_aims_status": "measured" if torch.cuda.is_available()
               else "not run on real hardware (no CUDA device here)",
-              "postprocess_ms_per_frame": postprocess, "rows": rows}
+              "postprocess_ms_per_frame": postprocess,
+              "model_gflop_per_frame": {str(k): v for k, v in gflop.items()},
+              "gemm_ceiling_gflops": ceiling, "rows": rows}
     print(format_table(report))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2))
@@ -189,7 +197,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"engine benchmark, model {report['model_id']} ({report['model_provenance']}), "
              f"baseline {report['baseline']}",
              f"{'backend':<24}{'prec':<6}{'size':>6}{'batch':>6}{'frames/s':>11}"
-             f"{'p50 ms':>10}{'p99 ms':>10}{'vs eager':>10}"]
+             f"{'p50 ms':>10}{'p99 ms':>10}{'vs eager':>10}{'GFLOP/s':>9}{'of ceil':>9}"]
     for r in report["rows"]:
         if r["status"] != "ok":
             lines.append(f"{r['backend']:<24}{r['status']}")
@@ -198,7 +206,12 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{r['backend']:<24}{r['precision']:<6}{r['size']:>6}{r['batch']:>6}"
                      f"{r['frames_per_s']:>11.2f}{r['latency_ms_p50']:>10.1f}"
                      f"{r['latency_ms_p99']:>10.1f}"
-                     f"{'' if speed is None else f'{speed:.2f}x':>10}")
+                     f"{'' if speed is None else f'{speed:.2f}x':>10}"
+                     f"{r['gflop_per_s']:>9.1f}{100 * r['fraction_of_gemm_ceiling']:>8.0f}%"
+                     f"{'' if r['offered'] else '  (not offered: see bench parity)'}")
+    lines.append(f"model: {', '.join(f'{k}^2 {v:.1f}' for k, v in report['model_gflop_per_frame'].items())}"
+                 f" GFLOP/frame; ceiling: dense FP32 matrix product "
+                 f"{report['gemm_ceiling_gflops']:.0f} GFLOP/s on this machine")
     lines.append("serve-loop CPU work per frame after inference, steady state (ms): " + ", ".join(
         f"{side}^2 {ms:.1f}" for side, ms in report["postprocess_ms_per_frame"].items()))
     lines.append(f"GPU aims (frames/s, base-16): {report['gpu_aims_frames_per_s']} -- "

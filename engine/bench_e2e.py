@@ -9,9 +9,10 @@ Per backend, one ``serve`` process (replay mode, no viewer) and two phases:
 2. **camera rate** -- ``paced_frames`` frames sent at ``rate_fps`` (default the paper's
    7.7 frames/s, 0.13 s per frame); latency = a result's receipt - its frame's send, p50/p99.
 
-Each stage's busy time per frame (prepare, infer, postprocess, publish) comes from the serve
-process's ``--stats`` JSON, and the post-processing share of frame time is reported against the
-aim of <= 10 %. Frames are simulated CeO2 [110] slabs (multislice, one structure at four defoci)
+Each stage's busy time per frame (prepare, infer, postprocess, publish; mean, and median over
+batches) comes from the serve process's ``--stats`` JSON; the post-processing share of frame
+time (its median: steady state, after the session's column reference is complete) is reported
+against the aim of <= 10 %. Frames are simulated CeO2 [110] slabs (multislice, one structure at four defoci)
 with fresh Poisson noise per frame at ``dose`` e-/px. Figures are printed and written as JSON,
 never asserted.
 """
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import backends
 from streamer import sockets
 from streamer.protocol import encode_control, encode_frame
 
@@ -128,8 +130,11 @@ def run_backend(cfg: E2EConfig, backend: str, clean: np.ndarray, workdir: Path) 
                              pixel_size_pm=PIXEL_SIZE_PM, dose_e_per_px=cfg.dose,
                              mode="replay", t_acq=seq / cfg.rate_fps)
         t_send[seq] = time.monotonic()
-        if not source.send(parts, timeout_s=300.0, wait=True):
-            raise RuntimeError(f"serve ({backend}) took no frame in 300 s: see {log_path}")
+        deadline = t_send[seq] + 300.0
+        while not source.send(parts, timeout_s=1.0, wait=True):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"serve ({backend}) took no frame (exit code "
+                                   f"{proc.poll()}): see {log_path}")
 
     try:
         for seq in range(cfg.warmup):  # model load, graph build, first batches
@@ -158,13 +163,14 @@ def run_backend(cfg: E2EConfig, backend: str, clean: np.ndarray, workdir: Path) 
         results.close()
         source.close(0)
     stats = json.loads(stats_path.read_text())["stats"]
-    stages = stats["stage_ms_per_frame"]
+    stages, median = stats["stage_ms_per_frame"], stats["stage_ms_per_frame_p50"]
     frame_ms = 1e3 * span / cfg.e2e_frames
     return {"backend": stats["backend"], "size": side, "frames_per_s": cfg.e2e_frames / span,
             "frame_ms": frame_ms, "latency_ms_p50": float(np.percentile(latency, 50)),
             "latency_ms_p99": float(np.percentile(latency, 99)),
             "paced_rate_fps": cfg.rate_fps, "stage_ms_per_frame": stages,
-            "postprocess_share": (stages["postprocess"] or 0.0) / frame_ms,
+            "stage_ms_per_frame_p50": median,
+            "postprocess_share": (median["postprocess"] or 0.0) / frame_ms,
             "results_sent": stats["results_sent"], "rejected": stats["rejected"]}
 
 
@@ -175,6 +181,11 @@ def run_e2e(cfg: E2EConfig, json_path: Path) -> dict[str, Any]:
         for side in cfg.sizes:
             clean = simulated_frames(side, cfg.seed)
             for backend in cfg.backends:
+                reason = backends.unavailable_reason(backend)
+                if reason:
+                    rows.append({"backend": backend, "size": side,
+                                 "status": f"not run on real hardware: {reason}"})
+                    continue
                 try:
                     rows.append(run_backend(cfg, backend, clean, Path(tmp)))
                 except (RuntimeError, subprocess.TimeoutExpired, FileNotFoundError) as exc:
@@ -198,13 +209,13 @@ def format_e2e(report: dict[str, Any]) -> str:
     lines = [f"engine end to end through `segdepth serve` over loopback TCP, batch <= "
              f"{cfg['max_batch']}, latency at {cfg['rate_fps']:.2f} frames/s; aim >= "
              f"{CAMERA_RATE_FPS:.1f} frames/s, post-processing <= 10 % of frame time",
-             f"{'backend':<20}{'size':>6}{'frames/s':>9}{'p50 ms':>9}{'p99 ms':>9}   stage ms/frame "
-             f"(prepare / infer / post / publish){'post %':>9}"]
+             f"{'backend':<20}{'size':>6}{'frames/s':>9}{'p50 ms':>9}{'p99 ms':>9}   median stage "
+             f"ms/frame (prepare / infer / post / publish){'post %':>9}"]
     for r in report["rows"]:
         if "status" in r:
             lines.append(f"{r['backend']:<20}{r['size']:>6}  {r['status']}")
             continue
-        st = r["stage_ms_per_frame"]
+        st = r["stage_ms_per_frame_p50"]
         stages = " / ".join("-" if st[k] is None else f"{st[k]:.1f}"
                             for k in ("prepare", "infer", "postprocess", "publish"))
         lines.append(f"{r['backend']:<20}{r['size']:>6}{r['frames_per_s']:>9.2f}{r['latency_ms_p50']:>9.0f}"

@@ -1,12 +1,15 @@
 """INT8 inference on the CPU: onnxruntime static quantization of the FP32 graph.
 
-Weights are quantized per output channel (int8), activations per tensor (uint8) with ranges
-calibrated on simulated frames: ``segdepth simulate``-style CeO2 [110] slabs (multislice,
-abTEM), Poisson noise at doses drawn log-uniform over the training range, divided by their
-dose exactly as the engine's :mod:`engine.normalise` does. The QOperator form (QLinearConv) is
-used: on the 2-core AVX2 machines it measured 1.4x faster than the QDQ form of the same
-quantization (README "Benchmarks"). The quantized graph is cached beside the FP32 export,
-named by model hash and calibration settings.
+Weights are quantized per output channel (int8), activations per tensor (uint8), in the
+QOperator form (QLinearConv), with ``reduce_range`` (7-bit weights): on AVX2 machines without
+VNNI, onnxruntime's u8s8 kernels add pairs of products in 16 bits, which saturate with full-range
+weights; on the robustness suite that saturation cost up to 2.8 points of column accuracy.
+Activation ranges are calibrated on simulated frames like the training set's: faceted particles
+from a small exit-wave library (:mod:`sim_source.wave_library`) under microscopes, angles and
+doses drawn from the training ranges (:mod:`training.library_data`), plus axis-aligned
+``segdepth simulate`` slabs; Poisson noise at doses log-uniform over 0.5-10 e-/px, divided by
+the dose exactly as the engine's :mod:`engine.normalise` does. The library and the quantized
+graph are cached beside the FP32 export, named by model hash and calibration settings.
 
 An INT8 graph is only *offered* for a model whose parity record
 (``<model>.int8.json``, written by ``segdepth bench parity``) shows that its column-level
@@ -35,10 +38,13 @@ PARITY_BOUND_POINTS = 0.5
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """What an INT8 graph is a function of: calibration frames (count, side in px, seed of the
-    simulated structures and noise) and the dose range (e-/px, log-uniform)."""
+    """What an INT8 graph is a function of: calibration frames rendered from ``structures``
+    simulated particles (``library_frames`` views of ``size`` px) and ``slab_frames``
+    simulated slabs, the seed of both, and the dose range (e-/px, log-uniform)."""
 
-    frames: int = 16
+    structures: int = 3
+    library_frames: int = 48
+    slab_frames: int = 16
     size: int = 256
     seed: int = 7000
     dose_min: float = 0.5
@@ -48,17 +54,33 @@ class CalibrationConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
 
 
-def calibration_frames(cfg: CalibrationConfig) -> np.ndarray:
-    """Dose-normalised noisy frames (N, 1, size, size) float32 of simulated slabs, 4 defoci per
-    structure (deterministic in ``cfg``)."""
+def _particle_frames(cfg: CalibrationConfig, cache_dir: Path) -> np.ndarray:
+    """Clean views (N, size, size) of a small exit-wave library simulated into ``cache_dir``."""
+    from sim_source.wave_library import LibraryConfig, write_library
+    from training.labels import TargetConfig
+    from training.library_data import RenderConfig, load_library, render_set
+
+    path = Path(cache_dir) / f"calibration_waves_{cfg.key()}.h5"
+    write_library(path, LibraryConfig(count=cfg.structures, seed=cfg.seed), resume=True,
+                  progress=False)
+    data = render_set(load_library(path), cfg.library_frames, cfg.seed,
+                      RenderConfig(crop=cfg.size), TargetConfig())
+    return data.images
+
+
+def calibration_frames(cfg: CalibrationConfig, cache_dir: Path) -> np.ndarray:
+    """Dose-normalised noisy frames (N, 1, size, size) float32: particle views, then slabs at
+    four defoci per structure (deterministic in ``cfg``)."""
     from sim_source.dataset import DatasetConfig, simulate_group
     from sim_source.noise import add_poisson_noise
 
-    data = DatasetConfig(count=cfg.frames, size=cfg.size, seed=cfg.seed)
-    clean = np.stack([r.image for g in range(data.n_groups) for r in simulate_group(data, g)])
+    slabs = DatasetConfig(count=cfg.slab_frames, size=cfg.size, seed=cfg.seed)
+    clean = [r.image for g in range(slabs.n_groups) for r in simulate_group(slabs, g)]
+    if cfg.structures and cfg.library_frames:
+        clean = [*_particle_frames(cfg, cache_dir), *clean]
     rng = np.random.default_rng(cfg.seed)
     dose = np.exp(rng.uniform(np.log(cfg.dose_min), np.log(cfg.dose_max), len(clean)))
-    return add_poisson_noise(clean, dose[:, None, None], rng)[:, None]
+    return add_poisson_noise(np.stack(clean), dose[:, None, None], rng)[:, None]
 
 
 class _Frames:
@@ -83,14 +105,15 @@ def int8_graph(loaded: LoadedModel, cache_dir: Path,
     if path.is_file():
         return path
     fp32 = export_onnx(loaded, cache_dir, half=False)
-    log.info("quantizing %s to INT8 (calibration: %d simulated %d^2 frames)", loaded.model_id,
-             cfg.frames, cfg.size)
+    log.info("quantizing %s to INT8 (calibration: %d simulated %d^2 frames; first time only)",
+             loaded.model_id, cfg.library_frames + cfg.slab_frames, cfg.size)
     prepared = path.with_suffix(".pre.onnx")
     partial = path.with_suffix(".partial.onnx")
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(partial), _Frames(calibration_frames(cfg)),
-                        quant_format=QuantFormat.QOperator, per_channel=True,
+        quantize_static(str(prepared), str(partial),
+                        _Frames(calibration_frames(cfg, cache_dir)),
+                        quant_format=QuantFormat.QOperator, per_channel=True, reduce_range=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         partial.replace(path)  # atomic: a crash never leaves a half-written graph in the cache
     finally:

@@ -140,9 +140,12 @@ class Server:
         self.output.stop = self.stop
         self.viewer = sockets.Publisher(config.viewer) if config.viewer else None
         self._predicted: queue.Queue[_Batch] = queue.Queue(config.pipeline_depth)
-        #: busy seconds and frames of each stage (STAGES), for stage_ms_per_frame
+        #: busy seconds and frames of each stage (STAGES), for stage_ms_per_frame, and the
+        #: latest batches' ms per frame, for its median (session start-up, when the column
+        #: reference grows, weighs on the mean only)
         self.stage_s: Counter[str] = Counter(dict.fromkeys(STAGES, 0.0))
         self.stage_frames: Counter[str] = Counter(dict.fromkeys(STAGES, 0))
+        self.stage_recent_ms: dict[str, deque[float]] = {k: deque(maxlen=1000) for k in STAGES}
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
         self._publisher = threading.Thread(target=self._publish_loop, name="publish",
                                            daemon=True)
@@ -197,6 +200,8 @@ class Server:
         now = time.perf_counter()
         self.stage_s[stage] += now - since
         self.stage_frames[stage] += frames
+        if frames:
+            self.stage_recent_ms[stage].append(1e3 * (now - since) / frames)
         return now
 
     def _prepare(self, items: list[Item]) -> _Batch:
@@ -363,6 +368,8 @@ class Server:
                 "latency_ms_p99": float(np.percentile(lat, 99)),
                 "stage_ms_per_frame": {k: 1e3 * self.stage_s[k] / self.stage_frames[k]
                                        if self.stage_frames[k] else None for k in STAGES},
+                "stage_ms_per_frame_p50": {k: float(np.median(v)) if v else None
+                                           for k, v in self.stage_recent_ms.items()},
                 "backend": self.backend.name, "model_id": self.loaded.model_id}
 
     def close(self) -> None:

@@ -3,7 +3,6 @@ passes, and its answers stay close to FP32 on simulated frames."""
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from engine import backends
@@ -50,7 +49,8 @@ def test_int8_agrees_with_fp32_on_simulated_frames(bundled_copy, tmp_path):
     from engine.quantize import CalibrationConfig, calibration_frames
 
     _record(bundled_copy)
-    frames = calibration_frames(CalibrationConfig(frames=4, size=256, seed=8000))[:, 0]
+    frames = calibration_frames(CalibrationConfig(structures=0, slab_frames=4, seed=8000),
+                                tmp_path)[:, 0]
     fp32 = backends.create("onnxruntime", bundled_copy, cache_dir=tmp_path).infer(frames)
     int8 = backends.create("onnxruntime-int8", bundled_copy, cache_dir=tmp_path).infer(frames)
     d32, d8 = fp32.depth_prob.argmax(1), int8.depth_prob.argmax(1)
