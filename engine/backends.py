@@ -19,8 +19,15 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from engine.export import (INPUT_NAME, OUTPUT_NAMES, PlanProfile, build_tensorrt_plan,
-                           default_cache_dir, export_onnx, tensorrt_unavailable_reason)
+from engine.export import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    PlanProfile,
+    build_tensorrt_plan,
+    default_cache_dir,
+    export_onnx,
+    tensorrt_unavailable_reason,
+)
 from engine.model_io import LoadedModel, pad_to_multiple
 
 
@@ -40,12 +47,13 @@ class Prediction:
                 species.to(torch.uint8).numpy())
 
 
-def infer_tta(backend: "Backend", frames: np.ndarray) -> Prediction:
+def infer_tta(backend: Backend, frames: np.ndarray) -> Prediction:
     """Test-time augmentation: the backend's probabilities averaged over the 8 flips and
     quarter turns of the frames (B, H, W), each mapped back (8 passes; a backend whose plan
     has a fixed H × W needs square frames)."""
     from training.inference import DIHEDRAL
-    depth = species = 0.0
+    depth = np.zeros((), np.float64)
+    species = np.zeros((), np.float64)
     for k, flip in DIHEDRAL:
         x = np.rot90(frames[..., ::-1] if flip else frames, k, axes=(-2, -1))
         pred = backend.infer(np.ascontiguousarray(x))
@@ -122,7 +130,10 @@ class TorchCUDABackend(Backend):
     def __init__(self, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None):
         super().__init__(loaded, max_batch, cache_dir)
         self._device = torch.device("cuda")
-        self._head = loaded.head().to(self._device).half().to(memory_format=torch.channels_last)
+        head = loaded.head().to(self._device).half()
+        # Module.to(memory_format=...) works (it forwards to every tensor) but is not in
+        # torch's type stubs for Module.to
+        self._head = head.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor,
                                                   tuple[torch.Tensor, torch.Tensor]]] = {}
         # one memory pool for all graphs: they never run at once, and outputs are copied out
@@ -254,9 +265,9 @@ class TensorRTBackend(Backend):
                 outputs.append(out)
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed")
-            result = tuple(o.cpu().numpy() for o in outputs)
+            depth, species = (o.cpu().numpy() for o in outputs)
         self._stream.synchronize()
-        return result
+        return depth, species
 
 
 #: backends by name, fastest first: ``auto`` takes the first available and offered one.

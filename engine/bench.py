@@ -209,7 +209,8 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{'' if speed is None else f'{speed:.2f}x':>10}"
                      f"{r['gflop_per_s']:>9.1f}{100 * r['fraction_of_gemm_ceiling']:>8.0f}%"
                      f"{'' if r['offered'] else '  (not offered: see bench parity)'}")
-    lines.append(f"model: {', '.join(f'{k}^2 {v:.1f}' for k, v in report['model_gflop_per_frame'].items())}"
+    gflop = report["model_gflop_per_frame"]
+    lines.append(f"model: {', '.join(f'{k}^2 {v:.1f}' for k, v in gflop.items())}"
                  f" GFLOP/frame; ceiling: dense FP32 matrix product "
                  f"{report['gemm_ceiling_gflops']:.0f} GFLOP/s on this machine")
     lines.append("serve-loop CPU work per frame after inference, steady state (ms): " + ", ".join(

@@ -12,9 +12,9 @@ Per backend, one ``serve`` process (replay mode, no viewer) and two phases:
 Each stage's busy time per frame (prepare, infer, postprocess, publish; mean, and median over
 batches) comes from the serve process's ``--stats`` JSON; the post-processing share of frame
 time (its median: steady state, after the session's column reference is complete) is reported
-against the aim of <= 10 %. Frames are simulated CeO2 [110] slabs (multislice, one structure at four defoci)
-with fresh Poisson noise per frame at ``dose`` e-/px. Figures are printed and written as JSON,
-never asserted.
+against the aim of <= 10 %. Frames are simulated CeO2 [110] slabs (multislice, one structure at
+four defoci) with fresh Poisson noise per frame at ``dose`` e-/px. Figures are printed and
+written as JSON, never asserted.
 """
 from __future__ import annotations
 

@@ -61,8 +61,7 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
     from engine import backends
     from engine.model_io import load
     from engine.quantize import PARITY_BOUND_POINTS, CalibrationConfig, parity_path
-    from training.robustness import (build_suite, check_disjoint, evaluate_row, row_data,
-                                     suite_rows)
+    from training.robustness import build_suite, check_disjoint, evaluate_row, row_data, suite_rows
 
     started = time.monotonic()
     loaded = load(cfg.model)
@@ -72,7 +71,8 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
     # the candidate is built directly: its own refusal (no record yet) is what this writes
     nets = {name: as_network(backends.BACKENDS[name](loaded, max_batch=8, cache_dir=cache))
             for name in ("onnxruntime", cfg.candidate)}
-    rows = []
+    rows: list[dict[str, Any]] = []
+    diffs: list[float] = []
     for k, row in enumerate(suite_rows()):
         data, depths = row_data(row, paths, cfg.samples, cfg.crop, cfg.seed + k)
         figures = {name: {key: evaluate_row(net, 1.0, data, depths, row.dose, cfg.seed + k)
@@ -80,13 +80,14 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
                    for name, net in nets.items()}
         diff = 100.0 * (figures[cfg.candidate]["column_exact"]
                         - figures["onnxruntime"]["column_exact"])
+        diffs.append(diff)
         rows.append({"row": row.name, "dose": row.dose, "samples": len(data),
                      "fp32": figures["onnxruntime"], "candidate": figures[cfg.candidate],
                      "column_exact_diff_points": diff})
         log.info("parity row %s: column exact FP32 %.3f, %s %.3f (%+.2f points)", row.name,
                  figures["onnxruntime"]["column_exact"], cfg.candidate,
                  figures[cfg.candidate]["column_exact"], diff)
-    worst = max(abs(r["column_exact_diff_points"]) for r in rows)
+    worst = max(abs(d) for d in diffs)
     record = {"model": str(loaded.path), "model_id": loaded.model_id,
               "model_sha256": loaded.sha256, "candidate": cfg.candidate,
               "calibration": asdict(CalibrationConfig()), "config": asdict(cfg),
@@ -110,7 +111,7 @@ def format_parity(record: dict[str, Any]) -> str:
         lines.append(f"{r['row']:<24}{r['fp32']['column_exact']:>8.3f}"
                      f"{r['candidate']['column_exact']:>8.3f}"
                      f"{r['column_exact_diff_points']:>+9.2f}")
-    lines.append(f"mean column exact: fp32 "
-                 f"{np.mean([r['fp32']['column_exact'] for r in record['rows']]):.3f}, "
-                 f"candidate {np.mean([r['candidate']['column_exact'] for r in record['rows']]):.3f}")
+    mean = {k: np.mean([r[k]["column_exact"] for r in record["rows"]])
+            for k in ("fp32", "candidate")}
+    lines.append(f"mean column exact: fp32 {mean['fp32']:.3f}, candidate {mean['candidate']:.3f}")
     return "\n".join(lines)

@@ -143,8 +143,8 @@ class Server:
         #: busy seconds and frames of each stage (STAGES), for stage_ms_per_frame, and the
         #: latest batches' ms per frame, for its median (session start-up, when the column
         #: reference grows, weighs on the mean only)
-        self.stage_s: Counter[str] = Counter(dict.fromkeys(STAGES, 0.0))
-        self.stage_frames: Counter[str] = Counter(dict.fromkeys(STAGES, 0))
+        self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.stage_frames: dict[str, int] = dict.fromkeys(STAGES, 0)
         self.stage_recent_ms: dict[str, deque[float]] = {k: deque(maxlen=1000) for k in STAGES}
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
         self._publisher = threading.Thread(target=self._publish_loop, name="publish",
@@ -275,12 +275,14 @@ class Server:
     def _serve_batch(self, batch: _Batch) -> None:
         t = time.perf_counter()
         n = len(batch.items)
-        depth, confidence, species = batch.pred.maps()
+        pred = batch.pred
+        assert pred is not None  # control items never reach here (_publish_loop)
+        depth, confidence, species = pred.maps()
         ood = uncertainty_scores(depth, confidence)
         results = []
         for i, item in enumerate(batch.items):
             occ = batch.states[i].analysis.update(
-                batch.pred.species_prob[i], batch.pred.depth_prob[i], item.payload.seq,
+                pred.species_prob[i], pred.depth_prob[i], item.payload.seq,
                 item.payload.header.get("t_acq"))
             results.append((occ, {"depth": depth[i], "confidence": confidence[i],
                                   "species": species[i], **occ.buffers()}))
