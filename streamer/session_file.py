@@ -16,9 +16,10 @@ import math
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -379,14 +380,20 @@ def _attr(f: h5py.File, name: str, default: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def open_for_reading(path: str | Path) -> h5py.File:
+    """A session file opened read-only: SWMR where it is being written (or was, by a killed
+    recorder), else plainly; the Bitshuffle/LZ4 filter of compressed sessions registered."""
+    import hdf5plugin  # noqa: F401  (registers the Bitshuffle filter for compressed sessions)
+    try:
+        return h5py.File(path, "r", swmr=True)
+    except OSError:
+        return h5py.File(path, "r")
+
+
 def open_session(path: str | Path) -> Session:
     """Open a session file for reading (also one left by a killed recorder)."""
-    import hdf5plugin  # noqa: F401  (registers the Bitshuffle filter for compressed sessions)
     path = Path(path)
-    try:
-        f = h5py.File(path, "r", swmr=True)
-    except OSError:
-        f = h5py.File(path, "r")
+    f = open_for_reading(path)
     if "frames" not in f or f["frames"].ndim != 3:
         f.close()
         raise ValueError(f"{path} is not a session file: no (T, H, W) 'frames' dataset")
@@ -455,7 +462,7 @@ def recover(path: str | Path) -> dict[str, Any]:
         try:
             src = h5py.File(path, "r")
         except OSError as exc:
-            raise ValueError(f"{path} cannot be read as HDF5 ({exc}); nothing to recover")
+            raise ValueError(f"{path} cannot be read as HDF5 ({exc}); nothing to recover") from exc
     tmp = path.with_name(path.name + ".recover-tmp")
     try:
         if "frames" not in src or src["frames"].ndim != 3:

@@ -14,7 +14,6 @@ the display code does not know where its data came from.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import h5py
 import numpy as np
 
 from streamer.protocol import Message
+from streamer.session_file import open_for_reading
 from viewer.history import ColumnHistory
 
 #: per-row column series copied into the result header's ``columns`` table.
@@ -41,17 +41,6 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _open(path: Path) -> h5py.File:
-    try:  # registers the Bitshuffle/LZ4 filter of compressed recordings, when installed
-        importlib.import_module("hdf5plugin")
-    except ImportError:
-        pass
-    try:
-        return h5py.File(path, "r", swmr=True)
-    except OSError:
-        return h5py.File(path, "r")
-
-
 class SessionReader:
     """A session file opened read-only. ``len()`` rows; :meth:`frame`, :meth:`result` per row."""
 
@@ -60,7 +49,7 @@ class SessionReader:
         if not self.path.is_file():
             raise FileNotFoundError(f"no session file at {self.path}")
         try:
-            self.file = _open(self.path)
+            self.file = open_for_reading(self.path)
         except OSError as exc:
             raise ValueError(f"{self.path} is not an HDF5 file ({exc})") from None
         f = self.file
