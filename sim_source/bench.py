@@ -7,8 +7,6 @@ this process after a warm-up image (numba JIT, FFT planning), on the same struct
 """
 from __future__ import annotations
 
-import json
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from sim_source.hrtem import (
     make_grid,
 )
 from sim_source.structure import StructureConfig, build_columns, slice_thicknesses_A, to_atoms
+from streamer.cli_support import machine_info, write_json
 from streamer.domain import MAX_ATOMS
 
 
@@ -75,8 +74,7 @@ def run_bench(cfg: BenchConfig, json_path: str | Path | None = None) -> dict:
                   pixel_size_pm=grid.pixel_size_pm, images=n_images,
                   ours_s=t_ours, ours_images_per_s=n_images / t_ours,
                   abtem_per_pair_s=t_base, abtem_per_pair_images_per_s=n_images / t_base,
-                  speedup=t_base / t_ours, max_abs_difference=max_diff,
-                  machine=platform.node(), processor=platform.processor() or platform.machine())
+                  speedup=t_base / t_ours, max_abs_difference=max_diff, machine=machine_info())
     print(f"segdepth bench simulate: {n_images} images of {cfg.size}^2 px "
           f"(simulated {grid.gpts[0]}x{grid.gpts[1]}), {cfg.structures} structures x "
           f"{cfg.defocus} defocus")
@@ -85,7 +83,5 @@ def run_bench(cfg: BenchConfig, json_path: str | Path | None = None) -> dict:
     print(f"{'abTEM once per (structure, defocus)':<38}{t_base:>10.2f}{n_images / t_base:>12.3f}")
     print(f"speed-up {t_base / t_ours:.2f}x; max |difference| {max_diff:.2e} (vacuum = 1)")
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2))
-        print(f"wrote {json_path}")
+        write_json(json_path, result)
     return result

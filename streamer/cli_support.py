@@ -13,7 +13,7 @@
   :func:`install_stop_signals` for long-running commands; :func:`check_image_side` is the one
   image-size check of every command.
 
-Imports nothing of the project but the standard library (the lowest layer: any package may use it).
+Imports nothing of the project at module level (the lowest layer: any package may use it).
 """
 from __future__ import annotations
 
@@ -32,10 +32,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
-
-#: endpoint schemes ZeroMQ understands.
-ENDPOINT_SCHEMES = ("tcp", "ipc", "inproc")
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -129,11 +125,16 @@ def positive_float(text: str) -> float:
 
 
 def endpoint(text: str) -> str:
-    """A ZeroMQ endpoint with its scheme (``tcp://HOST:PORT``, ``ipc://PATH``), or ``none``."""
-    if text.lower() == "none" or urlsplit(text).scheme in ENDPOINT_SCHEMES and "://" in text:
-        return text
-    raise argparse.ArgumentTypeError(
-        f"endpoint {text!r} has no scheme: write it as tcp://{text} (or ipc://PATH)")
+    """A ZeroMQ endpoint with its scheme (streamer.security.split_endpoint's rule), or ``none``."""
+    from streamer.security import EndpointError, split_endpoint
+    if text.lower() != "none":
+        try:
+            split_endpoint(text)
+        except EndpointError:
+            raise argparse.ArgumentTypeError(
+                f"endpoint {text!r} has no scheme: write it as tcp://{text} (or ipc://PATH)"
+            ) from None
+    return text
 
 
 def output_file(text: str) -> str:
