@@ -1,7 +1,9 @@
 """``segdepth bench train``: training samples/s (one Adam step per noisy image, batch 1) and
 inference frames/s (batch 1) of the UNet at each size, per backend present on this machine:
-torch-cpu FP32 always, torch-cuda FP32 when a GPU exists (training, inference), onnxruntime
-(CPU execution provider, inference only) when installed. Prints a table and writes JSON.
+torch-cpu FP32 always, torch-cpu with BF16 autocast in the same run (BF16 matrix kernels where
+the CPU has them, e.g. AVX512-BF16 or AMX; emulated and slower elsewhere), torch-cuda FP32 when
+a GPU exists (training, inference), onnxruntime (CPU execution provider, inference only) when
+installed. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ def _timed(fn, repeats: int, sync=lambda: None) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def train_rate(model: torch.nn.Module, size: int, device: str, repeats: int) -> float:
-    """Training samples/s: noise, forward, weighted loss, backward, Adam step at size² px."""
+def train_rate(model: torch.nn.Module, size: int, device: str, repeats: int,
+               autocast: torch.dtype | None = None) -> float:
+    """Training samples/s: noise, forward, weighted loss, backward, Adam step at size² px
+    (forward and loss under ``autocast`` to that dtype when given)."""
     model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     clean = torch.ones(1, 1, size, size, device=device)
@@ -43,8 +47,10 @@ def train_rate(model: torch.nn.Module, size: int, device: str, repeats: int) -> 
 
     def step():
         x = torch.poisson(PAPER_DOSE_E_PER_PX * clean) / PAPER_DOSE_E_PER_PX
-        depth, species = model(x)
-        loss, _ = segdepth_loss(depth, species, labels, labels.clamp(max=2), weights)
+        with torch.autocast(device, dtype=autocast or torch.float32, enabled=bool(autocast)):
+            depth, species = model(x)
+            loss, _ = segdepth_loss(depth.float(), species.float(), labels,
+                                    labels.clamp(max=2), weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -52,12 +58,14 @@ def train_rate(model: torch.nn.Module, size: int, device: str, repeats: int) -> 
     return 1.0 / _timed(step, repeats, sync)
 
 
-def torch_infer_rate(model: torch.nn.Module, size: int, device: str, repeats: int) -> float:
+def torch_infer_rate(model: torch.nn.Module, size: int, device: str, repeats: int,
+                     autocast: torch.dtype | None = None) -> float:
     model = model.to(device).eval()
     x = torch.ones(1, 1, size, size, device=device)
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device, dtype=autocast or torch.float32,
+                                             enabled=bool(autocast)):
             model(x)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     return 1.0 / _timed(run, repeats, sync)
@@ -170,6 +178,11 @@ def run_bench(cfg: BenchConfig, out: str | Path) -> dict:
             rows.append({"backend": backend, "size": size,
                          "train_samples_per_s": train_rate(model, size, device, repeats),
                          "infer_frames_per_s": torch_infer_rate(model, size, device, repeats)})
+        rows.append({"backend": "torch-cpu BF16 autocast", "size": size,
+                     "train_samples_per_s": train_rate(model, size, "cpu", repeats,
+                                                       torch.bfloat16),
+                     "infer_frames_per_s": torch_infer_rate(model, size, "cpu", repeats,
+                                                            torch.bfloat16)})
         try:
             rate = onnxruntime_infer_rate(model, size, repeats, cfg.threads)
             rows.append({"backend": "onnxruntime-cpu FP32", "size": size,
