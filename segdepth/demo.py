@@ -50,8 +50,8 @@ class DemoConfig:
     headless: bool = False
     seed: int = 0
     model: str | None = None
-    backend: str = "auto"
-    max_batch: int = 8
+    backend: str | None = None  # None: the engine's default (engine.serve.ServeConfig)
+    max_batch: int | None = None  # None: the engine's default
     match_A: float = 0.5
     timeout_s: float = 1800.0
     scenario: str = "evaluation"
@@ -237,6 +237,12 @@ def class_prior(config: DemoConfig) -> list[str]:
     return ["--class-prior", ",".join(f"{v:.6g}" for v in prior)]
 
 
+def _engine_options(config: DemoConfig) -> list[str]:
+    """``segdepth serve`` options the demo's config sets (else the engine's defaults apply)."""
+    return [*(["--backend", config.backend] if config.backend else []),
+            *(["--max-batch", str(config.max_batch)] if config.max_batch else [])]
+
+
 def run_pipeline(config: DemoConfig, session: Path, model: str,
                  hmm_options: Sequence[str] = ()) -> dict[str, Any]:
     """Replay ``session`` through engine and recorder (and viewer) processes; score it.
@@ -266,10 +272,9 @@ def run_pipeline(config: DemoConfig, session: Path, model: str,
                                  "120"])
         procs.start("engine", [*cli, "serve", "--frames", ep["engine"], "--results",
                                ep["results"], "--viewer", ep["viewer_results"] if show
-                               else "none", "--model", model, "--backend", config.backend,
-                               "--max-batch", str(config.max_batch), "--mode", "replay",
-                               "--exit-on-eos", "--stats", str(engine_stats),
-                               *hmm_options])
+                               else "none", "--model", model, *_engine_options(config),
+                               "--mode", "replay", "--exit-on-eos", "--stats",
+                               str(engine_stats), *hmm_options])
         if show:
             procs.start("viewer", [sys.executable, "-m", "viewer", "--results",
                                    ep["viewer_results"], "--frames", ep["viewer_frames"]])
@@ -379,9 +384,9 @@ def register(commands, bench) -> None:
                   help="model file (default: the bundled model; without one, a random model "
                        "and a warning)")
     config_option(p, "--backend", DemoConfig, choices=["auto", *BACKEND_NAMES],
-                  help="engine backend")
+                  help="engine backend (default: the engine's, see segdepth serve --help)")
     config_option(p, "--max-batch", DemoConfig, type=positive_int,
-                  help="engine batch size limit in frames")
+                  help="engine batch size limit in frames (default: the engine's)")
     config_option(p, "--scenario", DemoConfig, choices=["evaluation", "flat"],
                   help="evaluation: thickness gradient, 1- and 2-atom events on O and Ce "
                        "columns, one never regained; flat: the original flat 6-atom slab "
