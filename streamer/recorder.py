@@ -182,7 +182,7 @@ class Recorder:
         self.summary.foreign[kind] = self.summary.foreign.get(kind, 0) + 1
         return True
 
-    def _start(self, msg: Message, frames_in: Input) -> bool:
+    def _start(self, msg: Message) -> bool:
         """Open the file on the first frame; False if the disk has no room."""
         frame = msg.arrays["frame"]
         h, w = frame.shape
@@ -191,8 +191,6 @@ class Recorder:
         if self.stop.is_set():
             return False
         self._session = self.summary.session = msg.header["session"]
-        if self._resume is not None and self._resume[0] == self._session:
-            frames_in.sequences["frame"].resume_after(*self._resume)
         self.writer = SessionWriter(
             self.out, msg, compress=self.config.compress,
             flush_interval_s=self.config.flush_interval_s,
@@ -205,7 +203,7 @@ class Recorder:
     def _on_frame(self, msg: Message, inp: Input) -> None:
         frame = msg.arrays["frame"]
         if self.writer is None:
-            if not self._start(msg, inp):
+            if not self._start(msg):
                 return
         elif self._foreign("frame", msg.header["session"]):
             return
@@ -320,6 +318,8 @@ class Recorder:
         self._take_over_previous()
         frames_in = Input(cfg.frames, hwm=cfg.hwm, accept=("frame", "eos", "heartbeat"),
                           name="recorder frames", auto_ack=False)
+        if self._resume is not None:  # no gap before the first frame the crashed file lacks
+            frames_in.sequences["frame"].resume_after(*self._resume)
         inputs = [(frames_in, False)]
         if cfg.results:
             inputs.append((Input(cfg.results, hwm=cfg.hwm,

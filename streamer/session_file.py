@@ -432,7 +432,7 @@ def _valid_rows(f: h5py.File) -> int:
         return n
     seq = f["sequence"][:n]
     t = f["timestamps_s"][:n]
-    bad = np.flatnonzero((seq < 0) | ~np.isfinite(t) | (t <= 0))
+    bad = np.flatnonzero((seq < 0) | ~np.isfinite(t))  # written before seq (add_frame)
     return int(bad[0]) if bad.size else n
 
 

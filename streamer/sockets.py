@@ -521,9 +521,32 @@ class Input(_Receiver):
         sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, b"r" + os.urandom(7))
         sock.setsockopt(zmq.SNDHWM, 4)  # stale ready messages are worthless: drop them
+        # libzmq ends (does not retry) a connection whose peer broke ZMQ_MAXMSGSIZE or the
+        # wire protocol: a monitor notices, and the link is opened again (counted: ``size``)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED
+                                                | zmq.EVENT_CONNECT_RETRIED
+                                                | zmq.EVENT_CONNECTED)
+        self._dropped_at: float | None = None
         super().__init__(sock, endpoints[0], self.credit + 8, accept, check_finite,
                          name or f"input {endpoints[0]}", limits)
         self._ready()
+
+    def _watch_connection(self) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+        while self._monitor.poll(0):
+            event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+            self._dropped_at = time.monotonic() if event == zmq.EVENT_DISCONNECTED else None
+        if self._dropped_at is not None and time.monotonic() - self._dropped_at > 0.5:
+            self._dropped_at = None  # dropped for good: the sender broke the limits
+            self.malformed.record(ProtocolError(
+                "size", f"the sender's connection was dropped (a part above "
+                        f"{self.limits.max_part_bytes} bytes, or not ZMTP); reconnecting"))
+            try:
+                self.socket.disconnect(self.endpoints[0])
+            except zmq.ZMQError:
+                pass
+            self.socket.connect(self.endpoints[0])
+            self._ready()
 
     def _ready(self) -> None:
         try:
@@ -535,6 +558,7 @@ class Input(_Receiver):
         self._acked_sent, self._last_ready = self._acked, time.monotonic()
 
     def _idle(self) -> None:
+        self._watch_connection()
         if self._acked != self._acked_sent \
                 or time.monotonic() - self._last_ready > READY_INTERVAL_S:
             self._ready()
@@ -559,6 +583,8 @@ class Input(_Receiver):
         next reader)."""
         if not self.socket.closed:
             self._ready()
+            self.socket.disable_monitor()
+            self._monitor.close(0)
             self.socket.close(200)
 
     def _take(self, parts: list) -> Message | None:

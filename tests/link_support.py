@@ -13,6 +13,7 @@ class RawLink:
 
     def __init__(self, endpoint: str, ctx: zmq.Context | None = None):
         self.socket = (ctx or zmq.Context.instance()).socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting reader keeps its id
         self.socket.bind(endpoint)
         self.peer: bytes | None = None
         self.seq = 0
