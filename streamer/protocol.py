@@ -23,8 +23,9 @@ import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -277,14 +278,20 @@ class FrameLimits:
         return max(self.max_side_px ** 2 * 8, MAX_HEADER_BYTES)
 
 
+#: the limits every receiver applies unless given others.
+DEFAULT_LIMITS = FrameLimits()
+
+
 def _in_range(value: Any, bounds: tuple[float, float]) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and bounds[0] <= value <= bounds[1])
 
 
-def check_frame_header(head: Mapping[str, Any], limits: FrameLimits = FrameLimits()) -> None:
-    """Check a frame header (already protocol-valid) against ``limits``; raise ProtocolError
-    with reason ``shape``, ``pixel_size`` or ``dose``. Runs before any buffer is looked at."""
+def check_frame_header(head: Mapping[str, Any], limits: FrameLimits | None = None) -> None:
+    """Check a frame header (already protocol-valid) against ``limits`` (default
+    :data:`DEFAULT_LIMITS`); raise ProtocolError with reason ``shape``, ``pixel_size`` or
+    ``dose``. Runs before any buffer is looked at."""
+    limits = limits or DEFAULT_LIMITS
     h, w = head["buffers"][0]["shape"]
     if not (0 < h <= limits.max_side_px and 0 < w <= limits.max_side_px):
         raise ProtocolError("shape", f"frame of {h} x {w} px: each side must be 1.."
@@ -302,9 +309,10 @@ def check_frame_header(head: Mapping[str, Any], limits: FrameLimits = FrameLimit
                                     f"electrons per pixel")
 
 
-def check_frame_values(frame: np.ndarray, limits: FrameLimits = FrameLimits()) -> None:
+def check_frame_values(frame: np.ndarray, limits: FrameLimits | None = None) -> None:
     """Reject a floating-point frame with a value beyond ``limits.max_value`` (reason
     ``range``); NaN/Inf are caught by :func:`decode` (reason ``nonfinite``)."""
+    limits = limits or DEFAULT_LIMITS
     if frame.dtype.kind == "f" and frame.size and \
             float(np.max(np.abs(frame))) > limits.max_value:
         raise ProtocolError("range", f"frame values beyond +-{limits.max_value:g} counts")

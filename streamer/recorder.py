@@ -29,8 +29,7 @@ from pathlib import Path
 import zmq
 
 from streamer.protocol import Message, ProtocolError
-from streamer.session_file import (RESULT_MAPS, SessionWriter, config_json, needs_recovery,
-                                   recover)
+from streamer.session_file import RESULT_MAPS, SessionWriter, config_json, needs_recovery, recover
 from streamer.sockets import DEFAULT_HWM, FRAMES_TO_RECORDER, RESULTS_TO_RECORDER, Input
 from streamer.source import progress
 

@@ -14,17 +14,22 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from streamer import security
 from streamer.camera_files import iter_folder
 from streamer.session_file import open_session
-from streamer.sockets import (DEFAULT_HWM, FRAMES_TO_ENGINE, FRAMES_TO_RECORDER,
-                              FRAMES_TO_VIEWER, MODES)
+from streamer.sockets import (
+    DEFAULT_HWM,
+    FRAMES_TO_ENGINE,
+    FRAMES_TO_RECORDER,
+    FRAMES_TO_VIEWER,
+    MODES,
+)
 from streamer.source import FrameSender, Pacer, SourceConfig, progress
 
 log = logging.getLogger(__name__)
@@ -54,10 +59,10 @@ class _Frame:
     dose: float
 
 
-def _session_frames(path: Path) -> tuple[Iterator[_Frame], int, float]:
+def _session_frames(path: Path) -> tuple[Generator[_Frame, None, None], int, float]:
     session = open_session(path)
 
-    def frames() -> Iterator[_Frame]:
+    def frames() -> Generator[_Frame, None, None]:
         try:
             for i, frame in session.iter_frames():
                 t = None if session.timestamps_s is None else float(session.timestamps_s[i])
@@ -69,8 +74,8 @@ def _session_frames(path: Path) -> tuple[Iterator[_Frame], int, float]:
     return frames(), len(session), session.frame_interval_s
 
 
-def _folder_frames(path: Path) -> tuple[Iterator[_Frame], int | None, float]:
-    def frames() -> Iterator[_Frame]:
+def _folder_frames(path: Path) -> tuple[Generator[_Frame, None, None], int | None, float]:
+    def frames() -> Generator[_Frame, None, None]:
         for stack in iter_folder(path):
             for i in range(len(stack)):
                 yield _Frame(np.asarray(stack.frames[i]), None, stack.pixel_size_pm,
@@ -78,7 +83,7 @@ def _folder_frames(path: Path) -> tuple[Iterator[_Frame], int | None, float]:
     return frames(), None, math.nan
 
 
-def open_frames(source: str | Path) -> tuple[Iterator[_Frame], int | None, float]:
+def open_frames(source: str | Path) -> tuple[Generator[_Frame, None, None], int | None, float]:
     """(frames, count or None, frame interval in s or NaN) of a session file or folder."""
     path = Path(source)
     if path.is_dir():
@@ -111,13 +116,15 @@ def replay(config: ReplayConfig, stop: threading.Event | None = None) -> dict:
             rel = 0.0
             with progress(count, f"replay pass {passes + 1}") as bar:
                 for i, item in enumerate(frames):
-                    if item.t_rec is not None and first_t is None:
-                        first_t = item.t_rec
-                    rel = item.t_rec - first_t if item.t_rec is not None else i * step
+                    if item.t_rec is not None:
+                        first_t = item.t_rec if first_t is None else first_t
+                        rel = item.t_rec - first_t
+                    else:
+                        rel = i * step
                     if timing == "recorded":
                         ok = pacer.wait(pass_offset + rel)
                     elif timing == "rate":
-                        ok = pacer.wait(sent / config.rate_hz)
+                        ok = pacer.wait(sent / config.rate_hz)  # type: ignore[operator]  # rate_hz checked > 0 above
                     else:
                         ok = not sender.stop.is_set()
                     pixel = item.pixel_size_pm if config.pixel_size_pm is None \

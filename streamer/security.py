@@ -15,6 +15,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -23,7 +24,7 @@ INSECURE_ENV = "SEGDEPTH_INSECURE"
 SCHEMES = ("tcp", "ipc", "inproc")
 
 _auth_lock = threading.Lock()
-_authenticators: dict[int, object] = {}  # per context: the running ZAP handler
+_authenticators: dict[int, Any] = {}  # per context: the running ZAP handler (ThreadAuthenticator)
 
 
 class EndpointError(ValueError):
@@ -68,7 +69,7 @@ class Keys:
         return self.folder / "allowed"
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Keys":
+    def load(cls, folder: str | Path) -> Keys:
         import zmq.auth
         folder = Path(folder)
         try:
@@ -77,6 +78,9 @@ class Keys:
         except (OSError, ValueError) as exc:
             raise FileNotFoundError(f"{folder} is not a key folder ({exc}); make one with "
                                     f"`segdepth keys {folder}`") from None
+        if ss is None or cs is None:
+            raise FileNotFoundError(f"{folder}: a *.key_secret file holds no secret key; make "
+                                    f"the folder again with `segdepth keys {folder} --force`")
         return cls(folder, sp, ss, cp, cs)
 
 

@@ -44,13 +44,21 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Any, Collection, Sequence
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import msgpack
 import zmq
 
-from streamer.protocol import (FrameLimits, MalformedCounter, Message, ProtocolError,
-                               SequenceTracker, decode)
+from streamer.protocol import (
+    DEFAULT_LIMITS,
+    FrameLimits,
+    MalformedCounter,
+    Message,
+    ProtocolError,
+    SequenceTracker,
+    decode,
+)
 from streamer.security import EndpointError, secure_client, secure_server, split_endpoint
 
 #: default endpoints (docs/CONTRACTS.md "Sockets"); sender binds, receiver connects.
@@ -106,6 +114,7 @@ def shutdown(linger_s: float = EXIT_LINGER_S) -> None:
 # pyzmq's zero-copy garbage collector drops its references to sent buffers at exit; atexit
 # runs handlers last-in first-out, so ours is registered after it exists and runs before it.
 import zmq.utils.garbage  # noqa: E402,F401
+
 atexit.register(shutdown)
 
 
@@ -380,7 +389,7 @@ class Output:
         return {"sent": self.sent, "dropped": self.dropped, "resent": self.resent,
                 "refused_readers": self.refused, "unacknowledged": self.unacknowledged}
 
-    def __enter__(self) -> "Output":
+    def __enter__(self) -> Output:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -505,7 +514,7 @@ class Input(_Receiver):
     def __init__(self, endpoint: str | Sequence[str], *, hwm: int = DEFAULT_HWM,
                  ctx: zmq.Context | None = None, accept: Collection[str] | None = None,
                  check_finite: bool = True, name: str | None = None,
-                 limits: FrameLimits = FrameLimits(), auto_ack: bool = True):
+                 limits: FrameLimits = DEFAULT_LIMITS, auto_ack: bool = True):
         endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
         if len(endpoints) != 1:
             raise ValueError("an Input reads exactly one sender's endpoint")
@@ -651,7 +660,7 @@ class Publisher:
     def close(self) -> None:
         self.socket.close(0)
 
-    def __enter__(self) -> "Publisher":
+    def __enter__(self) -> Publisher:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -667,7 +676,7 @@ class Subscriber(_Receiver):
     def __init__(self, endpoint: str | Sequence[str], *, topics: Collection[str] = ("",),
                  hwm: int = VIEWER_HWM, ctx: zmq.Context | None = None,
                  check_finite: bool = True, name: str | None = None,
-                 limits: FrameLimits = FrameLimits()):
+                 limits: FrameLimits = DEFAULT_LIMITS):
         sock = (ctx or zmq.Context.instance()).socket(zmq.SUB)
         for topic in topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))

@@ -11,13 +11,19 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
 from streamer.protocol import encode_control, encode_frame
-from streamer.sockets import (DEFAULT_HWM, FRAMES_TO_ENGINE, FRAMES_TO_VIEWER, MODES, Output,
-                              Publisher)
+from streamer.sockets import (
+    DEFAULT_HWM,
+    FRAMES_TO_ENGINE,
+    FRAMES_TO_VIEWER,
+    MODES,
+    Output,
+    Publisher,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,8 @@ class SourceConfig:
     stopped_linger_s: float = 0.5
 
 
-def _enabled(endpoint: str | None) -> bool:
-    return bool(endpoint) and endpoint.lower() != "none"
+def _enabled(endpoint: str | None) -> TypeGuard[str]:
+    return endpoint is not None and endpoint != "" and endpoint.lower() != "none"
 
 
 class FrameSender:
