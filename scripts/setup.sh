@@ -6,16 +6,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-# Qt (PyQt6 offscreen / xcb) needs a few shared libraries that slim images lack.
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    need=()
-    for pkg in libegl1 libgl1 libxkbcommon0 libfontconfig1 libdbus-1-3 libglib2.0-0; do
+# Qt (PyQt6 offscreen / xcb) needs a few shared libraries that slim images lack; a real window
+# (xcb platform) also needs libxcb-cursor0 and the xcb helper libraries. Best effort: without
+# root or apt-get, say what is missing and go on (offscreen rendering and --screenshot work).
+QT_LIBS="libegl1 libgl1 libxkbcommon0 libfontconfig1 libdbus-1-3 libglib2.0-0 libxcb-cursor0
+ libxkbcommon-x11-0 libxcb-icccm4 libxcb-keysyms1 libxcb-shape0 libxcb-xinerama0 libxcb-randr0
+ libxcb-render-util0 libxcb-image0"
+need=()
+if command -v dpkg >/dev/null 2>&1; then
+    for pkg in $QT_LIBS; do
         dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
     done
-    if [ ${#need[@]} -gt 0 ]; then
-        echo "setup: installing system libraries: ${need[*]}"
+fi
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing system libraries for Qt: ${need[*]}"
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null) \
-            || echo "setup: warning: could not install ${need[*]}; the viewer may not start"
+            || echo "setup: warning: could not install ${need[*]}; a viewer window may not open (segdepth view --screenshot and QT_QPA_PLATFORM=offscreen still work)"
+    else
+        echo "setup: note: missing system libraries for a Qt window: ${need[*]}."
+        echo "       Install them as root (sudo apt-get install ${need[*]}); until then use"
+        echo "       segdepth view --screenshot PNG or QT_QPA_PLATFORM=offscreen."
     fi
 fi
 
