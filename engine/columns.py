@@ -9,8 +9,9 @@ falls to 0. Every frame is registered against the reference (:mod:`engine.drift`
 species-resolved maps P(Ce) and P(O), never on a species-blind column map: in CeO2 [110] a
 shift by the projected Ce-O distance a/4 = 1.353 Å lines up two thirds of the columns of such a
 map. The search window around the previous drift is checked against the lattice: it must stay
-below half the shortest lattice translation in the image plane (3.31 Å). A column's position in the frame is its reference position plus
-the drift, and its occupancy is the depth-probability vector averaged over a disk there.
+below half the shortest lattice translation in the image plane (3.31 Å). A column's position in
+the frame is its reference position plus the drift, and its occupancy is the depth-probability
+vector averaged over a disk there.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from skimage.feature import peak_local_max
 
 from engine.drift import DriftEstimator
 from streamer.domain import SPECIES_CE, SPECIES_O, px_per_angstrom
+
 #: CeO2 [110] projected distances, Å: Ce-O (a/4 along [001]), O-O (along [1-10]), and the
 #: shortest lattice translation in the image plane (a/2 [101] projected).
 CE_O_A, O_O_A, SHORTEST_TRANSLATION_A = 1.353, 1.913, 3.31

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def read_tiff(path: Path) -> CameraStack:
     import tifffile
     try:
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
+            page = tif.pages.first  # the first page is always a full TiffPage
             res, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
             pixel_pm = math.nan
             if res is not None and unit is not None:
@@ -67,7 +68,7 @@ def read_tiff(path: Path) -> CameraStack:
                 if per_unit and num:
                     pixel_pm = per_unit * den / num
             try:
-                data = tifffile.memmap(path, mode="r")
+                data: np.ndarray = tifffile.memmap(path, mode="r")
             except ValueError:  # compressed or not contiguous: read it
                 data = tif.asarray()
     except (tifffile.TiffFileError, EOFError, IndexError, ValueError, OSError) as exc:

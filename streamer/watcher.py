@@ -17,8 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.camera_files import (Incomplete, K3InSituDataset, camera_files, is_k3_director,
-                                   raw_files, read_camera_file)
+from streamer.camera_files import (
+    Incomplete,
+    K3InSituDataset,
+    camera_files,
+    is_k3_director,
+    raw_files,
+    read_camera_file,
+)
 from streamer.source import FrameSender, SourceConfig
 
 log = logging.getLogger(__name__)

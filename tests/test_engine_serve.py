@@ -5,11 +5,11 @@ import time
 
 import numpy as np
 import pytest
+from engine_support import save_random_model
 
 from engine.serve import ServeConfig, Server
 from streamer import sockets
 from streamer.protocol import encode_control, encode_frame
-from engine_support import save_random_model
 
 SIDE = 64
 

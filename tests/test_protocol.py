@@ -7,9 +7,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamer.protocol import (PROTOCOL_VERSION, MalformedCounter, ProtocolError,
-                               SequenceTracker, decode, encode, encode_control, encode_frame,
-                               make_header)
+from streamer.protocol import (
+    PROTOCOL_VERSION,
+    MalformedCounter,
+    ProtocolError,
+    SequenceTracker,
+    decode,
+    encode,
+    encode_control,
+    encode_frame,
+    make_header,
+)
 
 
 def frame_msg(frame=None, **fields):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from streamer.replay import ReplayConfig, replay
 from streamer.dm_writer import write_dm4, write_k3_insitu
 from streamer.recorder import Recorder, RecorderConfig
+from streamer.replay import ReplayConfig, replay
 from streamer.sockets import Input
 from streamer.source import SourceConfig
 

@@ -6,11 +6,10 @@ import time
 
 import numpy as np
 import psutil
-import zmq
+from link_support import RawLink
 
 from streamer.protocol import encode, encode_control, encode_frame, make_header
 from streamer.sockets import Input, Output, Publisher, Subscriber
-from link_support import RawLink
 
 
 def frame_parts(seq: int, shape=(64, 64), session="s1"):
