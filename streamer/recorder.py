@@ -214,6 +214,7 @@ class Recorder:
             self._check_disk()
             if self.stop.is_set():
                 return
+        assert self.writer is not None  # _start() opened it
         self._rows[msg.seq] = row = self.writer.add_frame(msg)
         self._free_estimate -= self._row_bytes
         result = self._pending.pop(msg.seq, None)
@@ -235,6 +236,7 @@ class Recorder:
                 return
         row = self._rows.get(seq)
         if row is not None:
+            assert self.writer is not None  # a row exists: the writer does
             self.writer.add_result(row, msg)
             return
         self._pending[seq] = msg

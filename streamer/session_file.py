@@ -318,7 +318,7 @@ def events_table(events: list[dict]) -> np.ndarray:
     """Event dicts (missing fields: fill 0) as a structured EVENT_DTYPE array."""
     rows = np.zeros(len(events), EVENT_DTYPE)
     for i, event in enumerate(events):
-        for name in EVENT_DTYPE.names:
+        for name in EVENT_DTYPE.names or ():
             rows[name][i] = event.get(name, 0)
     return rows
 
@@ -332,7 +332,7 @@ def _csv_value(value, dtype: np.dtype) -> str:
 
 def write_events_csv(path: str | Path, rows: np.ndarray) -> None:
     """An events table (EVENT_DTYPE rows) as CSV with a header line."""
-    names = rows.dtype.names
+    names = rows.dtype.names or ()
     with open(path, "w") as out:
         out.write(",".join(names) + "\n")
         for row in rows:

@@ -231,11 +231,12 @@ class Output:
                 parts = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if len(parts) != 3 or parts[1] != READY:
+                continue  # a peer that does not speak the link: ignore it
             try:
-                info = msgpack.unpackb(parts[2], raw=False) if len(parts) == 3 \
-                    and parts[1] == READY else None
+                info = msgpack.unpackb(parts[2], raw=False)
                 credit, ack, sender = int(info["credit"]), int(info["ack"]), info["sender"]
-            except Exception:  # a peer that does not speak the link: ignore it
+            except Exception:  # likewise
                 continue
             self._on_ready(parts[0], credit, ack, sender)
 
@@ -609,7 +610,7 @@ class Input(_Receiver):
                 self._acked = seq
             if self._acked - (self._acked_sent or -1) >= max(1, self.credit // 2) or (
                     self._acked != self._acked_sent
-                    and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+                    and not int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN):
                 self._ready()  # half the credit used, or caught up: acknowledge now
             return msg
         if tag == WELCOME:
