@@ -1,8 +1,9 @@
 """Transport and recorder benchmarks, each beside its ceiling measured in the same run.
 
 ``segdepth bench transport``: frames between two processes through the full protocol (encode,
-PUSH/PULL in replay mode, decode with the NaN check) against bare pyzmq multipart sends of the
-same bytes over the same transport. ``segdepth bench record``: frames from another process into
+the credit/acknowledgement link in replay mode, decode with the NaN check), the same with CURVE
+encryption, against bare pyzmq PUSH/PULL multipart sends of the same bytes over the same
+transport. ``segdepth bench record``: frames from another process into
 the recorder (HDF5, SWMR) against a raw sequential write of the same bytes to the same disk;
 both timed up to an fsync of the file. Prints a table and writes JSON.
 """
@@ -24,6 +25,8 @@ from streamer.sockets import free_tcp_endpoint
 N_DISTINCT = 8  # distinct frames cycled by a sender (counting-mode noise)
 #: the protocol path without the receiver's NaN/Inf scan (float frames only): shows its cost.
 PROTOCOL_NO_CHECK = "protocol, no NaN scan"
+#: the protocol path with CURVE encryption and the ZAP allow-list (streamer.security).
+PROTOCOL_CURVE = "protocol + CURVE"
 
 
 @dataclass
@@ -53,38 +56,65 @@ def _endpoint(transport: str) -> str:
 
 
 # --- transport -------------------------------------------------------------------------------
-def _transport_sender(endpoint: str, path: str, size: int, dtype: str, seconds: float) -> None:
+def _transport_sender(endpoint: str, path: str, size: int, dtype: str, seconds: float,
+                      keys: str | None) -> None:
     """Child process: send frames for ``seconds`` (after the receiver connects), then the end."""
     import zmq
 
     from streamer.protocol import encode_control, encode_frame
+    from streamer.security import KEYS_ENV
     from streamer.sockets import Output, _send_parts, shutdown
+    if keys:
+        os.environ[KEYS_ENV] = keys
     frames = _frames(size, dtype)
-    out = Output(endpoint, mode="replay", hwm=16, linger_s=10)
-    out.socket.poll(30_000, zmq.POLLOUT)
-    t_end = time.monotonic() + seconds
     seq = 0
     if path != "bare":
+        out = Output(endpoint, mode="replay", hwm=16, linger_s=10)
+        out.wait_for_reader(30)
+        t_end = time.monotonic() + seconds
         while time.monotonic() < t_end:
             out.send(encode_frame(frames[seq % N_DISTINCT], session="bench", seq=seq,
                                   source="bench", pixel_size_pm=5.3))
             seq += 1
         out.send(encode_control("eos", session="bench", seq=seq, source="bench"))
-    else:  # bare pyzmq: a fixed header, the same array bytes, copy=False
+        out.close()
+    else:  # bare pyzmq PUSH: a fixed header, the same array bytes, copy=False
+        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 16)
+        sock.bind(endpoint)
+        sock.poll(30_000, zmq.POLLOUT)
         header = b"\x00" * 160
+        t_end = time.monotonic() + seconds
         while time.monotonic() < t_end:
-            _send_parts(out.socket, [b"frame", header, frames[seq % N_DISTINCT]], 0)
+            _send_parts(sock, [b"frame", header, frames[seq % N_DISTINCT]], 0)
             seq += 1
-        out.socket.send_multipart([b"eos", b""])
-    out.close()
+        sock.send_multipart([b"eos", b""])
+        sock.close(10_000)
     shutdown()  # a multiprocessing child skips atexit
 
 
-def _receive(endpoint: str, path: str) -> tuple[int, float, int]:
+def _receive(endpoint: str, path: str, keys: str | None) -> tuple[int, float, int]:
     """(frames, seconds, bytes) received after the first frame (the clock starts there) until
     the end message."""
+    import zmq
+
+    from streamer.security import KEYS_ENV
     from streamer.sockets import Input
-    inp = Input(endpoint, hwm=16, check_finite=path != PROTOCOL_NO_CHECK)
+    old = os.environ.pop(KEYS_ENV, None)
+    if keys:
+        os.environ[KEYS_ENV] = keys
+    try:
+        if path != "bare":
+            inp = Input(endpoint, hwm=16, check_finite=path != PROTOCOL_NO_CHECK)
+            sock = inp.socket
+        else:
+            sock = zmq.Context.instance().socket(zmq.PULL)
+            sock.setsockopt(zmq.RCVHWM, 16)
+            sock.connect(endpoint)
+    finally:
+        os.environ.pop(KEYS_ENV, None)
+        if old is not None:
+            os.environ[KEYS_ENV] = old
     n, nbytes, t_first, t_last = 0, 0, None, 0.0
     try:
         while True:
@@ -94,9 +124,9 @@ def _receive(endpoint: str, path: str) -> tuple[int, float, int]:
                     break
                 size = msg.arrays["frame"].nbytes
             else:
-                if not inp.socket.poll(60_000):
+                if not sock.poll(60_000):
                     break
-                parts = inp.socket.recv_multipart(copy=False)
+                parts = sock.recv_multipart(copy=False)
                 if parts[0].bytes == b"eos":
                     break
                 size = len(parts[2])
@@ -106,18 +136,23 @@ def _receive(endpoint: str, path: str) -> tuple[int, float, int]:
             else:
                 n, nbytes = n + 1, nbytes + size
     finally:
-        inp.close()
+        if path != "bare":
+            inp.close()
+        else:
+            sock.close(0)
     return n, (t_last - t_first) if t_first is not None else 0.0, nbytes
 
 
 def measure_transport(size: int, dtype: str, path: str, seconds: float,
-                      transport: str) -> Row:
+                      transport: str, keys: str | None = None) -> Row:
+    """One measurement; ``keys`` (a key folder) is used by the CURVE path only."""
     endpoint = _endpoint(transport)
+    keys = keys if path == PROTOCOL_CURVE else None
     child = mp.get_context("spawn").Process(target=_transport_sender,
-                                            args=(endpoint, path, size, dtype, seconds))
+                                            args=(endpoint, path, size, dtype, seconds, keys))
     child.start()
     try:
-        n, elapsed, nbytes = _receive(endpoint, path)
+        n, elapsed, nbytes = _receive(endpoint, path, keys)
     finally:
         child.join(timeout=60)
     return Row("transport", "bare pyzmq" if path == "bare" else path, dtype, [size, size],
@@ -237,16 +272,19 @@ def _median(rows: list[Row]) -> Row:
 
 def run_transport_bench(cfg: TransportBenchConfig, json_path: str) -> list[Row]:
     import zmq
+
+    from streamer.security import make_keys
     rows = []
+    keys = str(make_keys(Path(tempfile.mkdtemp(prefix="segdepth-bench-keys-")) / "keys").folder)
     for dtype in cfg.dtypes:
-        paths = ["bare", "protocol"]
+        paths = ["bare", "protocol", PROTOCOL_CURVE]
         if np.dtype(dtype).kind == "f":
             paths.append(PROTOCOL_NO_CHECK)
         runs: dict[str, list[Row]] = {path: [] for path in paths}
         for _ in range(cfg.repeats):  # interleaved, so all see the same machine load
             for path in paths:
                 runs[path].append(measure_transport(cfg.size, dtype, path, cfg.seconds,
-                                                    cfg.transport))
+                                                    cfg.transport, keys))
         bare = _median(runs["bare"])
         rows.append(bare)
         for path in paths[1:]:

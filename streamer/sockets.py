@@ -226,7 +226,7 @@ class Output:
         """Handle every ``ready`` waiting (at most ``timeout_ms`` for the first)."""
         if timeout_ms and not self.socket.poll(timeout_ms, zmq.POLLIN):
             return
-        while True:
+        while int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # cheaper than zmq.Again
             try:
                 parts = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -461,3 +462,22 @@ def test_probe_helpers_are_honest():
     with pytest.raises(ProtocolError):
         decode(PROBES["pixel size 1e-3 pm"][0], limits=FrameLimits())
     assert decode(PROBES["pixel size 1e-3 pm"][0]).kind == "frame"  # only the limits refuse it
+
+
+def test_the_client_in_protocol_md_works(tmp_path, endpoint_factory):
+    """The 25-line DEALER client of docs/PROTOCOL.md, run as written, gets every frame."""
+    from pathlib import Path
+    doc = (Path(__file__).parents[1] / "docs" / "PROTOCOL.md").read_text()
+    code = doc.split("## A client in 25 lines")[1].split("```python\n")[1].split("```")[0]
+    ep = endpoint_factory()
+    script = tmp_path / "client.py"
+    script.write_text(code.replace("tcp://127.0.0.1:5555", ep))
+    with Output(ep) as out:
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        for seq in range(5):
+            assert out.send(frame(seq), timeout_s=30)
+        assert out.send(encode_control("eos", session="s", seq=5, source="t"), timeout_s=30)
+        text, _ = proc.communicate(timeout=30)
+        assert out.flush(timeout_s=5)  # the client acknowledged everything
+    assert [ln.split()[0] for ln in text.splitlines()] == ["0", "1", "2", "3", "4"], text
