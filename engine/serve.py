@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import queue
-import signal
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -43,6 +42,7 @@ from engine.model_io import load
 from engine.normalise import DoseNormaliser
 from engine.occupancy import Occupancy, SessionAnalysis
 from streamer import sockets
+from streamer.cli_support import install_stop_signals
 from streamer.protocol import Message, encode, encode_control, make_header
 from training.inference import uncertainty_scores
 
@@ -389,12 +389,7 @@ class Server:
 def serve(config: ServeConfig, stats_path: Path | None = None) -> int:
     """Run a server until SIGINT/SIGTERM (or eos with ``exit_on_eos``); write stats JSON."""
     server = Server(config)
-
-    def on_signal(signum, _frame):
-        log.info("signal %d: stopping", signum)
-        server.stop.set()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    install_stop_signals(server.stop, lambda signum: log.info("signal %d: stopping", signum))
     try:
         code = server.run()
     finally:

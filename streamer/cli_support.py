@@ -210,10 +210,12 @@ def one_line_errors(handler: Handler) -> Handler:
     return run
 
 
-def install_stop_signals(on_stop: Callable[[int], None] | None = None) -> threading.Event:
-    """SIGINT and SIGTERM set the returned event (and call ``on_stop(signum)``) instead of
-    killing the process; a no-op outside the main thread (signals go to the main thread)."""
-    stop = threading.Event()
+def install_stop_signals(stop: threading.Event | None = None,
+                         on_stop: Callable[[int], None] | None = None) -> threading.Event:
+    """SIGINT and SIGTERM set ``stop`` (a new event when None; returned) and call
+    ``on_stop(signum)`` instead of killing the process; a no-op outside the main thread
+    (signals go to the main thread)."""
+    stop = threading.Event() if stop is None else stop
     if threading.current_thread() is not threading.main_thread():
         return stop
 

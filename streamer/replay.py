@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import signal
 import threading
 import time
 from collections.abc import Generator
@@ -22,6 +21,7 @@ import numpy as np
 
 from streamer import security
 from streamer.camera_files import iter_folder
+from streamer.cli_support import install_stop_signals
 from streamer.session_file import open_session
 from streamer.sockets import (
     DEFAULT_HWM,
@@ -206,14 +206,7 @@ def _run(args: argparse.Namespace) -> int:
                              to_recorder=args.to_recorder, to_viewer=args.to_viewer,
                              hwm=args.hwm))
     security.apply_options(args)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        stats = replay(config, stop)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        log.error("%s", exc)
-        return 2
+    stats = replay(config, install_stop_signals())
     log.info("replayed %d frames in %.1f s (%.1f frames/s), per output: %s", stats["frames"],
              stats["elapsed_s"], stats["rate_hz"],
              {k: v for k, v in stats.items() if isinstance(v, dict)})
