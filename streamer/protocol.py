@@ -350,7 +350,10 @@ class SequenceTracker:
     unless ``resume_after`` says which sequence number this receiver already holds (e.g. a
     restarted recorder that recovered its previous file)."""
 
-    def __init__(self) -> None:
+    def __init__(self, count_start: bool = True) -> None:
+        #: count the frames before the first one received as lost (False for viewers, which
+        #: join a PUB/SUB stream wherever it is)
+        self.count_start = count_start
         self.session: str | None = None
         self.last_seq: int | None = None
         self.received = 0
@@ -367,7 +370,7 @@ class SequenceTracker:
         if session != self.session:
             self.session, self.last_seq = session, None
         if self.last_seq is None:
-            gap = seq  # frames 0..seq-1 never arrived
+            gap = seq if self.count_start else 0  # frames 0..seq-1 never arrived
             self.lost_at_start += gap
         elif seq > self.last_seq:
             gap = seq - self.last_seq - 1

@@ -683,3 +683,5 @@ class Subscriber(_Receiver):
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
         super().__init__(sock, endpoint, hwm, None, check_finite,
                          name or f"subscriber {endpoint}", limits)
+        # a viewer joins the stream wherever it is: no loss counted before its first message
+        self.sequences = {kind: SequenceTracker(count_start=False) for kind in self.sequences}

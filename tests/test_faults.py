@@ -488,3 +488,17 @@ def test_the_client_in_protocol_md_works(tmp_path, endpoint_factory):
         text, _ = proc.communicate(timeout=30)
         assert out.flush(timeout_s=5)  # the client acknowledged everything
     assert [ln.split()[0] for ln in text.splitlines()] == ["0", "1", "2", "3", "4"], text
+
+
+def test_a_late_start_is_a_loss_on_a_link_but_not_for_a_viewer():
+    from streamer.protocol import SequenceTracker
+    link, viewer = SequenceTracker(), SequenceTracker(count_start=False)
+    for tracker in (link, viewer):
+        tracker.update("s", 7)
+        tracker.update("s", 9)
+    assert link.as_dict()["lost"] == 8 and link.lost_at_start == 7
+    assert viewer.as_dict()["lost"] == 1 and viewer.lost_at_start == 0
+    resumed = SequenceTracker()
+    resumed.resume_after("s", 6)  # a restarted recorder whose recovered file ends at 6
+    resumed.update("s", 7)
+    assert resumed.lost == 0
