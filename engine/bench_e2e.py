@@ -19,8 +19,6 @@ written as JSON, never asserted.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import signal
 import subprocess
 import sys
@@ -35,6 +33,7 @@ import numpy as np
 
 from engine import backends
 from streamer import sockets
+from streamer.cli_support import machine_info, write_json
 from streamer.protocol import encode_control, encode_frame
 
 #: the paper's in-situ series: 0.13 s per frame
@@ -195,12 +194,9 @@ def run_e2e(cfg: E2EConfig, json_path: Path) -> dict[str, Any]:
                                  "status": f"not run: {exc} {tail}".strip()})
     report = {"config": asdict(cfg), "aims": {"frames_per_s": CAMERA_RATE_FPS,
                                               "postprocess_share": 0.10},
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-              "rows": rows}
+              "machine": machine_info(), "rows": rows}
     print(format_e2e(report))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {json_path}")
+    write_json(json_path, report)
     return report
 
 
