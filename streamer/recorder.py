@@ -98,6 +98,8 @@ class RecordSummary:
     lost: int = 0
     malformed: dict[str, int] = field(default_factory=dict)
     results_without_frame: int = 0
+    #: frames recorded that never got their result (e.g. queued in an engine that crashed).
+    frames_without_result: int = 0
     #: frames, results and eos of sessions other than the one recorded (refused).
     foreign: dict[str, int] = field(default_factory=dict)
     #: the session recorded, and the earlier file this one continues (after a crash).
@@ -112,6 +114,7 @@ class RecordSummary:
                 ("frames lost (sequence gaps)", self.lost),
                 ("malformed messages", sum(self.malformed.values())),
                 ("results without a frame", self.results_without_frame),
+                ("frames without a result", self.frames_without_result),
                 ("other sessions refused", sum(self.foreign.values())),
                 ("stopped by", self.stopped_by), ("elapsed, s", f"{self.elapsed_s:.1f}")]
         text = "\n".join(f"{k:<30} {v}" for k, v in rows)
@@ -380,6 +383,8 @@ class Recorder:
         flushed = self.writer is None
         if self.writer is not None:
             s.frames, s.results = self.writer.n_frames, self.writer.n_results
+            if self.config.results is not None:
+                s.frames_without_result = s.frames - s.results
             if s.stopped_by != WRITE_ERROR:
                 try:
                     self.writer.flush(force=True)

@@ -234,6 +234,8 @@ def test_recorder_and_engine_killed_and_restarted_lose_no_frame(tmp_path, segdep
     assert second_rows == list(range(second_rows[0], n))
     assert set(first_rows) | set(second_rows) == set(range(n))  # 0 frames missing
     assert summary["lost"] == 0 and summary["continues"] == str(out)
+    # frames whose results died with the engine are counted, not hidden
+    assert summary["frames_without_result"] == len(second_rows) - int(answered.sum())
     log = procs.log("recorder2")
     assert "recovered" in log
     print(f"frames: {len(first_rows)} in the first file, {len(second_rows)} in the second "
