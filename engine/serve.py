@@ -146,6 +146,7 @@ class Server:
         self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self.stage_frames: dict[str, int] = dict.fromkeys(STAGES, 0)
         self.stage_recent_ms: dict[str, deque[float]] = {k: deque(maxlen=1000) for k in STAGES}
+        self._stage_lock = threading.Lock()  # stages write these (and latencies_ms); stats() reads
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
         self._publisher = threading.Thread(target=self._publish_loop, name="publish",
                                            daemon=True)
@@ -198,10 +199,11 @@ class Server:
 
     def _clock(self, stage: str, since: float, frames: int) -> float:
         now = time.perf_counter()
-        self.stage_s[stage] += now - since
-        self.stage_frames[stage] += frames
-        if frames:
-            self.stage_recent_ms[stage].append(1e3 * (now - since) / frames)
+        with self._stage_lock:
+            self.stage_s[stage] += now - since
+            self.stage_frames[stage] += frames
+            if frames:
+                self.stage_recent_ms[stage].append(1e3 * (now - since) / frames)
         return now
 
     def _prepare(self, items: list[Item]) -> _Batch:
@@ -313,7 +315,8 @@ class Server:
             self.counts["results_dropped"] += 1
         if self.viewer is not None:
             self.viewer.send(parts)
-        self.latencies_ms.append(latency_ms)
+        with self._stage_lock:
+            self.latencies_ms.append(latency_ms)
         self._last_publish = time.monotonic()
 
     def _ood_warning(self, score: float) -> bool | None:
@@ -359,7 +362,12 @@ class Server:
         return 0
 
     def stats(self) -> dict[str, Any]:
-        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+        with self._stage_lock:  # a snapshot: the stages go on writing
+            lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+            stage_ms = {k: 1e3 * self.stage_s[k] / self.stage_frames[k]
+                        if self.stage_frames[k] else None for k in STAGES}
+            stage_p50 = {k: float(np.median(v)) if v else None
+                         for k, v in self.stage_recent_ms.items()}
         busy_s = (self._last_publish - self._first_receipt
                   if self._first_receipt is not None and self._last_publish is not None else 0.0)
         return {**dict(self.counts), "skipped": self.queue.skipped,
@@ -368,10 +376,7 @@ class Server:
                 "rejected": dict(self.rejected), "input": self.input.stats(),
                 "latency_ms_p50": float(np.percentile(lat, 50)),
                 "latency_ms_p99": float(np.percentile(lat, 99)),
-                "stage_ms_per_frame": {k: 1e3 * self.stage_s[k] / self.stage_frames[k]
-                                       if self.stage_frames[k] else None for k in STAGES},
-                "stage_ms_per_frame_p50": {k: float(np.median(v)) if v else None
-                                           for k, v in self.stage_recent_ms.items()},
+                "stage_ms_per_frame": stage_ms, "stage_ms_per_frame_p50": stage_p50,
                 "backend": self.backend.name, "model_id": self.loaded.model_id}
 
     def close(self) -> None:
