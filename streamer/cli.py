@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from streamer import security
 from streamer.cli_support import (
@@ -54,12 +55,8 @@ def _record(args: argparse.Namespace) -> int:
 def watch_config(args: argparse.Namespace):
     """The streamer.watcher.WatchConfig of a ``watch`` command line (its default outputs, changed
     by the output options given)."""
-    from dataclasses import replace
-
     from streamer.watcher import WatchConfig
-    outputs = replace(default_of(WatchConfig, "outputs"),
-                      **given(args, "mode", "to_engine", "to_recorder", "to_viewer", "hwm"))
-    return WatchConfig(folder=args.folder, outputs=outputs,
+    return WatchConfig(folder=args.folder, outputs=source_outputs(args, WatchConfig),
                        **given(args, "poll_s", "settle_s", "existing", "pixel_size_pm"))
 
 
@@ -103,19 +100,31 @@ def _bench_record(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_outputs(p: argparse.ArgumentParser) -> None:
-    """Options of a frame source's outputs (streamer.source.SourceConfig)."""
-    p.add_argument("--mode", choices=MODES, default=None,
-                   help="live: never waits, a slow consumer loses frames (counted); replay: "
-                        "lossless, waits for consumers (default: live)")
-    config_option(p, "--to-engine", SOURCE, type=endpoint,
-                  help="bind endpoint for the engine ('none' to skip)")
+OUTPUT_OPTIONS = ("mode", "to_engine", "to_recorder", "to_viewer", "hwm")
+
+
+def add_output_options(p: argparse.ArgumentParser, config: str) -> None:
+    """Options of a frame source's outputs: field ``outputs`` (a streamer.source.SourceConfig)
+    of ``config`` ("module:Class") holds their defaults; :func:`source_outputs` reads them."""
+    config_option(p, "--mode", config, field="outputs.mode", choices=MODES,
+                  help="live: never waits, a slow consumer loses frames (counted); replay: "
+                       "lossless, waits for consumers")
+    config_option(p, "--to-engine", config, field="outputs.to_engine", type=endpoint,
+                  help="bind endpoint for the engine ('none' to skip); in replay mode every "
+                       "point-to-point output waits for its reader")
     p.add_argument("--to-recorder", type=endpoint, default=None,
                    help=f"bind endpoint for the recorder ('none' to skip, the default; the "
                         f"usual one is {FRAMES_TO_RECORDER})")
-    config_option(p, "--to-viewer", SOURCE, type=endpoint,
-                  help="PUB endpoint for viewers ('none' to skip)")
-    config_option(p, "--hwm", SOURCE, type=positive_int, help="messages queued per output")
+    config_option(p, "--to-viewer", config, field="outputs.to_viewer", type=endpoint,
+                  help="PUB endpoint for viewers ('none' to skip); never waits")
+    config_option(p, "--hwm", config, field="outputs.hwm", type=positive_int,
+                  help="messages queued per output before waiting (replay) or dropping (live)")
+
+
+def source_outputs(args: argparse.Namespace, config: type):
+    """The outputs of a source's command line: ``config``'s default outputs, changed by the
+    output options given (:func:`add_output_options`)."""
+    return replace(default_of(config, "outputs"), **given(args, *OUTPUT_OPTIONS))
 
 
 def _add_bench_common(p: argparse.ArgumentParser, config: str, default_json: str) -> None:
@@ -170,7 +179,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                   help="a file unchanged this long is complete, s")
     config_option(watch, "--pixel-size-pm", WATCH, type=positive_float,
                   help="pixel size in pm for files that do not state it")
-    _add_outputs(watch)
+    add_output_options(watch, WATCH)
     security.add_options(watch)
     watch.set_defaults(func=_watch)
 

@@ -58,7 +58,11 @@ class HelpFormatter(argparse.HelpFormatter):
 
 def default_of(config: Any, name: str) -> Any:
     """The declared default of field ``name`` of the dataclass ``config`` (a class or instance),
-    or of parameter ``name`` of the function ``config``."""
+    or of parameter ``name`` of the function ``config``; ``a.b``: field ``b`` of field ``a``'s
+    default."""
+    if "." in name:
+        outer, _, inner = name.partition(".")
+        return getattr(default_of(config, outer), inner)
     if not dataclasses.is_dataclass(config):
         default = inspect.signature(config).parameters[name].default
         if default is inspect.Parameter.empty:

@@ -21,15 +21,9 @@ import numpy as np
 
 from streamer import security
 from streamer.camera_files import iter_folder
+from streamer.cli import add_output_options, source_outputs
 from streamer.cli_support import install_stop_signals
 from streamer.session_file import open_session
-from streamer.sockets import (
-    DEFAULT_HWM,
-    FRAMES_TO_ENGINE,
-    FRAMES_TO_RECORDER,
-    FRAMES_TO_VIEWER,
-    MODES,
-)
 from streamer.source import FrameSender, Pacer, SourceConfig, progress
 
 log = logging.getLogger(__name__)
@@ -154,11 +148,6 @@ def replay(config: ReplayConfig, stop: threading.Event | None = None) -> dict:
     return stats
 
 
-def _endpoint_help(what: str, default: str | None) -> str:
-    return (f"bind endpoint for {what} ('none' to skip; default {default or 'none'}). In "
-            f"replay mode every point-to-point output waits for its reader")
-
-
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     """Add ``segdepth replay``."""
     p = commands.add_parser(
@@ -176,23 +165,10 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     rate.add_argument("--max-rate", action="store_true",
                       help="as fast as the consumers take frames (replay mode) or as fast as "
                            "possible (live mode)")
-    p.add_argument("--mode", choices=MODES, default="replay",
-                   help="replay: lossless, waits for slow consumers; live: never waits, a slow "
-                        "consumer loses frames (counted). Default: replay")
-    p.add_argument("--to-engine", default=FRAMES_TO_ENGINE,
-                   help=_endpoint_help("the engine", FRAMES_TO_ENGINE))
-    p.add_argument("--to-recorder", default="none",
-                   help=_endpoint_help("the recorder", None) + f"; the usual one is "
-                                                               f"{FRAMES_TO_RECORDER}")
-    p.add_argument("--to-viewer", default=FRAMES_TO_VIEWER,
-                   help=f"PUB endpoint for viewers ('none' to skip; default {FRAMES_TO_VIEWER});"
-                        f" never waits")
+    add_output_options(p, "streamer.replay:ReplayConfig")
     p.add_argument("--loop", action="store_true", help="start again at the end, until Ctrl-C")
     p.add_argument("--pixel-size-pm", type=float,
                    help="pixel size in pm, overriding what the files say (sent with frames)")
-    p.add_argument("--hwm", type=int, default=DEFAULT_HWM,
-                   help=f"messages queued per output before waiting/dropping "
-                        f"(default {DEFAULT_HWM})")
     security.add_options(p)
     p.set_defaults(func=_run)
 
@@ -201,10 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     timing = "rate" if args.rate else "max" if args.max_rate else "recorded"
     config = ReplayConfig(
         source=args.source, timing=timing, rate_hz=args.rate, loop=args.loop,
-        pixel_size_pm=args.pixel_size_pm,
-        outputs=SourceConfig(mode=args.mode, to_engine=args.to_engine,
-                             to_recorder=args.to_recorder, to_viewer=args.to_viewer,
-                             hwm=args.hwm))
+        pixel_size_pm=args.pixel_size_pm, outputs=source_outputs(args, ReplayConfig))
     security.apply_options(args)
     stats = replay(config, install_stop_signals())
     log.info("replayed %d frames in %.1f s (%.1f frames/s), per output: %s", stats["frames"],

@@ -59,11 +59,14 @@ def test_training_defaults():
 def test_streamer_defaults(tmp_path):
     from streamer import cli
     from streamer.recorder import RecorderConfig
+    from streamer.replay import ReplayConfig
     from streamer.watcher import WatchConfig
 
     out = str(tmp_path / "s.h5")
     assert cli.record_config(_parse("record", "--out", out)) == RecorderConfig(out=out)
     assert cli.watch_config(_parse("watch", "folder")) == WatchConfig(folder="folder")
+    replay = _parse("replay", "s.h5")
+    assert cli.source_outputs(replay, ReplayConfig) == ReplayConfig("s.h5").outputs
 
 
 def test_application_defaults():
@@ -94,8 +97,7 @@ def test_help_texts_state_no_default_of_their_own():
         return default_of(getattr(importlib.import_module(module), name), lazy[1])
     own = [f"{prog} {a.option_strings[0]}" for prog, a in _actions(build_parser())
            if a.option_strings and a.help and "(default" in a.help
-           and effective(a) is not None and effective(a) is not False
-           and not prog.startswith("segdepth replay")]  # streamer/replay.py: issue 11's, moving
+           and effective(a) is not None and effective(a) is not False]
     assert own == []
 
 
