@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from streamer.cli_support import (
+    add_json_option,
     config_option,
     given,
     list_of,
@@ -233,5 +234,5 @@ def _add_bench(bench) -> None:
                   help="output pixels per side (simulated at twice that)")
     config_option(b, "--structures", BENCH, type=positive_int, help="structures")
     config_option(b, "--defocus", BENCH, type=positive_int, help="defocus values per structure")
-    b.add_argument("--json", default="benchmarks/simulate.json", help="JSON output path")
+    add_json_option(b, "benchmarks/simulate.json")
     b.set_defaults(func=_bench)

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from streamer import security
 from streamer.cli_support import (
+    add_json_option,
     config_option,
     default_of,
     endpoint,
@@ -133,7 +134,7 @@ def _add_bench_common(p: argparse.ArgumentParser, config: str, default_json: str
     config_option(p, "--size", config, type=positive_int, help="frame side, px")
     config_option(p, "--dtypes", config, **list_of(str),
                   help="frame dtypes (comma- or space-separated)")
-    p.add_argument("--json", default=default_json, help="output JSON")
+    add_json_option(p, default_json)
 
 
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:

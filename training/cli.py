@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from streamer.cli_support import (
+    add_json_option,
     config_option,
     given,
     input_file,
@@ -298,7 +299,7 @@ def _add_bench(bench) -> None:
     config_option(p, "--library-crop", BENCH, type=positive_int, help="crop side, px")
     config_option(p, "--library-batches", BENCH, type=positive_int,
                   help="timed batches per data path")
-    p.add_argument("--json", default="benchmarks/train.json", help="JSON output path")
+    add_json_option(p, "benchmarks/train.json")
     p.set_defaults(func=_bench)
 
 

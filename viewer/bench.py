@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from streamer.cli_support import (
     HelpFormatter,
+    add_json_option,
     config_option,
     given,
     machine_info,
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-frames", action="store_true", help="publish results only")
     p.add_argument("--no-baseline", action="store_true", help="skip the naive comparison")
     config_option(p, "--seed", BenchConfig, type=int, help="seed of the synthetic scene")
-    p.add_argument("--json", default="benchmarks/view.json", help="JSON file written")
+    add_json_option(p, "benchmarks/view.json")
     return p
 
 
