@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from streamer.cli_support import default_of
+from training.robustness import SuiteConfig
+
 log = logging.getLogger(__name__)
 
 #: the figures compared per row (training.metrics.ColumnMetrics), in [0, 1]
@@ -47,11 +50,12 @@ class ParityConfig:
 
     model: str | None = None
     candidate: str = "onnxruntime-int8"
-    suite_dir: str = "data/suite"
-    samples: int = 48
-    crop: int = 192
-    scale: float = 1.0
-    gpts: int = 768
+    # the suite's own defaults (training.robustness.SuiteConfig): the same files, built alike
+    suite_dir: str = default_of(SuiteConfig, "directory")
+    samples: int = default_of(SuiteConfig, "samples")
+    crop: int = default_of(SuiteConfig, "crop")
+    scale: float = default_of(SuiteConfig, "scale")
+    gpts: int = default_of(SuiteConfig, "gpts")
     seed: int = 0
     out: str | None = None  # default: beside the model (engine.quantize.parity_path)
 
