@@ -137,8 +137,7 @@ def _add_bench_common(p: argparse.ArgumentParser, config: str, default_json: str
     add_json_option(p, default_json)
 
 
-def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
-    """Add ``record``, ``watch``, ``bench transport`` and ``bench record``."""
+def _add_record(commands) -> None:
     rec = commands.add_parser(
         "record", help="record frames and engine results into one HDF5 session file",
         description="Connect to a frame source and to the engine's results and write one HDF5 "
@@ -165,6 +164,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     security.add_options(rec)
     rec.set_defaults(func=_record)
 
+
+def _add_watch(commands) -> None:
     watch = commands.add_parser(
         "watch", help="publish new camera files of a folder as they appear",
         description="Watch a folder and publish each new camera file (TIFF, MRC, DM3/DM4) once "
@@ -184,6 +185,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     security.add_options(watch)
     watch.set_defaults(func=_watch)
 
+
+def _add_recover(commands) -> None:
     rc = commands.add_parser(
         "recover", help="make a recording left by a killed recorder open with plain h5py",
         description="Rewrite a session file whose recorder was killed (SIGKILL, power cut): "
@@ -194,6 +197,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     rc.add_argument("file", help="session file (.h5)")
     rc.set_defaults(func=_recover)
 
+
+def _add_keys(commands) -> None:
     keys = commands.add_parser(
         "keys", help="make CURVE key files for encrypted, authenticated links",
         description="Create DIR with a server and a client CURVE key pair and DIR/allowed/ "
@@ -204,6 +209,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     keys.add_argument("--force", action="store_true", help="replace existing keys")
     keys.set_defaults(func=_keys)
 
+
+def _add_benches(bench) -> None:
     bt = bench.add_parser(
         "transport", help="frames/s and GB/s through the protocol vs bare pyzmq",
         description="Send frames between two processes through the full protocol (encode, "
@@ -228,3 +235,12 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     config_option(br, "--compress", RECORD_BENCH, action="store_true",
                   help="also measure Bitshuffle+LZ4")
     br.set_defaults(func=_bench_record)
+
+
+def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    """Add ``record``, ``watch``, ``recover``, ``keys``, ``bench transport``, ``bench record``."""
+    _add_record(commands)
+    _add_watch(commands)
+    _add_recover(commands)
+    _add_keys(commands)
+    _add_benches(bench)
