@@ -200,14 +200,15 @@ def _message(exc: BaseException) -> str | None:
 
 
 def one_line_errors(handler: Handler) -> Handler:
-    """Wrap a subcommand handler: user mistakes end with one line on stderr and exit code 2."""
+    """Wrap a subcommand handler: user mistakes end with one line on stderr and exit code 2
+    (with ``-v``/``--verbose``: the full traceback, for a developer)."""
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except Exception as exc:  # noqa: BLE001 -- re-raised unless it is a user mistake
+        except Exception as exc:  # re-raised unless it is a user mistake
             message = _message(exc)
-            if message is None:
+            if message is None or getattr(args, "verbose", False):
                 raise
             print(f"segdepth {getattr(args, 'command', '')}: error: {message}", file=sys.stderr)
             return 2

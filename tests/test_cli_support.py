@@ -68,6 +68,8 @@ def test_user_mistakes_end_in_one_line_and_bugs_keep_their_traceback(capsys):
         return {}["key"]
     with pytest.raises(KeyError):
         one_line_errors(bug)(argparse.Namespace(command="x"))
+    with pytest.raises(UserError):  # -v: the developer gets the traceback
+        one_line_errors(mistake)(argparse.Namespace(command="x", verbose=True))
 
 
 def test_one_image_size_check_suggests_valid_sides():
