@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "frames"
 OUTPUT_NAMES = ("depth_prob", "species_prob")
 OPSET = 17
+#: version of the exported graph's form (2: the channel softmax of engine.model_io); part of every
+#: cache name and plan key, so a cache written by an older engine is never reused
+EXPORT_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -34,10 +37,11 @@ def default_cache_dir() -> Path:
 
 
 def export_onnx(loaded: LoadedModel, out_dir: Path, half: bool = False) -> Path:
-    """Write (or reuse) ``<hash>_<fp32|fp16>.onnx`` in ``out_dir``; batch, H, W are dynamic."""
+    """Write (or reuse) ``<hash>_<fp32|fp16>_v<EXPORT_VERSION>.onnx`` in ``out_dir``; batch, H,
+    W are dynamic."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{loaded.sha256[:16]}_{'fp16' if half else 'fp32'}.onnx"
+    path = out_dir / f"{loaded.sha256[:16]}_{'fp16' if half else 'fp32'}_v{EXPORT_VERSION}.onnx"
     if path.is_file():
         return path
     head = loaded.head(half=half)
@@ -80,12 +84,13 @@ def tensorrt_unavailable_reason() -> str | None:
 
 
 def plan_key(loaded: LoadedModel, profile: PlanProfile) -> str:
-    """Cache key: model hash + GPU + TensorRT version + profile."""
+    """Cache key: model hash + export version + GPU + TensorRT version + profile."""
     import tensorrt as trt
 
     props = torch.cuda.get_device_properties(0)
-    ident = {"model": loaded.sha256, "gpu": props.name, "cc": f"{props.major}.{props.minor}",
-             "tensorrt": trt.__version__, "profile": asdict(profile)}
+    ident = {"model": loaded.sha256, "export": EXPORT_VERSION, "gpu": props.name,
+             "cc": f"{props.major}.{props.minor}", "tensorrt": trt.__version__,
+             "profile": asdict(profile)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 

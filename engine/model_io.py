@@ -34,6 +34,15 @@ def exportable_median(x: torch.Tensor, kernel: int) -> torch.Tensor:
     return torch.topk(windows, lower + 1, dim=-1, largest=False).values[..., -1]
 
 
+def channel_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the channels (dim 1) of (B, C, H, W), written as max, exp, sum and divide:
+    the same numbers as ``x.softmax(dim=1)`` (to float rounding), but onnxruntime's CPU
+    Softmax over a non-last axis transposes internally and measured 6x slower at 11 x 512^2
+    (333 vs 53 ms), a fifth of the whole network's time."""
+    e = (x - x.amax(dim=1, keepdim=True)).exp()
+    return e / e.sum(dim=1, keepdim=True)
+
+
 class ProbabilityHead(torch.nn.Module):
     """(B, 1, H, W) frames (vacuum = 1) -> depth (B, 11, H, W) and species (B, 3, H, W)
     probabilities. ``half``: run the model in FP16 between float32 input and output casts
@@ -66,7 +75,7 @@ class ProbabilityHead(torch.nn.Module):
             depth_logits = exportable_median(depth_logits, self.median_kernel)
         if self.temperature != 1.0:
             depth_logits = depth_logits / self.temperature
-        depth, species = depth_logits.softmax(dim=1), species_logits.softmax(dim=1)
+        depth, species = channel_softmax(depth_logits), channel_softmax(species_logits)
         if self.fp16:
             depth, species = depth.float(), species.float()
         return depth, species

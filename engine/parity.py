@@ -63,6 +63,7 @@ class ParityConfig:
 def run_parity(cfg: ParityConfig) -> dict[str, Any]:
     """Evaluate FP32 and the candidate on every suite row; write and return the record."""
     from engine import backends
+    from engine.export import EXPORT_VERSION
     from engine.model_io import load
     from engine.quantize import PARITY_BOUND_POINTS, CalibrationConfig, parity_path
     from training.robustness import build_suite, check_disjoint, evaluate_row, row_data, suite_rows
@@ -94,7 +95,8 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
     worst = max(abs(d) for d in diffs)
     record = {"model": str(loaded.path), "model_id": loaded.model_id,
               "model_sha256": loaded.sha256, "candidate": cfg.candidate,
-              "calibration": asdict(CalibrationConfig()), "config": asdict(cfg),
+              "calibration": asdict(CalibrationConfig()), "export_version": EXPORT_VERSION,
+              "config": asdict(cfg),
               "bound_points": PARITY_BOUND_POINTS, "max_abs_diff_points": worst,
               "passed": bool(worst <= PARITY_BOUND_POINTS), "rows": rows,
               "wall_s": time.monotonic() - started}

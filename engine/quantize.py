@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.export import INPUT_NAME, export_onnx
+from engine.export import EXPORT_VERSION, INPUT_NAME, export_onnx
 from engine.model_io import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,13 @@ class _Frames:
 
 def int8_graph(loaded: LoadedModel, cache_dir: Path,
                cfg: CalibrationConfig = CalibrationConfig()) -> Path:
-    """Write (or reuse) ``<hash>_int8_<calibration key>.onnx`` in ``cache_dir``."""
+    """Write (or reuse) ``<hash>_int8_<calibration key>_v<EXPORT_VERSION>.onnx`` in
+    ``cache_dir``."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"{loaded.sha256[:16]}_int8_{cfg.key()}.onnx"
+    path = cache_dir / f"{loaded.sha256[:16]}_int8_{cfg.key()}_v{EXPORT_VERSION}.onnx"
     if path.is_file():
         return path
     fp32 = export_onnx(loaded, cache_dir, half=False)
@@ -137,6 +138,9 @@ def parity_refusal(loaded: LoadedModel) -> str | None:
     record: dict[str, Any] = json.loads(path.read_text())
     if record.get("model_sha256") != loaded.sha256:
         return f"{path} was measured on another model file: {fix}"
+    if record.get("export_version") != EXPORT_VERSION or record.get("calibration") != asdict(
+            CalibrationConfig()):
+        return f"{path} was measured on another form of the INT8 graph: {fix}"
     if not record.get("passed"):
         return (f"INT8 changed column accuracy by {record.get('max_abs_diff_points')} points "
                 f"on the robustness suite (bound {PARITY_BOUND_POINTS}; {path})")

@@ -2,12 +2,14 @@
 passes, and its answers stay close to FP32 on simulated frames."""
 import json
 import shutil
+from dataclasses import asdict
 
 import pytest
 
 from engine import backends
+from engine.export import EXPORT_VERSION
 from engine.model_io import default_model_path, load
-from engine.quantize import parity_path, parity_refusal
+from engine.quantize import CalibrationConfig, parity_path, parity_refusal
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +22,7 @@ def bundled_copy(tmp_path_factory):
 
 def _record(loaded, **fields):
     record = {"model_sha256": loaded.sha256, "passed": True, "max_abs_diff_points": 0.1,
+              "export_version": EXPORT_VERSION, "calibration": asdict(CalibrationConfig()),
               **fields}
     parity_path(loaded.path).write_text(json.dumps(record))
 
@@ -32,6 +35,8 @@ def test_int8_is_offered_only_with_a_passing_record_of_the_same_model(bundled_co
     assert backends.resolve("auto", bundled_copy) != "onnxruntime-int8"
     _record(bundled_copy, model_sha256="0" * 64)
     assert "another model" in parity_refusal(bundled_copy)
+    _record(bundled_copy, export_version=EXPORT_VERSION - 1)
+    assert "another form" in parity_refusal(bundled_copy)
     _record(bundled_copy, passed=False, max_abs_diff_points=2.3)
     assert "2.3 points" in parity_refusal(bundled_copy)
     _record(bundled_copy)
@@ -46,7 +51,7 @@ def test_int8_agrees_with_fp32_on_simulated_frames(bundled_copy, tmp_path):
     """Same frames through the FP32 and the INT8 graph: the depth class of almost every pixel
     and the mean column-pixel confidence stay; a broken quantization (wrong scales, a skipped
     calibration) would not."""
-    from engine.quantize import CalibrationConfig, calibration_frames
+    from engine.quantize import calibration_frames
 
     _record(bundled_copy)
     frames = calibration_frames(CalibrationConfig(structures=0, slab_frames=4, seed=8000),
