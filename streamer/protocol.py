@@ -84,6 +84,8 @@ class Message:
 
     header: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    #: its number on the link it came over (streamer.sockets.Input), -1 otherwise.
+    link_seq: int = -1
 
     @property
     def kind(self) -> str:

@@ -148,6 +148,9 @@ class Recorder:
         self._last_disk_check = 0.0
         self._free_estimate = 0
         self._row_bytes = 0
+        #: per input, the last message handled (written, refused or counted): acknowledged
+        #: at the next flush
+        self._handled: dict[int, Message] = {}
 
     # --- the previous file -----------------------------------------------------------------
     def _take_over_previous(self) -> None:
@@ -308,12 +311,11 @@ class Recorder:
         """Flush on the clock (or when half an input's credit waits for it), then acknowledge
         what is on disk, so senders resend only what a crash could lose."""
         due = force or any(inp.pending_ack >= max(1, inp.credit // 2) for inp in inputs)
-        if self.writer is None or self.writer.flush(force=due):
-            for inp in inputs:
+        flushed = self.writer is None or self.writer.flush(force=due)
+        for inp in inputs:
+            if flushed:
                 inp.ack()
-        else:
-            for inp in inputs:
-                inp.service()
+            inp.service()
 
     # --- main loop -----------------------------------------------------------------------
     def run(self) -> RecordSummary:
@@ -342,6 +344,8 @@ class Recorder:
                     if inp.socket in ready:
                         for msg in inp.drain(16):  # bounded: flushes stay on time
                             self._handle(msg, inp, is_results)
+                            if not self.stop.is_set():  # written, refused or counted
+                                self._handled[id(inp)] = msg
                             if self.stop.is_set():
                                 break
                 if self.stop.is_set():
@@ -403,5 +407,11 @@ class Recorder:
             for reason, n in inp.malformed.as_dict().items():
                 s.malformed[reason] = s.malformed.get(reason, 0) + n
             if flushed:
-                inp.ack()  # on disk: the senders may forget it
+                # on disk: the senders may forget it (close() sends it); a message that
+                # stopped the recording (disk full) stays with its sender for the next one
+                last = self._handled.get(id(inp))
+                if s.stopped_by != "disk full":
+                    inp.ack()
+                elif last is not None:
+                    inp.ack(upto=last)
             inp.close()

@@ -248,15 +248,16 @@ class Output:
         return True
 
     def _on_ready(self, peer: bytes, credit: int, ack: int, sender: str) -> None:
+        if sender == self._instance:  # a reader this sender served: what it finished is safe
+            while self._unacked and self._unacked[0][0] <= ack:
+                self._unacked.popleft()
         if peer != self._peer:
             if self._peer is not None and self._alive(self._peer):
-                self._refuse(peer)
+                if sender != self._instance:  # (late words of a former reader: no stranger)
+                    self._refuse(peer)
                 return
             self._accept(peer)
         self._credit = max(1, credit)
-        if sender == self._instance:
-            while self._unacked and self._unacked[0][0] <= ack:
-                self._unacked.popleft()
 
     def _refuse(self, peer: bytes) -> None:
         try:
@@ -583,10 +584,16 @@ class Input(_Receiver):
         """Messages delivered but not yet acknowledged (``auto_ack=False``)."""
         return self._last - self._acked
 
-    def ack(self) -> None:
-        """Acknowledge every message delivered so far (``auto_ack=False``)."""
-        self._acked = self._last
-        self._idle()
+    def ack(self, upto: Message | None = None) -> None:
+        """Acknowledge every message delivered so far, or up to and including ``upto``
+        (``auto_ack=False``). Only records it: the acknowledgement goes out with the next
+        :meth:`recv`, :meth:`drain` or :meth:`service` of the thread that owns the socket, so
+        another thread (e.g. the one that published a frame's result) may call it."""
+        last = self._last if upto is None else min(upto.link_seq, self._last)
+        if upto is not None and upto.link_seq < 0:
+            return
+        if last > self._acked:
+            self._acked = last
 
     def close(self) -> None:
         """Close, first telling the sender what was finished with (the rest is resent to the
@@ -606,7 +613,9 @@ class Input(_Receiver):
                 return None
             self._last = seq
             msg = self._decode(parts[2:])
-            if msg is None or self.auto_ack:
+            if msg is not None:
+                msg.link_seq = seq
+            if self.auto_ack:  # (manual: a skipped message is covered by the next ack())
                 self._acked = seq
             if self._acked - (self._acked_sent or -1) >= max(1, self.credit // 2) or (
                     self._acked != self._acked_sent

@@ -504,3 +504,28 @@ def test_a_late_start_is_a_loss_on_a_link_but_not_for_a_viewer():
     resumed.resume_after("s", 6)  # a restarted recorder whose recovered file ends at 6
     resumed.update("s", 7)
     assert resumed.lost == 0
+
+
+def test_a_manual_reader_acknowledges_only_what_it_said_is_safe(endpoint_factory):
+    """With auto_ack=False nothing is acknowledged until ack() (not even by a malformed
+    message that follows): a reader that dies first leaves it to the next one."""
+    ep = endpoint_factory()
+    with Output(ep, hwm=8, linger_s=0) as out:
+        first = Input(ep, auto_ack=False)
+        assert out.send(frame(0), timeout_s=10) and out.send([b"frame", b"\xc1"], timeout_s=10)
+        assert out.send(frame(1), timeout_s=10)
+        got = first.recv(timeout_s=10)
+        assert got.seq == 0 and got.link_seq == 0
+        first.ack(upto=got)  # frame 0 is safe, frame 1 not yet
+        assert first.recv(timeout_s=10).seq == 1
+        assert not out.flush(timeout_s=0.5)  # the sender hears of frame 0 (only)
+        first.close()  # dies before frame 1 was safe
+        second = Input(ep, auto_ack=False)
+        sender = threading.Thread(target=out.flush, args=(10,))  # the source is still running
+        sender.start()
+        again = second.recv(timeout_s=10)
+        second.ack()
+        second.service()
+        sender.join()
+        second.close()
+    assert again is not None and again.seq == 1 and out.resent == 2  # the garbage and frame 1

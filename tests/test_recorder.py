@@ -259,9 +259,10 @@ def test_low_free_space_stops_before_writing(tmp_path, endpoint_factory):
     out = tmp_path / "nospace.h5"
     rec, thread, box = start_recorder(RecorderConfig(out=str(out), frames=fep, results=None,
                                                      min_free_mib=1e12))
-    with Output(fep) as frames:
+    with Output(fep, linger_s=1) as frames:
         frames.send(frame_parts(0), timeout_s=10)
         thread.join(timeout=20)
+        assert not frames.flush(timeout_s=0.5)  # not written, so not acknowledged: kept
     assert box["summary"].stopped_by == "disk full" and "MiB free" in box["summary"].error
     assert not out.exists()
 
