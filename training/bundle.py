@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
-import torch
-
+from streamer.cli_support import machine_info
 from training.labels import TargetConfig, class_prior
 from training.library_data import load_or_render
 from training.model import bundled_model_path, load_model, save_model
@@ -67,8 +65,7 @@ def bundle(model_path: str | Path, report_path: str | Path, train_command: str,
         "robustness": None if robustness is None else {
             "report": str(robustness_path), "ood_threshold": meta["ood_threshold"],
             "rows": {r["row"]: r["models"][meta["model_id"]] for r in robustness["rows"]}},
-        "bundled_with": {"python": sys.version.split()[0], "torch": torch.__version__,
-                         "machine": platform.machine()},
+        "bundled_with": machine_info(),
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     return record
