@@ -134,8 +134,11 @@ class Server:
         self.latencies_ms: deque[float] = deque(maxlen=10_000)  # the latest, for stats
         self._first_receipt: float | None = None  # time.monotonic() of the first frame
         self._last_publish: float | None = None
+        # a frame is acknowledged to its source once its result is out (or it was rejected):
+        # a restarted engine gets again what a crashed one had queued (issue 11)
         self.input = sockets.Input(config.frames, hwm=config.receive_hwm,
-                                   accept=("frame", "eos", "heartbeat"), name="engine frames")
+                                   accept=("frame", "eos", "heartbeat"), name="engine frames",
+                                   auto_ack=False)
         self.output = sockets.Output(config.results, mode="replay")
         self.output.stop = self.stop
         self.viewer = sockets.Publisher(config.viewer) if config.viewer else None
@@ -234,6 +237,7 @@ class Server:
         batch = self._prepare(items)
         t = self._clock("prepare", t, len(items))
         if not batch.items:
+            self.input.ack(upto=items[-1].payload)  # all rejected: done with them
             return None
         try:
             frames = np.stack(batch.frames)
@@ -242,6 +246,7 @@ class Server:
         except (RuntimeError, ValueError) as exc:  # e.g. a frame size the model cannot take
             for _ in batch.items:
                 self._reject("inference", f"{type(exc).__name__}: {exc}")
+            self.input.ack(upto=items[-1].payload)
             return None
         self._clock("infer", t, len(batch.items))
         return batch
@@ -313,6 +318,7 @@ class Server:
             self.counts["results_sent"] += 1
         else:
             self.counts["results_dropped"] += 1
+        self.input.ack(upto=msg)
         if self.viewer is not None:
             self.viewer.send(parts)
         with self._stage_lock:
@@ -331,6 +337,7 @@ class Server:
                                frames_processed=self.counts["results_sent"],
                                skipped=self.queue.skipped)
         self.output.send(parts, timeout_s=10.0, wait=True)
+        self.input.ack(upto=msg)
         if self.viewer is not None:
             self.viewer.send(parts)
         self.counts["eos_forwarded"] += 1

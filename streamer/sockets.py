@@ -87,6 +87,9 @@ LIVE_LINGER_S = 2.0
 READY_INTERVAL_S = 0.2
 #: s a waiting sender goes without a reader before it says so in the log.
 NO_READER_NOTICE_S = 1.5
+#: s a closing sender waits for a new reader once its reader has left with messages
+#: unacknowledged (a restarted recorder or engine takes that long to come back).
+READERLESS_WAIT_S = 10.0
 #: link message tags (docs/PROTOCOL.md "Link").
 DATA, READY, WELCOME, REFUSED, PING = b"data", b"ready", b"welcome", b"refused", b"ping"
 _SEQ = struct.Struct("<Q")
@@ -369,8 +372,18 @@ class Output:
         ends the wait); True if nothing is outstanding. A reader that replaces a dead one
         gets the outstanding messages first."""
         deadline = time.monotonic() + timeout_s
+        readerless_since: float | None = None
         while self._unacked and time.monotonic() < deadline \
                 and not (stop is not None and stop.is_set()):
+            if self._peer is not None and not self._alive(self._peer):
+                self._peer = None  # the reader left (e.g. it finished at the eos)
+            now = time.monotonic()
+            if self._peer is None:
+                readerless_since = readerless_since or now
+                if now - readerless_since > READERLESS_WAIT_S:
+                    break  # nobody came back to take the rest
+            else:
+                readerless_since = None
             self._note_waiting()
             self._service(int(POLL_SLICE_S * 1000))
         return not self._unacked
