@@ -10,6 +10,7 @@ timestamp; :func:`open_session` also reads such a file as it is (``swmr=True``).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -384,10 +385,16 @@ def open_for_reading(path: str | Path) -> h5py.File:
     """A session file opened read-only: SWMR where it is being written (or was, by a killed
     recorder), else plainly; the Bitshuffle/LZ4 filter of compressed sessions registered."""
     import hdf5plugin  # noqa: F401  (registers the Bitshuffle filter for compressed sessions)
+    if not Path(path).is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such session file", str(path))
     try:
         return h5py.File(path, "r", swmr=True)
     except OSError:
-        return h5py.File(path, "r")
+        try:
+            return h5py.File(path, "r")
+        except OSError as exc:
+            raise ValueError(f"{path} is not an HDF5 session file ({exc}); give a file "
+                             f"written by segdepth record or simulate --session") from None
 
 
 def open_session(path: str | Path) -> Session:
