@@ -529,3 +529,39 @@ def test_a_manual_reader_acknowledges_only_what_it_said_is_safe(endpoint_factory
         sender.join()
         second.close()
     assert again is not None and again.seq == 1 and out.resent == 2  # the garbage and frame 1
+
+
+def test_sigstop_in_live_mode_sender_drops_equal_receiver_losses(tmp_path, segdepth_cmd,
+                                                                   endpoint_factory):
+    """The issue's SIGSTOP case over real processes: a live replay keeps going while the
+    recorder is stopped for a second; the replay's drop count and the recorder's loss count
+    are the same number."""
+    import re
+    n = 300
+    session = write_session(tmp_path / "s.h5", np.ones((n, SIDE, SIDE), np.uint16))
+    rep, out = endpoint_factory(), tmp_path / "rec.h5"
+    procs = ProcessGroup(tmp_path)
+    try:
+        procs.start("recorder", [*segdepth_cmd, "record", "--out", str(out), "--frames", rep,
+                                 "--results", "none"])
+        time.sleep(1.0)
+        procs.start("replay", [*segdepth_cmd, "replay", str(session), "--to-engine", "none",
+                               "--to-recorder", rep, "--to-viewer", "none", "--mode", "live",
+                               "--rate", "150"])
+        deadline = time.monotonic() + 60
+        while len(rows(out)) < 20:
+            assert time.monotonic() < deadline, procs.log("recorder")[-2000:]
+            time.sleep(0.05)
+        procs.procs["recorder"].send_signal(signal.SIGSTOP)
+        time.sleep(1.0)
+        procs.procs["recorder"].send_signal(signal.SIGCONT)
+        assert procs.wait("replay", 60) == 0, procs.log("replay")[-2000:]
+        assert procs.wait("recorder", 60) == 0, procs.log("recorder")[-2000:]
+    finally:
+        procs.close()
+    dropped = int(re.search(r"'to_recorder': \{'sent': \d+, 'dropped': (\d+)",
+                            procs.log("replay")).group(1))
+    lost = int(re.search(r"frames lost \(sequence gaps\)\s+(\d+)",
+                         procs.log("recorder")).group(1))
+    assert dropped > 0 and lost == dropped
+    assert len(rows(out)) + lost == n
