@@ -98,10 +98,12 @@ class _Session:
 
 @dataclass
 class _Batch:
-    """Inference -> publish: a batch's frames, their sessions, doses and prediction; or a
-    single control item (``pred`` None)."""
+    """Inference -> publish: a batch's frames, their sessions, doses and prediction
+    (``kind`` "frames"); a batch none of whose frames could be used ("rejected": only to be
+    acknowledged, in order); or a single eos ("eos")."""
 
     items: list[Item]
+    kind: str = "frames"
     states: list[_Session] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)  # normalised by dose
     doses: list[float] = field(default_factory=list)
@@ -231,14 +233,13 @@ class Server:
             batch.frames.append(x)
         return batch
 
-    def _infer(self, items: list[Item]) -> _Batch | None:
-        """Inference stage: the prepared batch with its prediction (None: nothing usable)."""
+    def _infer(self, items: list[Item]) -> _Batch:
+        """Inference stage: the prepared batch with its prediction (or marked rejected)."""
         t = time.perf_counter()
         batch = self._prepare(items)
         t = self._clock("prepare", t, len(items))
         if not batch.items:
-            self.input.ack(upto=items[-1].payload)  # all rejected: done with them
-            return None
+            return _Batch(items, kind="rejected")
         try:
             frames = np.stack(batch.frames)
             batch.pred = (backends.infer_tta(self.backend, frames) if self.config.tta
@@ -246,8 +247,7 @@ class Server:
         except (RuntimeError, ValueError) as exc:  # e.g. a frame size the model cannot take
             for _ in batch.items:
                 self._reject("inference", f"{type(exc).__name__}: {exc}")
-            self.input.ack(upto=items[-1].payload)
-            return None
+            return _Batch(items, kind="rejected")
         self._clock("infer", t, len(batch.items))
         return batch
 
@@ -263,7 +263,9 @@ class Server:
         return False
 
     def _publish_loop(self) -> None:
-        """Publish stage: results of predicted batches, eos forwarded in order."""
+        """Publish stage: results of predicted batches, eos forwarded, frames acknowledged to
+        their source -- all in arrival order, so an acknowledgement never overtakes a result
+        still to be published."""
         while True:
             try:
                 batch = self._predicted.get(timeout=0.1)
@@ -271,7 +273,10 @@ class Server:
                 if self.stop.is_set():
                     return
                 continue
-            if batch.pred is None:
+            if batch.kind == "rejected":  # done with them: the source may forget them
+                self.input.ack(upto=batch.items[-1].payload)
+                continue
+            if batch.kind == "eos":
                 self._forward_eos(batch.items[0].payload)
                 if self.config.exit_on_eos:
                     self.stop.set()
@@ -283,7 +288,7 @@ class Server:
         t = time.perf_counter()
         n = len(batch.items)
         pred = batch.pred
-        assert pred is not None  # control items never reach here (_publish_loop)
+        assert pred is not None  # only "frames" batches reach here (_publish_loop)
         depth, confidence, species = pred.maps()
         ood = uncertainty_scores(depth, confidence)
         results = []
@@ -357,11 +362,9 @@ class Server:
         while not self.stop.is_set():
             items = self.queue.take_batch(self.config.max_batch, max_wait_s)
             if items and items[0].is_frame:
-                batch = self._infer(items)
-                if batch is not None:
-                    self._handoff(batch)
+                self._handoff(self._infer(items))
             elif items:
-                self._handoff(_Batch(items))  # eos, in order behind the frames before it
+                self._handoff(_Batch(items, kind="eos"))  # in order behind earlier frames
             if time.monotonic() - last_log > 10.0:
                 last_log = time.monotonic()
                 log.info("%s", self.stats())
