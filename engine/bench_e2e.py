@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from engine import backends
+from engine.model_io import load
 from streamer import sockets
 from streamer.cli_support import machine_info, write_json
 from streamer.protocol import encode_control, encode_frame
@@ -176,14 +177,17 @@ def run_backend(cfg: E2EConfig, backend: str, clean: np.ndarray, workdir: Path) 
 def run_e2e(cfg: E2EConfig, json_path: Path) -> dict[str, Any]:
     """Every backend of ``cfg`` through serve; print a table, write JSON, return the report."""
     rows = []
+    loaded = load(cfg.model)
     with tempfile.TemporaryDirectory() as tmp:
         for side in cfg.sizes:
             clean = simulated_frames(side, cfg.seed)
             for backend in cfg.backends:
                 reason = backends.unavailable_reason(backend)
-                if reason:
-                    rows.append({"backend": backend, "size": side,
-                                 "status": f"not run on real hardware: {reason}"})
+                refusal = None if reason else backends.BACKENDS[backend].refusal(loaded)
+                if reason or refusal:
+                    status = (f"not run on real hardware: {reason}" if reason
+                              else f"not offered for this model: {refusal}")
+                    rows.append({"backend": backend, "size": side, "status": status})
                     continue
                 try:
                     rows.append(run_backend(cfg, backend, clean, Path(tmp)))

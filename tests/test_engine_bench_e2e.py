@@ -1,17 +1,19 @@
 """``segdepth bench engine --e2e`` runs a real serve process over loopback sockets and reports
-throughput, latency and each stage's time; a backend that cannot run is listed with why."""
+throughput, latency and each stage's time; a backend that cannot run, or is not offered for the
+model, is listed with why."""
 import json
 
-from engine.bench_e2e import E2EConfig, run_e2e
 from engine_support import save_random_model
+
+from engine.bench_e2e import E2EConfig, run_e2e
 
 
 def test_e2e_bench_through_a_serve_process(tmp_path, capsys):
     model = save_random_model(tmp_path / "random.pt")
-    cfg = E2EConfig(model=str(model), backends=["onnxruntime", "tensorrt"], sizes=[64],
+    cfg = E2EConfig(model=str(model), backends=["onnxruntime", "tensorrt", "onnxruntime-int8"], sizes=[64],
                     e2e_frames=4, paced_frames=3, warmup=1, rate_fps=20.0, max_batch=2)
     report = run_e2e(cfg, tmp_path / "e2e.json")
-    ok, missing = report["rows"]
+    ok, missing, refused = report["rows"]
     assert ok["backend"] == "onnxruntime" and ok["size"] == 64
     assert ok["results_sent"] == 1 + 4 + 3  # every frame answered through the process
     assert ok["frames_per_s"] > 0 and 0 < ok["latency_ms_p50"] <= ok["latency_ms_p99"]
@@ -20,5 +22,6 @@ def test_e2e_bench_through_a_serve_process(tmp_path, capsys):
         assert all(v is not None and v >= 0 for v in stages.values())
     assert 0 < ok["postprocess_share"] < 10
     assert missing["backend"] == "tensorrt" and missing["status"].startswith("not run")
+    assert refused["status"].startswith("not offered") and "parity" in refused["status"]
     assert json.loads((tmp_path / "e2e.json").read_text())["rows"][0]["results_sent"] == 8
     assert "onnxruntime" in capsys.readouterr().out
