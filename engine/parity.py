@@ -112,9 +112,9 @@ def format_parity(record: dict[str, Any]) -> str:
     lines = [f"{record['candidate']} vs FP32 onnxruntime, model {record['model_id']}: "
              f"largest change {record['max_abs_diff_points']:.2f} points (bound "
              f"{record['bound_points']}) -> {'offered' if record['passed'] else 'NOT offered'}",
-             f"{'row':<24}{'fp32':>8}{'cand.':>8}{'diff pt':>9}"]
+             f"{'row':<32}{'fp32':>8}{'cand.':>8}{'diff pt':>9}"]
     for r in record["rows"]:
-        lines.append(f"{r['row']:<24}{r['fp32']['column_exact']:>8.3f}"
+        lines.append(f"{r['row']:<32}{r['fp32']['column_exact']:>8.3f}"
                      f"{r['candidate']['column_exact']:>8.3f}"
                      f"{r['column_exact_diff_points']:>+9.2f}")
     mean = {k: np.mean([r[k]["column_exact"] for r in record["rows"]])
