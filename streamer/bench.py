@@ -79,7 +79,7 @@ def _transport_sender(endpoint: str, path: str, size: int, dtype: str, seconds: 
         out.send(encode_control("eos", session="bench", seq=seq, source="bench"))
         out.close()
     else:  # bare pyzmq PUSH: a fixed header, the same array bytes, copy=False
-        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock: zmq.Socket = zmq.Context.instance().socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, 16)
         sock.bind(endpoint)
         sock.poll(30_000, zmq.POLLOUT)
