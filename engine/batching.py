@@ -70,9 +70,10 @@ class FrameQueue:
             self._cond.notify_all()
             return True
 
-    def take_batch(self, max_batch: int, max_wait_s: float,
-                   idle_timeout_s: float = 0.1) -> list[Item]:
-        """Up to ``max_batch`` frames of one key, or a single control item; [] after
+    def take_batch(self, max_batch: int, max_wait_s: float, idle_timeout_s: float = 0.1,
+                   max_pixels: int | None = None) -> list[Item]:
+        """Up to ``max_batch`` frames of one key (and, given ``max_pixels``, at most that many
+        pixels in all, but always one frame), or a single control item; [] after
         ``idle_timeout_s`` with nothing queued (or when closed and empty)."""
         with self._cond:
             if not self._items and not self._closed:
@@ -85,6 +86,8 @@ class FrameQueue:
                 self._cond.notify_all()
                 return [first]
             deadline = first.t_recv + max_wait_s
+            if max_pixels is not None:
+                max_batch = max(1, min(max_batch, max_pixels // _pixels(first.key)))
             batch: list[Item] = []
             while len(batch) < max_batch:
                 if self._items:
@@ -109,3 +112,9 @@ class FrameQueue:
                 del self._items[i]
                 self.skipped += 1
                 return
+
+
+def _pixels(key: tuple) -> int:
+    """Pixels of a frame from its batching key (session, shape)."""
+    shape = key[1]
+    return int(shape[0]) * int(shape[1])

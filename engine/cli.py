@@ -77,7 +77,7 @@ def serve_config(args: argparse.Namespace):
                        hmm=hmm_config(args), **viewer,
                        **given(args, "frames", "results", "model", "backend", "max_batch",
                                "max_wait_ms", "mode", "queue_frames", "receive_hwm",
-                               "exit_on_eos", "tta"))
+                               "exit_on_eos", "tta", "max_frame_px", "max_batch_px"))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -241,6 +241,13 @@ def _serve_batching(p: argparse.ArgumentParser) -> None:
     config_option(p, "--max-batch", SERVE, type=positive_int, help="largest batch in frames")
     config_option(p, "--max-wait-ms", SERVE, type=float,
                   help="longest wait in ms after a batch's first frame for more")
+    config_option(p, "--max-frame-px", SERVE, type=positive_int,
+                  help="largest frame side in px accepted (larger frames are refused and "
+                       "counted before any allocation)")
+    config_option(p, "--max-batch-px", SERVE, type=positive_int,
+                  help="most pixels in one batch (a larger frame is served alone); with "
+                       "--max-frame-px it bounds the engine's memory: onnxruntime peaks at about "
+                       "750 bytes per pixel of a batch (1.0 GB for one 1024^2 frame)")
     config_option(p, "--mode", SERVE, choices=["auto", *sockets.MODES],
                   help="replay: serve every frame, wait for the recorder; live: bounded queue, "
                        "skip the oldest frames under overload; auto: each frame's mode header "

@@ -43,7 +43,7 @@ from engine.normalise import DoseNormaliser
 from engine.occupancy import Occupancy, SessionAnalysis
 from streamer import sockets
 from streamer.cli_support import install_stop_signals
-from streamer.protocol import Message, encode, encode_control, make_header
+from streamer.protocol import FrameLimits, Message, encode, encode_control, make_header
 from training.inference import uncertainty_scores
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,12 @@ class ServeConfig:
     exit_on_eos: bool = False
     tta: bool = False  # average the 8 flips and quarter turns (8x the inference cost)
     pipeline_depth: int = 2  # predicted batches waiting for post-processing, at most
+    #: largest frame side, px, the engine accepts (larger ones are refused and counted before
+    #: any allocation) and most pixels in one batch (a larger frame is served alone): together
+    #: they bound the engine's memory -- onnxruntime peaks at about 750 bytes per pixel of a
+    #: batch (1.0 GB resident for one 1024^2 frame, 3.2 GB for one 2048^2 frame)
+    max_frame_px: int = 2048
+    max_batch_px: int = 4 * 1024 * 1024
     columns: ColumnConfig = field(default_factory=ColumnConfig)
     hmm: HMMConfig = field(default_factory=HMMConfig)
 
@@ -140,7 +146,8 @@ class Server:
         # a restarted engine gets again what a crashed one had queued (issue 11)
         self.input = sockets.Input(config.frames, hwm=config.receive_hwm,
                                    accept=("frame", "eos", "heartbeat"), name="engine frames",
-                                   auto_ack=False)
+                                   auto_ack=False,
+                                   limits=FrameLimits(max_side_px=config.max_frame_px))
         self.output = sockets.Output(config.results, mode="replay")
         self.output.stop = self.stop
         self.viewer = sockets.Publisher(config.viewer) if config.viewer else None
@@ -360,7 +367,8 @@ class Server:
         max_wait_s = self.config.max_wait_ms / 1e3
         last_log = time.monotonic()
         while not self.stop.is_set():
-            items = self.queue.take_batch(self.config.max_batch, max_wait_s)
+            items = self.queue.take_batch(self.config.max_batch, max_wait_s,
+                                          max_pixels=self.config.max_batch_px)
             if items and items[0].is_frame:
                 self._handoff(self._infer(items))
             elif items:

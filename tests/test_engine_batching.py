@@ -107,3 +107,14 @@ def test_dose_from_header_and_estimated_from_the_frame_mean():
         norm.dose(counts, -1.0)
     with pytest.raises(ValueError, match="no counts"):
         norm.dose(np.zeros((4, 4)), None)
+
+
+def test_a_pixel_budget_caps_the_batch_but_always_serves_one_frame():
+    q = FrameQueue(capacity=100)
+    for i in range(5):
+        q.put(frame(i, key=("s", (100, 100))), live=False)
+    big = frame(9, key=("s", (300, 300)))
+    assert [it.payload for it in q.take_batch(8, 0.0, max_pixels=25_000)] == [0, 1]
+    assert [it.payload for it in q.take_batch(8, 0.0, max_pixels=None)] == [2, 3, 4]
+    q.put(big, live=False)
+    assert [it.payload for it in q.take_batch(8, 0.0, max_pixels=25_000)] == [9]

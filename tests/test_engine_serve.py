@@ -183,3 +183,17 @@ def test_inference_and_publishing_overlap_and_stage_times_are_reported(engine):
     stages = server.stats()["stage_ms_per_frame"]
     assert set(stages) == {"prepare", "infer", "postprocess", "publish"}
     assert stages["infer"] >= 150 and all(v is not None and v >= 0 for v in stages.values())
+
+
+def test_frames_beyond_the_engines_size_limit_are_refused_before_allocation(engine):
+    """--max-frame-px bounds the engine's memory: a larger frame is counted and skipped at the
+    socket (its buffer is never read into an array), and the engine serves the next one."""
+    src, results, server = engine("replay", max_batch=1, max_wait_ms=0, max_frame_px=SIDE)
+    rng = np.random.default_rng(4)
+    big = rng.poisson(20.0, (SIDE + 32, SIDE)).astype(np.uint16)
+    src.send(encode_frame(big, session="s1", seq=0, source="test", pixel_size_pm=5.3,
+                          dose_e_per_px=20.0, mode="replay"))
+    src.send(frame_msg(1, rng, mode="replay"))
+    (got,) = collect(results, until_eos=False, n=1)
+    assert got.header["frame_seq"] == 1
+    assert server.input.malformed.as_dict().get("shape") == 1
