@@ -9,6 +9,7 @@ it is not offered for a given model (INT8 without a passing parity record); ``au
 first backend in :data:`PREFERENCE` (fastest first, see ``segdepth bench engine``) that is
 neither.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -43,8 +44,7 @@ class Prediction:
         (argmax, uint8), each (B, H, W) -- paper eqs. (4)-(5); torch reduces on all cores."""
         confidence, depth = torch.from_numpy(self.depth_prob).max(dim=1)
         _, species = torch.from_numpy(self.species_prob).max(dim=1)  # argmax(dim=1) was slower
-        return (depth.to(torch.uint8).numpy(), confidence.numpy(),
-                species.to(torch.uint8).numpy())
+        return (depth.to(torch.uint8).numpy(), confidence.numpy(), species.to(torch.uint8).numpy())
 
 
 def infer_tta(backend: Backend, frames: np.ndarray) -> Prediction:
@@ -52,17 +52,21 @@ def infer_tta(backend: Backend, frames: np.ndarray) -> Prediction:
     quarter turns of the frames (B, H, W), each mapped back (8 passes; a backend whose plan
     has a fixed H × W needs square frames)."""
     from training.inference import DIHEDRAL
+
     depth = np.zeros((), np.float64)
     species = np.zeros((), np.float64)
     for k, flip in DIHEDRAL:
         x = np.rot90(frames[..., ::-1] if flip else frames, k, axes=(-2, -1))
         pred = backend.infer(np.ascontiguousarray(x))
         d, s = (np.rot90(p, -k, axes=(-2, -1)) for p in (pred.depth_prob, pred.species_prob))
-        depth, species = depth + (d[..., ::-1] if flip else d), species + (
-            s[..., ::-1] if flip else s)
+        depth, species = (
+            depth + (d[..., ::-1] if flip else d),
+            species + (s[..., ::-1] if flip else s),
+        )
     n = len(DIHEDRAL)
-    return Prediction(np.ascontiguousarray(depth / n, np.float32),
-                      np.ascontiguousarray(species / n, np.float32))
+    return Prediction(
+        np.ascontiguousarray(depth / n, np.float32), np.ascontiguousarray(species / n, np.float32)
+    )
 
 
 class Backend(ABC):
@@ -96,7 +100,7 @@ class Backend(ABC):
         padded, (h, w) = pad_to_multiple(frames, self.loaded.size_multiple)
         depth, species = [], []
         for start in range(0, len(padded), self.max_batch):
-            chunk = np.ascontiguousarray(padded[start:start + self.max_batch, None])
+            chunk = np.ascontiguousarray(padded[start : start + self.max_batch, None])
             d, s = self._run(chunk)
             depth.append(d[..., :h, :w])
             species.append(s[..., :h, :w])
@@ -134,8 +138,10 @@ class TorchCUDABackend(Backend):
         # Module.to(memory_format=...) works (it forwards to every tensor) but is not in
         # torch's type stubs for Module.to
         self._head = head.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor,
-                                                  tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._graphs: dict[
+            tuple[int, ...],
+            tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+        ] = {}
         # one memory pool for all graphs: they never run at once, and outputs are copied out
         # right after each replay, so sharing is safe and saves a pool per batch size
         self._pool = torch.cuda.graph_pool_handle()
@@ -175,8 +181,7 @@ class OnnxRuntimeBackend(Backend):
     """
 
     name, precision = "onnxruntime", "fp32"
-    providers_wanted: ClassVar[tuple[str, ...]] = ("CUDAExecutionProvider",
-                                                   "CPUExecutionProvider")
+    providers_wanted: ClassVar[tuple[str, ...]] = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
     def __init__(self, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None):
         super().__init__(loaded, max_batch, cache_dir)
@@ -231,8 +236,13 @@ class TensorRTBackend(Backend):
 
     name, precision = "tensorrt", "fp16"
 
-    def __init__(self, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None,
-                 profile: PlanProfile | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch: int = 32,
+        cache_dir: Path | None = None,
+        profile: PlanProfile | None = None,
+    ):
         super().__init__(loaded, max_batch, cache_dir)
         reason = self.unavailable_reason()
         if reason:
@@ -254,8 +264,10 @@ class TensorRTBackend(Backend):
         with torch.cuda.stream(self._stream):
             xt = torch.from_numpy(x).pin_memory().to("cuda", non_blocking=True)
             if not self._context.set_input_shape(INPUT_NAME, tuple(x.shape)):
-                raise ValueError(f"input {x.shape} is outside the plan's optimisation profile "
-                                 f"(see {self.plan_path.with_suffix('.json')})")
+                raise ValueError(
+                    f"input {x.shape} is outside the plan's optimisation profile "
+                    f"(see {self.plan_path.with_suffix('.json')})"
+                )
             self._context.set_tensor_address(INPUT_NAME, xt.data_ptr())
             outputs = []
             for name in OUTPUT_NAMES:
@@ -271,8 +283,13 @@ class TensorRTBackend(Backend):
 
 
 #: backends by name, fastest first: ``auto`` takes the first available and offered one.
-PREFERENCE: tuple[type[Backend], ...] = (TensorRTBackend, TorchCUDABackend, OnnxRuntimeInt8Backend,
-                                         OnnxRuntimeBackend, TorchCPUBackend)
+PREFERENCE: tuple[type[Backend], ...] = (
+    TensorRTBackend,
+    TorchCUDABackend,
+    OnnxRuntimeInt8Backend,
+    OnnxRuntimeBackend,
+    TorchCPUBackend,
+)
 BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in PREFERENCE}
 
 
@@ -287,15 +304,19 @@ def resolve(name: str, loaded: LoadedModel | None = None) -> str:
     """``auto`` -> the fastest backend that runs here (and, given ``loaded``, is offered for
     that model); any other name is checked the same way."""
     if name == "auto":
-        return next(cls.name for cls in PREFERENCE if cls.unavailable_reason() is None
-                    and (loaded is None or cls.refusal(loaded) is None))
+        return next(
+            cls.name
+            for cls in PREFERENCE
+            if cls.unavailable_reason() is None and (loaded is None or cls.refusal(loaded) is None)
+        )
     reason = unavailable_reason(name) or (BACKENDS[name].refusal(loaded) if loaded else None)
     if reason:
         raise RuntimeError(f"backend {name!r} is unavailable here: {reason}")
     return name
 
 
-def create(name: str, loaded: LoadedModel, max_batch: int = 32,
-           cache_dir: Path | None = None) -> Backend:
+def create(
+    name: str, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None
+) -> Backend:
     """Instantiate backend ``name`` (or ``auto``) for ``loaded``."""
     return BACKENDS[resolve(name, loaded)](loaded, max_batch=max_batch, cache_dir=cache_dir)

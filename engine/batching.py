@@ -10,6 +10,7 @@ waiting frame is dropped (counted in ``skipped``) so the newest are served; ``re
 waits for room, which stops the receiver and so back-pressures the sender (nothing is lost).
 End-of-stream markers are never dropped.
 """
+
 from __future__ import annotations
 
 import threading
@@ -70,8 +71,13 @@ class FrameQueue:
             self._cond.notify_all()
             return True
 
-    def take_batch(self, max_batch: int, max_wait_s: float, idle_timeout_s: float = 0.1,
-                   max_pixels: int | None = None) -> list[Item]:
+    def take_batch(
+        self,
+        max_batch: int,
+        max_wait_s: float,
+        idle_timeout_s: float = 0.1,
+        max_pixels: int | None = None,
+    ) -> list[Item]:
         """Up to ``max_batch`` frames of one key (and, given ``max_pixels``, at most that many
         pixels in all, but always one frame), or a single control item; [] after
         ``idle_timeout_s`` with nothing queued (or when closed and empty)."""

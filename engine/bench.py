@@ -14,6 +14,7 @@ its fraction of the machine's dense FP32 matrix-product rate measured in the sam
 backend that runs here but is not offered for the model (INT8 without a passing parity record)
 is timed and marked.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,9 @@ def _model(config: BenchConfig, workdir: Path) -> tuple[LoadedModel, str]:
         return load(path), "random weights (default UNetConfig; speed only)"
 
 
-def time_cell(backend: backends.Backend, frames: np.ndarray, iterations: int,
-              max_seconds: float) -> dict[str, float]:
+def time_cell(
+    backend: backends.Backend, frames: np.ndarray, iterations: int, max_seconds: float
+) -> dict[str, float]:
     """Frames/s and batch-call latency percentiles of ``backend.infer(frames)``."""
     backend.infer(frames)  # warm-up: graph capture, plan load, allocator
     times = []
@@ -95,9 +97,12 @@ def time_cell(backend: backends.Backend, frames: np.ndarray, iterations: int,
         if time.perf_counter() - start > max_seconds:
             break
     t = np.asarray(times)
-    return {"frames_per_s": len(frames) * len(t) / t.sum(), "latency_ms_p50":
-            float(np.percentile(t, 50) * 1e3), "latency_ms_p99": float(np.percentile(t, 99) * 1e3),
-            "calls": len(t)}
+    return {
+        "frames_per_s": len(frames) * len(t) / t.sum(),
+        "latency_ms_p50": float(np.percentile(t, 50) * 1e3),
+        "latency_ms_p99": float(np.percentile(t, 99) * 1e3),
+        "calls": len(t),
+    }
 
 
 def time_postprocess(side: int, rng: np.random.Generator, n_frames: int = 16) -> float:
@@ -110,6 +115,7 @@ def time_postprocess(side: int, rng: np.random.Generator, n_frames: int = 16) ->
     def softmax(logits: np.ndarray) -> np.ndarray:
         e = np.exp(logits - logits.max(axis=0))
         return (e / e.sum(axis=0)).astype(np.float32)
+
     depth = softmax(rng.normal(0, 2, (N_DEPTHS, side, side)))
     species = softmax(rng.normal(0, 2, (N_SPECIES_CLASSES, side, side)))
     analysis = SessionAnalysis(pixel_size_pm=5.3)
@@ -120,15 +126,29 @@ def time_postprocess(side: int, rng: np.random.Generator, n_frames: int = 16) ->
         occ = analysis.update(species, depth)
         d, c, sp = backends.Prediction(depth[None], species[None]).maps()
         maps = {"depth": d[0], "confidence": c[0], "species": sp[0], **occ.buffers()}
-        encode(make_header("result", session="bench", seq=i, source="bench", model_id="m",
-                           backend="b", batch_size=1, latency_ms=0.0, columns=occ.table()),
-               maps)
+        encode(
+            make_header(
+                "result",
+                session="bench",
+                seq=i,
+                source="bench",
+                model_id="m",
+                backend="b",
+                batch_size=1,
+                latency_ms=0.0,
+                columns=occ.table(),
+            ),
+            maps,
+        )
     return (time.perf_counter() - t0) / n_frames * 1e3
 
 
 def _candidates(config: BenchConfig) -> list[type[backends.Backend]]:
-    names = list(backends.BACKENDS) if config.backends == "all" else \
-        [n.strip() for n in config.backends.split(",") if n.strip()]
+    names = (
+        list(backends.BACKENDS)
+        if config.backends == "all"
+        else [n.strip() for n in config.backends.split(",") if n.strip()]
+    )
     unknown = [n for n in names if n not in backends.BACKENDS]
     if unknown:
         raise ValueError(f"unknown backends {unknown}; choose from {sorted(backends.BACKENDS)}")
@@ -146,11 +166,17 @@ def run_bench(config: BenchConfig, json_path: Path) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         loaded, provenance = _model(config, Path(tmp))
-        baseline = (TorchEagerCUDAFP32 if torch.cuda.is_available()
-                    else backends.TorchCPUBackend).name
+        baseline = (
+            TorchEagerCUDAFP32 if torch.cuda.is_available() else backends.TorchCPUBackend
+        ).name
         classes = _candidates(config)
-        cells = [(c, s, b) for c in classes if c.unavailable_reason() is None
-                 for s in config.sizes for b in config.batches]
+        cells = [
+            (c, s, b)
+            for c in classes
+            if c.unavailable_reason() is None
+            for s in config.sizes
+            for b in config.batches
+        ]
         for cls in classes:
             reason = cls.unavailable_reason()
             if reason:
@@ -160,32 +186,55 @@ def run_bench(config: BenchConfig, json_path: Path) -> dict[str, Any]:
         ceiling = gemm_ceiling_gflops(device="cuda" if torch.cuda.is_available() else "cpu")
         for cls, side, batch in tqdm(cells, desc="bench engine", unit="cell"):
             if cls.name not in made:
-                made[cls.name] = cls(loaded, max_batch=max(config.batches),
-                                     cache_dir=Path(tmp) / "cache")
+                made[cls.name] = cls(
+                    loaded, max_batch=max(config.batches), cache_dir=Path(tmp) / "cache"
+                )
             frames = (rng.poisson(DOSE, (batch, side, side)) / DOSE).astype(np.float32)
             cell = time_cell(made[cls.name], frames, config.iterations, config.max_seconds)
-            rows.append({"backend": cls.name, "precision": cls.precision, "size": side,
-                         "batch": batch, "status": "ok", "baseline": cls.name == baseline,
-                         "offered": cls.refusal(loaded) is None, **cell,
-                         "gflop_per_s": cell["frames_per_s"] * gflop[side],
-                         "fraction_of_gemm_ceiling": cell["frames_per_s"] * gflop[side]
-                         / ceiling})
+            rows.append(
+                {
+                    "backend": cls.name,
+                    "precision": cls.precision,
+                    "size": side,
+                    "batch": batch,
+                    "status": "ok",
+                    "baseline": cls.name == baseline,
+                    "offered": cls.refusal(loaded) is None,
+                    **cell,
+                    "gflop_per_s": cell["frames_per_s"] * gflop[side],
+                    "fraction_of_gemm_ceiling": cell["frames_per_s"] * gflop[side] / ceiling,
+                }
+            )
     postprocess = {str(side): time_postprocess(side, rng) for side in config.sizes}
     for row in rows:
         if row["status"] == "ok":
-            base = next((r for r in rows if r.get("baseline") and r["size"] == row["size"]
-                         and r["batch"] == row["batch"]), None)
-            row["speedup_vs_eager_fp32"] = row["frames_per_s"] / base["frames_per_s"] \
-                if base else None
-    report = {"config": asdict(config), "model_id": loaded.model_id, "model_sha256":
-              loaded.sha256, "model_provenance": provenance, "baseline": baseline,
-              "machine": machine_info(),
-              "gpu_aims_frames_per_s": {str(k): v for k, v in GPU_AIMS_FPS.items()},
-              "gpu_aims_status": "measured" if torch.cuda.is_available()
-              else "not run on real hardware (no CUDA device here)",
-              "postprocess_ms_per_frame": postprocess,
-              "model_gflop_per_frame": {str(k): v for k, v in gflop.items()},
-              "gemm_ceiling_gflops": ceiling, "rows": rows}
+            base = next(
+                (
+                    r
+                    for r in rows
+                    if r.get("baseline") and r["size"] == row["size"] and r["batch"] == row["batch"]
+                ),
+                None,
+            )
+            row["speedup_vs_eager_fp32"] = (
+                row["frames_per_s"] / base["frames_per_s"] if base else None
+            )
+    report = {
+        "config": asdict(config),
+        "model_id": loaded.model_id,
+        "model_sha256": loaded.sha256,
+        "model_provenance": provenance,
+        "baseline": baseline,
+        "machine": machine_info(),
+        "gpu_aims_frames_per_s": {str(k): v for k, v in GPU_AIMS_FPS.items()},
+        "gpu_aims_status": "measured"
+        if torch.cuda.is_available()
+        else "not run on real hardware (no CUDA device here)",
+        "postprocess_ms_per_frame": postprocess,
+        "model_gflop_per_frame": {str(k): v for k, v in gflop.items()},
+        "gemm_ceiling_gflops": ceiling,
+        "rows": rows,
+    }
     print(format_table(report))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2))
@@ -194,27 +243,37 @@ def run_bench(config: BenchConfig, json_path: Path) -> dict[str, Any]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"engine benchmark, model {report['model_id']} ({report['model_provenance']}), "
-             f"baseline {report['baseline']}",
-             f"{'backend':<24}{'prec':<6}{'size':>6}{'batch':>6}{'frames/s':>11}"
-             f"{'p50 ms':>10}{'p99 ms':>10}{'vs eager':>10}{'GFLOP/s':>9}{'of ceil':>9}"]
+    lines = [
+        f"engine benchmark, model {report['model_id']} ({report['model_provenance']}), "
+        f"baseline {report['baseline']}",
+        f"{'backend':<24}{'prec':<6}{'size':>6}{'batch':>6}{'frames/s':>11}"
+        f"{'p50 ms':>10}{'p99 ms':>10}{'vs eager':>10}{'GFLOP/s':>9}{'of ceil':>9}",
+    ]
     for r in report["rows"]:
         if r["status"] != "ok":
             lines.append(f"{r['backend']:<24}{r['status']}")
             continue
         speed = r.get("speedup_vs_eager_fp32")
-        lines.append(f"{r['backend']:<24}{r['precision']:<6}{r['size']:>6}{r['batch']:>6}"
-                     f"{r['frames_per_s']:>11.2f}{r['latency_ms_p50']:>10.1f}"
-                     f"{r['latency_ms_p99']:>10.1f}"
-                     f"{'' if speed is None else f'{speed:.2f}x':>10}"
-                     f"{r['gflop_per_s']:>9.1f}{100 * r['fraction_of_gemm_ceiling']:>8.0f}%"
-                     f"{'' if r['offered'] else '  (not offered: see bench parity)'}")
+        lines.append(
+            f"{r['backend']:<24}{r['precision']:<6}{r['size']:>6}{r['batch']:>6}"
+            f"{r['frames_per_s']:>11.2f}{r['latency_ms_p50']:>10.1f}"
+            f"{r['latency_ms_p99']:>10.1f}"
+            f"{'' if speed is None else f'{speed:.2f}x':>10}"
+            f"{r['gflop_per_s']:>9.1f}{100 * r['fraction_of_gemm_ceiling']:>8.0f}%"
+            f"{'' if r['offered'] else '  (not offered: see bench parity)'}"
+        )
     gflop = report["model_gflop_per_frame"]
-    lines.append(f"model: {', '.join(f'{k}^2 {v:.1f}' for k, v in gflop.items())}"
-                 f" GFLOP/frame; ceiling: dense FP32 matrix product "
-                 f"{report['gemm_ceiling_gflops']:.0f} GFLOP/s on this machine")
-    lines.append("serve-loop CPU work per frame after inference, steady state (ms): " + ", ".join(
-        f"{side}^2 {ms:.1f}" for side, ms in report["postprocess_ms_per_frame"].items()))
-    lines.append(f"GPU aims (frames/s, base-16): {report['gpu_aims_frames_per_s']} -- "
-                 f"{report['gpu_aims_status']}")
+    lines.append(
+        f"model: {', '.join(f'{k}^2 {v:.1f}' for k, v in gflop.items())}"
+        f" GFLOP/frame; ceiling: dense FP32 matrix product "
+        f"{report['gemm_ceiling_gflops']:.0f} GFLOP/s on this machine"
+    )
+    lines.append(
+        "serve-loop CPU work per frame after inference, steady state (ms): "
+        + ", ".join(f"{side}^2 {ms:.1f}" for side, ms in report["postprocess_ms_per_frame"].items())
+    )
+    lines.append(
+        f"GPU aims (frames/s, base-16): {report['gpu_aims_frames_per_s']} -- "
+        f"{report['gpu_aims_status']}"
+    )
     return "\n".join(lines)

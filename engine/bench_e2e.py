@@ -16,6 +16,7 @@ against the aim of <= 10 %. Frames are simulated CeO2 [110] slabs (multislice, o
 four defoci) with fresh Poisson noise per frame at ``dose`` e-/px. Figures are printed and
 written as JSON, never asserted.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,9 @@ def simulated_frames(size: int, seed: int) -> np.ndarray:
     """Four clean simulated frames (4, size, size), vacuum = 1 (one slab, four defoci)."""
     from sim_source.dataset import DatasetConfig, simulate_group
 
-    return np.stack([r.image for r in simulate_group(DatasetConfig(count=4, size=size,
-                                                                   seed=seed), 0)])
+    return np.stack(
+        [r.image for r in simulate_group(DatasetConfig(count=4, size=size, seed=seed), 0)]
+    )
 
 
 class _Results:
@@ -101,11 +103,30 @@ class _Results:
         self.input.close()
 
 
-def _serve_command(cfg: E2EConfig, backend: str, frames_ep: str, results_ep: str,
-                   stats: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "segdepth", "serve", "--frames", frames_ep, "--results",
-           results_ep, "--viewer", "none", "--backend", backend, "--max-batch",
-           str(cfg.max_batch), "--mode", "replay", "--exit-on-eos", "--stats", str(stats)]
+def _serve_command(
+    cfg: E2EConfig, backend: str, frames_ep: str, results_ep: str, stats: Path
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "segdepth",
+        "serve",
+        "--frames",
+        frames_ep,
+        "--results",
+        results_ep,
+        "--viewer",
+        "none",
+        "--backend",
+        backend,
+        "--max-batch",
+        str(cfg.max_batch),
+        "--mode",
+        "replay",
+        "--exit-on-eos",
+        "--stats",
+        str(stats),
+    ]
     return cmd + (["--model", cfg.model] if cfg.model else [])
 
 
@@ -120,21 +141,32 @@ def run_backend(cfg: E2EConfig, backend: str, clean: np.ndarray, workdir: Path) 
     results = _Results(results_ep)
     log_path = workdir / f"serve_{backend}_{side}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(_serve_command(cfg, backend, frames_ep, results_ep, stats_path),
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            _serve_command(cfg, backend, frames_ep, results_ep, stats_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     t_send: dict[int, float] = {}
 
     def send(seq: int) -> None:
         counts = rng.poisson(cfg.dose * clean[seq % len(clean)]).astype(np.uint16)
-        parts = encode_frame(counts, session="bench-e2e", seq=seq, source="bench",
-                             pixel_size_pm=PIXEL_SIZE_PM, dose_e_per_px=cfg.dose,
-                             mode="replay", t_acq=seq / cfg.rate_fps)
+        parts = encode_frame(
+            counts,
+            session="bench-e2e",
+            seq=seq,
+            source="bench",
+            pixel_size_pm=PIXEL_SIZE_PM,
+            dose_e_per_px=cfg.dose,
+            mode="replay",
+            t_acq=seq / cfg.rate_fps,
+        )
         t_send[seq] = time.monotonic()
         deadline = t_send[seq] + 300.0
         while not source.send(parts, timeout_s=1.0, wait=True):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"serve ({backend}) took no frame (exit code "
-                                   f"{proc.poll()}): see {log_path}")
+                raise RuntimeError(
+                    f"serve ({backend}) took no frame (exit code {proc.poll()}): see {log_path}"
+                )
 
     try:
         for seq in range(cfg.warmup):  # model load, graph build, first batches
@@ -153,8 +185,11 @@ def run_backend(cfg: E2EConfig, backend: str, clean: np.ndarray, workdir: Path) 
             send(seq)
         results.wait_for(paced, 600.0)
         latency = np.array([results.t_recv[s] - t_send[s] for s in paced]) * 1e3
-        source.send(encode_control("eos", session="bench-e2e", seq=paced.stop, source="bench"),
-                    timeout_s=60.0, wait=True)
+        source.send(
+            encode_control("eos", session="bench-e2e", seq=paced.stop, source="bench"),
+            timeout_s=60.0,
+            wait=True,
+        )
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
@@ -165,13 +200,20 @@ def run_backend(cfg: E2EConfig, backend: str, clean: np.ndarray, workdir: Path) 
     stats = json.loads(stats_path.read_text())["stats"]
     stages, median = stats["stage_ms_per_frame"], stats["stage_ms_per_frame_p50"]
     frame_ms = 1e3 * span / cfg.e2e_frames
-    return {"backend": stats["backend"], "size": side, "frames_per_s": cfg.e2e_frames / span,
-            "frame_ms": frame_ms, "latency_ms_p50": float(np.percentile(latency, 50)),
-            "latency_ms_p99": float(np.percentile(latency, 99)),
-            "paced_rate_fps": cfg.rate_fps, "stage_ms_per_frame": stages,
-            "stage_ms_per_frame_p50": median,
-            "postprocess_share": (median["postprocess"] or 0.0) / frame_ms,
-            "results_sent": stats["results_sent"], "rejected": stats["rejected"]}
+    return {
+        "backend": stats["backend"],
+        "size": side,
+        "frames_per_s": cfg.e2e_frames / span,
+        "frame_ms": frame_ms,
+        "latency_ms_p50": float(np.percentile(latency, 50)),
+        "latency_ms_p99": float(np.percentile(latency, 99)),
+        "paced_rate_fps": cfg.rate_fps,
+        "stage_ms_per_frame": stages,
+        "stage_ms_per_frame_p50": median,
+        "postprocess_share": (median["postprocess"] or 0.0) / frame_ms,
+        "results_sent": stats["results_sent"],
+        "rejected": stats["rejected"],
+    }
 
 
 def run_e2e(cfg: E2EConfig, json_path: Path) -> dict[str, Any]:
@@ -185,8 +227,11 @@ def run_e2e(cfg: E2EConfig, json_path: Path) -> dict[str, Any]:
                 reason = backends.unavailable_reason(backend)
                 refusal = None if reason else backends.BACKENDS[backend].refusal(loaded)
                 if reason or refusal:
-                    status = (f"not run on real hardware: {reason}" if reason
-                              else f"not offered for this model: {refusal}")
+                    status = (
+                        f"not run on real hardware: {reason}"
+                        if reason
+                        else f"not offered for this model: {refusal}"
+                    )
                     rows.append({"backend": backend, "size": side, "status": status})
                     continue
                 try:
@@ -194,11 +239,19 @@ def run_e2e(cfg: E2EConfig, json_path: Path) -> dict[str, Any]:
                 except (RuntimeError, subprocess.TimeoutExpired, FileNotFoundError) as exc:
                     log_file = Path(tmp) / f"serve_{backend}_{side}.log"
                     tail = log_file.read_text()[-400:] if log_file.is_file() else ""
-                    rows.append({"backend": backend, "size": side,
-                                 "status": f"not run: {exc} {tail}".strip()})
-    report = {"config": asdict(cfg), "aims": {"frames_per_s": CAMERA_RATE_FPS,
-                                              "postprocess_share": 0.10},
-              "machine": machine_info(), "rows": rows}
+                    rows.append(
+                        {
+                            "backend": backend,
+                            "size": side,
+                            "status": f"not run: {exc} {tail}".strip(),
+                        }
+                    )
+    report = {
+        "config": asdict(cfg),
+        "aims": {"frames_per_s": CAMERA_RATE_FPS, "postprocess_share": 0.10},
+        "machine": machine_info(),
+        "rows": rows,
+    }
     print(format_e2e(report))
     write_json(json_path, report)
     return report
@@ -206,19 +259,25 @@ def run_e2e(cfg: E2EConfig, json_path: Path) -> dict[str, Any]:
 
 def format_e2e(report: dict[str, Any]) -> str:
     cfg = report["config"]
-    lines = [f"engine end to end through `segdepth serve` over loopback TCP, batch <= "
-             f"{cfg['max_batch']}, latency at {cfg['rate_fps']:.2f} frames/s; aim >= "
-             f"{CAMERA_RATE_FPS:.1f} frames/s, post-processing <= 10 % of frame time",
-             f"{'backend':<20}{'size':>6}{'frames/s':>9}{'p50 ms':>9}{'p99 ms':>9}   median stage "
-             f"ms/frame (prepare / infer / post / publish){'post %':>9}"]
+    lines = [
+        f"engine end to end through `segdepth serve` over loopback TCP, batch <= "
+        f"{cfg['max_batch']}, latency at {cfg['rate_fps']:.2f} frames/s; aim >= "
+        f"{CAMERA_RATE_FPS:.1f} frames/s, post-processing <= 10 % of frame time",
+        f"{'backend':<20}{'size':>6}{'frames/s':>9}{'p50 ms':>9}{'p99 ms':>9}   median stage "
+        f"ms/frame (prepare / infer / post / publish){'post %':>9}",
+    ]
     for r in report["rows"]:
         if "status" in r:
             lines.append(f"{r['backend']:<20}{r['size']:>6}  {r['status']}")
             continue
         st = r["stage_ms_per_frame_p50"]
-        stages = " / ".join("-" if st[k] is None else f"{st[k]:.1f}"
-                            for k in ("prepare", "infer", "postprocess", "publish"))
-        lines.append(f"{r['backend']:<20}{r['size']:>6}{r['frames_per_s']:>9.2f}{r['latency_ms_p50']:>9.0f}"
-                     f"{r['latency_ms_p99']:>9.0f}   {stages:<36}"
-                     f"{100 * r['postprocess_share']:>8.1f}%")
+        stages = " / ".join(
+            "-" if st[k] is None else f"{st[k]:.1f}"
+            for k in ("prepare", "infer", "postprocess", "publish")
+        )
+        lines.append(
+            f"{r['backend']:<20}{r['size']:>6}{r['frames_per_s']:>9.2f}{r['latency_ms_p50']:>9.0f}"
+            f"{r['latency_ms_p99']:>9.0f}   {stages:<36}"
+            f"{100 * r['postprocess_share']:>8.1f}%"
+        )
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 ``segdepth bench parity``. Defaults are the config dataclasses' (engine.serve.ServeConfig,
 engine.export.PlanProfile, engine.bench.BenchConfig, engine.hmm.HMMConfig), read through
 streamer.cli_support; the heavy modules are imported only to run a command or show its help."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,14 +43,24 @@ def _export(args: argparse.Namespace) -> int:
 
         path = export.export_onnx(loaded, out, half=args.precision == "fp16")
         onnx.checker.check_model(str(path))
-        info = {"format": "onnx", "path": str(path), "precision": args.precision,
-                "opset": export.OPSET, "dynamic_axes": ["batch", "height", "width"]}
+        info = {
+            "format": "onnx",
+            "path": str(path),
+            "precision": args.precision,
+            "opset": export.OPSET,
+            "dynamic_axes": ["batch", "height", "width"],
+        }
     else:
         profile = plan_profile(args)
         path = export.build_tensorrt_plan(loaded, out, profile)
         info = {"format": "tensorrt", "path": str(path), "profile": asdict(profile)}
-    info.update(model=str(loaded.path), model_id=loaded.model_id, model_sha256=loaded.sha256,
-                input=export.INPUT_NAME, outputs=list(export.OUTPUT_NAMES))
+    info.update(
+        model=str(loaded.path),
+        model_id=loaded.model_id,
+        model_sha256=loaded.sha256,
+        input=export.INPUT_NAME,
+        outputs=list(export.OUTPUT_NAMES),
+    )
     (out / f"{path.stem}.export.json").write_text(json.dumps(info, indent=2))
     print(f"wrote {path}")
     return 0
@@ -61,10 +72,13 @@ def plan_profile(args: argparse.Namespace):
     from engine.export import PlanProfile
 
     profile = PlanProfile(**given(args, "max_batch", "opt_batch", "min_side", "max_side"))
-    return PlanProfile(max_batch=profile.max_batch,
-                       opt_batch=min(profile.opt_batch, profile.max_batch),
-                       min_side=profile.min_side, opt_side=profile.min_side,
-                       max_side=profile.max_side)
+    return PlanProfile(
+        max_batch=profile.max_batch,
+        opt_batch=min(profile.opt_batch, profile.max_batch),
+        min_side=profile.min_side,
+        opt_side=profile.min_side,
+        max_side=profile.max_side,
+    )
 
 
 def serve_config(args: argparse.Namespace):
@@ -73,11 +87,27 @@ def serve_config(args: argparse.Namespace):
     from engine.serve import ServeConfig
 
     viewer = {"viewer": None} if args.viewer == "none" else given(args, "viewer")
-    return ServeConfig(columns=ColumnConfig(**given(args, "reference_frames")),
-                       hmm=hmm_config(args), **viewer,
-                       **given(args, "frames", "results", "model", "backend", "max_batch",
-                               "max_wait_ms", "mode", "queue_frames", "receive_hwm",
-                               "exit_on_eos", "tta", "max_frame_px", "max_batch_px"))
+    return ServeConfig(
+        columns=ColumnConfig(**given(args, "reference_frames")),
+        hmm=hmm_config(args),
+        **viewer,
+        **given(
+            args,
+            "frames",
+            "results",
+            "model",
+            "backend",
+            "max_batch",
+            "max_wait_ms",
+            "mode",
+            "queue_frames",
+            "receive_hwm",
+            "exit_on_eos",
+            "tta",
+            "max_frame_px",
+            "max_batch_px",
+        ),
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -95,8 +125,9 @@ def hmm_config(args: argparse.Namespace) -> HMMConfig:
 
     config = FILTERS[args.filter]
     if args.filter == "rate":
-        config = replace(config, change_rate_per_s=args.change_rate_per_s,
-                         jump_decay=args.jump_decay)
+        config = replace(
+            config, change_rate_per_s=args.change_rate_per_s, jump_decay=args.jump_decay
+        )
     if args.class_prior == "simulator":
         from engine.model_io import class_prior_from_simulator
 
@@ -110,30 +141,53 @@ def hmm_config(args: argparse.Namespace) -> HMMConfig:
 
 def hmm_options(p: argparse.ArgumentParser) -> None:
     """Options of the temporal model (engine.hmm; defaults: engine.hmm.HMMConfig)."""
-    p.add_argument("--filter", choices=["rate", "legacy"], default="rate",
-                   help="rate: prior-corrected evidence, multi-atom jumps, rates per second; "
-                        "legacy: the filter before issue 10 (+-1 atom, 0.02 per frame)")
-    config_option(p, "--change-rate-per-s", HMMConfig, type=float,
-                  help="expected depth changes per column per second")
-    config_option(p, "--jump-decay", HMMConfig, type=float,
-                  help="probability ratio of a (k+1)- to a k-atom change")
-    config_option(p, "--event-threshold", HMMConfig, type=float,
-                  help="filtered probability a new depth needs to count as an event "
-                       "(false alarms vs delay)")
-    p.add_argument("--class-prior", default=None,
-                   help="depth-class prior the network was trained under, divided out of "
-                        "its posteriors: 11 comma-separated frequencies, or 'simulator' "
-                        "(estimated from 400 simulated surface models' loss-weighted labels "
-                        "at 256^2, ~30 s; engine.model_io.class_prior_from_simulator); "
-                        "default: the model meta's class_prior, else uniform (no correction)")
+    p.add_argument(
+        "--filter",
+        choices=["rate", "legacy"],
+        default="rate",
+        help="rate: prior-corrected evidence, multi-atom jumps, rates per second; "
+        "legacy: the filter before issue 10 (+-1 atom, 0.02 per frame)",
+    )
+    config_option(
+        p,
+        "--change-rate-per-s",
+        HMMConfig,
+        type=float,
+        help="expected depth changes per column per second",
+    )
+    config_option(
+        p,
+        "--jump-decay",
+        HMMConfig,
+        type=float,
+        help="probability ratio of a (k+1)- to a k-atom change",
+    )
+    config_option(
+        p,
+        "--event-threshold",
+        HMMConfig,
+        type=float,
+        help="filtered probability a new depth needs to count as an event (false alarms vs delay)",
+    )
+    p.add_argument(
+        "--class-prior",
+        default=None,
+        help="depth-class prior the network was trained under, divided out of "
+        "its posteriors: 11 comma-separated frequencies, or 'simulator' "
+        "(estimated from 400 simulated surface models' loss-weighted labels "
+        "at 256^2, ~30 s; engine.model_io.class_prior_from_simulator); "
+        "default: the model meta's class_prior, else uniform (no correction)",
+    )
 
 
 def bench_config(args: argparse.Namespace):
     """The engine.bench.BenchConfig of a ``bench engine`` command line."""
     from engine.bench import BenchConfig
 
-    return BenchConfig(model=args.model, **given(args, "backends", "sizes", "batches",
-                                                 "iterations", "max_seconds", "seed"))
+    return BenchConfig(
+        model=args.model,
+        **given(args, "backends", "sizes", "batches", "iterations", "max_seconds", "seed"),
+    )
 
 
 def e2e_config(args: argparse.Namespace):
@@ -144,13 +198,16 @@ def e2e_config(args: argparse.Namespace):
 
     chosen: dict[str, Any] = {}
     if args.backends == "all":
-        chosen["backends"] = [n for n in BACKEND_NAMES if n != "torch-cpu"
-                              and backends.unavailable_reason(n) is None]
+        chosen["backends"] = [
+            n for n in BACKEND_NAMES if n != "torch-cpu" and backends.unavailable_reason(n) is None
+        ]
     elif args.backends is not None:
         chosen["backends"] = [n.strip() for n in args.backends.split(",") if n.strip()]
-    return E2EConfig(model=args.model, **chosen,
-                     **given(args, "sizes", "seed", "e2e_frames", "paced_frames", "rate_fps",
-                                 "max_batch"))
+    return E2EConfig(
+        model=args.model,
+        **chosen,
+        **given(args, "sizes", "seed", "e2e_frames", "paced_frames", "rate_fps", "max_batch"),
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -168,151 +225,281 @@ def _bench(args: argparse.Namespace) -> int:
 def _parity(args: argparse.Namespace) -> int:
     from engine.parity import ParityConfig, run_parity
 
-    record = run_parity(ParityConfig(model=args.model, out=args.out,
-                                     **given(args, "candidate", "suite_dir", "samples", "crop",
-                                             "scale", "gpts")))
+    record = run_parity(
+        ParityConfig(
+            model=args.model,
+            out=args.out,
+            **given(args, "candidate", "suite_dir", "samples", "crop", "scale", "gpts"),
+        )
+    )
     return 0 if record["passed"] else 1
 
 
 def _model_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="model file (.pt from training.model.save_model); default: the "
-                             "bundled model training/models/segdepth_base16.pt")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model file (.pt from training.model.save_model); default: the "
+        "bundled model training/models/segdepth_base16.pt",
+    )
 
 
 def _add_export(commands) -> None:
     p = commands.add_parser(
-        "export", help="export the model to ONNX or a TensorRT plan",
+        "export",
+        help="export the model to ONNX or a TensorRT plan",
         description="Export the model: ONNX with dynamic batch, height and width axes, or a "
-                    "serialized TensorRT plan (FP16, optimisation profile over batch), cached "
-                    "by model hash + GPU + TensorRT version. Without TensorRT and a CUDA GPU "
-                    "the tensorrt format is skipped with the reason (exit code 0).")
-    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx",
-                   help="onnx: a .onnx graph; tensorrt: a .plan for this GPU")
+        "serialized TensorRT plan (FP16, optimisation profile over batch), cached "
+        "by model hash + GPU + TensorRT version. Without TensorRT and a CUDA GPU "
+        "the tensorrt format is skipped with the reason (exit code 0).",
+    )
+    p.add_argument(
+        "--format",
+        choices=["onnx", "tensorrt"],
+        default="onnx",
+        help="onnx: a .onnx graph; tensorrt: a .plan for this GPU",
+    )
     _model_option(p)
     p.add_argument("--out", default="exported", help="output directory")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                   help="ONNX precision (fp16: the graph TensorRT builds from)")
-    config_option(p, "--max-batch", PROFILE, type=positive_int,
-                  help="largest batch (frames) of the TensorRT profile")
-    config_option(p, "--opt-batch", PROFILE, type=positive_int,
-                  help="batch (frames) TensorRT optimises for")
-    config_option(p, "--min-side", PROFILE, type=positive_int,
-                  help="smallest frame side in px of the TensorRT profile; also the side it "
-                       "optimises for")
-    config_option(p, "--max-side", PROFILE, type=positive_int,
-                  help="largest frame side in px of the TensorRT profile")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="ONNX precision (fp16: the graph TensorRT builds from)",
+    )
+    config_option(
+        p,
+        "--max-batch",
+        PROFILE,
+        type=positive_int,
+        help="largest batch (frames) of the TensorRT profile",
+    )
+    config_option(
+        p, "--opt-batch", PROFILE, type=positive_int, help="batch (frames) TensorRT optimises for"
+    )
+    config_option(
+        p,
+        "--min-side",
+        PROFILE,
+        type=positive_int,
+        help="smallest frame side in px of the TensorRT profile; also the side it optimises for",
+    )
+    config_option(
+        p,
+        "--max-side",
+        PROFILE,
+        type=positive_int,
+        help="largest frame side in px of the TensorRT profile",
+    )
     p.set_defaults(func=_export)
 
 
 def _add_serve(commands) -> None:
     p = commands.add_parser(
-        "serve", help="the inference engine: frames in, depth/occupancy results out",
+        "serve",
+        help="the inference engine: frames in, depth/occupancy results out",
         description="Receive frames, batch them (up to --max-batch frames or --max-wait-ms), "
-                    "divide by the dose (header dose_e_per_px, e-/px/frame; without it the "
-                    "running mean count of the session's frames), infer, track the atomic "
-                    "columns and publish one result per frame. Ctrl-C stops it.")
+        "divide by the dose (header dose_e_per_px, e-/px/frame; without it the "
+        "running mean count of the session's frames), infer, track the atomic "
+        "columns and publish one result per frame. Ctrl-C stops it.",
+    )
     _serve_endpoints(p)
     _model_option(p)
-    config_option(p, "--backend", SERVE, choices=["auto", *BACKEND_NAMES],
-                  help="inference backend; auto: the fastest available")
+    config_option(
+        p,
+        "--backend",
+        SERVE,
+        choices=["auto", *BACKEND_NAMES],
+        help="inference backend; auto: the fastest available",
+    )
     _serve_batching(p)
-    config_option(p, "--reference-frames", COLUMNS, type=positive_int,
-                  help="aligned frames averaged into the column reference")
+    config_option(
+        p,
+        "--reference-frames",
+        COLUMNS,
+        type=positive_int,
+        help="aligned frames averaged into the column reference",
+    )
     hmm_options(p)
-    config_option(p, "--tta", SERVE, action="store_true",
-                  help="test-time augmentation: average the depth probabilities over the 8 "
-                       "flips and quarter turns of each frame (8x the inference cost)")
-    config_option(p, "--exit-on-eos", SERVE, action="store_true",
-                  help="exit after forwarding the first end-of-stream message")
-    p.add_argument("--stats", default=None,
-                   help="write counters, latency percentiles and the config as JSON here on exit")
+    config_option(
+        p,
+        "--tta",
+        SERVE,
+        action="store_true",
+        help="test-time augmentation: average the depth probabilities over the 8 "
+        "flips and quarter turns of each frame (8x the inference cost)",
+    )
+    config_option(
+        p,
+        "--exit-on-eos",
+        SERVE,
+        action="store_true",
+        help="exit after forwarding the first end-of-stream message",
+    )
+    p.add_argument(
+        "--stats",
+        default=None,
+        help="write counters, latency percentiles and the config as JSON here on exit",
+    )
     p.set_defaults(func=_serve)
 
 
 def _serve_endpoints(p: argparse.ArgumentParser) -> None:
     config_option(p, "--frames", SERVE, type=endpoint, help="endpoint the frame source binds")
     config_option(p, "--results", SERVE, type=endpoint, help="endpoint to bind for the recorder")
-    config_option(p, "--viewer", SERVE, type=endpoint,
-                  help="endpoint to bind for viewers (PUB), or 'none'")
+    config_option(
+        p, "--viewer", SERVE, type=endpoint, help="endpoint to bind for viewers (PUB), or 'none'"
+    )
 
 
 def _serve_batching(p: argparse.ArgumentParser) -> None:
     config_option(p, "--max-batch", SERVE, type=positive_int, help="largest batch in frames")
-    config_option(p, "--max-wait-ms", SERVE, type=float,
-                  help="longest wait in ms after a batch's first frame for more")
-    config_option(p, "--max-frame-px", SERVE, type=positive_int,
-                  help="largest frame side in px accepted (larger frames are refused and "
-                       "counted before any allocation)")
-    config_option(p, "--max-batch-px", SERVE, type=positive_int,
-                  help="most pixels in one batch (a larger frame is served alone); with "
-                       "--max-frame-px it bounds the engine's memory: onnxruntime peaks at about "
-                       "750 bytes per pixel of a batch (1.0 GB for one 1024^2 frame)")
-    config_option(p, "--mode", SERVE, choices=["auto", *sockets.MODES],
-                  help="replay: serve every frame, wait for the recorder; live: bounded queue, "
-                       "skip the oldest frames under overload; auto: each frame's mode header "
-                       "(live if absent)")
-    config_option(p, "--queue-frames", SERVE, type=int,
-                  help="frames held waiting at most (live mode; 0: 4 x max-batch)")
-    config_option(p, "--receive-hwm", SERVE, type=positive_int,
-                  help="messages the frame socket may hold beyond the queue; a replay source "
-                       "that exits while frames are still queued on its side loses them after "
-                       "its linger (up to 120 s in replay mode), so for a slow engine raise it "
-                       "to the session's frame count")
+    config_option(
+        p,
+        "--max-wait-ms",
+        SERVE,
+        type=float,
+        help="longest wait in ms after a batch's first frame for more",
+    )
+    config_option(
+        p,
+        "--max-frame-px",
+        SERVE,
+        type=positive_int,
+        help="largest frame side in px accepted (larger frames are refused and "
+        "counted before any allocation)",
+    )
+    config_option(
+        p,
+        "--max-batch-px",
+        SERVE,
+        type=positive_int,
+        help="most pixels in one batch (a larger frame is served alone); with "
+        "--max-frame-px it bounds the engine's memory: onnxruntime peaks at about "
+        "750 bytes per pixel of a batch (1.0 GB for one 1024^2 frame)",
+    )
+    config_option(
+        p,
+        "--mode",
+        SERVE,
+        choices=["auto", *sockets.MODES],
+        help="replay: serve every frame, wait for the recorder; live: bounded queue, "
+        "skip the oldest frames under overload; auto: each frame's mode header "
+        "(live if absent)",
+    )
+    config_option(
+        p,
+        "--queue-frames",
+        SERVE,
+        type=int,
+        help="frames held waiting at most (live mode; 0: 4 x max-batch)",
+    )
+    config_option(
+        p,
+        "--receive-hwm",
+        SERVE,
+        type=positive_int,
+        help="messages the frame socket may hold beyond the queue; a replay source "
+        "that exits while frames are still queued on its side loses them after "
+        "its linger (up to 120 s in replay mode), so for a slow engine raise it "
+        "to the session's frame count",
+    )
 
 
 def _add_bench_engine(bench) -> None:
     p = bench.add_parser(
-        "engine", help="engine throughput and latency per backend vs PyTorch eager FP32",
+        "engine",
+        help="engine throughput and latency per backend vs PyTorch eager FP32",
         description="Frames/s and per-batch latency (p50/p99, ms) of every backend at each "
-                    "frame size and batch, beside PyTorch eager FP32 in the same run. Backends "
-                    "absent here are listed with the reason (GPU: not run on real hardware).")
+        "frame size and batch, beside PyTorch eager FP32 in the same run. Backends "
+        "absent here are listed with the reason (GPU: not run on real hardware).",
+    )
     _model_option(p)
     config_option(p, "--backends", BENCH, help="comma-separated backends, or all")
-    config_option(p, "--sizes", BENCH, **list_of(positive_int),
-                  help="frame sides in px (comma- or space-separated)")
-    config_option(p, "--batches", BENCH, **list_of(positive_int),
-                  help="batch sizes in frames (comma- or space-separated)")
-    config_option(p, "--iterations", BENCH, type=positive_int,
-                  help="timed calls per cell after one warm-up call")
-    config_option(p, "--max-seconds", BENCH, type=float,
-                  help="stop timing a cell after this many seconds (at least one call)")
+    config_option(
+        p,
+        "--sizes",
+        BENCH,
+        **list_of(positive_int),
+        help="frame sides in px (comma- or space-separated)",
+    )
+    config_option(
+        p,
+        "--batches",
+        BENCH,
+        **list_of(positive_int),
+        help="batch sizes in frames (comma- or space-separated)",
+    )
+    config_option(
+        p,
+        "--iterations",
+        BENCH,
+        type=positive_int,
+        help="timed calls per cell after one warm-up call",
+    )
+    config_option(
+        p,
+        "--max-seconds",
+        BENCH,
+        type=float,
+        help="stop timing a cell after this many seconds (at least one call)",
+    )
     config_option(p, "--seed", BENCH, type=int, help="seed of the random frames and weights")
-    p.add_argument("--json", default=None,
-                   help="where to write the figures (default benchmarks/engine.json, with "
-                        "--e2e benchmarks/engine_e2e.json)")
-    p.add_argument("--e2e", action="store_true",
-                   help="end to end instead: a `segdepth serve` process per backend and size "
-                        "fed over loopback TCP -- frames/s at max rate, latency p50/p99 at "
-                        "--rate-fps, each stage's ms per frame (--backends all: every backend "
-                        "available here but torch-cpu; --sizes default 512)")
-    config_option(p, "--e2e-frames", E2E, type=positive_int,
-                  help="with --e2e: frames timed at max rate")
-    config_option(p, "--paced-frames", E2E, type=positive_int,
-                  help="with --e2e: frames sent at --rate-fps for the latency")
-    config_option(p, "--rate-fps", E2E, type=float,
-                  help="with --e2e: camera rate of the paced phase (the paper's 0.13 s/frame)")
-    config_option(p, "--max-batch", E2E, type=positive_int,
-                  help="with --e2e: serve's --max-batch")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="where to write the figures (default benchmarks/engine.json, with "
+        "--e2e benchmarks/engine_e2e.json)",
+    )
+    p.add_argument(
+        "--e2e",
+        action="store_true",
+        help="end to end instead: a `segdepth serve` process per backend and size "
+        "fed over loopback TCP -- frames/s at max rate, latency p50/p99 at "
+        "--rate-fps, each stage's ms per frame (--backends all: every backend "
+        "available here but torch-cpu; --sizes default 512)",
+    )
+    config_option(
+        p, "--e2e-frames", E2E, type=positive_int, help="with --e2e: frames timed at max rate"
+    )
+    config_option(
+        p,
+        "--paced-frames",
+        E2E,
+        type=positive_int,
+        help="with --e2e: frames sent at --rate-fps for the latency",
+    )
+    config_option(
+        p,
+        "--rate-fps",
+        E2E,
+        type=float,
+        help="with --e2e: camera rate of the paced phase (the paper's 0.13 s/frame)",
+    )
+    config_option(p, "--max-batch", E2E, type=positive_int, help="with --e2e: serve's --max-batch")
     p.set_defaults(func=_bench)
 
 
 def _add_bench_parity(bench) -> None:
     p = bench.add_parser(
-        "parity", help="INT8 against FP32 on the robustness suite: is INT8 offered?",
+        "parity",
+        help="INT8 against FP32 on the robustness suite: is INT8 offered?",
         description="Column-level accuracy of the candidate backend (default INT8) against "
-                    "the FP32 onnxruntime graph on every robustness-suite row, same frames. "
-                    "Writes <model>.int8.json beside the model; the INT8 backend is offered "
-                    "only when no row's column-exact accuracy moves by more than 0.5 points "
-                    "(exit code 1 when it does).")
+        "the FP32 onnxruntime graph on every robustness-suite row, same frames. "
+        "Writes <model>.int8.json beside the model; the INT8 backend is offered "
+        "only when no row's column-exact accuracy moves by more than 0.5 points "
+        "(exit code 1 when it does).",
+    )
     _model_option(p)
-    config_option(p, "--candidate", PARITY, choices=["onnxruntime-int8"],
-                  help="backend checked against FP32")
+    config_option(
+        p, "--candidate", PARITY, choices=["onnxruntime-int8"], help="backend checked against FP32"
+    )
     config_option(p, "--samples", PARITY, type=positive_int, help="frames per row")
     config_option(p, "--crop", PARITY, type=positive_int, help="frame side in px")
     suite_files_options(p, PARITY, dir_field="suite_dir")
-    p.add_argument("--out", default=None,
-                   help="record path (default: beside the model, <stem>.int8.json)")
+    p.add_argument(
+        "--out", default=None, help="record path (default: beside the model, <stem>.int8.json)"
+    )
     p.set_defaults(func=_parity)
 
 

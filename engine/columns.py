@@ -13,6 +13,7 @@ below half the shortest lattice translation in the image plane (3.31 Å). A colu
 the frame is its reference position plus the drift, and its occupancy is the depth-probability
 vector averaged over a disk there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,9 +56,11 @@ class ColumnConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.drift_search_A < SHORTEST_TRANSLATION_A / 2:
-            raise ValueError(f"drift_search_A must be in (0, {SHORTEST_TRANSLATION_A / 2}) Å "
-                             f"(half the shortest lattice translation), got "
-                             f"{self.drift_search_A}")
+            raise ValueError(
+                f"drift_search_A must be in (0, {SHORTEST_TRANSLATION_A / 2}) Å "
+                f"(half the shortest lattice translation), got "
+                f"{self.drift_search_A}"
+            )
 
 
 @dataclass
@@ -88,13 +91,14 @@ class FrameColumns:
 def disk_offsets(radius_px: float) -> np.ndarray:
     """Integer (dy, dx) offsets (k, 2) of the pixels within ``radius_px`` of a centre pixel."""
     r = max(int(np.floor(radius_px)), 0)
-    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
-    inside = dy ** 2 + dx ** 2 <= max(radius_px, 0.5) ** 2
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    inside = dy**2 + dx**2 <= max(radius_px, 0.5) ** 2
     return np.stack([dy[inside], dx[inside]], axis=1)
 
 
-def disk_average(maps: np.ndarray, y_px: np.ndarray, x_px: np.ndarray,
-                 radius_px: float) -> tuple[np.ndarray, np.ndarray]:
+def disk_average(
+    maps: np.ndarray, y_px: np.ndarray, x_px: np.ndarray, radius_px: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean of ``maps`` (C, H, W) over a disk at each position: ((n, C), in-frame mask (n,)).
 
     Pixels of a disk outside the frame are left out; a disk wholly outside gives a False mask.
@@ -112,8 +116,9 @@ def disk_average(maps: np.ndarray, y_px: np.ndarray, x_px: np.ndarray,
     return mean.T, count > 0
 
 
-def find_columns(species_prob: np.ndarray, pixel_size_pm: float,
-                 config: ColumnConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def find_columns(
+    species_prob: np.ndarray, pixel_size_pm: float, config: ColumnConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Column positions (y_px, x_px) and species in a species-probability map (3, H, W).
 
     P(Ce) and P(O) are smoothed (Gaussian, sigma = half the disk radius) so that a column's
@@ -130,8 +135,12 @@ def find_columns(species_prob: np.ndarray, pixel_size_pm: float,
     for sp in (SPECIES_CE, SPECIES_O):
         prob = species_prob[sp]
         smooth = ndimage.gaussian_filter(prob, sigma=max(radius / 2, 0.5))
-        peaks = peak_local_max(smooth, min_distance=min_distance, exclude_border=False,
-                               threshold_abs=config.min_peak_probability / 2)
+        peaks = peak_local_max(
+            smooth,
+            min_distance=min_distance,
+            exclude_border=False,
+            threshold_abs=config.min_peak_probability / 2,
+        )
         peaks = peaks[prob[peaks[:, 0], peaks[:, 1]] >= config.min_peak_probability]
         if len(peaks) == 0:
             continue
@@ -166,8 +175,7 @@ class _Reference:
 class ColumnTracker:
     """Follows the atomic columns of one session frame by frame (see the module docstring)."""
 
-    def __init__(self, pixel_size_pm: float, config: ColumnConfig | None = None,
-                 first_id: int = 0):
+    def __init__(self, pixel_size_pm: float, config: ColumnConfig | None = None, first_id: int = 0):
         """``first_id``: the first column id handed out (then +1 per new column)."""
         self.config = config or ColumnConfig()
         self.pixel_size_pm = float(pixel_size_pm)
@@ -189,23 +197,36 @@ class ColumnTracker:
             self._drift = (0.0, 0.0)
         else:
             if self._ref.sum.shape != species_prob.shape:
-                raise ValueError(f"frame shape {species_prob.shape[1:]} differs from the "
-                                 f"session's {self._ref.sum.shape[1:]}")
+                raise ValueError(
+                    f"frame shape {species_prob.shape[1:]} differs from the "
+                    f"session's {self._ref.sum.shape[1:]}"
+                )
             assert self._registration is not None  # made with the first reference
             self._drift = self._registration.estimate(
-                species_prob[1:], prior=self._drift,
-                search_px=self.config.drift_search_A * self._px_per_A)
+                species_prob[1:],
+                prior=self._drift,
+                search_px=self.config.drift_search_A * self._px_per_A,
+            )
         if not self.reference_complete:
             self._grow_reference(species_prob)
         ref = self._ref
         dy, dx = self._drift
         y, x = ref.y_px + dy, ref.x_px + dx
-        probs, inside = disk_average(np.asarray(depth_prob, dtype=np.float32), y, x,
-                                     self.config.disk_radius_A * self._px_per_A)
+        probs, inside = disk_average(
+            np.asarray(depth_prob, dtype=np.float32),
+            y,
+            x,
+            self.config.disk_radius_A * self._px_per_A,
+        )
         probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
-        return FrameColumns(ids=ref.ids[inside], x_px=x[inside], y_px=y[inside],
-                            species=ref.species[inside], probabilities=probs[inside],
-                            drift_px=(float(dy), float(dx)))
+        return FrameColumns(
+            ids=ref.ids[inside],
+            x_px=x[inside],
+            y_px=y[inside],
+            species=ref.species[inside],
+            probabilities=probs[inside],
+            drift_px=(float(dy), float(dx)),
+        )
 
     def _grow_reference(self, species_prob: np.ndarray) -> None:
         ref = self._ref
@@ -218,8 +239,9 @@ class ColumnTracker:
             ref.sum += aligned
             ref.count += 1
         self._registration = DriftEstimator(ref.species_maps)
-        y, x, species = find_columns((ref.sum / ref.count).astype(np.float32),
-                                     self.pixel_size_pm, self.config)
+        y, x, species = find_columns(
+            (ref.sum / ref.count).astype(np.float32), self.pixel_size_pm, self.config
+        )
         ref.ids = self._match_ids(y, x, species)
         ref.y_px, ref.x_px, ref.species = y, x, species
 

@@ -17,6 +17,7 @@ Sign convention: ``drift`` (dy, dx) in pixels is how far the content of ``image`
 relative to ``reference``: a feature at (y, x) in the reference is at (y + dy, x + dx) in the
 image.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,7 +46,7 @@ class DriftEstimator:
         h, w = self.shape = reference.shape[1:]
         self._window = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
         ref = self._prepare(reference)
-        energy = np.maximum((ref ** 2).sum(axis=(1, 2)), 1e-12)[:, None, None]
+        energy = np.maximum((ref**2).sum(axis=(1, 2)), 1e-12)[:, None, None]
         self._conj_ref = np.conj(fft.rfft2(ref)) / energy
 
     def _prepare(self, maps: np.ndarray) -> np.ndarray:
@@ -61,8 +62,9 @@ class DriftEstimator:
         spectrum = fft.rfft2(self._prepare(image))
         return fft.irfft2((spectrum * self._conj_ref).sum(axis=0), s=self.shape)
 
-    def estimate(self, image: np.ndarray, prior: tuple[float, float] = (0, 0),
-                 search_px: float = 8.0) -> tuple[float, float]:
+    def estimate(
+        self, image: np.ndarray, prior: tuple[float, float] = (0, 0), search_px: float = 8.0
+    ) -> tuple[float, float]:
         """Drift (dy, dx) in pixels of ``image`` within ``search_px`` of ``prior`` (module
         docstring: sign)."""
         surface = self.correlation(image)
@@ -73,17 +75,23 @@ class DriftEstimator:
         dxs = np.arange(px - r, px + r + 1)
         window = surface[np.ix_(dys % h, dxs % w)]
         yy, xx = np.meshgrid(dys - prior[0], dxs - prior[1], indexing="ij")
-        window = np.where(yy ** 2 + xx ** 2 <= search_px ** 2, window, -np.inf)
+        window = np.where(yy**2 + xx**2 <= search_px**2, window, -np.inf)
         iy, ix = np.unravel_index(int(np.argmax(window)), window.shape)
         dy, dx = int(dys[iy]), int(dxs[ix])
-        sub_y = _parabola_offset(surface[(dy - 1) % h, dx % w], surface[dy % h, dx % w],
-                                 surface[(dy + 1) % h, dx % w])
-        sub_x = _parabola_offset(surface[dy % h, (dx - 1) % w], surface[dy % h, dx % w],
-                                 surface[dy % h, (dx + 1) % w])
+        sub_y = _parabola_offset(
+            surface[(dy - 1) % h, dx % w], surface[dy % h, dx % w], surface[(dy + 1) % h, dx % w]
+        )
+        sub_x = _parabola_offset(
+            surface[dy % h, (dx - 1) % w], surface[dy % h, dx % w], surface[dy % h, (dx + 1) % w]
+        )
         return dy + sub_y, dx + sub_x
 
 
-def estimate_drift(reference: np.ndarray, image: np.ndarray, prior: tuple[float, float] = (0, 0),
-                   search_px: float = 8.0) -> tuple[float, float]:
+def estimate_drift(
+    reference: np.ndarray,
+    image: np.ndarray,
+    prior: tuple[float, float] = (0, 0),
+    search_px: float = 8.0,
+) -> tuple[float, float]:
     """Drift (dy, dx) in pixels of ``image`` against ``reference`` (one-off registration)."""
     return DriftEstimator(reference).estimate(image, prior, search_px)

@@ -7,6 +7,7 @@ graph; on TensorRT 10 the FP16 builder flag is set as well. A plan is specific t
 TensorRT version, so its file name is a hash of model hash + GPU name and compute capability +
 TensorRT version + optimisation profile; an existing plan with that key is reused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,11 +51,19 @@ def export_onnx(loaded: LoadedModel, out_dir: Path, half: bool = False) -> Path:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent exporters do not collide
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(head, (example,), str(tmp), dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-                                        **{n: {0: "batch", 2: "height", 3: "width"}
-                                           for n in OUTPUT_NAMES}})
+        torch.onnx.export(
+            head,
+            (example,),
+            str(tmp),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={
+                INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                **{n: {0: "batch", 2: "height", 3: "width"} for n in OUTPUT_NAMES},
+            },
+        )
     tmp.replace(path)
     log.info("exported %s", path)
     return path
@@ -88,9 +97,14 @@ def plan_key(loaded: LoadedModel, profile: PlanProfile) -> str:
     import tensorrt as trt
 
     props = torch.cuda.get_device_properties(0)
-    ident = {"model": loaded.sha256, "export": EXPORT_VERSION, "gpu": props.name,
-             "cc": f"{props.major}.{props.minor}", "tensorrt": trt.__version__,
-             "profile": asdict(profile)}
+    ident = {
+        "model": loaded.sha256,
+        "export": EXPORT_VERSION,
+        "gpu": props.name,
+        "cc": f"{props.major}.{props.minor}",
+        "tensorrt": trt.__version__,
+        "profile": asdict(profile),
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -120,18 +134,30 @@ def build_tensorrt_plan(loaded: LoadedModel, out_dir: Path, profile: PlanProfile
     if hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 10; 11 is strongly typed (FP16 graph)
         config.set_flag(trt.BuilderFlag.FP16)
     opt = builder.create_optimization_profile()
-    opt.set_shape(INPUT_NAME, (1, 1, profile.min_side, profile.min_side),
-                  (profile.opt_batch, 1, profile.opt_side, profile.opt_side),
-                  (profile.max_batch, 1, profile.max_side, profile.max_side))
+    opt.set_shape(
+        INPUT_NAME,
+        (1, 1, profile.min_side, profile.min_side),
+        (profile.opt_batch, 1, profile.opt_side, profile.opt_side),
+        (profile.max_batch, 1, profile.max_side, profile.max_side),
+    )
     config.add_optimization_profile(opt)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError("TensorRT failed to build the plan (see its log above)")
     out_dir.mkdir(parents=True, exist_ok=True)
     plan_path.write_bytes(bytes(plan))
-    (plan_path.with_suffix(".json")).write_text(json.dumps(
-        {"model_id": loaded.model_id, "model_sha256": loaded.sha256, "onnx": onnx_path.name,
-         "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(0),
-         "profile": asdict(profile)}, indent=2))
+    (plan_path.with_suffix(".json")).write_text(
+        json.dumps(
+            {
+                "model_id": loaded.model_id,
+                "model_sha256": loaded.sha256,
+                "onnx": onnx_path.name,
+                "tensorrt": trt.__version__,
+                "gpu": torch.cuda.get_device_name(0),
+                "profile": asdict(profile),
+            },
+            indent=2,
+        )
+    )
     log.info("built TensorRT plan %s", plan_path)
     return plan_path

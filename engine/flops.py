@@ -7,6 +7,7 @@ softmax is left out, as it is a few per pixel). :func:`gemm_ceiling_gflops` meas
 machine's dense FP32 matrix-product rate with torch on every core it uses: the practical peak
 of the CPU (on a GPU machine, of the card) that a frames/s figure is a fraction of.
 """
+
 from __future__ import annotations
 
 import time
@@ -40,4 +41,4 @@ def gemm_ceiling_gflops(n: int = 2048, seconds: float = 1.0, device: str = "cpu"
         if device != "cpu":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9

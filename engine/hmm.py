@@ -24,6 +24,7 @@ likelihoods, so the detection delay (frames and seconds) is known.
 ``LEGACY`` is the filter before issue 10 (posterior as evidence, +-1 atom, 0.02 per frame,
 floor 0.05), kept so that old and new can be compared on one recording.
 """
+
 from __future__ import annotations
 
 import math
@@ -83,13 +84,15 @@ class HMMConfig:
 
 
 #: the filter before issue 10, for comparisons (``segdepth serve --filter legacy``).
-LEGACY = HMMConfig(per_frame_change=0.02, jump_decay=0.0, max_jump=1, emission_floor=0.05,
-                   prior_correction=False)
+LEGACY = HMMConfig(
+    per_frame_change=0.02, jump_decay=0.0, max_jump=1, emission_floor=0.05, prior_correction=False
+)
 FILTERS = {"rate": HMMConfig(), "legacy": LEGACY}
 
 
-def transition_matrix(change_prob: float, jump_decay: float = 0.0, max_jump: int = 1,
-                      n_states: int = N_DEPTHS) -> np.ndarray:
+def transition_matrix(
+    change_prob: float, jump_decay: float = 0.0, max_jump: int = 1, n_states: int = N_DEPTHS
+) -> np.ndarray:
     """Row-stochastic (n, n) matrix: stay with 1 - p; else jump k atoms up or down with weight
     ``jump_decay`` ** (k - 1), k <= ``max_jump``, renormalised over the depths that exist."""
     d = np.arange(n_states)
@@ -102,8 +105,7 @@ def transition_matrix(change_prob: float, jump_decay: float = 0.0, max_jump: int
 def likelihoods(probabilities: np.ndarray, config: HMMConfig) -> np.ndarray:
     """Per-frame likelihoods (..., 11), rows summing to 1, from column posteriors (..., 11):
     divided by the class prior (if ``prior_correction``), floored. NaN rows give uniform."""
-    rows = np.nan_to_num(np.clip(np.asarray(probabilities, dtype=np.float64), 0, None),
-                         nan=1.0)
+    rows = np.nan_to_num(np.clip(np.asarray(probabilities, dtype=np.float64), 0, None), nan=1.0)
     if config.prior_correction and config.class_prior is not None:
         rows = rows / np.asarray(config.class_prior, dtype=np.float64)
     rows = rows / np.maximum(rows.sum(axis=-1, keepdims=True), 1e-300)
@@ -121,13 +123,15 @@ class _Transitions:
         key = round(float(dt_s), 3)
         if key not in self._cache:
             c = self.config
-            self._cache[key] = transition_matrix(c.change_probability(key), c.jump_decay,
-                                                 c.max_jump)
+            self._cache[key] = transition_matrix(
+                c.change_probability(key), c.jump_decay, c.max_jump
+            )
         return self._cache[key]
 
 
-def _forward_step(belief: np.ndarray, likelihood: np.ndarray,
-                  transition: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _forward_step(
+    belief: np.ndarray, likelihood: np.ndarray, transition: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(posterior (n, 11), P(change) (n,)) from last beliefs (n, 11) and likelihoods (n, 11)."""
     joint_stay = belief * np.diag(transition)[None] * likelihood
     posterior = (belief @ transition) * likelihood
@@ -147,8 +151,9 @@ class DepthFilter:
         """Forget every column (a new session)."""
         self._belief.clear()
 
-    def update(self, ids: np.ndarray, probabilities: np.ndarray,
-               dt_s: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    def update(
+        self, ids: np.ndarray, probabilities: np.ndarray, dt_s: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Fold in one frame, ``dt_s`` seconds after the previous one: column posteriors
         ``probabilities`` (n, 11) of columns ``ids`` (n,). Returns the filtered posteriors
         (n, 11) and P(change since the previous frame) (n,) (0 for a new column)."""
@@ -161,8 +166,9 @@ class DepthFilter:
             return np.zeros((0, N_DEPTHS), np.float32), np.zeros(0, np.float32)
         like = likelihoods(probabilities, self.config)
         known = np.array([int(i) in self._belief for i in ids])
-        belief = np.stack([self._belief.get(int(i), np.full(N_DEPTHS, 1.0 / N_DEPTHS))
-                           for i in ids])
+        belief = np.stack(
+            [self._belief.get(int(i), np.full(N_DEPTHS, 1.0 / N_DEPTHS)) for i in ids]
+        )
         posterior, change = _forward_step(belief, like, self._transitions(dt_s))
         posterior[~known] = like[~known] / like[~known].sum(axis=1, keepdims=True)
         change[~known] = 0.0
@@ -171,8 +177,9 @@ class DepthFilter:
         return posterior.astype(np.float32), change.astype(np.float32)
 
 
-def smooth(probabilities: np.ndarray, dt_s: np.ndarray,
-           config: HMMConfig) -> tuple[np.ndarray, np.ndarray]:
+def smooth(
+    probabilities: np.ndarray, dt_s: np.ndarray, config: HMMConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """Forward-backward smoother of one column: posteriors (T, 11) (NaN rows: no evidence)
     and the interval before each frame ``dt_s`` (T,) s. Returns P(d_t | all frames) (T, 11)
     and P(d_t != d_{t-1} | all frames) (T,) (0 at t = 0)."""
@@ -182,7 +189,7 @@ def smooth(probabilities: np.ndarray, dt_s: np.ndarray,
     alpha = np.empty_like(like)
     alpha[0] = like[0] / like[0].sum()
     for t in range(1, n):
-        alpha[t], _ = _forward_step(alpha[t - 1:t], like[t:t + 1], trans(dt_s[t]))
+        alpha[t], _ = _forward_step(alpha[t - 1 : t], like[t : t + 1], trans(dt_s[t]))
     beta = np.ones_like(like)
     change = np.zeros(n)
     for t in range(n - 1, 0, -1):
@@ -196,13 +203,16 @@ def smooth(probabilities: np.ndarray, dt_s: np.ndarray,
     return post / post.sum(axis=1, keepdims=True), change
 
 
-def filter_sequence(probabilities: np.ndarray, dt_s: np.ndarray,
-                    config: HMMConfig) -> tuple[np.ndarray, np.ndarray]:
+def filter_sequence(
+    probabilities: np.ndarray, dt_s: np.ndarray, config: HMMConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """The causal filter over one column's whole series (T, 11): (posteriors, P(change))."""
     filt = DepthFilter(config)
     out = [filt.update(np.array([0]), row[None], dt) for row, dt in zip(probabilities, dt_s)]
-    return (np.concatenate([o[0] for o in out]).astype(np.float64),
-            np.concatenate([o[1] for o in out]).astype(np.float64))
+    return (
+        np.concatenate([o[0] for o in out]).astype(np.float64),
+        np.concatenate([o[1] for o in out]).astype(np.float64),
+    )
 
 
 @dataclass(frozen=True)
@@ -227,8 +237,18 @@ class Event:
         return {k: getattr(self, k) for k in EVENT_FIELDS}
 
 
-EVENT_FIELDS = ("column_id", "species", "frame", "time_s", "before", "after", "probability",
-                "detected_frame", "delay_frames", "delay_s")
+EVENT_FIELDS = (
+    "column_id",
+    "species",
+    "frame",
+    "time_s",
+    "before",
+    "after",
+    "probability",
+    "detected_frame",
+    "delay_frames",
+    "delay_s",
+)
 
 
 class EventDetector:
@@ -240,8 +260,15 @@ class EventDetector:
         self._confirmed: dict[int, int] = {}
         self._history: dict[int, deque] = {}
 
-    def update(self, frame: int, time_s: float, ids: np.ndarray, species: np.ndarray,
-               posterior: np.ndarray, likelihood: np.ndarray) -> list[Event]:
+    def update(
+        self,
+        frame: int,
+        time_s: float,
+        ids: np.ndarray,
+        species: np.ndarray,
+        posterior: np.ndarray,
+        likelihood: np.ndarray,
+    ) -> list[Event]:
         events = []
         log_like = np.log(likelihood)
         for cid, sp, post, ll in zip(ids, species, posterior, log_like):
@@ -256,8 +283,20 @@ class EventDetector:
             if before is None or before == best:
                 continue
             start, start_s = self._change_point(hist, before, best)
-            events.append(Event(cid, int(sp), start, start_s, before, best, float(post[best]),
-                                int(frame), int(frame) - start, float(time_s) - start_s))
+            events.append(
+                Event(
+                    cid,
+                    int(sp),
+                    start,
+                    start_s,
+                    before,
+                    best,
+                    float(post[best]),
+                    int(frame),
+                    int(frame) - start,
+                    float(time_s) - start_s,
+                )
+            )
             while len(hist) > 1 and hist[0][0] < start:  # the next change starts from here
                 hist.popleft()
         return events
@@ -271,4 +310,3 @@ class EventDetector:
         score = np.cumsum(diff[::-1])[::-1]
         j = int(np.argmax(score))
         return hist[j][0], hist[j][1]
-

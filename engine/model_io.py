@@ -5,6 +5,7 @@ so every backend (and every exported graph) returns probabilities, never logits.
 sides are not multiples of the model's ``size_multiple`` are replicate-padded and the outputs
 cropped back.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,9 @@ def exportable_median(x: torch.Tensor, kernel: int) -> torch.Tensor:
     after = kernel - 1 - before
     h, w = x.shape[-2:]
     padded = torch.nn.functional.pad(x, (before, after, before, after), mode="replicate")
-    windows = torch.stack([padded[..., i:, j:][..., :h, :w]
-                           for i in range(kernel) for j in range(kernel)], dim=-1)
+    windows = torch.stack(
+        [padded[..., i:, j:][..., :h, :w] for i in range(kernel) for j in range(kernel)], dim=-1
+    )
     lower = (kernel * kernel - 1) // 2  # torch.median's choice for an even count
     return torch.topk(windows, lower + 1, dim=-1, largest=False).values[..., -1]
 
@@ -108,8 +110,9 @@ class LoadedModel:
 
     def head(self, half: bool = False) -> ProbabilityHead:
         """A probability head on a copy of the model (the copy may be moved, cast, changed)."""
-        return ProbabilityHead(copy.deepcopy(self.model), half=half,
-                               temperature=self.temperature).eval()
+        return ProbabilityHead(
+            copy.deepcopy(self.model), half=half, temperature=self.temperature
+        ).eval()
 
     @property
     def size_multiple(self) -> int:
@@ -122,8 +125,9 @@ def default_model_path() -> Path:
 
     path = Path(bundled_model_path())
     if not path.is_file():
-        raise FileNotFoundError(f"no bundled model at {path}: train one (`segdepth train`) "
-                                f"and pass it with --model")
+        raise FileNotFoundError(
+            f"no bundled model at {path}: train one (`segdepth train`) and pass it with --model"
+        )
     return path
 
 
@@ -139,8 +143,9 @@ def load(path: str | Path | None = None) -> LoadedModel:
     return LoadedModel(model=model, meta=dict(meta or {}), path=path, sha256=file_sha256(path))
 
 
-def class_prior_from_simulator(size_px: int = 256, structures: int = 400, seed: int = 0,
-                               floor: float = 0.002) -> tuple[float, ...]:
+def class_prior_from_simulator(
+    size_px: int = 256, structures: int = 400, seed: int = 0, floor: float = 0.002
+) -> tuple[float, ...]:
     """Estimate of the depth-class prior a network trained on ``segdepth simulate`` images of
     ``size_px`` learnt, from the labels alone (no image simulation): the frequency of each
     depth label 0..10 over the pixels of ``structures`` random surface models, each pixel
@@ -162,11 +167,17 @@ def class_prior_from_simulator(size_px: int = 256, structures: int = 400, seed: 
     counts = np.zeros(N_DEPTHS)
     for group in range(structures):
         rng = np.random.default_rng(np.random.SeedSequence([seed, group]))
-        table, _ = build_columns(rng, grid.fov_A, grid.n_cells_y, grid.crystal_end_x_A,
-                                 StructureConfig())
+        table, _ = build_columns(
+            rng, grid.fov_A, grid.n_cells_y, grid.crystal_end_x_A, StructureConfig()
+        )
         depth = label_maps(table, grid).depth
-        weights = loss_weights(depth.shape, column_centres(depth), grid.pixel_size_pm,
-                               cfg.weight_sigma_pm, cfg.background_weight)
+        weights = loss_weights(
+            depth.shape,
+            column_centres(depth),
+            grid.pixel_size_pm,
+            cfg.weight_sigma_pm,
+            cfg.background_weight,
+        )
         counts += weighted_class_counts(depth, weights)
     return tuple(float(v) for v in prior_from_counts(counts, floor))
 

@@ -9,6 +9,7 @@ normalised to vacuum = 1 is close to 1 and the mean count estimates the dose (on
 in one session share a running mean of these estimates (weight 1/n), which averages the
 Poisson noise of single frames away.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,11 @@ class DoseNormaliser:
     def dose(self, frame: np.ndarray, header_dose: float | None) -> tuple[float, bool]:
         """The dose (e-/px/frame) to divide ``frame`` by, and whether it was estimated."""
         if header_dose is not None:
-            if not (isinstance(header_dose, (int, float)) and math.isfinite(header_dose)
-                    and header_dose > 0):
+            if not (
+                isinstance(header_dose, (int, float))
+                and math.isfinite(header_dose)
+                and header_dose > 0
+            ):
                 raise ValueError(f"dose_e_per_px must be a positive number, got {header_dose!r}")
             return float(header_dose), False
         mean = float(np.mean(frame, dtype=np.float64))
@@ -37,8 +41,9 @@ class DoseNormaliser:
         self._estimate += (mean - self._estimate) / self.estimated_frames
         return self._estimate, True
 
-    def normalise(self, frame: np.ndarray,
-                  header_dose: float | None) -> tuple[np.ndarray, float, bool]:
+    def normalise(
+        self, frame: np.ndarray, header_dose: float | None
+    ) -> tuple[np.ndarray, float, bool]:
         """``frame`` / dose as float32, the dose used and whether it was estimated."""
         dose, estimated = self.dose(frame, header_dose)
         return np.asarray(frame, dtype=np.float32) / np.float32(dose), dose, estimated

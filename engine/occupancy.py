@@ -3,6 +3,7 @@
 :class:`SessionAnalysis` is pure computation on probability maps: it knows nothing of sockets
 or backends, so the same code serves the live engine, a replay and the tests.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,35 +29,49 @@ class Occupancy:
         """The result header's ``columns`` table (docs/CONTRACTS.md "Result message")."""
         c = self.columns
         depths = np.arange(self.filtered.shape[1], dtype=np.float32)
-        return {"id": [int(i) for i in c.ids],
-                "x_px": [float(v) for v in c.x_px],
-                "y_px": [float(v) for v in c.y_px],
-                "species": [int(s) for s in c.species],
-                "depth": [int(d) for d in c.depth],
-                "expected_depth": [float(v) for v in c.expected_depth],
-                "confidence": [float(v) for v in c.confidence],
-                "depth_filtered": [int(d) for d in self.filtered.argmax(axis=1)],
-                "expected_filtered": [float(v) for v in self.filtered @ depths],
-                "change_probability": [float(v) for v in self.change_probability]}
+        return {
+            "id": [int(i) for i in c.ids],
+            "x_px": [float(v) for v in c.x_px],
+            "y_px": [float(v) for v in c.y_px],
+            "species": [int(s) for s in c.species],
+            "depth": [int(d) for d in c.depth],
+            "expected_depth": [float(v) for v in c.expected_depth],
+            "confidence": [float(v) for v in c.confidence],
+            "depth_filtered": [int(d) for d in self.filtered.argmax(axis=1)],
+            "expected_filtered": [float(v) for v in self.filtered @ depths],
+            "change_probability": [float(v) for v in self.change_probability],
+        }
 
     def buffers(self) -> dict[str, np.ndarray]:
-        return {"column_probabilities": self.columns.probabilities.astype(np.float32),
-                "column_probabilities_filtered": self.filtered.astype(np.float32)}
+        return {
+            "column_probabilities": self.columns.probabilities.astype(np.float32),
+            "column_probabilities_filtered": self.filtered.astype(np.float32),
+        }
 
 
 class SessionAnalysis:
     """Column tracking, temporal filtering and events for one session (new session: new
     instance)."""
 
-    def __init__(self, pixel_size_pm: float, columns: ColumnConfig | None = None,
-                 hmm: HMMConfig | None = None, first_id: int = 0):
+    def __init__(
+        self,
+        pixel_size_pm: float,
+        columns: ColumnConfig | None = None,
+        hmm: HMMConfig | None = None,
+        first_id: int = 0,
+    ):
         self.tracker = ColumnTracker(pixel_size_pm, columns, first_id)
         self.filter = DepthFilter(hmm)
         self.events = EventDetector(self.filter.config)
         self._last_t: float | None = None
 
-    def update(self, species_prob: np.ndarray, depth_prob: np.ndarray, frame: int = 0,
-               t_acq: float | None = None) -> Occupancy:
+    def update(
+        self,
+        species_prob: np.ndarray,
+        depth_prob: np.ndarray,
+        frame: int = 0,
+        t_acq: float | None = None,
+    ) -> Occupancy:
         """One frame (seq ``frame``, acquired at ``t_acq`` s): species (3, H, W) and depth
         (11, H, W) probability maps. Without ``t_acq`` the frame number stands for the time in s."""
         t = float(frame) if t_acq is None else float(t_acq)
@@ -64,6 +79,12 @@ class SessionAnalysis:
         self._last_t = t
         cols = self.tracker.update(species_prob, depth_prob)
         filtered, change = self.filter.update(cols.ids, cols.probabilities, dt)
-        events = self.events.update(frame, t, cols.ids, cols.species, filtered,
-                                    likelihoods(cols.probabilities, self.filter.config))
+        events = self.events.update(
+            frame,
+            t,
+            cols.ids,
+            cols.species,
+            filtered,
+            likelihoods(cols.probabilities, self.filter.config),
+        )
         return Occupancy(cols, filtered, change, events)

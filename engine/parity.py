@@ -8,6 +8,7 @@ compared. The record, written beside the model as ``<stem>.int8.json``, is what
 than :data:`engine.quantize.PARITY_BOUND_POINTS` percentage points. (Heavy imports sit in the
 functions, so that the CLI reads :class:`ParityConfig` without torch.)
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ def as_network(backend):
     class BackendAsNetwork(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             pred = backend.infer(x[:, 0].numpy())
-            return (torch.from_numpy(pred.depth_prob).clamp_min(1e-30).log(),
-                    torch.from_numpy(pred.species_prob).clamp_min(1e-30).log())
+            return (
+                torch.from_numpy(pred.depth_prob).clamp_min(1e-30).log(),
+                torch.from_numpy(pred.species_prob).clamp_min(1e-30).log(),
+            )
 
     return BackendAsNetwork()
 
@@ -74,32 +77,60 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
     check_disjoint(loaded.meta, list(paths.values()))
     cache = Path(cfg.suite_dir) / "engine_cache"
     # the candidate is built directly: its own refusal (no record yet) is what this writes
-    nets = {name: as_network(backends.BACKENDS[name](loaded, max_batch=8, cache_dir=cache))
-            for name in ("onnxruntime", cfg.candidate)}
+    nets = {
+        name: as_network(backends.BACKENDS[name](loaded, max_batch=8, cache_dir=cache))
+        for name in ("onnxruntime", cfg.candidate)
+    }
     rows: list[dict[str, Any]] = []
     diffs: list[float] = []
     for k, row in enumerate(suite_rows()):
         data, depths = row_data(row, paths, cfg.samples, cfg.crop, cfg.seed + k)
-        figures = {name: {key: evaluate_row(net, 1.0, data, depths, row.dose, cfg.seed + k)
-                          .columns.summary()[key] for key in COMPARED}
-                   for name, net in nets.items()}
-        diff = 100.0 * (figures[cfg.candidate]["column_exact"]
-                        - figures["onnxruntime"]["column_exact"])
+        figures = {
+            name: {
+                key: evaluate_row(net, 1.0, data, depths, row.dose, cfg.seed + k).columns.summary()[
+                    key
+                ]
+                for key in COMPARED
+            }
+            for name, net in nets.items()
+        }
+        diff = 100.0 * (
+            figures[cfg.candidate]["column_exact"] - figures["onnxruntime"]["column_exact"]
+        )
         diffs.append(diff)
-        rows.append({"row": row.name, "dose": row.dose, "samples": len(data),
-                     "fp32": figures["onnxruntime"], "candidate": figures[cfg.candidate],
-                     "column_exact_diff_points": diff})
-        log.info("parity row %s: column exact FP32 %.3f, %s %.3f (%+.2f points)", row.name,
-                 figures["onnxruntime"]["column_exact"], cfg.candidate,
-                 figures[cfg.candidate]["column_exact"], diff)
+        rows.append(
+            {
+                "row": row.name,
+                "dose": row.dose,
+                "samples": len(data),
+                "fp32": figures["onnxruntime"],
+                "candidate": figures[cfg.candidate],
+                "column_exact_diff_points": diff,
+            }
+        )
+        log.info(
+            "parity row %s: column exact FP32 %.3f, %s %.3f (%+.2f points)",
+            row.name,
+            figures["onnxruntime"]["column_exact"],
+            cfg.candidate,
+            figures[cfg.candidate]["column_exact"],
+            diff,
+        )
     worst = max(abs(d) for d in diffs)
-    record = {"model": str(loaded.path), "model_id": loaded.model_id,
-              "model_sha256": loaded.sha256, "candidate": cfg.candidate,
-              "calibration": asdict(CalibrationConfig()), "export_version": EXPORT_VERSION,
-              "config": asdict(cfg),
-              "bound_points": PARITY_BOUND_POINTS, "max_abs_diff_points": worst,
-              "passed": bool(worst <= PARITY_BOUND_POINTS), "rows": rows,
-              "wall_s": time.monotonic() - started}
+    record = {
+        "model": str(loaded.path),
+        "model_id": loaded.model_id,
+        "model_sha256": loaded.sha256,
+        "candidate": cfg.candidate,
+        "calibration": asdict(CalibrationConfig()),
+        "export_version": EXPORT_VERSION,
+        "config": asdict(cfg),
+        "bound_points": PARITY_BOUND_POINTS,
+        "max_abs_diff_points": worst,
+        "passed": bool(worst <= PARITY_BOUND_POINTS),
+        "rows": rows,
+        "wall_s": time.monotonic() - started,
+    }
     out = Path(cfg.out) if cfg.out else parity_path(loaded.path)
     out.write_text(json.dumps(record, indent=2))
     print(format_parity(record))
@@ -109,15 +140,20 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
 
 def format_parity(record: dict[str, Any]) -> str:
     """The record as a table: column exact per row, FP32 and candidate, and the difference."""
-    lines = [f"{record['candidate']} vs FP32 onnxruntime, model {record['model_id']}: "
-             f"largest change {record['max_abs_diff_points']:.2f} points (bound "
-             f"{record['bound_points']}) -> {'offered' if record['passed'] else 'NOT offered'}",
-             f"{'row':<32}{'fp32':>8}{'cand.':>8}{'diff pt':>9}"]
+    lines = [
+        f"{record['candidate']} vs FP32 onnxruntime, model {record['model_id']}: "
+        f"largest change {record['max_abs_diff_points']:.2f} points (bound "
+        f"{record['bound_points']}) -> {'offered' if record['passed'] else 'NOT offered'}",
+        f"{'row':<32}{'fp32':>8}{'cand.':>8}{'diff pt':>9}",
+    ]
     for r in record["rows"]:
-        lines.append(f"{r['row']:<32}{r['fp32']['column_exact']:>8.3f}"
-                     f"{r['candidate']['column_exact']:>8.3f}"
-                     f"{r['column_exact_diff_points']:>+9.2f}")
-    mean = {k: np.mean([r[k]["column_exact"] for r in record["rows"]])
-            for k in ("fp32", "candidate")}
+        lines.append(
+            f"{r['row']:<32}{r['fp32']['column_exact']:>8.3f}"
+            f"{r['candidate']['column_exact']:>8.3f}"
+            f"{r['column_exact_diff_points']:>+9.2f}"
+        )
+    mean = {
+        k: np.mean([r[k]["column_exact"] for r in record["rows"]]) for k in ("fp32", "candidate")
+    }
     lines.append(f"mean column exact: fp32 {mean['fp32']:.3f}, candidate {mean['candidate']:.3f}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ An INT8 graph is only *offered* for a model whose parity record
 (``<model>.int8.json``, written by ``segdepth bench parity``) shows that its column-level
 accuracy stays within :data:`PARITY_BOUND_POINTS` of FP32 on every row of the robustness suite.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,10 +62,16 @@ def _particle_frames(cfg: CalibrationConfig, cache_dir: Path) -> np.ndarray:
     from training.library_data import RenderConfig, load_library, render_set
 
     path = Path(cache_dir) / f"calibration_waves_{cfg.key()}.h5"
-    write_library(path, LibraryConfig(count=cfg.structures, seed=cfg.seed), resume=True,
-                  progress=False)
-    data = render_set(load_library(path), cfg.library_frames, cfg.seed,
-                      RenderConfig(crop=cfg.size), TargetConfig())
+    write_library(
+        path, LibraryConfig(count=cfg.structures, seed=cfg.seed), resume=True, progress=False
+    )
+    data = render_set(
+        load_library(path),
+        cfg.library_frames,
+        cfg.seed,
+        RenderConfig(crop=cfg.size),
+        TargetConfig(),
+    )
     return data.images
 
 
@@ -94,8 +101,9 @@ class _Frames:
         return None if frame is None else {INPUT_NAME: frame[None]}
 
 
-def int8_graph(loaded: LoadedModel, cache_dir: Path,
-               cfg: CalibrationConfig = CalibrationConfig()) -> Path:
+def int8_graph(
+    loaded: LoadedModel, cache_dir: Path, cfg: CalibrationConfig = CalibrationConfig()
+) -> Path:
     """Write (or reuse) ``<hash>_int8_<calibration key>_v<EXPORT_VERSION>.onnx`` in
     ``cache_dir``."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -106,16 +114,26 @@ def int8_graph(loaded: LoadedModel, cache_dir: Path,
     if path.is_file():
         return path
     fp32 = export_onnx(loaded, cache_dir, half=False)
-    log.info("quantizing %s to INT8 (calibration: %d simulated %d^2 frames; first time only)",
-             loaded.model_id, cfg.library_frames + cfg.slab_frames, cfg.size)
+    log.info(
+        "quantizing %s to INT8 (calibration: %d simulated %d^2 frames; first time only)",
+        loaded.model_id,
+        cfg.library_frames + cfg.slab_frames,
+        cfg.size,
+    )
     prepared = path.with_suffix(".pre.onnx")
     partial = path.with_suffix(".partial.onnx")
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(partial),
-                        _Frames(calibration_frames(cfg, cache_dir)),
-                        quant_format=QuantFormat.QOperator, per_channel=True, reduce_range=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            str(prepared),
+            str(partial),
+            _Frames(calibration_frames(cfg, cache_dir)),
+            quant_format=QuantFormat.QOperator,
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         partial.replace(path)  # atomic: a crash never leaves a half-written graph in the cache
     finally:
         prepared.unlink(missing_ok=True)
@@ -139,9 +157,12 @@ def parity_refusal(loaded: LoadedModel) -> str | None:
     if record.get("model_sha256") != loaded.sha256:
         return f"{path} was measured on another model file: {fix}"
     if record.get("export_version") != EXPORT_VERSION or record.get("calibration") != asdict(
-            CalibrationConfig()):
+        CalibrationConfig()
+    ):
         return f"{path} was measured on another form of the INT8 graph: {fix}"
     if not record.get("passed"):
-        return (f"INT8 changed column accuracy by {record.get('max_abs_diff_points')} points "
-                f"on the robustness suite (bound {PARITY_BOUND_POINTS}; {path})")
+        return (
+            f"INT8 changed column accuracy by {record.get('max_abs_diff_points')} points "
+            f"on the robustness suite (bound {PARITY_BOUND_POINTS}; {path})"
+        )
     return None

@@ -18,6 +18,7 @@ overload (counted in every result's ``skipped``) and results are dropped rather 
 Malformed messages are counted and skipped (streamer ``Input``); a frame the engine cannot use
 (bad pixel size or dose, a shape the model rejects) is counted under ``rejected`` and skipped.
 """
+
 from __future__ import annotations
 
 import json
@@ -128,26 +129,42 @@ class Server:
         self.config = config
         self.loaded = load(config.model)
         #: the temporal model; its class prior is the model's unless the config gives one
-        self.hmm = config.hmm if config.hmm.class_prior is not None else replace(
-            config.hmm, class_prior=self.loaded.class_prior)
+        self.hmm = (
+            config.hmm
+            if config.hmm.class_prior is not None
+            else replace(config.hmm, class_prior=self.loaded.class_prior)
+        )
         self.backend = backends.create(config.backend, self.loaded, max_batch=config.max_batch)
         self.queue = FrameQueue(config.queue_frames)
         self.stop = threading.Event()
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
         # every key exists from the start: the receiver thread never inserts while stats() reads
-        self.counts: Counter[str] = Counter(dict.fromkeys(
-            ("received_frame", "received_eos", "results_sent", "results_dropped",
-             "eos_forwarded"), 0))
+        self.counts: Counter[str] = Counter(
+            dict.fromkeys(
+                (
+                    "received_frame",
+                    "received_eos",
+                    "results_sent",
+                    "results_dropped",
+                    "eos_forwarded",
+                ),
+                0,
+            )
+        )
         self.rejected: Counter[str] = Counter()
         self.latencies_ms: deque[float] = deque(maxlen=10_000)  # the latest, for stats
         self._first_receipt: float | None = None  # time.monotonic() of the first frame
         self._last_publish: float | None = None
         # a frame is acknowledged to its source once its result is out (or it was rejected):
         # a restarted engine gets again what a crashed one had queued (issue 11)
-        self.input = sockets.Input(config.frames, hwm=config.receive_hwm,
-                                   accept=("frame", "eos", "heartbeat"), name="engine frames",
-                                   auto_ack=False,
-                                   limits=FrameLimits(max_side_px=config.max_frame_px))
+        self.input = sockets.Input(
+            config.frames,
+            hwm=config.receive_hwm,
+            accept=("frame", "eos", "heartbeat"),
+            name="engine frames",
+            auto_ack=False,
+            limits=FrameLimits(max_side_px=config.max_frame_px),
+        )
         self.output = sockets.Output(config.results, mode="replay")
         self.output.stop = self.stop
         self.viewer = sockets.Publisher(config.viewer) if config.viewer else None
@@ -160,8 +177,7 @@ class Server:
         self.stage_recent_ms: dict[str, deque[float]] = {k: deque(maxlen=1000) for k in STAGES}
         self._stage_lock = threading.Lock()  # stages write these (and latencies_ms); stats() reads
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
-        self._publisher = threading.Thread(target=self._publish_loop, name="publish",
-                                           daemon=True)
+        self._publisher = threading.Thread(target=self._publish_loop, name="publish", daemon=True)
 
     # -- receiving ---------------------------------------------------------------------------
     def _is_live(self, msg: Message) -> bool:
@@ -191,12 +207,22 @@ class Server:
         state = self.sessions.get(name)
         if state is None or state.shape != shape:
             if state is not None:
-                log.warning("session %s changed frame shape %s -> %s: columns restart",
-                            name, state.shape, shape)
-            state = _Session(SessionAnalysis(float(msg.header["pixel_size_pm"]),
-                                             self.config.columns, self.hmm,
-                                             first_id=msg.seq * COLUMN_ID_STRIDE),
-                             DoseNormaliser(), shape)
+                log.warning(
+                    "session %s changed frame shape %s -> %s: columns restart",
+                    name,
+                    state.shape,
+                    shape,
+                )
+            state = _Session(
+                SessionAnalysis(
+                    float(msg.header["pixel_size_pm"]),
+                    self.config.columns,
+                    self.hmm,
+                    first_id=msg.seq * COLUMN_ID_STRIDE,
+                ),
+                DoseNormaliser(),
+                shape,
+            )
             self.sessions[name] = state
             while len(self.sessions) > MAX_SESSIONS:
                 self.sessions.popitem(last=False)
@@ -205,8 +231,11 @@ class Server:
 
     def _reject(self, reason: str, detail: str) -> None:
         if self.rejected[reason] == 0:
-            log.warning("skipped a frame the engine cannot use (%s: %s); further ones are "
-                        "counted silently", reason, detail)
+            log.warning(
+                "skipped a frame the engine cannot use (%s: %s); further ones are counted silently",
+                reason,
+                detail,
+            )
         self.rejected[reason] += 1
 
     def _clock(self, stage: str, since: float, frames: int) -> float:
@@ -228,8 +257,9 @@ class Server:
                 continue
             state = self._session(item.payload)
             try:
-                x, dose, was_estimated = state.dose.normalise(item.payload.arrays["frame"],
-                                                              head.get("dose_e_per_px"))
+                x, dose, was_estimated = state.dose.normalise(
+                    item.payload.arrays["frame"], head.get("dose_e_per_px")
+                )
             except ValueError as exc:
                 self._reject("dose", str(exc))
                 continue
@@ -249,8 +279,11 @@ class Server:
             return _Batch(items, kind="rejected")
         try:
             frames = np.stack(batch.frames)
-            batch.pred = (backends.infer_tta(self.backend, frames) if self.config.tta
-                          else self.backend.infer(frames))
+            batch.pred = (
+                backends.infer_tta(self.backend, frames)
+                if self.config.tta
+                else self.backend.infer(frames)
+            )
         except (RuntimeError, ValueError) as exc:  # e.g. a frame size the model cannot take
             for _ in batch.items:
                 self._reject("inference", f"{type(exc).__name__}: {exc}")
@@ -301,30 +334,62 @@ class Server:
         results = []
         for i, item in enumerate(batch.items):
             occ = batch.states[i].analysis.update(
-                pred.species_prob[i], pred.depth_prob[i], item.payload.seq,
-                item.payload.header.get("t_acq"))
-            results.append((occ, {"depth": depth[i], "confidence": confidence[i],
-                                  "species": species[i], **occ.buffers()}))
+                pred.species_prob[i],
+                pred.depth_prob[i],
+                item.payload.seq,
+                item.payload.header.get("t_acq"),
+            )
+            results.append(
+                (
+                    occ,
+                    {
+                        "depth": depth[i],
+                        "confidence": confidence[i],
+                        "species": species[i],
+                        **occ.buffers(),
+                    },
+                )
+            )
         t = self._clock("postprocess", t, n)
         for i, (item, (occ, arrays)) in enumerate(zip(batch.items, results)):
-            self._publish(item, occ, arrays, batch.doses[i], batch.estimated[i], n,
-                          float(ood[i]))
+            self._publish(item, occ, arrays, batch.doses[i], batch.estimated[i], n, float(ood[i]))
         self._clock("publish", t, n)
 
-    def _publish(self, item: Item, occ: Occupancy, arrays: dict[str, np.ndarray],
-                 dose: float, dose_estimated: bool, batch_size: int, ood_score: float) -> None:
+    def _publish(
+        self,
+        item: Item,
+        occ: Occupancy,
+        arrays: dict[str, np.ndarray],
+        dose: float,
+        dose_estimated: bool,
+        batch_size: int,
+        ood_score: float,
+    ) -> None:
         msg = item.payload
         head = msg.header
         latency_ms = (time.monotonic() - item.t_recv) * 1e3
         result = make_header(
-            "result", session=head["session"], seq=msg.seq, source=SOURCE, t_acq=head["t_acq"],
-            model_id=self.loaded.model_id, backend=self.backend.name, batch_size=batch_size,
-            latency_ms=latency_ms, frame_seq=msg.seq, skipped=self.queue.skipped,
-            pixel_size_pm=float(head["pixel_size_pm"]), dose_e_per_px=float(dose),
-            dose_estimated=dose_estimated, drift_px=list(occ.columns.drift_px),
-            columns=occ.table(), events=[e.as_dict() for e in occ.events],
-            ood_score=ood_score, ood_warning=self._ood_warning(ood_score),
-            mode="live" if self._is_live(msg) else "replay")
+            "result",
+            session=head["session"],
+            seq=msg.seq,
+            source=SOURCE,
+            t_acq=head["t_acq"],
+            model_id=self.loaded.model_id,
+            backend=self.backend.name,
+            batch_size=batch_size,
+            latency_ms=latency_ms,
+            frame_seq=msg.seq,
+            skipped=self.queue.skipped,
+            pixel_size_pm=float(head["pixel_size_pm"]),
+            dose_e_per_px=float(dose),
+            dose_estimated=dose_estimated,
+            drift_px=list(occ.columns.drift_px),
+            columns=occ.table(),
+            events=[e.as_dict() for e in occ.events],
+            ood_score=ood_score,
+            ood_warning=self._ood_warning(ood_score),
+            mode="live" if self._is_live(msg) else "replay",
+        )
         parts = encode(result, arrays)
         if self.output.send(parts, wait=not self._is_live(msg)):
             self.counts["results_sent"] += 1
@@ -345,30 +410,48 @@ class Server:
 
     def _forward_eos(self, msg: Message) -> None:
         head = msg.header
-        parts = encode_control("eos", session=head["session"], seq=msg.seq, source=SOURCE,
-                               frames_processed=self.counts["results_sent"],
-                               skipped=self.queue.skipped)
+        parts = encode_control(
+            "eos",
+            session=head["session"],
+            seq=msg.seq,
+            source=SOURCE,
+            frames_processed=self.counts["results_sent"],
+            skipped=self.queue.skipped,
+        )
         self.output.send(parts, timeout_s=10.0, wait=True)
         self.input.ack(upto=msg)
         if self.viewer is not None:
             self.viewer.send(parts)
         self.counts["eos_forwarded"] += 1
-        log.info("end of stream of session %s forwarded (%d results so far, %d skipped)",
-                 head["session"], self.counts["results_sent"], self.queue.skipped)
+        log.info(
+            "end of stream of session %s forwarded (%d results so far, %d skipped)",
+            head["session"],
+            self.counts["results_sent"],
+            self.queue.skipped,
+        )
 
     def run(self) -> int:
         """Serve until stopped (signal, ``stop``), or after the first eos with exit_on_eos."""
-        log.info("serving model %s with backend %s (batch <= %d, wait <= %.1f ms, mode %s): "
-                 "frames from %s, results to %s, viewers on %s", self.loaded.model_id,
-                 self.backend.name, self.config.max_batch, self.config.max_wait_ms,
-                 self.config.mode, self.config.frames, self.config.results, self.config.viewer)
+        log.info(
+            "serving model %s with backend %s (batch <= %d, wait <= %.1f ms, mode %s): "
+            "frames from %s, results to %s, viewers on %s",
+            self.loaded.model_id,
+            self.backend.name,
+            self.config.max_batch,
+            self.config.max_wait_ms,
+            self.config.mode,
+            self.config.frames,
+            self.config.results,
+            self.config.viewer,
+        )
         self._receiver.start()
         self._publisher.start()
         max_wait_s = self.config.max_wait_ms / 1e3
         last_log = time.monotonic()
         while not self.stop.is_set():
-            items = self.queue.take_batch(self.config.max_batch, max_wait_s,
-                                          max_pixels=self.config.max_batch_px)
+            items = self.queue.take_batch(
+                self.config.max_batch, max_wait_s, max_pixels=self.config.max_batch_px
+            )
             if items and items[0].is_frame:
                 self._handoff(self._infer(items))
             elif items:
@@ -382,20 +465,32 @@ class Server:
     def stats(self) -> dict[str, Any]:
         with self._stage_lock:  # a snapshot: the stages go on writing
             lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
-            stage_ms = {k: 1e3 * self.stage_s[k] / self.stage_frames[k]
-                        if self.stage_frames[k] else None for k in STAGES}
-            stage_p50 = {k: float(np.median(v)) if v else None
-                         for k, v in self.stage_recent_ms.items()}
-        busy_s = (self._last_publish - self._first_receipt
-                  if self._first_receipt is not None and self._last_publish is not None else 0.0)
-        return {**dict(self.counts), "skipped": self.queue.skipped,
-                "busy_s": busy_s, "throughput_frames_per_s":
-                self.counts["results_sent"] / busy_s if busy_s > 0 else None,
-                "rejected": dict(self.rejected), "input": self.input.stats(),
-                "latency_ms_p50": float(np.percentile(lat, 50)),
-                "latency_ms_p99": float(np.percentile(lat, 99)),
-                "stage_ms_per_frame": stage_ms, "stage_ms_per_frame_p50": stage_p50,
-                "backend": self.backend.name, "model_id": self.loaded.model_id}
+            stage_ms = {
+                k: 1e3 * self.stage_s[k] / self.stage_frames[k] if self.stage_frames[k] else None
+                for k in STAGES
+            }
+            stage_p50 = {
+                k: float(np.median(v)) if v else None for k, v in self.stage_recent_ms.items()
+            }
+        busy_s = (
+            self._last_publish - self._first_receipt
+            if self._first_receipt is not None and self._last_publish is not None
+            else 0.0
+        )
+        return {
+            **dict(self.counts),
+            "skipped": self.queue.skipped,
+            "busy_s": busy_s,
+            "throughput_frames_per_s": self.counts["results_sent"] / busy_s if busy_s > 0 else None,
+            "rejected": dict(self.rejected),
+            "input": self.input.stats(),
+            "latency_ms_p50": float(np.percentile(lat, 50)),
+            "latency_ms_p99": float(np.percentile(lat, 99)),
+            "stage_ms_per_frame": stage_ms,
+            "stage_ms_per_frame_p50": stage_p50,
+            "backend": self.backend.name,
+            "model_id": self.loaded.model_id,
+        }
 
     def close(self) -> None:
         self.stop.set()
@@ -421,6 +516,7 @@ def serve(config: ServeConfig, stats_path: Path | None = None) -> int:
         log.info("engine stopped: %s", stats)
         if stats_path is not None:
             stats_path.parent.mkdir(parents=True, exist_ok=True)
-            stats_path.write_text(json.dumps({"config": asdict(config), "stats": stats},
-                                             indent=2, default=str))
+            stats_path.write_text(
+                json.dumps({"config": asdict(config), "stats": stats}, indent=2, default=str)
+            )
     return code

@@ -14,6 +14,7 @@
    evaluate-session`` (legacy filter, filter, smoother, constant baseline) with its plots.
    It is printed and saved as ``summary.json`` beside the recording.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,43 +76,61 @@ def column_accuracy(recording: Path, session: Path, match_A: float = 0.5) -> dic
     per_column, n_o = [], int((truth["species"] == SPECIES_O).sum())
     for k in np.flatnonzero(truth["species"] == SPECIES_O):
         if k not in matched_columns:
-            per_column.append({"truth_id": int(truth["id"][k]), "matched": False,
-                               "vacancy_event": int(truth["id"][k]) in truth["event_ids"],
-                               "truth_depths": sorted({int(d) for d in
-                                                       truth["depth"][frames, k]})})
+            per_column.append(
+                {
+                    "truth_id": int(truth["id"][k]),
+                    "matched": False,
+                    "vacancy_event": int(truth["id"][k]) in truth["event_ids"],
+                    "truth_depths": sorted({int(d) for d in truth["depth"][frames, k]}),
+                }
+            )
             continue
         j, distance_A = matched_columns[int(k)]
         seen = np.isfinite(rec["x_px"][rows, j])
         true_depth = truth["depth"][frames[seen], k]
         est = rec["depth"][rows[seen], j].astype(int)
         filt = rec["depth_filtered"][rows[seen], j].astype(int)
-        per_column.append({
-            "truth_id": int(truth["id"][k]), "matched": True,
-            "vacancy_event": int(truth["id"][k]) in truth["event_ids"],
-            "engine_id": int(rec["ids"][j]),
-            "engine_species": int(rec["species"][j]), "frames": int(seen.sum()),
-            "distance_A": distance_A,
-            "truth_depths": sorted({int(d) for d in true_depth}),
-            "accuracy": float((est == true_depth).mean()),
-            "accuracy_filtered": float((filt == true_depth).mean()),
-            "mae_expected": float(np.abs(rec["expected_depth"][rows[seen], j]
-                                         - true_depth).mean()),
-            "mae_expected_filtered": float(np.abs(rec["expected_filtered"][rows[seen], j]
-                                                  - true_depth).mean())})
+        per_column.append(
+            {
+                "truth_id": int(truth["id"][k]),
+                "matched": True,
+                "vacancy_event": int(truth["id"][k]) in truth["event_ids"],
+                "engine_id": int(rec["ids"][j]),
+                "engine_species": int(rec["species"][j]),
+                "frames": int(seen.sum()),
+                "distance_A": distance_A,
+                "truth_depths": sorted({int(d) for d in true_depth}),
+                "accuracy": float((est == true_depth).mean()),
+                "accuracy_filtered": float((filt == true_depth).mean()),
+                "mae_expected": float(
+                    np.abs(rec["expected_depth"][rows[seen], j] - true_depth).mean()
+                ),
+                "mae_expected_filtered": float(
+                    np.abs(rec["expected_filtered"][rows[seen], j] - true_depth).mean()
+                ),
+            }
+        )
     matched = [c for c in per_column if c["matched"]]
 
     def mean_of(key: str) -> float | None:
         return float(np.mean([c[key] for c in matched])) if matched else None
-    return {"oxygen_columns": n_o, "matched": len(matched),
-            "detection_rate": len(matched) / n_o if n_o else None,
-            "accuracy": mean_of("accuracy"), "accuracy_filtered": mean_of("accuracy_filtered"),
-            "mae_expected": mean_of("mae_expected"),
-            "mae_expected_filtered": mean_of("mae_expected_filtered"),
-            "match_A": match_A, "columns": per_column}
+
+    return {
+        "oxygen_columns": n_o,
+        "matched": len(matched),
+        "detection_rate": len(matched) / n_o if n_o else None,
+        "accuracy": mean_of("accuracy"),
+        "accuracy_filtered": mean_of("accuracy_filtered"),
+        "mae_expected": mean_of("mae_expected"),
+        "mae_expected_filtered": mean_of("mae_expected_filtered"),
+        "match_A": match_A,
+        "columns": per_column,
+    }
 
 
-def pipeline_figures(recording: Path, engine_stats: dict[str, Any],
-                     frames_sent: int) -> dict[str, Any]:
+def pipeline_figures(
+    recording: Path, engine_stats: dict[str, Any], frames_sent: int
+) -> dict[str, Any]:
     """Frames processed, throughput, latency percentiles and losses of one run."""
     rec = load_recording(recording)
     lat = rec["latency_ms"][rec["has_result"] == 1]
@@ -119,14 +138,19 @@ def pipeline_figures(recording: Path, engine_stats: dict[str, Any],
     stats = engine_stats.get("stats", {})
     recorded = int(len(rec["sequence"]))
     with_result = int(rec["has_result"].sum())
-    return {"frames_sent": frames_sent, "frames_recorded": recorded,
-            "frames_processed": with_result,
-            "frames_lost": frames_sent - with_result,
-            "engine_skipped": stats.get("skipped"),
-            "throughput_frames_per_s": stats.get("throughput_frames_per_s"),
-            "backend": stats.get("backend"), "model_id": stats.get("model_id"),
-            "latency_ms": {f"p{q}": float(np.percentile(lat, q)) if len(lat) else None
-                           for q in (50, 90, 99)}}
+    return {
+        "frames_sent": frames_sent,
+        "frames_recorded": recorded,
+        "frames_processed": with_result,
+        "frames_lost": frames_sent - with_result,
+        "engine_skipped": stats.get("skipped"),
+        "throughput_frames_per_s": stats.get("throughput_frames_per_s"),
+        "backend": stats.get("backend"),
+        "model_id": stats.get("model_id"),
+        "latency_ms": {
+            f"p{q}": float(np.percentile(lat, q)) if len(lat) else None for q in (50, 90, 99)
+        },
+    }
 
 
 # --- orchestration ------------------------------------------------------------------------
@@ -172,8 +196,10 @@ class Processes:
                     waiting = [n for n, c in codes.items() if c is None]
                     raise self._failed(names[-1], f"finished while {waiting} still run")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"still running after {timeout_s} s: "
-                                   f"{[n for n, c in codes.items() if c is None]}")
+                raise RuntimeError(
+                    f"still running after {timeout_s} s: "
+                    f"{[n for n, c in codes.items() if c is None]}"
+                )
             time.sleep(0.2)
 
     def stop_all(self, keep: tuple[str, ...] = ()) -> None:
@@ -201,8 +227,11 @@ def _resolve_model(config: DemoConfig, out: Path) -> str:
 
     from training.model import SegDepthUNet, UNetConfig, save_model
 
-    log.warning("no bundled model at %s: using a RANDOMLY INITIALISED model, so the depth "
-                "accuracies below are meaningless (the pipeline figures are not)", bundled)
+    log.warning(
+        "no bundled model at %s: using a RANDOMLY INITIALISED model, so the depth "
+        "accuracies below are meaningless (the pipeline figures are not)",
+        bundled,
+    )
     torch.manual_seed(config.seed)
     path = out / "random_model.pt"
     save_model(path, SegDepthUNet(UNetConfig()), {"model_id": f"random-seed{config.seed}"})
@@ -214,16 +243,32 @@ def simulate_session(config: DemoConfig, session: Path) -> float:
     subprocess); returns its wall time in s."""
     t0 = time.monotonic()
     if config.scenario == "flat":
-        subprocess.run([sys.executable, "-m", "segdepth", "simulate", "--session", "--out",
-                        str(session), "--frames", str(config.frames), "--size",
-                        str(config.size), "--seed", str(config.seed)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "segdepth",
+                "simulate",
+                "--session",
+                "--out",
+                str(session),
+                "--frames",
+                str(config.frames),
+                "--size",
+                str(config.size),
+                "--seed",
+                str(config.seed),
+            ],
+            check=True,
+        )
     else:
         from dataclasses import replace
 
         from sim_source.session import EVALUATION, write_session
 
-        write_session(session, replace(EVALUATION, frames=config.frames, size=config.size,
-                                       seed=config.seed))
+        write_session(
+            session, replace(EVALUATION, frames=config.frames, size=config.size, seed=config.seed)
+        )
     return time.monotonic() - t0
 
 
@@ -239,12 +284,15 @@ def class_prior(config: DemoConfig) -> list[str]:
 
 def _engine_options(config: DemoConfig) -> list[str]:
     """``segdepth serve`` options the demo's config sets (else the engine's defaults apply)."""
-    return [*(["--backend", config.backend] if config.backend else []),
-            *(["--max-batch", str(config.max_batch)] if config.max_batch else [])]
+    return [
+        *(["--backend", config.backend] if config.backend else []),
+        *(["--max-batch", str(config.max_batch)] if config.max_batch else []),
+    ]
 
 
-def run_pipeline(config: DemoConfig, session: Path, model: str,
-                 hmm_options: Sequence[str] = ()) -> dict[str, Any]:
+def run_pipeline(
+    config: DemoConfig, session: Path, model: str, hmm_options: Sequence[str] = ()
+) -> dict[str, Any]:
     """Replay ``session`` through engine and recorder (and viewer) processes; score it.
     ``hmm_options``: extra ``segdepth serve`` options of the temporal model.
 
@@ -260,39 +308,98 @@ def run_pipeline(config: DemoConfig, session: Path, model: str,
 
     with h5py.File(session, "r") as f:
         frames_sent = int(f["frames"].shape[0])
-    ep = {name: free_tcp_endpoint() for name in ("engine", "recorder", "results", "viewer_results",
-                                              "viewer_frames")}
+    ep = {
+        name: free_tcp_endpoint()
+        for name in ("engine", "recorder", "results", "viewer_results", "viewer_frames")
+    }
     show = has_display() and not config.headless
     procs = Processes(out / "logs")
     try:
         # the recorder stops on the engine's eos; its grace period only matters if the
         # engine dies, and must exceed the time of one batch on a slow CPU
-        procs.start("recorder", [*cli, "record", "--out", str(recording), "--frames",
-                                 ep["recorder"], "--results", ep["results"], "--grace-s",
-                                 "120"])
-        procs.start("engine", [*cli, "serve", "--frames", ep["engine"], "--results",
-                               ep["results"], "--viewer", ep["viewer_results"] if show
-                               else "none", "--model", model, *_engine_options(config),
-                               "--mode", "replay", "--exit-on-eos", "--stats",
-                               str(engine_stats), *hmm_options])
+        procs.start(
+            "recorder",
+            [
+                *cli,
+                "record",
+                "--out",
+                str(recording),
+                "--frames",
+                ep["recorder"],
+                "--results",
+                ep["results"],
+                "--grace-s",
+                "120",
+            ],
+        )
+        procs.start(
+            "engine",
+            [
+                *cli,
+                "serve",
+                "--frames",
+                ep["engine"],
+                "--results",
+                ep["results"],
+                "--viewer",
+                ep["viewer_results"] if show else "none",
+                "--model",
+                model,
+                *_engine_options(config),
+                "--mode",
+                "replay",
+                "--exit-on-eos",
+                "--stats",
+                str(engine_stats),
+                *hmm_options,
+            ],
+        )
         if show:
-            procs.start("viewer", [sys.executable, "-m", "viewer", "--results",
-                                   ep["viewer_results"], "--frames", ep["viewer_frames"]])
+            procs.start(
+                "viewer",
+                [
+                    sys.executable,
+                    "-m",
+                    "viewer",
+                    "--results",
+                    ep["viewer_results"],
+                    "--frames",
+                    ep["viewer_frames"],
+                ],
+            )
         t0 = time.monotonic()
-        procs.start("replay", [*cli, "replay", str(session), "--to-engine", ep["engine"],
-                               "--to-recorder", ep["recorder"], "--to-viewer",
-                               ep["viewer_frames"] if show else "none", "--mode", "replay",
-                               "--max-rate"])
+        procs.start(
+            "replay",
+            [
+                *cli,
+                "replay",
+                str(session),
+                "--to-engine",
+                ep["engine"],
+                "--to-recorder",
+                ep["recorder"],
+                "--to-viewer",
+                ep["viewer_frames"] if show else "none",
+                "--mode",
+                "replay",
+                "--max-rate",
+            ],
+        )
         procs.wait_all(("replay", "engine", "recorder"), config.timeout_s)
         pipeline_s = time.monotonic() - t0
     except BaseException:
         procs.stop_all()
         raise
     procs.stop_all(keep=("viewer",))  # the viewer stays open until its window is closed
-    summary = {"config": asdict(config), "model": model, "session": str(session),
-               "recording": str(recording), "pipeline_wall_s": pipeline_s,
-               **pipeline_figures(recording, json.loads(engine_stats.read_text()), frames_sent),
-               "oxygen_occupancy": column_accuracy(recording, session, config.match_A)}
+    summary = {
+        "config": asdict(config),
+        "model": model,
+        "session": str(session),
+        "recording": str(recording),
+        "pipeline_wall_s": pipeline_s,
+        **pipeline_figures(recording, json.loads(engine_stats.read_text()), frames_sent),
+        "oxygen_occupancy": column_accuracy(recording, session, config.match_A),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -308,9 +415,21 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     prior = class_prior(config)
     summary = run_pipeline(config, session, model, prior)
     summary["simulate_s"] = simulate_s
-    subprocess.run([sys.executable, "-m", "segdepth", "evaluate-session", str(session),
-                    str(out / "recording.h5"), "--out", str(out / "evaluation"), *prior],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segdepth",
+            "evaluate-session",
+            str(session),
+            str(out / "recording.h5"),
+            "--out",
+            str(out / "evaluation"),
+            *prior,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     summary["events"] = json.loads((out / "evaluation" / "evaluation.json").read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))
@@ -322,6 +441,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.1f} %"
+
     lat = s["latency_ms"]
     lines = [
         "SegDepth Live demo",
@@ -330,32 +450,52 @@ def format_summary(s: dict[str, Any]) -> str:
         f"(lost: {s['frames_lost']}, recorded: {s['frames_recorded']})",
         f"  throughput            {s['throughput_frames_per_s'] or float('nan'):.1f} frames/s"
         f" (pipeline wall time {s['pipeline_wall_s']:.1f} s)",
-        "  latency ms            " + ", ".join(
-            f"{k} {v:.0f}" if v is not None else f"{k} n/a" for k, v in lat.items())
+        "  latency ms            "
+        + ", ".join(f"{k} {v:.0f}" if v is not None else f"{k} n/a" for k, v in lat.items())
         + " (receipt -> result; a max-rate replay queues frames at the engine)",
         f"  oxygen columns        {occ['matched']} of {occ['oxygen_columns']} found",
         f"  occupancy accuracy    single-frame {pct(occ['accuracy'])}, "
-        f"HMM-filtered {pct(occ['accuracy_filtered'])} (mean over the O columns found)"]
+        f"HMM-filtered {pct(occ['accuracy_filtered'])} (mean over the O columns found)",
+    ]
     for c in occ["columns"]:
         if c["vacancy_event"]:
-            lines.append(f"    O column {c['truth_id']:>4} (vacancy event, truth depths "
-                         f"{c['truth_depths']}): " + (
-                             f"single-frame {pct(c['accuracy'])}, filtered "
-                             f"{pct(c['accuracy_filtered'])}" if c["matched"] else "not found"))
+            lines.append(
+                f"    O column {c['truth_id']:>4} (vacancy event, truth depths "
+                f"{c['truth_depths']}): "
+                + (
+                    f"single-frame {pct(c['accuracy'])}, filtered {pct(c['accuracy_filtered'])}"
+                    if c["matched"]
+                    else "not found"
+                )
+            )
     if "events" in s:
         from segdepth.evaluate import format_report
 
-        lines += ["  events and accuracy by reading (segdepth evaluate-session):",
-                  *("    " + line for line in format_report(s["events"]).splitlines())]
-    lines += [
-        f"  summary               {Path(s['recording']).with_name('summary.json')}"]
+        lines += [
+            "  events and accuracy by reading (segdepth evaluate-session):",
+            *("    " + line for line in format_report(s["events"]).splitlines()),
+        ]
+    lines += [f"  summary               {Path(s['recording']).with_name('summary.json')}"]
     return "\n".join(lines)
 
 
 def demo_config(args: argparse.Namespace) -> DemoConfig:
     """The DemoConfig of a ``demo`` command line."""
-    return DemoConfig(**given(args, "frames", "size", "out", "headless", "seed", "model",
-                              "backend", "max_batch", "scenario", "prior_structures"))
+    return DemoConfig(
+        **given(
+            args,
+            "frames",
+            "size",
+            "out",
+            "headless",
+            "seed",
+            "model",
+            "backend",
+            "max_batch",
+            "scenario",
+            "prior_structures",
+        )
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -366,32 +506,58 @@ def _demo(args: argparse.Namespace) -> int:
 def register(commands, bench) -> None:
     """Add ``segdepth demo``."""
     p = commands.add_parser(
-        "demo", help="simulated session -> engine -> recorder (+ viewer), with a scored summary",
+        "demo",
+        help="simulated session -> engine -> recorder (+ viewer), with a scored summary",
         description="Simulate an in-situ session with known column dynamics, replay it "
-                    "losslessly through the engine (bundled model) into the recorder and, when "
-                    "a display exists, the viewer -- each a real process on loopback ports -- "
-                    "then print and save (summary.json) frames processed, throughput, latency "
-                    "percentiles, frames lost, per-oxygen-column occupancy accuracy and the "
-                    "event scores of segdepth evaluate-session (with plots in evaluation/).")
+        "losslessly through the engine (bundled model) into the recorder and, when "
+        "a display exists, the viewer -- each a real process on loopback ports -- "
+        "then print and save (summary.json) frames processed, throughput, latency "
+        "percentiles, frames lost, per-oxygen-column occupancy accuracy and the "
+        "event scores of segdepth evaluate-session (with plots in evaluation/).",
+    )
     config_option(p, "--frames", DemoConfig, type=positive_int, help="frames to simulate")
     config_option(p, "--size", DemoConfig, type=positive_int, help="frame side in px")
-    config_option(p, "--out", DemoConfig,
-                  help="output directory: session, recording, summary, logs")
-    config_option(p, "--headless", DemoConfig, action="store_true",
-                  help="never start the viewer")
+    config_option(
+        p, "--out", DemoConfig, help="output directory: session, recording, summary, logs"
+    )
+    config_option(p, "--headless", DemoConfig, action="store_true", help="never start the viewer")
     config_option(p, "--seed", DemoConfig, type=int, help="seed of the simulated session")
-    config_option(p, "--model", DemoConfig, type=input_file,
-                  help="model file (default: the bundled model; without one, a random model "
-                       "and a warning)")
-    config_option(p, "--backend", DemoConfig, choices=["auto", *BACKEND_NAMES],
-                  help="engine backend (default: the engine's, see segdepth serve --help)")
-    config_option(p, "--max-batch", DemoConfig, type=positive_int,
-                  help="engine batch size limit in frames (default: the engine's)")
-    config_option(p, "--scenario", DemoConfig, choices=["evaluation", "flat"],
-                  help="evaluation: thickness gradient, 1- and 2-atom events on O and Ce "
-                       "columns, one never regained; flat: the original flat 6-atom slab "
-                       "with three 2-atom O events")
-    config_option(p, "--prior-structures", DemoConfig, type=int,
-                  help="simulated surface models the network's class prior is estimated "
-                       "from (0: uniform prior, no correction; 200: ~15 s)")
+    config_option(
+        p,
+        "--model",
+        DemoConfig,
+        type=input_file,
+        help="model file (default: the bundled model; without one, a random model and a warning)",
+    )
+    config_option(
+        p,
+        "--backend",
+        DemoConfig,
+        choices=["auto", *BACKEND_NAMES],
+        help="engine backend (default: the engine's, see segdepth serve --help)",
+    )
+    config_option(
+        p,
+        "--max-batch",
+        DemoConfig,
+        type=positive_int,
+        help="engine batch size limit in frames (default: the engine's)",
+    )
+    config_option(
+        p,
+        "--scenario",
+        DemoConfig,
+        choices=["evaluation", "flat"],
+        help="evaluation: thickness gradient, 1- and 2-atom events on O and Ce "
+        "columns, one never regained; flat: the original flat 6-atom slab "
+        "with three 2-atom O events",
+    )
+    config_option(
+        p,
+        "--prior-structures",
+        DemoConfig,
+        type=int,
+        help="simulated surface models the network's class prior is estimated "
+        "from (0: uniform prior, no correction; 200: ~15 s)",
+    )
     p.set_defaults(func=_demo)

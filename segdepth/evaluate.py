@@ -15,6 +15,7 @@ the true changes within +-k frames (recall, precision, right size, multi-atom ri
 mean detection delay); false changes per 100 static column-frames; a sweep of the event
 threshold; PNG plots of chosen columns over time with the truth (paper Figs. 10-12).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,16 @@ def load_truth(session: Path) -> dict[str, Any]:
     with h5py.File(session, "r") as f:
         cols = f["truth/columns"][:]
         events = json.loads(f["truth"].attrs.get("events", "[]"))
-        return {"event_ids": {int(e["column_id"]) for e in events},
-                "id": cols["id"].astype(np.int64), "x": cols["x_px"].astype(float),
-                "y": cols["y_px"].astype(float), "species": cols["species"].astype(int),
-                "depth": f["truth/depth"][:].astype(int),
-                "drift": f["truth/drift_px"][:].astype(float),
-                "pixel_size_pm": float(f.attrs["pixel_size_pm"])}
+        return {
+            "event_ids": {int(e["column_id"]) for e in events},
+            "id": cols["id"].astype(np.int64),
+            "x": cols["x_px"].astype(float),
+            "y": cols["y_px"].astype(float),
+            "species": cols["species"].astype(int),
+            "depth": f["truth/depth"][:].astype(int),
+            "drift": f["truth/drift_px"][:].astype(float),
+            "pixel_size_pm": float(f.attrs["pixel_size_pm"]),
+        }
 
 
 def load_recording(recording: Path) -> dict[str, Any]:
@@ -59,15 +64,24 @@ def load_recording(recording: Path) -> dict[str, Any]:
     try:
         n = len(session)
         cols = f["columns"]
-        out = {"sequence": f["sequence"][:n].astype(np.int64),
-               "timestamps_s": f["timestamps_s"][:n],
-               "has_result": f["results/has_result"][:n],
-               "latency_ms": f["results/latency_ms"][:n], "ids": cols["id"][:],
-               "species": cols["species"][:],
-               "probabilities": cols["column_probabilities"][:n],
-               "events": f["events"][:] if "events" in f else None}
-        for name in ("x_px", "y_px", "depth", "depth_filtered", "expected_depth",
-                     "expected_filtered"):
+        out = {
+            "sequence": f["sequence"][:n].astype(np.int64),
+            "timestamps_s": f["timestamps_s"][:n],
+            "has_result": f["results/has_result"][:n],
+            "latency_ms": f["results/latency_ms"][:n],
+            "ids": cols["id"][:],
+            "species": cols["species"][:],
+            "probabilities": cols["column_probabilities"][:n],
+            "events": f["events"][:] if "events" in f else None,
+        }
+        for name in (
+            "x_px",
+            "y_px",
+            "depth",
+            "depth_filtered",
+            "expected_depth",
+            "expected_filtered",
+        ):
             out[name] = cols[name][:n]
         return out
     finally:
@@ -81,8 +95,9 @@ def intervals_s(timestamps_s: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(dt) & (dt > 0), dt, np.nanmedian(dt))
 
 
-def match_columns(truth: dict, rec: dict, rows: np.ndarray,
-                  match_A: float) -> dict[int, tuple[int, float]]:
+def match_columns(
+    truth: dict, rec: dict, rows: np.ndarray, match_A: float
+) -> dict[int, tuple[int, float]]:
     """Truth column index -> (engine column index in file order, mean distance Å), for every
     truth column that an engine column follows: mean distance to the truth position (frame-0
     position + drift of the frame) over the frames where both exist at most ``match_A`` Å;
@@ -97,8 +112,9 @@ def match_columns(truth: dict, rec: dict, rows: np.ndarray,
         dist = np.hypot(ex - tx, ey - ty)
         present = np.isfinite(dist)
         counts = present.sum(axis=0)
-        mean = np.where(counts > 0, np.where(present, dist, 0).sum(axis=0)
-                        / np.maximum(counts, 1), np.inf)
+        mean = np.where(
+            counts > 0, np.where(present, dist, 0).sum(axis=0) / np.maximum(counts, 1), np.inf
+        )
         if len(mean) and mean.min() <= match_A * px_per_A:
             matched[k] = (int(np.argmin(mean)), float(mean.min() / px_per_A))
     return matched
@@ -116,29 +132,45 @@ def result_rows(truth: dict, rec: dict, with_result: bool = True) -> np.ndarray:
 def readings(probs: np.ndarray, dt: np.ndarray, config: HMMConfig) -> dict[str, np.ndarray]:
     """The four readings (posteriors (F, 11)) of one column's stored probabilities."""
     raw = np.nan_to_num(probs, nan=1.0 / probs.shape[1])
-    return {"single_frame": raw / raw.sum(axis=1, keepdims=True),
-            "legacy_filter": filter_sequence(probs, dt, LEGACY)[0],
-            "filter": filter_sequence(probs, dt, config)[0],
-            "smoother": smooth(probs, dt, config)[0]}
+    return {
+        "single_frame": raw / raw.sum(axis=1, keepdims=True),
+        "legacy_filter": filter_sequence(probs, dt, LEGACY)[0],
+        "filter": filter_sequence(probs, dt, config)[0],
+        "smoother": smooth(probs, dt, config)[0],
+    }
 
 
-def detect(posterior: np.ndarray, probs: np.ndarray, frames: np.ndarray, times: np.ndarray,
-           column_id: int, species: int, config: HMMConfig) -> list:
+def detect(
+    posterior: np.ndarray,
+    probs: np.ndarray,
+    frames: np.ndarray,
+    times: np.ndarray,
+    column_id: int,
+    species: int,
+    config: HMMConfig,
+) -> list:
     """Events of one column from its posteriors (F, 11) (engine.hmm.EventDetector)."""
     det = EventDetector(config)
     like = likelihoods(probs, config)
     events = []
     for t in range(len(posterior)):
-        events += det.update(int(frames[t]), float(times[t]), np.array([column_id]),
-                             np.array([species]), posterior[t:t + 1], like[t:t + 1])
+        events += det.update(
+            int(frames[t]),
+            float(times[t]),
+            np.array([column_id]),
+            np.array([species]),
+            posterior[t : t + 1],
+            like[t : t + 1],
+        )
     return events
 
 
 def true_changes(depth: np.ndarray, frames: np.ndarray) -> list[tuple[int, int, int]]:
     """(frame, before, after) of each change of a truth depth series over ``frames``."""
     d = depth[frames]
-    return [(int(frames[t]), int(d[t - 1]), int(d[t])) for t in range(1, len(d))
-            if d[t] != d[t - 1]]
+    return [
+        (int(frames[t]), int(d[t - 1]), int(d[t])) for t in range(1, len(d)) if d[t] != d[t - 1]
+    ]
 
 
 def score_events(truth_events: list, found: list, k: int) -> list[tuple]:
@@ -147,8 +179,9 @@ def score_events(truth_events: list, found: list, k: int) -> list[tuple]:
     free = list(found)
     pairs = []
     for frame, before, after in truth_events:
-        hit = next((e for e in free if abs(e.frame - frame) <= k
-                    and e.detected_frame - frame <= k), None)
+        hit = next(
+            (e for e in free if abs(e.frame - frame) <= k and e.detected_frame - frame <= k), None
+        )
         if hit is not None:
             free.remove(hit)
         pairs.append(((frame, before, after), hit))
@@ -156,8 +189,9 @@ def score_events(truth_events: list, found: list, k: int) -> list[tuple]:
 
 
 # --- evaluate-session -------------------------------------------------------------------
-def evaluate(session: Path, recording: Path, config: HMMConfig, k: int = 5,
-             match_A: float = 0.5) -> tuple[dict[str, Any], dict[int, dict]]:
+def evaluate(
+    session: Path, recording: Path, config: HMMConfig, k: int = 5, match_A: float = 0.5
+) -> tuple[dict[str, Any], dict[int, dict]]:
     """Scores of every reading (module docstring) and per matched column its series."""
     truth, rec = load_truth(session), load_recording(recording)
     rows = result_rows(truth, rec)
@@ -168,29 +202,46 @@ def evaluate(session: Path, recording: Path, config: HMMConfig, k: int = 5,
     for tk, (j, _) in matched.items():
         present = np.isfinite(rec["probabilities"][rows, j]).all(axis=1)
         probs = rec["probabilities"][rows, j]
-        columns[tk] = {"engine": j, "present": present, "probs": probs,
-                       "truth": truth["depth"][frames, tk], "species": int(truth["species"][tk]),
-                       "changes": true_changes(truth["depth"][:, tk], frames),
-                       "readings": readings(probs, dt, config),
-                       "recorded_filtered": rec["depth_filtered"][rows, j]}
+        columns[tk] = {
+            "engine": j,
+            "present": present,
+            "probs": probs,
+            "truth": truth["depth"][frames, tk],
+            "species": int(truth["species"][tk]),
+            "changes": true_changes(truth["depth"][:, tk], frames),
+            "readings": readings(probs, dt, config),
+            "recorded_filtered": rec["depth_filtered"][rows, j],
+        }
     n_frames = len(frames)
 
     def scores(name: str, threshold: float) -> dict[str, Any]:
         cfg = replace(config, event_threshold=threshold)
-        correct: dict[str, list[bool]] = {"O": [], "O_constant": [], "event": [],
-                                          "event_constant": []}
+        correct: dict[str, list[bool]] = {
+            "O": [],
+            "O_constant": [],
+            "event": [],
+            "event_constant": [],
+        }
         pairs, n_found, static_events, static_frames, static_flips = [], 0, 0, 0, 0
         for tk, c in columns.items():
             est = c["readings"][name].argmax(axis=1)[c["present"]]
             true = c["truth"][c["present"]]
             constant = np.bincount(true).argmax()
-            groups = (["O"] if c["species"] == SPECIES_O else []) + \
-                (["event"] if c["changes"] else [])
+            groups = (["O"] if c["species"] == SPECIES_O else []) + (
+                ["event"] if c["changes"] else []
+            )
             for g in groups:
                 correct[g] += list(est == true)
                 correct[g + "_constant"] += list(true == constant)
-            found = detect(c["readings"][name], c["probs"], frames, times, int(truth["id"][tk]),
-                           c["species"], cfg)
+            found = detect(
+                c["readings"][name],
+                c["probs"],
+                frames,
+                times,
+                int(truth["id"][tk]),
+                c["species"],
+                cfg,
+            )
             n_found += len(found)
             if c["changes"]:
                 pairs += score_events(c["changes"], found, k)
@@ -202,38 +253,67 @@ def evaluate(session: Path, recording: Path, config: HMMConfig, k: int = 5,
         multi = [(t, e) for t, e in pairs if abs(t[2] - t[1]) >= 2]
         out = {key: float(np.mean(v)) if v else None for key, v in correct.items()}
         out.update(
-            true_events=len(pairs), detected_within_k=len(hits),
+            true_events=len(pairs),
+            detected_within_k=len(hits),
             recall=len(hits) / len(pairs) if pairs else None,
             right_size=sum(e.after - e.before == t[2] - t[1] for t, e in hits) / len(pairs)
-            if pairs else None,
+            if pairs
+            else None,
             multi_atom_events=len(multi),
-            multi_atom_right_size=sum(e is not None and e.after - e.before == t[2] - t[1]
-                                      for t, e in multi) / len(multi) if multi else None,
+            multi_atom_right_size=sum(
+                e is not None and e.after - e.before == t[2] - t[1] for t, e in multi
+            )
+            / len(multi)
+            if multi
+            else None,
             mean_delay_frames=float(np.mean([e.detected_frame - t[0] for t, e in hits]))
-            if hits else None,
+            if hits
+            else None,
             false_changes_per_100_static=100 * static_events / static_frames
-            if static_frames else None,
+            if static_frames
+            else None,
             argmax_flips_per_100_static=100 * static_flips / static_frames
-            if static_frames else None)
+            if static_frames
+            else None,
+        )
         out["precision"] = len(hits) / n_found if n_found else None
         return out
 
-    result = {"session": str(session), "recording": str(recording), "k_frames": k,
-              "match_A": match_A, "config": asdict(config), "frames": n_frames,
-              "truth_columns": len(truth["id"]), "matched_columns": len(columns),
-              "event_columns": sum(bool(c["changes"]) for c in columns.values()),
-              "readings": {name: scores(name, config.event_threshold) for name in READINGS},
-              "threshold_sweep": {name: {str(th): scores(name, th) for th in THRESHOLDS}
-                                  for name in ("filter", "smoother")},
-              "recorded_vs_recomputed_filter": float(np.mean(
-                  [(c["recorded_filtered"][c["present"]]
-                    == c["readings"]["filter"].argmax(axis=1)[c["present"]]).mean()
-                   for c in columns.values()])) if columns else None}
+    result = {
+        "session": str(session),
+        "recording": str(recording),
+        "k_frames": k,
+        "match_A": match_A,
+        "config": asdict(config),
+        "frames": n_frames,
+        "truth_columns": len(truth["id"]),
+        "matched_columns": len(columns),
+        "event_columns": sum(bool(c["changes"]) for c in columns.values()),
+        "readings": {name: scores(name, config.event_threshold) for name in READINGS},
+        "threshold_sweep": {
+            name: {str(th): scores(name, th) for th in THRESHOLDS}
+            for name in ("filter", "smoother")
+        },
+        "recorded_vs_recomputed_filter": float(
+            np.mean(
+                [
+                    (
+                        c["recorded_filtered"][c["present"]]
+                        == c["readings"]["filter"].argmax(axis=1)[c["present"]]
+                    ).mean()
+                    for c in columns.values()
+                ]
+            )
+        )
+        if columns
+        else None,
+    }
     return result, columns
 
 
-def plot_columns(columns: dict[int, dict], truth_ids: np.ndarray, frames: np.ndarray,
-                 out: Path, n: int = 6) -> list[Path]:
+def plot_columns(
+    columns: dict[int, dict], truth_ids: np.ndarray, frames: np.ndarray, out: Path, n: int = 6
+) -> list[Path]:
     """Figs. 10-12 style PNGs of up to ``n`` columns (event columns first): depth over time
     of every reading with the truth (occupancy.png) and the stored per-frame probabilities
     with the truth over them (probabilities.png)."""
@@ -245,25 +325,40 @@ def plot_columns(columns: dict[int, dict], truth_ids: np.ndarray, frames: np.nda
     chosen = sorted(columns, key=lambda tk: (not columns[tk]["changes"], tk))[:n]
     if not chosen:
         return []
-    styles = {"single_frame": dict(ls="", marker=".", color="0.6", ms=3),
-              "legacy_filter": dict(color="tab:blue", lw=1),
-              "filter": dict(color="tab:orange", lw=1.5),
-              "smoother": dict(color="tab:green", lw=1.5, ls="--")}
+    styles = {
+        "single_frame": dict(ls="", marker=".", color="0.6", ms=3),
+        "legacy_filter": dict(color="tab:blue", lw=1),
+        "filter": dict(color="tab:orange", lw=1.5),
+        "smoother": dict(color="tab:green", lw=1.5, ls="--"),
+    }
     paths = [out / "occupancy.png", out / "probabilities.png"]
     for path in paths:
-        fig, axes = plt.subplots(len(chosen), 1, figsize=(8, 1.8 * len(chosen)), sharex=True,
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            len(chosen), 1, figsize=(8, 1.8 * len(chosen)), sharex=True, squeeze=False
+        )
         for ax, tk in zip(axes[:, 0], chosen):
             c = columns[tk]
             if path.name == "occupancy.png":
                 for name, style in styles.items():
                     ax.plot(frames, c["readings"][name].argmax(axis=1), label=name, **style)
             else:
-                ax.imshow(np.nan_to_num(c["probs"]).T, origin="lower", aspect="auto",
-                          cmap="magma", vmin=0, vmax=1,
-                          extent=(frames[0] - 0.5, frames[-1] + 0.5, -0.5, 10.5))
-            ax.step(frames, c["truth"], where="mid", color="k" if path.name == "occupancy.png"
-                    else "c", lw=1, label="truth")
+                ax.imshow(
+                    np.nan_to_num(c["probs"]).T,
+                    origin="lower",
+                    aspect="auto",
+                    cmap="magma",
+                    vmin=0,
+                    vmax=1,
+                    extent=(frames[0] - 0.5, frames[-1] + 0.5, -0.5, 10.5),
+                )
+            ax.step(
+                frames,
+                c["truth"],
+                where="mid",
+                color="k" if path.name == "occupancy.png" else "c",
+                lw=1,
+                label="truth",
+            )
             ax.set_ylabel(f"{SPECIES_NAME[int(c['species'])]} {truth_ids[tk]}\natoms")
         axes[0, 0].legend(loc="upper right", fontsize=6, ncol=5)
         axes[-1, 0].set_xlabel("frame")
@@ -275,19 +370,25 @@ def plot_columns(columns: dict[int, dict], truth_ids: np.ndarray, frames: np.nda
 
 def format_report(r: dict[str, Any]) -> str:
     """The scores as a table, one line per reading."""
+
     def f(v, pct=True):
         return "   n/a" if v is None else (f"{100 * v:5.1f}%" if pct else f"{v:6.2f}")
-    lines = [f"{r['matched_columns']} of {r['truth_columns']} truth columns matched, "
-             f"{r['event_columns']} with events, {r['frames']} frames, k = {r['k_frames']}",
-             "reading          O acc  O const  ev acc  ev const  recall  precis  size  "
-             "multi  delay  false/100  flips/100"]
+
+    lines = [
+        f"{r['matched_columns']} of {r['truth_columns']} truth columns matched, "
+        f"{r['event_columns']} with events, {r['frames']} frames, k = {r['k_frames']}",
+        "reading          O acc  O const  ev acc  ev const  recall  precis  size  "
+        "multi  delay  false/100  flips/100",
+    ]
     for name, s in r["readings"].items():
-        lines.append(f"{name:15s} {f(s['O'])} {f(s['O_constant'])}  {f(s['event'])} "
-                     f"{f(s['event_constant'])}   {f(s['recall'])}  {f(s['precision'])} "
-                     f"{f(s['right_size'])} {f(s['multi_atom_right_size'])} "
-                     f"{f(s['mean_delay_frames'], False)} "
-                     f"{f(s['false_changes_per_100_static'], False)}    "
-                     f"{f(s['argmax_flips_per_100_static'], False)}")
+        lines.append(
+            f"{name:15s} {f(s['O'])} {f(s['O_constant'])}  {f(s['event'])} "
+            f"{f(s['event_constant'])}   {f(s['recall'])}  {f(s['precision'])} "
+            f"{f(s['right_size'])} {f(s['multi_atom_right_size'])} "
+            f"{f(s['mean_delay_frames'], False)} "
+            f"{f(s['false_changes_per_100_static'], False)}    "
+            f"{f(s['argmax_flips_per_100_static'], False)}"
+        )
     return "\n".join(lines)
 
 
@@ -295,8 +396,9 @@ def _evaluate_session(args: argparse.Namespace) -> int:
     from engine.cli import hmm_config
 
     config = hmm_config(args)
-    result, columns = evaluate(Path(args.session), Path(args.recording), config,
-                               **given(args, "k", "match_A"))
+    result, columns = evaluate(
+        Path(args.session), Path(args.recording), config, **given(args, "k", "match_A")
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     truth = load_truth(Path(args.session))
@@ -329,8 +431,15 @@ def analyze(recording: Path, out: Path | None, config: HMMConfig) -> dict[str, A
         span = slice(seen[0], seen[-1] + 1)
         p, ch = smooth(probs[span], dt[span], config)
         post[span, j], change[span, j] = p, ch
-        events += detect(p, probs[span], rec["sequence"][span], rec["timestamps_s"][span],
-                         int(rec["ids"][j]), int(rec["species"][j]), config)
+        events += detect(
+            p,
+            probs[span],
+            rec["sequence"][span],
+            rec["timestamps_s"][span],
+            int(rec["ids"][j]),
+            int(rec["species"][j]),
+            config,
+        )
     table = events_table([e.as_dict() for e in sorted(events, key=lambda e: e.frame)])
     target = out or recording
     with h5py.File(target, "r+" if out is None else "w") as f:
@@ -341,23 +450,33 @@ def analyze(recording: Path, out: Path | None, config: HMMConfig) -> dict[str, A
         g.attrs["config"] = json.dumps(asdict(config))
         g.attrs["recording"] = str(recording)
         g.create_dataset("column_id", data=rec["ids"])
-        g.create_dataset("probabilities", data=post).attrs["units"] = \
-            "P(0..10 atoms | all frames)"
-        g.create_dataset("depth", data=np.where(np.isnan(post[..., 0]), -1,
-                                                np.nan_to_num(post).argmax(axis=2)).astype("i1"))
+        g.create_dataset("probabilities", data=post).attrs["units"] = "P(0..10 atoms | all frames)"
+        g.create_dataset(
+            "depth",
+            data=np.where(np.isnan(post[..., 0]), -1, np.nan_to_num(post).argmax(axis=2)).astype(
+                "i1"
+            ),
+        )
         g["depth"].attrs["units"] = "atoms (-1: column absent)"
-        g.create_dataset("expected", data=post @ np.arange(11, dtype=np.float32)
-                         ).attrs["units"] = "atoms"
-        g.create_dataset("change_probability", data=change).attrs["units"] = \
+        g.create_dataset("expected", data=post @ np.arange(11, dtype=np.float32)).attrs["units"] = (
+            "atoms"
+        )
+        g.create_dataset("change_probability", data=change).attrs["units"] = (
             "P(depth changed since the previous row | all frames)"
+        )
         g.create_dataset("events", data=table)
     stem = target.with_suffix("")
     write_events_csv(f"{stem}_events_smoothed.csv", table)
     if rec["events"] is not None:
         write_events_csv(f"{stem}_events_live.csv", rec["events"])
-    return {"file": str(target), "columns": n_cols, "rows": n_rows, "events": len(table),
-            "csv": [f"{stem}_events_smoothed.csv"]
-            + ([f"{stem}_events_live.csv"] if rec["events"] is not None else [])}
+    return {
+        "file": str(target),
+        "columns": n_cols,
+        "rows": n_rows,
+        "events": len(table),
+        "csv": [f"{stem}_events_smoothed.csv"]
+        + ([f"{stem}_events_live.csv"] if rec["events"] is not None else []),
+    }
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -373,30 +492,47 @@ def register(commands, bench) -> None:
     from engine.cli import hmm_options
 
     p = commands.add_parser(
-        "analyze", help="re-analyse a recording offline: smoothed occupancy + event table",
+        "analyze",
+        help="re-analyse a recording offline: smoothed occupancy + event table",
         description="Run the forward-backward smoother over every column's stored depth "
-                    "probabilities (no network) and write group analysis/ (docs/"
-                    "SESSION_FILE.md) into the recording, or into --out; events also as CSV "
-                    "beside it (STEM_events_smoothed.csv, STEM_events_live.csv).")
+        "probabilities (no network) and write group analysis/ (docs/"
+        "SESSION_FILE.md) into the recording, or into --out; events also as CSV "
+        "beside it (STEM_events_smoothed.csv, STEM_events_live.csv).",
+    )
     p.add_argument("recording", type=input_file, help="a recorded session (segdepth record)")
-    p.add_argument("--out", default=None,
-                   help="write the analysis to this new HDF5 file instead of the recording")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write the analysis to this new HDF5 file instead of the recording",
+    )
     hmm_options(p)
     p.set_defaults(func=_analyze)
 
     p = commands.add_parser(
-        "evaluate-session", help="score a recording against its simulated session's truth",
+        "evaluate-session",
+        help="score a recording against its simulated session's truth",
         description="Per-frame accuracy on O and event columns beside the best constant "
-                    "answer, event recall/precision within +-k frames, sizes, detection "
-                    "delay, false changes per 100 static column-frames -- for the single-"
-                    "frame argmax, the legacy filter, the filter and the smoother, all from "
-                    "the recording's stored probabilities; JSON and PNG plots in --out.")
+        "answer, event recall/precision within +-k frames, sizes, detection "
+        "delay, false changes per 100 static column-frames -- for the single-"
+        "frame argmax, the legacy filter, the filter and the smoother, all from "
+        "the recording's stored probabilities; JSON and PNG plots in --out.",
+    )
     p.add_argument("session", type=input_file, help="the simulated session file (with truth/)")
     p.add_argument("recording", type=input_file, help="its recording (segdepth record)")
     p.add_argument("--out", default="evaluation", help="output folder")
-    config_option(p, "-k", evaluate, type=positive_int,
-                  help="an event counts as found within this many frames")
-    config_option(p, "--match-A", evaluate, type=positive_float,
-                  help="largest mean distance of an engine column to its truth column, Å")
+    config_option(
+        p,
+        "-k",
+        evaluate,
+        type=positive_int,
+        help="an event counts as found within this many frames",
+    )
+    config_option(
+        p,
+        "--match-A",
+        evaluate,
+        type=positive_float,
+        help="largest mean distance of an engine column to its truth column, Å",
+    )
     hmm_options(p)
     p.set_defaults(func=_evaluate_session)

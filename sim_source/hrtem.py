@@ -11,6 +11,7 @@ Grid: the image array is [row, col] = [x, y] of the crystal frame (abTEM's order
 (x, y) = (i, j)·sampling; after 2 × 2 binning output pixel (r, c) is centred at
 ((r + 0.25)·p, (c + 0.25)·p) with p = 2·sampling, minus the crop origin.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,6 +37,7 @@ VACUUM_MARGIN_A = 4.0
 @dataclass(frozen=True)
 class Optics:
     """Microscope parameters (paper III-B2). Units in the names; C10 = +defocus."""
+
     voltage_kV: float = 300.0
     C3_um: float = -9.0
     C5_mm: float = 5.0
@@ -46,10 +48,18 @@ class Optics:
     def ctf(self, defocus_nm: float):
         """abTEM CTF for one defocus (C10 = +10·defocus_nm Å)."""
         from abtem import CTF
-        return CTF(energy=self.voltage_kV * 1e3, semiangle_cutoff=self.aperture_mrad,
-                   soft=True, focal_spread=self.focal_spread_A,
-                   aberration_coefficients={"C10": 10.0 * defocus_nm,
-                                            "C30": self.C3_um * 1e4, "C50": self.C5_mm * 1e7})
+
+        return CTF(
+            energy=self.voltage_kV * 1e3,
+            semiangle_cutoff=self.aperture_mrad,
+            soft=True,
+            focal_spread=self.focal_spread_A,
+            aberration_coefficients={
+                "C10": 10.0 * defocus_nm,
+                "C30": self.C3_um * 1e4,
+                "C50": self.C5_mm * 1e7,
+            },
+        )
 
 
 def _smooth(n: int) -> bool:
@@ -72,6 +82,7 @@ class Grid:
     Along y the cell is ``n_cells_y`` lattice periods (periodic crystal); along x it is the
     field of view plus margins. ``sampling_A`` is the same on both axes; the output is the
     binned crop starting at simulated pixel (0, crop_y0)."""
+
     size: int
     gpts: tuple[int, int]
     sampling_A: float
@@ -97,8 +108,10 @@ class Grid:
     def to_output_px(self, x_A: np.ndarray, y_A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Crystal-frame positions (Å) → output (row, col) pixel coordinates."""
         p = self.sampling_A * BINNING
-        return (np.asarray(x_A) / p - 0.25,
-                (np.asarray(y_A) - self.crop_y0 * self.sampling_A) / p - 0.25)
+        return (
+            np.asarray(x_A) / p - 0.25,
+            (np.asarray(y_A) - self.crop_y0 * self.sampling_A) / p - 0.25,
+        )
 
 
 def check_output_size(size: int) -> None:
@@ -125,8 +138,14 @@ def make_grid(size: int, sampling_pm: float = TARGET_SAMPLING_PM) -> Grid:
 def configure_abtem(threads: int = 1) -> None:
     """Deterministic FFTs (FFTW_ESTIMATE plans) and eager evaluation in this process."""
     import abtem
-    abtem.config.set({"fftw.planning_effort": "FFTW_ESTIMATE", "fftw.threads": threads,
-                      "diagnostics.progress_bar": False})
+
+    abtem.config.set(
+        {
+            "fftw.planning_effort": "FFTW_ESTIMATE",
+            "fftw.threads": threads,
+            "diagnostics.progress_bar": False,
+        }
+    )
 
 
 def computed(lazy: Any) -> np.ndarray:
@@ -138,9 +157,15 @@ def exit_wave(table, grid: Grid, optics: Optics = Optics()) -> np.ndarray:
     """Complex exit wave (gx, gy) of a plane wave through the column table (Lobato potential,
     two slices per cell, infinite projection), incident intensity 1 per pixel."""
     import abtem
+
     atoms = to_atoms(table, *grid.extent_A, n_cells_z=MAX_ATOMS)
-    potential = abtem.Potential(atoms, gpts=grid.gpts, slice_thickness=slice_thicknesses_A(),
-                                projection="infinite", parametrization="lobato")
+    potential = abtem.Potential(
+        atoms,
+        gpts=grid.gpts,
+        slice_thickness=slice_thicknesses_A(),
+        projection="infinite",
+        parametrization="lobato",
+    )
     wave = abtem.PlaneWave(energy=optics.voltage_kV * 1e3, normalize=False)
     return computed(wave.multislice(potential))
 
@@ -149,8 +174,9 @@ def image(exit: np.ndarray, grid: Grid, defocus_nm: float, optics: Optics = Opti
     """Output image (size, size) float32 for one defocus: CTF on the exit wave, intensity,
     crop, 2 × 2 binning, normalised so the incident (vacuum) intensity is 1."""
     import abtem
+
     waves = abtem.Waves(exit, energy=optics.voltage_kV * 1e3, sampling=grid.sampling_A)
     intensity = computed(waves.apply_ctf(optics.ctf(defocus_nm)).intensity())
     n = grid.size * BINNING
-    crop = intensity[:n, grid.crop_y0:grid.crop_y0 + n]
+    crop = intensity[:n, grid.crop_y0 : grid.crop_y0 + n]
     return crop.reshape(grid.size, BINNING, grid.size, BINNING).mean(axis=(1, 3)).astype(np.float32)

@@ -14,6 +14,7 @@ pixel (r, c) has local coordinates (u, v) = ((r − (size−1)/2)·p, ±(c − (
 map, so they are exact at any angle. The camera is a Gaussian point-spread of ``mtf_sigma_px``
 output pixels (the counting detector's MTF beyond the pixel aperture).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ from sim_source.structure import ColumnTable
 @dataclass(frozen=True)
 class OpticsDraw:
     """One microscope: aberrations (Å, rad), partial coherence, camera MTF, voltage."""
+
     C10_A: float = 50.0
     C12_A: float = 0.0
     phi12_rad: float = 0.0
@@ -46,13 +48,24 @@ class OpticsDraw:
     def ctf(self, gpts: tuple[int, int], sampling_A: float):
         """abTEM CTF on a (gpts, sampling) grid."""
         from abtem import CTF
-        return CTF(energy=self.voltage_kV * 1e3, soft=True, focal_spread=self.focal_spread_A,
-                   semiangle_cutoff=np.inf if self.aperture_mrad is None else self.aperture_mrad,
-                   aberration_coefficients={
-                       "C10": self.C10_A, "C12": self.C12_A, "phi12": self.phi12_rad,
-                       "C21": self.C21_A, "phi21": self.phi21_rad,
-                       "C30": self.C3_um * 1e4, "C50": self.C5_mm * 1e7},
-                   gpts=gpts, sampling=sampling_A)
+
+        return CTF(
+            energy=self.voltage_kV * 1e3,
+            soft=True,
+            focal_spread=self.focal_spread_A,
+            semiangle_cutoff=np.inf if self.aperture_mrad is None else self.aperture_mrad,
+            aberration_coefficients={
+                "C10": self.C10_A,
+                "C12": self.C12_A,
+                "phi12": self.phi12_rad,
+                "C21": self.C21_A,
+                "phi21": self.phi21_rad,
+                "C30": self.C3_um * 1e4,
+                "C50": self.C5_mm * 1e7,
+            },
+            gpts=gpts,
+            sampling=sampling_A,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +77,7 @@ class OpticsRanges:
     defocus 0-10 nm, focal spread 0-50 Å, aperture 25-60 mrad or none, C3 −15…−3 µm,
     C5 0-10 mm, two-fold astigmatism ≤ 2 nm and axial coma ≤ 100 nm at random angles,
     camera MTF σ 0-0.7 px."""
+
     defocus_nm: tuple[float, float] = (0.0, 10.0)
     focal_spread_A: tuple[float, float] = (0.0, 50.0)
     aperture_mrad: tuple[float, float] = (25.0, 60.0)
@@ -77,18 +91,26 @@ class OpticsRanges:
     def draw(self, rng: np.random.Generator) -> OpticsDraw:
         return OpticsDraw(
             C10_A=10 * rng.uniform(*self.defocus_nm),
-            C12_A=10 * rng.uniform(*self.astigmatism_nm), phi12_rad=rng.uniform(0, np.pi),
-            C21_A=10 * rng.uniform(*self.coma_nm), phi21_rad=rng.uniform(0, 2 * np.pi),
-            C3_um=rng.uniform(*self.C3_um), C5_mm=rng.uniform(*self.C5_mm),
+            C12_A=10 * rng.uniform(*self.astigmatism_nm),
+            phi12_rad=rng.uniform(0, np.pi),
+            C21_A=10 * rng.uniform(*self.coma_nm),
+            phi21_rad=rng.uniform(0, 2 * np.pi),
+            C3_um=rng.uniform(*self.C3_um),
+            C5_mm=rng.uniform(*self.C5_mm),
             focal_spread_A=rng.uniform(*self.focal_spread_A),
-            aperture_mrad=(None if rng.random() < self.no_aperture_probability
-                           else rng.uniform(*self.aperture_mrad)),
-            mtf_sigma_px=rng.uniform(*self.mtf_sigma_px))
+            aperture_mrad=(
+                None
+                if rng.random() < self.no_aperture_probability
+                else rng.uniform(*self.aperture_mrad)
+            ),
+            mtf_sigma_px=rng.uniform(*self.mtf_sigma_px),
+        )
 
 
 @dataclass(frozen=True)
 class View:
     """Where and how a crop is taken: centre (Å), in-plane angle (deg), mirror, size (px)."""
+
     x0_A: float
     y0_A: float
     angle_deg: float = 0.0
@@ -96,24 +118,36 @@ class View:
     size: int = 128
 
 
-def draw_view(rng: np.random.Generator, field_A: float, pixel_A: float, size: int,
-              angles_deg: tuple[float, float] = (0.0, 360.0),
-              mirror_probability: float = 0.5) -> View:
+def draw_view(
+    rng: np.random.Generator,
+    field_A: float,
+    pixel_A: float,
+    size: int,
+    angles_deg: tuple[float, float] = (0.0, 360.0),
+    mirror_probability: float = 0.5,
+) -> View:
     """A random view whose turned crop stays inside the field (centre drawn uniformly)."""
     radius = size * pixel_A / np.sqrt(2) + pixel_A
     if 2 * radius >= field_A:
-        raise ValueError(f"a {size}-px crop at {pixel_A * 100:.2f} pm/px does not fit a "
-                         f"{field_A:.1f} Å field at every angle")
+        raise ValueError(
+            f"a {size}-px crop at {pixel_A * 100:.2f} pm/px does not fit a "
+            f"{field_A:.1f} Å field at every angle"
+        )
     x0, y0 = rng.uniform(radius, field_A - radius, 2)
-    return View(float(x0), float(y0), float(rng.uniform(*angles_deg)),
-                bool(rng.random() < mirror_probability), size)
+    return View(
+        float(x0),
+        float(y0),
+        float(rng.uniform(*angles_deg)),
+        bool(rng.random() < mirror_probability),
+        size,
+    )
 
 
 def intensity(wave: np.ndarray, sampling_A: float, optics: OpticsDraw) -> np.ndarray:
     """Image intensity (float32, vacuum ≈ 1) of an exit wave through the optics' CTF."""
     kernel = optics.ctf(wave.shape, sampling_A)._evaluate_kernel()
     out = sfft.ifft2(sfft.fft2(wave) * kernel)
-    return (out.real ** 2 + out.imag ** 2).astype(np.float32)
+    return (out.real**2 + out.imag**2).astype(np.float32)
 
 
 def _view_frame(view: View, pixel_A: float) -> tuple[np.ndarray, np.ndarray]:
@@ -136,8 +170,9 @@ def sample_view(image: np.ndarray, sampling_A: float, view: View) -> np.ndarray:
     v = (k[None, :, None, None] + sub[None, None, None, :]) * np.ones((view.size, 1, 2, 1))
     x = centre[0] + rot[0, 0] * u + rot[0, 1] * v
     y = centre[1] + rot[1, 0] * u + rot[1, 1] * v
-    values = map_coordinates(image, [x.ravel() / sampling_A, y.ravel() / sampling_A], order=1,
-                             mode="grid-wrap")
+    values = map_coordinates(
+        image, [x.ravel() / sampling_A, y.ravel() / sampling_A], order=1, mode="grid-wrap"
+    )
     return values.reshape(view.size, view.size, 4).mean(axis=2).astype(np.float32)
 
 
@@ -145,6 +180,7 @@ def sample_view(image: np.ndarray, sampling_A: float, view: View) -> np.ndarray:
 class ViewLabels:
     """Label maps of a view: ``depth``/``species`` (H, W) uint8 and the columns inside it,
     ``centres`` (n, 2) (row, col) px with ``species`` and ``depth``."""
+
     depth: np.ndarray
     species: np.ndarray
     centres: np.ndarray
@@ -152,8 +188,9 @@ class ViewLabels:
     column_depth: np.ndarray
 
 
-def view_labels(table: ColumnTable, sampling_A: float, view: View,
-                radius_A: float = COLUMN_RADIUS_A) -> ViewLabels:
+def view_labels(
+    table: ColumnTable, sampling_A: float, view: View, radius_A: float = COLUMN_RADIUS_A
+) -> ViewLabels:
     """Exact labels (disks of ``radius_A`` around each projected column, nearest column wins)
     of the view, from the column table through the view's map."""
     pixel = sampling_A * BINNING
@@ -169,13 +206,19 @@ def view_labels(table: ColumnTable, sampling_A: float, view: View,
     atoms, codes = table.n_atoms[present][near], table.species[present][near]
     if near.any():
         rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-        dist, nearest = cKDTree(rc[near]).query(np.stack([rows.ravel(), cols.ravel()], axis=1),
-                                                distance_upper_bound=radius_A / pixel)
+        dist, nearest = cKDTree(rc[near]).query(
+            np.stack([rows.ravel(), cols.ravel()], axis=1), distance_upper_bound=radius_A / pixel
+        )
         hit = np.isfinite(dist)
         depth[hit], species[hit] = atoms[nearest[hit]], codes[nearest[hit]]
     inside = np.all((rc[near] > -0.5) & (rc[near] < n - 0.5), axis=1)
-    return ViewLabels(depth.reshape(n, n), species.reshape(n, n), rc[near][inside],
-                      codes[inside].astype(np.uint8), atoms[inside].astype(np.uint8))
+    return ViewLabels(
+        depth.reshape(n, n),
+        species.reshape(n, n),
+        rc[near][inside],
+        codes[inside].astype(np.uint8),
+        atoms[inside].astype(np.uint8),
+    )
 
 
 def camera(clean: np.ndarray, optics: OpticsDraw) -> np.ndarray:

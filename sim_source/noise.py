@@ -4,6 +4,7 @@
 ``numpy.random.Generator``) and torch tensors (with a ``torch.Generator``, on the tensor's
 device); the training loop calls it on the fly.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,6 +22,7 @@ def poisson_counts(clean: Any, dose: Any, generator: Any) -> Any:
             raise TypeError("numpy input needs a numpy.random.Generator")
         return generator.poisson(dose * np.clip(clean, 0, None))
     import torch
+
     if not isinstance(clean, torch.Tensor):
         raise TypeError(f"expected a numpy array or torch tensor, got {type(clean).__name__}")
     if isinstance(dose, torch.Tensor):

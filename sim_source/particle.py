@@ -8,6 +8,7 @@ nearest surface over a wedge width, both species may lose atoms (vacancies), eve
 displaced by a frozen-phonon snapshot (isotropic Gaussian, RMS per species) and an amorphous
 carbon support film of random thickness may lie under the particle (labelled background).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class ParticleConfig:
     ``step_probability``: chance that a cut carries a step of ``step_height_A``;
     ``vacancy_probability``: per column and species code; ``carbon_probability``: chance of a
     support film ``carbon_thickness_A`` thick; ``thermal``: frozen-phonon displacements on/off."""
+
     facets: tuple[str, ...] = ("110", "100", "111")
     edge_margin_A: float = 2.0
     cuts: tuple[int, int] = (1, 3)
@@ -65,6 +67,7 @@ class ParticleConfig:
 @dataclass
 class Particle:
     """One drawn particle: its column table, extra film atoms and what was drawn."""
+
     table: ColumnTable
     carbon_xyz_A: np.ndarray  # (n, 3) film atoms, z measured from the film's entrance face
     carbon_thickness_A: float
@@ -72,8 +75,9 @@ class Particle:
     params: dict
 
 
-def _facet_cuts(rng: np.random.Generator, cfg: ParticleConfig, centre: np.ndarray,
-                half: float) -> list[tuple[np.ndarray, float, float, float, float]]:
+def _facet_cuts(
+    rng: np.random.Generator, cfg: ParticleConfig, centre: np.ndarray, half: float
+) -> list[tuple[np.ndarray, float, float, float, float]]:
     """Random cuts: (unit normal, offset Å from centre, step height, step position, step side)."""
     cuts = []
     for _ in range(int(rng.integers(cfg.cuts[0], cfg.cuts[1] + 1))):
@@ -87,8 +91,7 @@ def _facet_cuts(rng: np.random.Generator, cfg: ParticleConfig, centre: np.ndarra
     return cuts
 
 
-def _inside_distance(xy: np.ndarray, centre: np.ndarray, half: float,
-                     cuts: list) -> np.ndarray:
+def _inside_distance(xy: np.ndarray, centre: np.ndarray, half: float, cuts: list) -> np.ndarray:
     """Signed distance (Å, > 0 inside) of points to the particle's boundary."""
     rel = xy - centre
     dist = half - np.abs(rel).max(axis=1)  # square block (distance to its nearest edge)
@@ -99,8 +102,9 @@ def _inside_distance(xy: np.ndarray, centre: np.ndarray, half: float,
     return dist
 
 
-def build_particle(rng: np.random.Generator, field_A: float,
-                   cfg: ParticleConfig = ParticleConfig()) -> Particle:
+def build_particle(
+    rng: np.random.Generator, field_A: float, cfg: ParticleConfig = ParticleConfig()
+) -> Particle:
     """A random faceted particle in a square field of ``field_A`` Å (lattice origin drawn
     uniformly within one cell: the random sub-cell offset)."""
     cell = unit_cell_columns()
@@ -128,15 +132,24 @@ def build_particle(rng: np.random.Generator, field_A: float,
     start = (MAX_ATOMS - n_atoms) // 2
     for k in range(MAX_ATOMS):
         cells[:, k] = (k >= start) & (k < start + n_atoms)
-    carbon_t = (float(rng.uniform(*cfg.carbon_thickness_A))
-                if rng.random() < cfg.carbon_probability else 0.0)
-    n_carbon = int(rng.poisson(CARBON_DENSITY_PER_A3 * field_A ** 2 * carbon_t))
+    carbon_t = (
+        float(rng.uniform(*cfg.carbon_thickness_A))
+        if rng.random() < cfg.carbon_probability
+        else 0.0
+    )
+    n_carbon = int(rng.poisson(CARBON_DENSITY_PER_A3 * field_A**2 * carbon_t))
     carbon = rng.uniform(0, 1, (n_carbon, 3)) * [field_A, field_A, carbon_t]
-    params = dict(thickness_atoms=thickness, wedge_width_A=wedge, offset_A=offset.tolist(),
-                  facets=[float(np.degrees(np.arctan2(n[1], n[0]))) for n, *_ in cuts],
-                  steps_A=[float(c[2]) for c in cuts], carbon_thickness_A=carbon_t)
-    return Particle(ColumnTable(x, y, species, z, cells), carbon, carbon_t,
-                    int(rng.integers(2 ** 31)), params)
+    params = dict(
+        thickness_atoms=thickness,
+        wedge_width_A=wedge,
+        offset_A=offset.tolist(),
+        facets=[float(np.degrees(np.arctan2(n[1], n[0]))) for n, *_ in cuts],
+        steps_A=[float(c[2]) for c in cuts],
+        carbon_thickness_A=carbon_t,
+    )
+    return Particle(
+        ColumnTable(x, y, species, z, cells), carbon, carbon_t, int(rng.integers(2**31)), params
+    )
 
 
 def particle_atoms(particle: Particle, field_A: float, thermal: bool = True):
@@ -144,17 +157,27 @@ def particle_atoms(particle: Particle, field_A: float, thermal: bool = True):
     crystal, plus the slice thicknesses (Å) that centre every atomic layer in its slice;
     frozen-phonon displacements from the particle's thermal seed when ``thermal``."""
     from ase import Atoms
+
     crystal = to_atoms(particle.table, field_A, field_A)
     positions = crystal.positions
     if thermal:
         rms = np.where(crystal.numbers == 58, THERMAL_RMS_A[1], THERMAL_RMS_A[2])
-        positions = positions + np.random.default_rng(particle.thermal_seed).normal(
-            size=positions.shape) * rms[:, None]
-    n_film = int(np.ceil(particle.carbon_thickness_A / CARBON_SLICE_A)) if len(
-        particle.carbon_xyz_A) else 0
+        positions = (
+            positions
+            + np.random.default_rng(particle.thermal_seed).normal(size=positions.shape)
+            * rms[:, None]
+        )
+    n_film = (
+        int(np.ceil(particle.carbon_thickness_A / CARBON_SLICE_A))
+        if len(particle.carbon_xyz_A)
+        else 0
+    )
     film = particle.carbon_xyz_A + [0, 0, crystal.cell[2, 2]]
     slices = slice_thicknesses_A() + (particle.carbon_thickness_A / max(n_film, 1),) * n_film
-    atoms = Atoms(symbols=list(crystal.symbols) + ["C"] * len(film),
-                  positions=np.concatenate([positions, film]),
-                  cell=[field_A, field_A, sum(slices)], pbc=True)
+    atoms = Atoms(
+        symbols=list(crystal.symbols) + ["C"] * len(film),
+        positions=np.concatenate([positions, film]),
+        cell=[field_A, field_A, sum(slices)],
+        pbc=True,
+    )
     return atoms, slices

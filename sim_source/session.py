@@ -12,6 +12,7 @@ sub-pixel drift (a random walk, px) and drawn as Poisson counts with vacuum mean
 (uint16). The ground truth (column table in frame-0 pixels, atoms per column per frame, drift)
 is saved beside the frames: "Session file" in docs/CONTRACTS.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,7 @@ from sim_source.labels import label_maps
 from sim_source.structure import StructureConfig, build_columns
 from streamer.domain import PAPER_DOSE_E_PER_PX
 
-TRUTH_COLUMN_DTYPE = np.dtype([("id", "<i8"), ("x_px", "<f4"), ("y_px", "<f4"),
-                               ("species", "u1")])
+TRUTH_COLUMN_DTYPE = np.dtype([("id", "<i8"), ("x_px", "<f4"), ("y_px", "<f4"), ("species", "u1")])
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class SessionConfig:
     all but one; ``permanent``: the first events never end; ``event_depth_A``: how far (Å)
     behind the outermost column of its species an event column may lie;
     ``wedge_width_A``: thinning toward the surface over this width (Å; 0: flat)."""
+
     frames: int = 120
     seed: int = 0
     size: int = 512
@@ -74,9 +75,13 @@ def plan_session(cfg: SessionConfig):
     """Structure, grid, per-state column tables and the ground truth (no simulation yet)."""
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7]))
     grid = make_grid(cfg.size)
-    structure = StructureConfig(shapes=("flat",), thickness_atoms=(cfg.thickness_atoms,) * 2,
-                                wedge_width_A=(cfg.wedge_width_A,) * 2,
-                                surface_fraction=(0.3, 0.3), vacancy_probability=0.0)
+    structure = StructureConfig(
+        shapes=("flat",),
+        thickness_atoms=(cfg.thickness_atoms,) * 2,
+        wedge_width_A=(cfg.wedge_width_A,) * 2,
+        surface_fraction=(0.3, 0.3),
+        vacancy_probability=0.0,
+    )
     table, _ = build_columns(rng, grid.fov_A, grid.n_cells_y, grid.crystal_end_x_A, structure)
     labels = label_maps(table, grid)
     margin = 0.1 * cfg.size
@@ -87,12 +92,14 @@ def plan_session(cfg: SessionConfig):
         cand = cand[table.n_atoms[cand] > 1]
         top = table.x_A[cand].min() if len(cand) else np.inf
         return cand[table.x_A[cand] <= top + max(cfg.event_depth_A, 1e-6)]
+
     surface_o = surface_columns(2)
     chosen = list(rng.choice(surface_o, size=min(cfg.events, len(surface_o)), replace=False))
     if cfg.ce_events:
         surface_ce = surface_columns(1)
-        chosen += list(rng.choice(surface_ce, size=min(cfg.ce_events, len(surface_ce)),
-                                  replace=False))
+        chosen += list(
+            rng.choice(surface_ce, size=min(cfg.ce_events, len(surface_ce)), replace=False)
+        )
     sizes = np.atleast_1d(cfg.atoms_lost)
     t = cfg.frames
     windows = []
@@ -121,18 +128,33 @@ def plan_session(cfg: SessionConfig):
     steps = rng.normal(0, cfg.drift_step_px, (t, 2))
     steps[0] = 0
     drift = np.cumsum(steps, axis=0)
-    events = [dict(column_id=int(np.flatnonzero(labels.index == c)[0]), start_frame=a,
-                   end_frame=b, atoms_lost=n_lost, species=int(table.species[c]))
-              for c, a, b, n_lost in windows]
+    events = [
+        dict(
+            column_id=int(np.flatnonzero(labels.index == c)[0]),
+            start_frame=a,
+            end_frame=b,
+            atoms_lost=n_lost,
+            species=int(table.species[c]),
+        )
+        for c, a, b, n_lost in windows
+    ]
     truth = SessionTruth(columns, depth, drift, state_of.ravel(), events)
     return grid, tables, truth
 
 
 #: a session a constant answer cannot pass: thickness gradient (O columns of 3-7 atoms),
 #: 1- and 2-atom events on 5 O and 2 Ce columns near the surface, one never regained.
-EVALUATION = SessionConfig(frames=80, size=384, thickness_atoms=7, wedge_width_A=14.0,
-                           events=5, ce_events=2, atoms_lost=(2, 1), permanent=1,
-                           event_depth_A=4.0)
+EVALUATION = SessionConfig(
+    frames=80,
+    size=384,
+    thickness_atoms=7,
+    wedge_width_A=14.0,
+    events=5,
+    ce_events=2,
+    atoms_lost=(2, 1),
+    permanent=1,
+    event_depth_A=4.0,
+)
 
 
 def write_session(path: str | Path, cfg: SessionConfig, progress: bool = True) -> SessionTruth:
@@ -141,31 +163,44 @@ def write_session(path: str | Path, cfg: SessionConfig, progress: bool = True) -
         raise ValueError("dose must be > 0")
     configure_abtem()
     grid, tables, truth = plan_session(cfg)
-    clean = [image(exit_wave(tab, grid, cfg.optics), grid, cfg.defocus_nm, cfg.optics)
-             for tab in tqdm(tables, desc="states", unit="state", disable=not progress)]
+    clean = [
+        image(exit_wave(tab, grid, cfg.optics), grid, cfg.defocus_nm, cfg.optics)
+        for tab in tqdm(tables, desc="states", unit="state", disable=not progress)
+    ]
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 8]))
     with h5py.File(path, "w") as f:
-        frames = f.create_dataset("frames", (cfg.frames, cfg.size, cfg.size), "u2",
-                                  chunks=(1, cfg.size, cfg.size))
+        frames = f.create_dataset(
+            "frames", (cfg.frames, cfg.size, cfg.size), "u2", chunks=(1, cfg.size, cfg.size)
+        )
         frames.attrs["units"] = "counts"
         for i in tqdm(range(cfg.frames), desc="frames", unit="frame", disable=not progress):
             moved = nd_shift(clean[truth.state[i]], truth.drift_px[i], order=1, mode="nearest")
             counts = rng.poisson(cfg.dose_e_per_px * np.clip(moved, 0, None))
             frames[i] = np.clip(counts, 0, np.iinfo(np.uint16).max)
-        f.create_dataset("timestamps_s", data=np.arange(cfg.frames) * cfg.frame_interval_s
-                         ).attrs["units"] = "s from the first frame"
+        f.create_dataset("timestamps_s", data=np.arange(cfg.frames) * cfg.frame_interval_s).attrs[
+            "units"
+        ] = "s from the first frame"
         f.create_dataset("sequence", data=np.arange(cfg.frames, dtype=np.int64))
         g = f.create_group("truth")
         g.create_dataset("columns", data=truth.columns).attrs["units"] = "px (frame 0), 1 Ce 2 O"
         g.create_dataset("depth", data=truth.depth).attrs["units"] = "atoms"
-        g.create_dataset("drift_px", data=truth.drift_px.astype(np.float32)).attrs["units"] = \
+        g.create_dataset("drift_px", data=truth.drift_px.astype(np.float32)).attrs["units"] = (
             "px (dy, dx): frame t shows frame 0 moved by this"
+        )
         g.attrs["events"] = json.dumps(truth.events)
         o = cfg.optics
-        f.attrs.update(dict(pixel_size_pm=grid.pixel_size_pm, dose_e_per_px=cfg.dose_e_per_px,
-                            frame_interval_s=cfg.frame_interval_s,
-                            session_id=f"sim-seed{cfg.seed}-{cfg.frames}x{cfg.size}",
-                            source="simulated", voltage_kV=o.voltage_kV, C3_um=o.C3_um,
-                            C5_mm=o.C5_mm, defocus_nm=cfg.defocus_nm,
-                            config=json.dumps(asdict(cfg), sort_keys=True)))
+        f.attrs.update(
+            dict(
+                pixel_size_pm=grid.pixel_size_pm,
+                dose_e_per_px=cfg.dose_e_per_px,
+                frame_interval_s=cfg.frame_interval_s,
+                session_id=f"sim-seed{cfg.seed}-{cfg.frames}x{cfg.size}",
+                source="simulated",
+                voltage_kV=o.voltage_kV,
+                C3_um=o.C3_um,
+                C5_mm=o.C5_mm,
+                defocus_nm=cfg.defocus_nm,
+                config=json.dumps(asdict(cfg), sort_keys=True),
+            )
+        )
     return truth

@@ -7,6 +7,7 @@ a√2 × a × a/√2 with 4 Ce + 8 O, one atom per column per cell along z, so a
 (one row per projected column: x, y, species, atom count, z-offset in the cell); the ASE atoms
 are built from it, so depth labels are exact by construction.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,12 +29,13 @@ def unit_cell_columns() -> np.ndarray:
     Derived from the cubic fluorite basis (Ce fcc, O at the (1/4,1/4,1/4) tetrahedral sites)
     rotated so that x' = (X - Y)/√2, y' = Z, z' = (X + Y)/√2, folded into the cell.
     """
-    fcc = np.array([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0]])
-    tetra = np.array([[i, j, k] for i in (.25, .75) for j in (.25, .75) for k in (.25, .75)])
+    fcc = np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
+    tetra = np.array([[i, j, k] for i in (0.25, 0.75) for j in (0.25, 0.75) for k in (0.25, 0.75)])
     rows: list[tuple[float, ...]] = []
     for frac, code in ((fcc, SPECIES_CE), (tetra, SPECIES_O)):
-        shifts = np.array([[i, j, k] for i in range(-2, 3) for j in range(-2, 3)
-                           for k in range(-2, 3)])
+        shifts = np.array(
+            [[i, j, k] for i in range(-2, 3) for j in range(-2, 3) for k in range(-2, 3)]
+        )
         cart = ((frac[:, None, :] + shifts[None]) * A_CEO2).reshape(-1, 3)
         xr = (cart[:, 0] - cart[:, 1]) / np.sqrt(2)
         yr = cart[:, 2]
@@ -53,6 +55,7 @@ class StructureConfig:
     ``thickness_atoms``: bulk column length range (atoms, inclusive); ``wedge_width_A``: width
     over which columns thin toward the surface (0 = abrupt); ``vacancy_probability``: chance
     that an O column loses atoms (each such column keeps at least one atom)."""
+
     shapes: tuple[str, ...] = SHAPES
     thickness_atoms: tuple[int, int] = (3, 10)
     wedge_width_A: tuple[float, float] = (0.0, 12.0)
@@ -68,6 +71,7 @@ class ColumnTable:
 
     ``cells`` (n, MAX_ATOMS) bool: which cells along z hold an atom (row sum = ``n_atoms``);
     ``z_offset_A``: the column's height inside each cell."""
+
     x_A: np.ndarray
     y_A: np.ndarray
     species: np.ndarray  # 1 Ce, 2 O
@@ -93,8 +97,9 @@ class ColumnTable:
         return ColumnTable(self.x_A, self.y_A, self.species, self.z_offset_A, cells)
 
 
-def _surface_profile(shape: str, y: np.ndarray, length_y_A: float, rng: np.random.Generator,
-                     cfg: StructureConfig) -> np.ndarray:
+def _surface_profile(
+    shape: str, y: np.ndarray, length_y_A: float, rng: np.random.Generator, cfg: StructureConfig
+) -> np.ndarray:
     """Surface depth offset (Å, ≥ 0 = further from vacuum) along y, periodic in length_y_A."""
     if shape == "flat":
         return np.zeros_like(y)
@@ -115,15 +120,21 @@ def _surface_profile(shape: str, y: np.ndarray, length_y_A: float, rng: np.rando
 @dataclass(frozen=True)
 class StructureParams:
     """What was drawn for one structure (saved per image)."""
+
     shape: str
     thickness_atoms: int
     wedge_width_A: float
     surface_x_A: float
 
 
-def build_columns(rng: np.random.Generator, length_x_A: float, n_cells_y: int,
-                  crystal_end_x_A: float, cfg: StructureConfig = StructureConfig(),
-                  shape: str | None = None) -> tuple[ColumnTable, StructureParams]:
+def build_columns(
+    rng: np.random.Generator,
+    length_x_A: float,
+    n_cells_y: int,
+    crystal_end_x_A: float,
+    cfg: StructureConfig = StructureConfig(),
+    shape: str | None = None,
+) -> tuple[ColumnTable, StructureParams]:
     """A random surface model filling x in [surface, crystal_end_x_A], y in [0, n_cells_y·a).
 
     ``length_x_A``: extent of the field of view along x (the surface is placed at a drawn
@@ -160,16 +171,20 @@ def slice_thicknesses_A(n_cells_z: int = MAX_ATOMS) -> tuple[float, ...]:
     return (CELL_Z / 2,) * (2 * n_cells_z)
 
 
-def to_atoms(table: ColumnTable, length_x_A: float, length_y_A: float,
-             n_cells_z: int = MAX_ATOMS):
+def to_atoms(table: ColumnTable, length_x_A: float, length_y_A: float, n_cells_z: int = MAX_ATOMS):
     """ASE atoms of the column table in a (length_x, length_y, n_cells_z·c) Å cell.
 
     Atomic layers sit at z = k·c/2 + c/4 so each is centred in its slice of
     :func:`slice_thicknesses_A` (the two layers of the cell are at z_offset 0 and c/2)."""
     from ase import Atoms
+
     rows, ks = np.nonzero(table.cells)
     z = ks * CELL_Z + table.z_offset_A[rows] + CELL_Z / 4
     symbols = [SPECIES_NAME[int(s)] for s in table.species[rows]]
     positions = np.stack([table.x_A[rows], table.y_A[rows], z], axis=1)
-    return Atoms(symbols=symbols, positions=positions,
-                 cell=[length_x_A, length_y_A, n_cells_z * CELL_Z], pbc=True)
+    return Atoms(
+        symbols=symbols,
+        positions=positions,
+        cell=[length_x_A, length_y_A, n_cells_z * CELL_Z],
+        pbc=True,
+    )

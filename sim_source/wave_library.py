@@ -8,6 +8,7 @@ comes from ``SeedSequence([seed, s])``, so a file is a pure function of its conf
 run writes the same bytes; ``n_complete`` counts the finished prefix. Optics, orientation,
 camera and dose are applied later (:mod:`microscope`), so every epoch sees new microscopes.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,13 +24,15 @@ from sim_source.hrtem import TARGET_SAMPLING_PM, computed, configure_abtem
 from sim_source.particle import ParticleConfig, build_particle, particle_atoms
 
 LIBRARY_KIND = "segdepth exit-wave library"
-LIBRARY_COLUMN_DTYPE = np.dtype([("structure", "<i4"), ("x_A", "<f4"), ("y_A", "<f4"),
-                                 ("species", "u1"), ("atoms", "u1")])
+LIBRARY_COLUMN_DTYPE = np.dtype(
+    [("structure", "<i4"), ("x_A", "<f4"), ("y_A", "<f4"), ("species", "u1"), ("atoms", "u1")]
+)
 
 
 @dataclass(frozen=True)
 class LibraryConfig:
     """What a library is a function of. ``gpts``: simulated pixels per side (≈ 2.65 pm each)."""
+
     count: int = 8
     gpts: int = 768
     seed: int = 0
@@ -59,12 +62,18 @@ class WaveRecord:
 def simulate_wave(cfg: LibraryConfig, index: int) -> WaveRecord:
     """Exit wave and columns of structure ``index`` (deterministic in cfg and index)."""
     import abtem
+
     configure_abtem()
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, index]))
     particle = build_particle(rng, cfg.field_A, cfg.particle)
     atoms, slices = particle_atoms(particle, cfg.field_A, cfg.particle.thermal)
-    potential = abtem.Potential(atoms, gpts=(cfg.gpts, cfg.gpts), slice_thickness=slices,
-                                projection="infinite", parametrization="lobato")
+    potential = abtem.Potential(
+        atoms,
+        gpts=(cfg.gpts, cfg.gpts),
+        slice_thickness=slices,
+        projection="infinite",
+        parametrization="lobato",
+    )
     wave = abtem.PlaneWave(energy=cfg.voltage_kV * 1e3, normalize=False)
     exit_wave = computed(wave.multislice(potential))
     table = particle.table
@@ -84,8 +93,10 @@ class LibraryWriter:
             if self.f.attrs.get("config") != cfg.to_json():
                 saved = self.f.attrs.get("config")
                 self.f.close()
-                raise ValueError(f"{self.path} was written with another config; resume needs "
-                                 f"the same --count/--gpts/--seed.\n saved: {saved}")
+                raise ValueError(
+                    f"{self.path} was written with another config; resume needs "
+                    f"the same --count/--gpts/--seed.\n saved: {saved}"
+                )
             self.n_complete = int(self.f.attrs["n_complete"])
             cols = self.f["columns"]
             cols.resize(int(np.searchsorted(cols["structure"][:], self.n_complete)), axis=0)
@@ -93,24 +104,36 @@ class LibraryWriter:
         self.f = h5py.File(self.path, "w")
         self.n_complete = 0
         n, g = cfg.count, cfg.gpts
-        self.f.create_dataset("waves", (n, g, g), "c8", chunks=(1, g, g)).attrs["units"] = \
+        self.f.create_dataset("waves", (n, g, g), "c8", chunks=(1, g, g)).attrs["units"] = (
             "exit wave of a unit plane wave (vacuum ≈ 1)"
-        self.f.create_dataset("columns", (0,), LIBRARY_COLUMN_DTYPE, maxshape=(None,),
-                              chunks=(8192,))
+        )
+        self.f.create_dataset(
+            "columns", (0,), LIBRARY_COLUMN_DTYPE, maxshape=(None,), chunks=(8192,)
+        )
         self.f.create_dataset("params", (n,), h5py.string_dtype())
-        self.f.attrs.update(dict(kind=LIBRARY_KIND, sampling_A=cfg.sampling_A,
-                                 field_A=cfg.field_A, seed=cfg.seed, count=n,
-                                 voltage_kV=cfg.voltage_kV, config=cfg.to_json(), n_complete=0))
+        self.f.attrs.update(
+            dict(
+                kind=LIBRARY_KIND,
+                sampling_A=cfg.sampling_A,
+                field_A=cfg.field_A,
+                seed=cfg.seed,
+                count=n,
+                voltage_kV=cfg.voltage_kV,
+                config=cfg.to_json(),
+                n_complete=0,
+            )
+        )
 
     def write(self, rec: WaveRecord) -> None:
         if rec.index != self.n_complete:
-            raise ValueError(f"structure {rec.index} written out of order "
-                             f"(expected {self.n_complete})")
+            raise ValueError(
+                f"structure {rec.index} written out of order (expected {self.n_complete})"
+            )
         self.f["waves"][rec.index] = rec.wave
         self.f["params"][rec.index] = json.dumps(rec.params)
         cols = self.f["columns"]
         cols.resize(len(cols) + len(rec.columns), axis=0)
-        cols[len(cols) - len(rec.columns):] = rec.columns
+        cols[len(cols) - len(rec.columns) :] = rec.columns
         self.n_complete += 1
         self.f.attrs["n_complete"] = self.n_complete
         self.f.flush()
@@ -127,15 +150,19 @@ def run_inline(cfg: LibraryConfig, indices: list[int]) -> Iterator[WaveRecord]:
         yield simulate_wave(cfg, i)
 
 
-def write_library(path: str | Path, cfg: LibraryConfig, runner: Runner = run_inline,
-                  resume: bool = False, progress: bool = True,
-                  interrupted: Callable[[], bool] = lambda: False) -> int:
+def write_library(
+    path: str | Path,
+    cfg: LibraryConfig,
+    runner: Runner = run_inline,
+    resume: bool = False,
+    progress: bool = True,
+    interrupted: Callable[[], bool] = lambda: False,
+) -> int:
     """Simulate the structures not yet in ``path``; returns ``n_complete``. On any exception
     (Ctrl-C included) the file is closed valid with the finished prefix."""
     writer = LibraryWriter(path, cfg, resume)
     records = runner(cfg, list(range(writer.n_complete, cfg.count)))
-    return append_in_order(writer, ([r] for r in records), cfg.count, "wave", progress,
-                           interrupted)
+    return append_in_order(writer, ([r] for r in records), cfg.count, "wave", progress, interrupted)
 
 
 def is_library(path: str | Path) -> bool:

@@ -7,6 +7,7 @@ transport. ``segdepth bench record``: frames from another process into
 the recorder (HDF5, SWMR) against a raw sequential write of the same bytes to the same disk;
 both timed up to an fsync of the file. Prints a table and writes JSON.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -56,14 +57,16 @@ def _endpoint(transport: str) -> str:
 
 
 # --- transport -------------------------------------------------------------------------------
-def _transport_sender(endpoint: str, path: str, size: int, dtype: str, seconds: float,
-                      keys: str | None) -> None:
+def _transport_sender(
+    endpoint: str, path: str, size: int, dtype: str, seconds: float, keys: str | None
+) -> None:
     """Child process: send frames for ``seconds`` (after the receiver connects), then the end."""
     import zmq
 
     from streamer.protocol import encode_control, encode_frame
     from streamer.security import KEYS_ENV
     from streamer.sockets import Output, _send_parts, shutdown
+
     if keys:
         os.environ[KEYS_ENV] = keys
     frames = _frames(size, dtype)
@@ -73,8 +76,15 @@ def _transport_sender(endpoint: str, path: str, size: int, dtype: str, seconds: 
         out.wait_for_reader(30)
         t_end = time.monotonic() + seconds
         while time.monotonic() < t_end:
-            out.send(encode_frame(frames[seq % N_DISTINCT], session="bench", seq=seq,
-                                  source="bench", pixel_size_pm=5.3))
+            out.send(
+                encode_frame(
+                    frames[seq % N_DISTINCT],
+                    session="bench",
+                    seq=seq,
+                    source="bench",
+                    pixel_size_pm=5.3,
+                )
+            )
             seq += 1
         out.send(encode_control("eos", session="bench", seq=seq, source="bench"))
         out.close()
@@ -100,6 +110,7 @@ def _receive(endpoint: str, path: str, keys: str | None) -> tuple[int, float, in
 
     from streamer.security import KEYS_ENV
     from streamer.sockets import Input
+
     old = os.environ.pop(KEYS_ENV, None)
     if keys:
         os.environ[KEYS_ENV] = keys
@@ -143,21 +154,30 @@ def _receive(endpoint: str, path: str, keys: str | None) -> tuple[int, float, in
     return n, (t_last - t_first) if t_first is not None else 0.0, nbytes
 
 
-def measure_transport(size: int, dtype: str, path: str, seconds: float,
-                      transport: str, keys: str | None = None) -> Row:
+def measure_transport(
+    size: int, dtype: str, path: str, seconds: float, transport: str, keys: str | None = None
+) -> Row:
     """One measurement; ``keys`` (a key folder) is used by the CURVE path only."""
     endpoint = _endpoint(transport)
     keys = keys if path == PROTOCOL_CURVE else None
-    child = mp.get_context("spawn").Process(target=_transport_sender,
-                                            args=(endpoint, path, size, dtype, seconds, keys))
+    child = mp.get_context("spawn").Process(
+        target=_transport_sender, args=(endpoint, path, size, dtype, seconds, keys)
+    )
     child.start()
     try:
         n, elapsed, nbytes = _receive(endpoint, path, keys)
     finally:
         child.join(timeout=60)
-    return Row("transport", "bare pyzmq" if path == "bare" else path, dtype, [size, size],
-               n, elapsed, n / elapsed if elapsed else 0.0, nbytes / elapsed / 1e9
-               if elapsed else 0.0)
+    return Row(
+        "transport",
+        "bare pyzmq" if path == "bare" else path,
+        dtype,
+        [size, size],
+        n,
+        elapsed,
+        n / elapsed if elapsed else 0.0,
+        nbytes / elapsed / 1e9 if elapsed else 0.0,
+    )
 
 
 # --- recorder --------------------------------------------------------------------------------
@@ -165,9 +185,12 @@ def _record_sender(endpoint: str, size: int, dtype: str, seconds: float, max_fra
     """Child process: a replay-mode source sending to the recorder, then eos."""
     from streamer.sockets import shutdown
     from streamer.source import FrameSender, SourceConfig
+
     frames = _frames(size, dtype)
-    sender = FrameSender(SourceConfig(mode="replay", to_engine=None, to_recorder=endpoint,
-                                      to_viewer=None), source="bench")
+    sender = FrameSender(
+        SourceConfig(mode="replay", to_engine=None, to_recorder=endpoint, to_viewer=None),
+        source="bench",
+    )
     sender.send(frames[0], pixel_size_pm=5.3)  # waits for the recorder to connect
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end and sender.seq < max_frames:
@@ -185,19 +208,25 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def measure_recorder(size: int, dtype: str, seconds: float, folder: Path, max_frames: int,
-                     compress: bool) -> Row:
+def measure_recorder(
+    size: int, dtype: str, seconds: float, folder: Path, max_frames: int, compress: bool
+) -> Row:
     import h5py
 
     from streamer.recorder import Recorder, RecorderConfig
+
     endpoint = _endpoint("tcp")
     out = folder / f"bench-{dtype}{'-lz4' if compress else ''}.h5"
-    child = mp.get_context("spawn").Process(target=_record_sender,
-                                            args=(endpoint, size, dtype, seconds, max_frames))
+    child = mp.get_context("spawn").Process(
+        target=_record_sender, args=(endpoint, size, dtype, seconds, max_frames)
+    )
     child.start()
     try:
-        summary = Recorder(RecorderConfig(out=str(out), frames=endpoint, results=None,
-                                          compress=compress, min_free_mib=256)).run()
+        summary = Recorder(
+            RecorderConfig(
+                out=str(out), frames=endpoint, results=None, compress=compress, min_free_mib=256
+            )
+        ).run()
         _fsync(out)
         t_end = time.time()
     finally:
@@ -210,8 +239,16 @@ def measure_recorder(size: int, dtype: str, seconds: float, folder: Path, max_fr
     elapsed = t_end - t_first
     frame_bytes = size * size * np.dtype(dtype).itemsize
     out.unlink()
-    return Row("record", "recorder (lz4)" if compress else "recorder", dtype, [size, size], n,
-               elapsed, n / elapsed, n * frame_bytes / elapsed / 1e9)
+    return Row(
+        "record",
+        "recorder (lz4)" if compress else "recorder",
+        dtype,
+        [size, size],
+        n,
+        elapsed,
+        n / elapsed,
+        n * frame_bytes / elapsed / 1e9,
+    )
 
 
 def measure_raw_write(size: int, dtype: str, n_frames: int, folder: Path) -> Row:
@@ -227,8 +264,16 @@ def measure_raw_write(size: int, dtype: str, n_frames: int, folder: Path) -> Row
         os.fsync(fh.fileno())
     elapsed = time.perf_counter() - t0
     out.unlink()
-    return Row("record", "raw sequential write", dtype, [size, size], n, elapsed, n / elapsed,
-               n * frames[0].nbytes / elapsed / 1e9)
+    return Row(
+        "record",
+        "raw sequential write",
+        dtype,
+        [size, size],
+        n,
+        elapsed,
+        n / elapsed,
+        n * frames[0].nbytes / elapsed / 1e9,
+    )
 
 
 @dataclass
@@ -258,11 +303,15 @@ class RecordBenchConfig:
 
 # --- reporting -------------------------------------------------------------------------------
 def _report(rows: list[Row], json_path: str, extra: dict) -> None:
-    print(f"{'bench':<10} {'path':<22} {'dtype':<8} {'frames':>7} {'s':>6} {'frames/s':>9} "
-          f"{'GB/s':>6} {'vs ceiling':>10}")
+    print(
+        f"{'bench':<10} {'path':<22} {'dtype':<8} {'frames':>7} {'s':>6} {'frames/s':>9} "
+        f"{'GB/s':>6} {'vs ceiling':>10}"
+    )
     for r in rows:
-        print(f"{r.bench:<10} {r.path:<22} {r.dtype:<8} {r.frames:>7} {r.seconds:>6.2f} "
-              f"{r.frames_per_s:>9.0f} {r.gb_per_s:>6.2f} {r.vs_ceiling:>9.0%}")
+        print(
+            f"{r.bench:<10} {r.path:<22} {r.dtype:<8} {r.frames:>7} {r.seconds:>6.2f} "
+            f"{r.frames_per_s:>9.0f} {r.gb_per_s:>6.2f} {r.vs_ceiling:>9.0%}"
+        )
     write_json(json_path, {"rows": [asdict(r) for r in rows], "machine": machine_info(), **extra})
 
 
@@ -274,6 +323,7 @@ def run_transport_bench(cfg: TransportBenchConfig, json_path: str) -> list[Row]:
     import zmq
 
     from streamer.security import make_keys
+
     rows = []
     keys = str(make_keys(Path(tempfile.mkdtemp(prefix="segdepth-bench-keys-")) / "keys").folder)
     for dtype in cfg.dtypes:
@@ -283,24 +333,34 @@ def run_transport_bench(cfg: TransportBenchConfig, json_path: str) -> list[Row]:
         runs: dict[str, list[Row]] = {path: [] for path in paths}
         for _ in range(cfg.repeats):  # interleaved, so all see the same machine load
             for path in paths:
-                runs[path].append(measure_transport(cfg.size, dtype, path, cfg.seconds,
-                                                    cfg.transport, keys))
+                runs[path].append(
+                    measure_transport(cfg.size, dtype, path, cfg.seconds, cfg.transport, keys)
+                )
         bare = _median(runs["bare"])
         rows.append(bare)
         for path in paths[1:]:
             ours = _median(runs[path])
-            ours.vs_ceiling = ours.frames_per_s / bare.frames_per_s if bare.frames_per_s \
-                else 0.0
+            ours.vs_ceiling = ours.frames_per_s / bare.frames_per_s if bare.frames_per_s else 0.0
             rows.append(ours)
-    _report(rows, json_path, {"transport": cfg.transport, "pyzmq": zmq.__version__,
-                              "libzmq": zmq.zmq_version(), "seconds": cfg.seconds,
-                              "repeats": cfg.repeats, "config": asdict(cfg),
-                              "note": "median of interleaved repeats"})
+    _report(
+        rows,
+        json_path,
+        {
+            "transport": cfg.transport,
+            "pyzmq": zmq.__version__,
+            "libzmq": zmq.zmq_version(),
+            "seconds": cfg.seconds,
+            "repeats": cfg.repeats,
+            "config": asdict(cfg),
+            "note": "median of interleaved repeats",
+        },
+    )
     return rows
 
 
 def run_record_bench(cfg: RecordBenchConfig, json_path: str) -> list[Row]:
     import h5py
+
     folder = Path(cfg.dir) if cfg.dir else Path("runs") / "bench-record"
     folder.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=folder))
@@ -308,9 +368,11 @@ def run_record_bench(cfg: RecordBenchConfig, json_path: str) -> list[Row]:
     rows = []
     try:
         for dtype in cfg.dtypes:
-            max_frames = int(max_bytes // (cfg.size ** 2 * np.dtype(dtype).itemsize))
-            recs = [measure_recorder(cfg.size, dtype, cfg.seconds, work, max_frames, compress)
-                    for compress in ([False, True] if cfg.compress else [False])]
+            max_frames = int(max_bytes // (cfg.size**2 * np.dtype(dtype).itemsize))
+            recs = [
+                measure_recorder(cfg.size, dtype, cfg.seconds, work, max_frames, compress)
+                for compress in ([False, True] if cfg.compress else [False])
+            ]
             raw = measure_raw_write(cfg.size, dtype, recs[0].frames, work)  # the same bytes
             rows.append(raw)
             for rec in recs:
@@ -318,8 +380,16 @@ def run_record_bench(cfg: RecordBenchConfig, json_path: str) -> list[Row]:
                 rows.append(rec)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _report(rows, json_path, {"folder": str(folder.resolve()), "h5py": h5py.__version__,
-                              "hdf5": h5py.version.hdf5_version, "seconds": cfg.seconds,
-                              "config": asdict(cfg),
-                              "note": "both paths timed up to an fsync of their file"})
+    _report(
+        rows,
+        json_path,
+        {
+            "folder": str(folder.resolve()),
+            "h5py": h5py.__version__,
+            "hdf5": h5py.version.hdf5_version,
+            "seconds": cfg.seconds,
+            "config": asdict(cfg),
+            "note": "both paths timed up to an fsync of their file",
+        },
+    )
     return rows

@@ -5,6 +5,7 @@ Every reader gives a :class:`CameraStack`: ``frames`` indexable as (N, H, W) (me
 where the format allows), the pixel size in pm and the frame interval in s (NaN when the file
 does not say). Files still being written raise :class:`Incomplete`.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,19 @@ import numpy as np
 
 SUFFIXES = (".tif", ".tiff", ".mrc", ".mrcs", ".dm3", ".dm4")
 #: pm per unit of length names found in camera files.
-PM_PER_UNIT = {"pm": 1.0, "Å": 100.0, "A": 100.0, "angstrom": 100.0, "nm": 1e3, "µm": 1e6,
-               "um": 1e6, "micron": 1e6, "mm": 1e9, "cm": 1e10, "m": 1e12}
+PM_PER_UNIT = {
+    "pm": 1.0,
+    "Å": 100.0,
+    "A": 100.0,
+    "angstrom": 100.0,
+    "nm": 1e3,
+    "µm": 1e6,
+    "um": 1e6,
+    "micron": 1e6,
+    "mm": 1e9,
+    "cm": 1e10,
+    "m": 1e12,
+}
 _RAW_INDEX = re.compile(r"\.raw(?:_(\d+))?$")
 
 
@@ -50,13 +62,13 @@ def _as_stack(data: np.ndarray, path: Path) -> np.ndarray:
     if data.ndim == 2:
         return data[np.newaxis]
     if data.ndim != 3:
-        raise ValueError(f"{path}: expected one frame or a stack of frames, got shape "
-                         f"{data.shape}")
+        raise ValueError(f"{path}: expected one frame or a stack of frames, got shape {data.shape}")
     return data
 
 
 def read_tiff(path: Path) -> CameraStack:
     import tifffile
+
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages.first  # the first page is always a full TiffPage
@@ -78,6 +90,7 @@ def read_tiff(path: Path) -> CameraStack:
 
 def read_mrc(path: Path) -> CameraStack:
     import mrcfile
+
     size = path.stat().st_size
     with open(path, "rb") as fh:  # check the byte count before mapping (file may be growing)
         head = fh.read(1024)
@@ -92,9 +105,12 @@ def read_mrc(path: Path) -> CameraStack:
         raise Incomplete(f"{path}: {size} bytes, data not complete")
     mrc = mrcfile.mmap(path, mode="r", permissive=True)
     voxel_a = float(mrc.voxel_size.x)
-    return CameraStack(path, _as_stack(mrc.data, path),
-                       pixel_size_pm=voxel_a * 100.0 if voxel_a > 0 else math.nan,
-                       closers=[mrc.close])
+    return CameraStack(
+        path,
+        _as_stack(mrc.data, path),
+        pixel_size_pm=voxel_a * 100.0 if voxel_a > 0 else math.nan,
+        closers=[mrc.close],
+    )
 
 
 def _dm_tag(tags: dict, *names: str) -> Any:
@@ -108,6 +124,7 @@ def _dm_tag(tags: dict, *names: str) -> Any:
 def _read_dm(path: Path) -> tuple[Any, float, dict]:
     """(data, pixel size in pm, image tags) of the (first) image of a DM3/DM4 file."""
     from rsciio.digitalmicrograph import file_reader
+
     try:
         images = file_reader(str(path), lazy=True)
     except Exception as exc:  # rsciio raises many types on a truncated file
@@ -151,7 +168,7 @@ def raw_files(director: Path) -> list[Path]:
     found = []
     for p in director.parent.glob(director.stem + ".raw*"):
         m = _RAW_INDEX.search(p.name)
-        if m and p.name[:m.start()] == director.stem:
+        if m and p.name[: m.start()] == director.stem:
             found.append((int(m.group(1) or 0), p))
     return [p for _, p in sorted(found)]
 
@@ -183,8 +200,11 @@ class K3InSituDataset:
                 break  # later files cannot hold frames before an empty one is written
             old = mapped.get(path)
             self._paths.append(path)
-            self._maps.append(old if old is not None and old.size == size else
-                              np.memmap(path, dtype=np.uint8, mode="r", shape=(size,)))
+            self._maps.append(
+                old
+                if old is not None and old.size == size
+                else np.memmap(path, dtype=np.uint8, mode="r", shape=(size,))
+            )
         return self.available()
 
     def available(self) -> int:
@@ -247,8 +267,7 @@ def read_camera_file(path: str | Path) -> CameraStack:
 
 def camera_files(folder: str | Path) -> list[Path]:
     """Camera files in ``folder`` (not its raw companions), sorted by name."""
-    return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and p.suffix.lower() in SUFFIXES)
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
 
 
 def iter_folder(folder: str | Path) -> Iterator[CameraStack]:

@@ -15,6 +15,7 @@
 
 Imports nothing of the project at module level (the lowest layer: any package may use it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,12 @@ class HelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         lazy = getattr(action, "config_default", None)
         default = _config_default(*lazy) if lazy else action.default
-        if ("default" in text or any(default is v for v in (None, False, argparse.SUPPRESS))
-                or default in ([], "") or not action.option_strings):
+        if (
+            "default" in text
+            or any(default is v for v in (None, False, argparse.SUPPRESS))
+            or default in ([], "")
+            or not action.option_strings
+        ):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         return f"{text} (default: {str(shown).replace('%', '%%')})"
@@ -83,8 +88,9 @@ def _config_default(config: str, name: str) -> Any:
     return default_of(getattr(importlib.import_module(module), cls), name)
 
 
-def config_option(parser: Any, flag: str, config: Any, *, field: str | None = None,
-                  **kwargs: Any) -> argparse.Action:
+def config_option(
+    parser: Any, flag: str, config: Any, *, field: str | None = None, **kwargs: Any
+) -> argparse.Action:
     """Add option ``flag`` whose default is declared once, as field ``field`` (default: the
     option's dest) of the dataclass ``config`` (or a parameter of a function). ``config`` is the
     class, or ``"module:Class"`` for
@@ -131,6 +137,7 @@ def positive_float(text: str) -> float:
 def endpoint(text: str) -> str:
     """A ZeroMQ endpoint with its scheme (streamer.security.split_endpoint's rule), or ``none``."""
     from streamer.security import EndpointError, split_endpoint
+
     if text.lower() != "none":
         try:
             split_endpoint(text)
@@ -146,7 +153,8 @@ def output_file(text: str) -> str:
     folder = Path(text).parent
     if not folder.is_dir():
         raise argparse.ArgumentTypeError(
-            f"cannot write {text}: folder {folder} does not exist (create it: mkdir -p {folder})")
+            f"cannot write {text}: folder {folder} does not exist (create it: mkdir -p {folder})"
+        )
     return text
 
 
@@ -164,8 +172,13 @@ class _ListAction(argparse.Action):
         self.item_type = item_type
         super().__init__(*args, **kwargs)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         items = [v for text in values for v in re.split(r"[,\s]+", str(text)) if v]
         try:
             parsed = [self.item_type(v.strip()) for v in items]
@@ -202,6 +215,7 @@ def _message(exc: BaseException) -> str | None:
 def one_line_errors(handler: Handler) -> Handler:
     """Wrap a subcommand handler: user mistakes end with one line on stderr and exit code 2
     (with ``-v``/``--verbose``: the full traceback, for a developer)."""
+
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
         try:
@@ -212,11 +226,13 @@ def one_line_errors(handler: Handler) -> Handler:
                 raise
             print(f"segdepth {getattr(args, 'command', '')}: error: {message}", file=sys.stderr)
             return 2
+
     return run
 
 
-def install_stop_signals(stop: threading.Event | None = None,
-                         on_stop: Callable[[int], None] | None = None) -> threading.Event:
+def install_stop_signals(
+    stop: threading.Event | None = None, on_stop: Callable[[int], None] | None = None
+) -> threading.Event:
     """SIGINT and SIGTERM set ``stop`` (a new event when None; returned) and call
     ``on_stop(signum)`` instead of killing the process; a no-op outside the main thread
     (signals go to the main thread)."""
@@ -228,6 +244,7 @@ def install_stop_signals(stop: threading.Event | None = None,
         stop.set()
         if on_stop is not None:
             on_stop(signum)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handle)
     return stop
@@ -249,13 +266,19 @@ def check_image_side(side_px: int, multiple: int, minimum: int, what: str) -> No
 def machine_info() -> dict[str, Any]:
     """The machine a benchmark ran on: platform, CPU, core count, Python and, where torch is
     already imported, its version, threads and CUDA device."""
-    info: dict[str, Any] = {"platform": platform.platform(),
-                            "cpu": platform.processor() or platform.machine(),
-                            "cpus": os.cpu_count(), "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     torch = sys.modules.get("torch")
     if torch is not None:
-        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                    cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+        info.update(
+            torch=torch.__version__,
+            torch_threads=torch.get_num_threads(),
+            cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        )
     return info
 
 
@@ -266,4 +289,3 @@ def write_json(path: str | Path, record: dict[str, Any]) -> Path:
     out.write_text(json.dumps(record, indent=2, default=str))
     print(f"wrote {out}")
     return out
-

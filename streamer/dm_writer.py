@@ -5,6 +5,7 @@ In-Situ frame-count tag, in the DM4 tag-tree format rosettasciio and GMS read. A
 K3 In-Situ dataset (director + raw files, frames possibly straddling files). GMS itself is not
 needed. DM stores dimensions x-first: numpy (N, H, W) is DM (W, H, N).
 """
+
 from __future__ import annotations
 
 import struct
@@ -14,8 +15,16 @@ from typing import Any
 import numpy as np
 
 #: numpy dtype -> (DM image DataType, DM tag element type of the Data array)
-_IMAGE_TYPES = {"int16": (1, 2), "float32": (2, 6), "uint8": (6, 10), "int32": (7, 3),
-                "int8": (9, 10), "uint16": (10, 4), "uint32": (11, 5), "float64": (12, 7)}
+_IMAGE_TYPES = {
+    "int16": (1, 2),
+    "float32": (2, 6),
+    "uint8": (6, 10),
+    "int32": (7, 3),
+    "int8": (9, 10),
+    "uint16": (10, 4),
+    "uint32": (11, 5),
+    "float64": (12, 7),
+}
 _TAG_GROUP, _TAG_DATA = 20, 21
 _LONG, _DOUBLE, _USHORT, _ARRAY = 3, 7, 4, 20
 
@@ -26,8 +35,7 @@ def _name(name: str) -> bytes:
 
 
 def _data_tag(name: str, info: list[int], payload: bytes) -> bytes:
-    body = b"%%%%" + struct.pack(">Q", len(info)) + struct.pack(f">{len(info)}Q", *info) \
-        + payload
+    body = b"%%%%" + struct.pack(">Q", len(info)) + struct.pack(f">{len(info)}Q", *info) + payload
     return bytes([_TAG_DATA]) + _name(name) + struct.pack(">Q", len(body)) + body
 
 
@@ -63,8 +71,13 @@ def _tags(tree: dict[str, Any]) -> list[bytes]:
     return out
 
 
-def write_dm4(path: str | Path, data: np.ndarray, *, pixel_size_pm: float = 100.0,
-              image_tags: dict[str, Any] | None = None) -> Path:
+def write_dm4(
+    path: str | Path,
+    data: np.ndarray,
+    *,
+    pixel_size_pm: float = 100.0,
+    image_tags: dict[str, Any] | None = None,
+) -> Path:
     """Write ``data`` ((H, W) or (N, H, W)) as a DM4 file with a pixel size in pm (stored in
     nm, as GMS does); ``image_tags`` become the image's ImageTags tree."""
     data = np.ascontiguousarray(data)
@@ -73,22 +86,33 @@ def write_dm4(path: str | Path, data: np.ndarray, *, pixel_size_pm: float = 100.
     data = data.astype(data.dtype.newbyteorder("<"), copy=False)
     image_type, element_type = _IMAGE_TYPES[data.dtype.name]
     dims = list(data.shape[::-1])  # DM is x-first
-    scales = [pixel_size_pm / 1e3, pixel_size_pm / 1e3, 1.0][:len(dims)]
-    units = ["nm", "nm", ""][:len(dims)]
-    calibration = [_group_tag("", _tags({"Origin": 0.0, "Scale": s, "Units": u}))
-                   for s, u in zip(scales, units)]
+    scales = [pixel_size_pm / 1e3, pixel_size_pm / 1e3, 1.0][: len(dims)]
+    units = ["nm", "nm", ""][: len(dims)]
+    calibration = [
+        _group_tag("", _tags({"Origin": 0.0, "Scale": s, "Units": u}))
+        for s, u in zip(scales, units)
+    ]
     image_data = [
-        _group_tag("Calibrations", [
-            _group_tag("Brightness", _tags({"Origin": 0.0, "Scale": 1.0, "Units": "counts"})),
-            _group_tag("Dimension", calibration)]),
+        _group_tag(
+            "Calibrations",
+            [
+                _group_tag("Brightness", _tags({"Origin": 0.0, "Scale": 1.0, "Units": "counts"})),
+                _group_tag("Dimension", calibration),
+            ],
+        ),
         _data_tag("Data", [_ARRAY, element_type, data.size], data.tobytes()),
         _long("DataType", image_type),
         _group_tag("Dimensions", [_long("", d) for d in dims]),
         _long("PixelDepth", data.dtype.itemsize),
     ]
-    image = _group_tag("", [_group_tag("ImageData", image_data),
-                            _group_tag("ImageTags", _tags(image_tags or {})),
-                            _text("Name", Path(path).stem)])
+    image = _group_tag(
+        "",
+        [
+            _group_tag("ImageData", image_data),
+            _group_tag("ImageTags", _tags(image_tags or {})),
+            _text("Name", Path(path).stem),
+        ],
+    )
     root = struct.pack(">BBQ", 0, 1, 1) + _group_tag("ImageList", [image])
     path = Path(path)
     with open(path, "wb") as fh:
@@ -96,9 +120,15 @@ def write_dm4(path: str | Path, data: np.ndarray, *, pixel_size_pm: float = 100.
     return path
 
 
-def write_k3_insitu(folder: str | Path, name: str, frames: np.ndarray, *,
-                    bytes_per_raw_file: int, pixel_size_pm: float = 100.0,
-                    recorded_frames: int | None = None) -> Path:
+def write_k3_insitu(
+    folder: str | Path,
+    name: str,
+    frames: np.ndarray,
+    *,
+    bytes_per_raw_file: int,
+    pixel_size_pm: float = 100.0,
+    recorded_frames: int | None = None,
+) -> Path:
     """Write a K3 In-Situ dataset: ``NAME.dm4`` (director: the first frame, with the tag
     ``In-situ/Recorded/# Frames``) and the frames back to back in ``NAME.raw``,
     ``NAME.raw_1``, ... of ``bytes_per_raw_file`` each (so frames may straddle two files)."""
@@ -107,7 +137,11 @@ def write_k3_insitu(folder: str | Path, name: str, frames: np.ndarray, *,
     raw = frames.tobytes()
     for k, start in enumerate(range(0, len(raw), bytes_per_raw_file)):
         suffix = ".raw" if k == 0 else f".raw_{k}"
-        (folder / f"{name}{suffix}").write_bytes(raw[start:start + bytes_per_raw_file])
+        (folder / f"{name}{suffix}").write_bytes(raw[start : start + bytes_per_raw_file])
     count = len(frames) if recorded_frames is None else recorded_frames
-    return write_dm4(folder / f"{name}.dm4", frames[0], pixel_size_pm=pixel_size_pm,
-                     image_tags={"In-situ": {"Recorded": {"# Frames": count}}})
+    return write_dm4(
+        folder / f"{name}.dm4",
+        frames[0],
+        pixel_size_pm=pixel_size_pm,
+        image_tags={"In-situ": {"Recorded": {"# Frames": count}}},
+    )

@@ -1,6 +1,7 @@
 """Domain constants every package shares: depth classes, species codes, the paper's dose and the
 pixel/Å conversion. They live in the lowest layer because the wire protocol and the session file
 carry these codes; this module imports nothing, so any package may import it."""
+
 from __future__ import annotations
 
 #: deepest atomic column, atoms along the beam (depth classes 0..MAX_ATOMS).

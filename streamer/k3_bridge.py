@@ -14,6 +14,7 @@ is tested anywhere. Configuration: edit :data:`CONFIG` below, or set ``SEGDEPTH_
 environment variables (see :func:`config_from_env`). The first line (``# $BACKGROUND$``) asks
 GMS to run the script on a background thread so the UI stays responsive.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,14 +83,17 @@ class ChangeDetector:
         self._last: np.ndarray | None = None
 
     def sample(self, view: np.ndarray) -> np.ndarray:
-        return np.array(view[::self.stride, ::self.stride], copy=True)
+        return np.array(view[:: self.stride, :: self.stride], copy=True)
 
     def new_frame(self, view: np.ndarray) -> np.ndarray | None:
         """A copy of ``view`` if it changed since the last new frame, else None. A copy that
         changed while it was taken (torn) is taken again."""
         before = self.sample(view)
-        if self._last is not None and before.shape == self._last.shape \
-                and np.array_equal(before, self._last):
+        if (
+            self._last is not None
+            and before.shape == self._last.shape
+            and np.array_equal(before, self._last)
+        ):
             return None
         for _ in range(3):
             frame = np.array(view, copy=True)
@@ -101,8 +105,13 @@ class ChangeDetector:
         return None  # the image keeps changing under us: look again at the next poll
 
 
-def run_bridge(read_view: Callable[[], np.ndarray], sender: FrameSender,
-               config: BridgeConfig, pixel_pm: float, stop: threading.Event) -> int:
+def run_bridge(
+    read_view: Callable[[], np.ndarray],
+    sender: FrameSender,
+    config: BridgeConfig,
+    pixel_pm: float,
+    stop: threading.Event,
+) -> int:
     """Poll ``read_view`` (the live image as numpy) and send each new frame until ``stop``;
     then send eos. Returns the number of frames published."""
     detector = ChangeDetector(config.sample_stride)
@@ -128,16 +137,30 @@ def main() -> None:  # pragma: no cover - runs inside GMS only
     config = config_from_env()
     image = DM.FindImageByName(config.image_name) if config.image_name else DM.GetFrontImage()
     if image is None or not image.IsValid():
-        raise RuntimeError("no live-view image found: start the live view (or name its window "
-                           "in BridgeConfig.image_name)")
-    pixel_pm = pixel_size_pm(image.GetDimensionScale(0), image.GetDimensionUnitString(0),
-                             config.pixel_size_pm)
-    sender = FrameSender(SourceConfig(mode="live", to_engine=config.to_engine,
-                                      to_recorder=config.to_recorder,
-                                      to_viewer=config.to_viewer), source="k3")
-    log.info("K3 bridge: publishing %s (%d x %d px, %.2f pm/px), session %s",
-             image.GetName(), image.GetDimensionSize(0), image.GetDimensionSize(1), pixel_pm,
-             sender.session)
+        raise RuntimeError(
+            "no live-view image found: start the live view (or name its window "
+            "in BridgeConfig.image_name)"
+        )
+    pixel_pm = pixel_size_pm(
+        image.GetDimensionScale(0), image.GetDimensionUnitString(0), config.pixel_size_pm
+    )
+    sender = FrameSender(
+        SourceConfig(
+            mode="live",
+            to_engine=config.to_engine,
+            to_recorder=config.to_recorder,
+            to_viewer=config.to_viewer,
+        ),
+        source="k3",
+    )
+    log.info(
+        "K3 bridge: publishing %s (%d x %d px, %.2f pm/px), session %s",
+        image.GetName(),
+        image.GetDimensionSize(0),
+        image.GetDimensionSize(1),
+        pixel_pm,
+        sender.session,
+    )
     stop = threading.Event()
 
     def read_view() -> np.ndarray:

@@ -16,6 +16,7 @@ A frame carries one buffer named ``frame`` (H, W). A result carries ``depth`` (H
 ``confidence`` (H, W) float32 and ``species`` (H, W) uint8 maps, optionally
 ``column_probabilities`` (n_columns, 11) float32, and the column table in the header.
 """
+
 from __future__ import annotations
 
 import logging
@@ -106,14 +107,21 @@ def _wire_array(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def make_header(kind: str, *, session: str, seq: int, source: str, t_acq: float | None = None,
-                **fields: Any) -> dict[str, Any]:
+def make_header(
+    kind: str, *, session: str, seq: int, source: str, t_acq: float | None = None, **fields: Any
+) -> dict[str, Any]:
     """A header dict for ``kind`` with the common fields filled in (``t_acq`` defaults to now)."""
     if kind not in KINDS:
         raise ProtocolError("kind", f"unknown kind {kind!r}")
-    head = {"v": PROTOCOL_VERSION, "kind": kind, "session": session, "seq": int(seq),
-            "t_acq": float(time.time() if t_acq is None else t_acq), "source": source,
-            "buffers": []}
+    head = {
+        "v": PROTOCOL_VERSION,
+        "kind": kind,
+        "session": session,
+        "seq": int(seq),
+        "t_acq": float(time.time() if t_acq is None else t_acq),
+        "source": source,
+        "buffers": [],
+    }
     head.update(fields)
     return head
 
@@ -125,20 +133,35 @@ def encode(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = 
     """
     arrays = {name: _wire_array(a) for name, a in (arrays or {}).items()}
     head = dict(header)
-    head["buffers"] = [{"name": n, "dtype": a.dtype.str, "shape": list(a.shape)}
-                       for n, a in arrays.items()]
+    head["buffers"] = [
+        {"name": n, "dtype": a.dtype.str, "shape": list(a.shape)} for n, a in arrays.items()
+    ]
     _check_header(head)
-    return [head["kind"].encode("ascii"), msgpack.packb(head, use_bin_type=True),
-            *arrays.values()]
+    return [head["kind"].encode("ascii"), msgpack.packb(head, use_bin_type=True), *arrays.values()]
 
 
-def encode_frame(frame: np.ndarray, *, session: str, seq: int, source: str, pixel_size_pm: float,
-                 t_acq: float | None = None, **fields: Any) -> list:
+def encode_frame(
+    frame: np.ndarray,
+    *,
+    session: str,
+    seq: int,
+    source: str,
+    pixel_size_pm: float,
+    t_acq: float | None = None,
+    **fields: Any,
+) -> list:
     """Encode one camera frame (H, W) with its metadata."""
     if np.asarray(frame).ndim != 2:
         raise ProtocolError("shape", f"a frame is 2-D, got shape {np.shape(frame)}")
-    head = make_header("frame", session=session, seq=seq, source=source, t_acq=t_acq,
-                       pixel_size_pm=float(pixel_size_pm), **fields)
+    head = make_header(
+        "frame",
+        session=session,
+        seq=seq,
+        source=source,
+        t_acq=t_acq,
+        pixel_size_pm=float(pixel_size_pm),
+        **fields,
+    )
     return encode(head, {"frame": frame})
 
 
@@ -170,8 +193,9 @@ def _check_header(head: Mapping[str, Any]) -> None:
     if not isinstance(head, Mapping):
         raise ProtocolError("msgpack", "header is not a map")
     if head.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError("version", f"protocol version {head.get('v')!r}, "
-                                       f"expected {PROTOCOL_VERSION}")
+        raise ProtocolError(
+            "version", f"protocol version {head.get('v')!r}, expected {PROTOCOL_VERSION}"
+        )
     _check_fields(head, REQUIRED_FIELDS)
     kind = head["kind"]
     if kind not in KINDS:
@@ -202,15 +226,20 @@ def _buffer_spec(desc: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
     name, dtype, shape = desc["name"], desc["dtype"], desc["shape"]
     if not isinstance(name, str) or not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
         raise ProtocolError("dtype", f"buffer {name!r:.40} has unsupported dtype {dtype!r:.20}")
-    if (not isinstance(shape, list) or not 1 <= len(shape) <= 4
-            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM
-                       for s in shape)):
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= 4
+        or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape
+        )
+    ):
         raise ProtocolError("shape", f"buffer {name!r:.40} has bad shape {shape!r:.60}")
     return name, np.dtype(dtype), tuple(shape)
 
 
-def decode(parts: Sequence[Any], *, check_finite: bool = True,
-           limits: FrameLimits | None = None) -> Message:
+def decode(
+    parts: Sequence[Any], *, check_finite: bool = True, limits: FrameLimits | None = None
+) -> Message:
     """Decode and validate multipart ``parts``; raise :class:`ProtocolError` on any defect.
 
     Arrays are views on the received buffers (no copy) and are read-only. ``limits``: also
@@ -226,8 +255,9 @@ def decode(parts: Sequence[Any], *, check_finite: bool = True,
     try:
         head = msgpack.unpackb(raw_head, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises many types on garbage
-        raise ProtocolError("msgpack", f"header is not valid msgpack ({type(exc).__name__})") \
-            from None
+        raise ProtocolError(
+            "msgpack", f"header is not valid msgpack ({type(exc).__name__})"
+        ) from None
     _check_header(head)
     if topic != head["kind"].encode("ascii"):
         raise ProtocolError("topic", f"topic {topic[:20]!r} does not match kind {head['kind']!r}")
@@ -235,15 +265,18 @@ def decode(parts: Sequence[Any], *, check_finite: bool = True,
         check_frame_header(head, limits)
     specs = [_buffer_spec(d) for d in head["buffers"]]
     if len(parts) - 2 != len(specs):
-        raise ProtocolError("buffers", f"header lists {len(specs)} buffers, "
-                                       f"message has {len(parts) - 2}")
+        raise ProtocolError(
+            "buffers", f"header lists {len(specs)} buffers, message has {len(parts) - 2}"
+        )
     arrays: dict[str, np.ndarray] = {}
     for (name, dtype, shape), part in zip(specs, parts[2:]):
         buf = _part_bytes(part)
         expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if buf.nbytes != expected:
-            raise ProtocolError("bytes", f"buffer {name!r} has {buf.nbytes} bytes, "
-                                         f"shape {shape} {dtype} needs {expected}")
+            raise ProtocolError(
+                "bytes",
+                f"buffer {name!r} has {buf.nbytes} bytes, shape {shape} {dtype} needs {expected}",
+            )
         arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
         arr.flags.writeable = False
         if check_finite and dtype.kind == "f" and not np.isfinite(arr).all():
@@ -277,7 +310,7 @@ class FrameLimits:
     def max_part_bytes(self) -> int:
         """Largest message part a receiver needs: a float64 frame of the largest side, or the
         largest header (ZMQ_MAXMSGSIZE is set from it)."""
-        return max(self.max_side_px ** 2 * 8, MAX_HEADER_BYTES)
+        return max(self.max_side_px**2 * 8, MAX_HEADER_BYTES)
 
 
 #: the limits every receiver applies unless given others.
@@ -285,8 +318,11 @@ DEFAULT_LIMITS = FrameLimits()
 
 
 def _in_range(value: Any, bounds: tuple[float, float]) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and bounds[0] <= value <= bounds[1])
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and bounds[0] <= value <= bounds[1]
+    )
 
 
 def check_frame_header(head: Mapping[str, Any], limits: FrameLimits | None = None) -> None:
@@ -296,27 +332,31 @@ def check_frame_header(head: Mapping[str, Any], limits: FrameLimits | None = Non
     limits = limits or DEFAULT_LIMITS
     h, w = head["buffers"][0]["shape"]
     if not (0 < h <= limits.max_side_px and 0 < w <= limits.max_side_px):
-        raise ProtocolError("shape", f"frame of {h} x {w} px: each side must be 1.."
-                                     f"{limits.max_side_px} px")
+        raise ProtocolError(
+            "shape", f"frame of {h} x {w} px: each side must be 1..{limits.max_side_px} px"
+        )
     pixel = head["pixel_size_pm"]
-    if not (isinstance(pixel, float) and math.isnan(pixel)) \
-            and not _in_range(pixel, limits.pixel_size_range_pm):
+    if not (isinstance(pixel, float) and math.isnan(pixel)) and not _in_range(
+        pixel, limits.pixel_size_range_pm
+    ):
         lo, hi = limits.pixel_size_range_pm
-        raise ProtocolError("pixel_size", f"pixel_size_pm = {pixel!r:.20} is outside "
-                                          f"{lo:g}..{hi:g} pm (NaN: unknown)")
+        raise ProtocolError(
+            "pixel_size",
+            f"pixel_size_pm = {pixel!r:.20} is outside {lo:g}..{hi:g} pm (NaN: unknown)",
+        )
     dose = head.get("dose_e_per_px")
     if dose is not None and not _in_range(dose, limits.dose_range_e_per_px):
         lo, hi = limits.dose_range_e_per_px
-        raise ProtocolError("dose", f"dose_e_per_px = {dose!r:.20} is outside {lo:g}..{hi:g} "
-                                    f"electrons per pixel")
+        raise ProtocolError(
+            "dose", f"dose_e_per_px = {dose!r:.20} is outside {lo:g}..{hi:g} electrons per pixel"
+        )
 
 
 def check_frame_values(frame: np.ndarray, limits: FrameLimits | None = None) -> None:
     """Reject a floating-point frame with a value beyond ``limits.max_value`` (reason
     ``range``); NaN/Inf are caught by :func:`decode` (reason ``nonfinite``)."""
     limits = limits or DEFAULT_LIMITS
-    if frame.dtype.kind == "f" and frame.size and \
-            float(np.max(np.abs(frame))) > limits.max_value:
+    if frame.dtype.kind == "f" and frame.size and float(np.max(np.abs(frame))) > limits.max_value:
         raise ProtocolError("range", f"frame values beyond +-{limits.max_value:g} counts")
 
 
@@ -334,8 +374,12 @@ class MalformedCounter:
             first = self.counts[err.reason] == 0
             self.counts[err.reason] += 1
         if first:
-            self._log.warning("%s: skipped a malformed message (%s); further ones of this kind "
-                              "are counted silently", self.where, err)
+            self._log.warning(
+                "%s: skipped a malformed message (%s); further ones of this kind "
+                "are counted silently",
+                self.where,
+                err,
+            )
 
     @property
     def total(self) -> int:
@@ -397,5 +441,9 @@ class SequenceTracker:
         return tail
 
     def as_dict(self) -> dict[str, int]:
-        return {"received": self.received, "lost": self.lost,
-                "lost_at_start": self.lost_at_start, "out_of_order": self.out_of_order}
+        return {
+            "received": self.received,
+            "lost": self.lost,
+            "lost_at_start": self.lost_at_start,
+            "out_of_order": self.out_of_order,
+        }

@@ -13,6 +13,7 @@ restarted loses nothing: the sender resends what was not on disk. A restarted re
 its previous file unfinished, recovers it (:func:`streamer.session_file.recover`) and records
 into ``NAME.1.h5`` (``.2``...) beside it, continuing that session's loss accounting.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,16 +77,22 @@ class RecorderConfig:
 
     def __post_init__(self) -> None:
         if not self.min_free_mib >= MIN_RESERVE_MIB:
-            raise ValueError(f"--min-free-mib {self.min_free_mib:g} is too small: the recorder "
-                             f"keeps at least {MIN_RESERVE_MIB:g} MiB free so that HDF5 can "
-                             f"close the file cleanly")
+            raise ValueError(
+                f"--min-free-mib {self.min_free_mib:g} is too small: the recorder "
+                f"keeps at least {MIN_RESERVE_MIB:g} MiB free so that HDF5 can "
+                f"close the file cleanly"
+            )
         folder = Path(self.out).resolve().parent
         if not folder.is_dir():
-            raise FileNotFoundError(f"cannot record to {self.out}: the folder {folder} does "
-                                    f"not exist (create it, or choose another --out)")
+            raise FileNotFoundError(
+                f"cannot record to {self.out}: the folder {folder} does "
+                f"not exist (create it, or choose another --out)"
+            )
         if not os.access(folder, os.W_OK):
-            raise PermissionError(f"cannot record to {self.out}: the folder {folder} is not "
-                                  f"writable (choose another --out)")
+            raise PermissionError(
+                f"cannot record to {self.out}: the folder {folder} is not "
+                f"writable (choose another --out)"
+            )
 
 
 @dataclass
@@ -110,13 +117,18 @@ class RecordSummary:
     elapsed_s: float = 0.0
 
     def table(self) -> str:
-        rows = [("file", self.path), ("frames", self.frames), ("results", self.results),
-                ("frames lost (sequence gaps)", self.lost),
-                ("malformed messages", sum(self.malformed.values())),
-                ("results without a frame", self.results_without_frame),
-                ("frames without a result", self.frames_without_result),
-                ("other sessions refused", sum(self.foreign.values())),
-                ("stopped by", self.stopped_by), ("elapsed, s", f"{self.elapsed_s:.1f}")]
+        rows = [
+            ("file", self.path),
+            ("frames", self.frames),
+            ("results", self.results),
+            ("frames lost (sequence gaps)", self.lost),
+            ("malformed messages", sum(self.malformed.values())),
+            ("results without a frame", self.results_without_frame),
+            ("frames without a result", self.frames_without_result),
+            ("other sessions refused", sum(self.foreign.values())),
+            ("stopped by", self.stopped_by),
+            ("elapsed, s", f"{self.elapsed_s:.1f}"),
+        ]
         text = "\n".join(f"{k:<30} {v}" for k, v in rows)
         if self.malformed:
             text += f"\n{'malformed by reason':<30} {self.malformed}"
@@ -160,12 +172,19 @@ class Recorder:
         try:
             info = recover(self.out)
         except (OSError, ValueError) as exc:
-            log.warning("%s was left unfinished and could not be recovered (%s); recording "
-                        "beside it", self.out, exc)
+            log.warning(
+                "%s was left unfinished and could not be recovered (%s); recording beside it",
+                self.out,
+                exc,
+            )
         else:
-            log.warning("%s was left unfinished by a stopped recorder: recovered (%d rows "
-                        "kept, %d dropped); this recording continues it", self.out,
-                        info["rows"], info["dropped_rows"])
+            log.warning(
+                "%s was left unfinished by a stopped recorder: recovered (%d rows "
+                "kept, %d dropped); this recording continues it",
+                self.out,
+                info["rows"],
+                info["dropped_rows"],
+            )
             if info["session_id"]:
                 self._resume = (info["session_id"], info["last_seq"])
         self.summary.continues = str(self.out)
@@ -181,9 +200,13 @@ class Recorder:
         if session == self._session:
             return False
         if not self.summary.foreign:
-            log.warning("refused a %s of session %r while recording session %r; further "
-                        "messages of other sessions are counted silently", kind, session,
-                        self._session)
+            log.warning(
+                "refused a %s of session %r while recording session %r; further "
+                "messages of other sessions are counted silently",
+                kind,
+                session,
+                self._session,
+            )
         self.summary.foreign[kind] = self.summary.foreign.get(kind, 0) + 1
         return True
 
@@ -197,12 +220,22 @@ class Recorder:
             return False
         self._session = self.summary.session = msg.header["session"]
         self.writer = SessionWriter(
-            self.out, msg, compress=self.config.compress,
+            self.out,
+            msg,
+            compress=self.config.compress,
             flush_interval_s=self.config.flush_interval_s,
-            attrs={"recorder_config": config_json(self.config),
-                   "continues": os.path.basename(self.summary.continues)})
-        log.info("recording %s: session %s, %s %s frames", self.out, self._session,
-                 frame.shape, frame.dtype)
+            attrs={
+                "recorder_config": config_json(self.config),
+                "continues": os.path.basename(self.summary.continues),
+            },
+        )
+        log.info(
+            "recording %s: session %s, %s %s frames",
+            self.out,
+            self._session,
+            frame.shape,
+            frame.dtype,
+        )
         return True
 
     def _on_frame(self, msg: Message, inp: Input) -> None:
@@ -213,8 +246,12 @@ class Recorder:
         elif self._foreign("frame", msg.header["session"]):
             return
         elif frame.shape != self.writer.shape or frame.dtype != self.writer.dtype:
-            self._reject(inp, "shape", f"frame {frame.shape} {frame.dtype} does not match the "
-                                       f"session's {self.writer.shape} {self.writer.dtype}")
+            self._reject(
+                inp,
+                "shape",
+                f"frame {frame.shape} {frame.dtype} does not match the "
+                f"session's {self.writer.shape} {self.writer.dtype}",
+            )
             return
         else:
             self._check_disk()
@@ -237,8 +274,11 @@ class Recorder:
         for name in RESULT_MAPS:
             arr = msg.arrays.get(name)
             if arr is not None and shape is not None and arr.shape != shape:
-                self._reject(inp, "shape", f"result map {name!r} {arr.shape} does not match "
-                                           f"the frames {shape}")
+                self._reject(
+                    inp,
+                    "shape",
+                    f"result map {name!r} {arr.shape} does not match the frames {shape}",
+                )
                 return
         row = self._rows.get(seq)
         if row is not None:
@@ -279,9 +319,12 @@ class Recorder:
         free = shutil.disk_usage(folder).free
         self._free_estimate = free
         if free <= margin:
-            self._fail("disk full", f"{free / 2**20:.1f} MiB free on {folder}, the reserve is "
-                                    f"{self.config.min_free_mib:g} MiB (--min-free-mib) plus "
-                                    f"two rows")
+            self._fail(
+                "disk full",
+                f"{free / 2**20:.1f} MiB free on {folder}, the reserve is "
+                f"{self.config.min_free_mib:g} MiB (--min-free-mib) plus "
+                f"two rows",
+            )
 
     def _fail(self, why: str, detail: str) -> None:
         """Stop with an error (logged once). After a write error only what was flushed is
@@ -291,8 +334,10 @@ class Recorder:
         writer, fatal = self.writer, why == WRITE_ERROR
         n = 0 if writer is None else writer.n_flushed if fatal else writer.n_frames
         kept = f"the {n} frames {'flushed before' if fatal else 'recorded'}"
-        self.summary.error = (f"recording stopped ({why}): {detail}. {self.out} keeps "
-                              f"{kept}; free some space and start a new recording.")
+        self.summary.error = (
+            f"recording stopped ({why}): {detail}. {self.out} keeps "
+            f"{kept}; free some space and start a new recording."
+        )
         self.summary.stopped_by = why
         log.error(self.summary.error)
         self.stop.set()
@@ -322,15 +367,29 @@ class Recorder:
         """Record until eos, a signal, ``stop`` or a write error; return the summary."""
         cfg, t0 = self.config, time.monotonic()
         self._take_over_previous()
-        frames_in = Input(cfg.frames, hwm=cfg.hwm, accept=("frame", "eos", "heartbeat"),
-                          name="recorder frames", auto_ack=False)
+        frames_in = Input(
+            cfg.frames,
+            hwm=cfg.hwm,
+            accept=("frame", "eos", "heartbeat"),
+            name="recorder frames",
+            auto_ack=False,
+        )
         if self._resume is not None:  # no gap before the first frame the crashed file lacks
             frames_in.sequences["frame"].resume_after(*self._resume)
         inputs = [(frames_in, False)]
         if cfg.results:
-            inputs.append((Input(cfg.results, hwm=cfg.hwm,
-                                 accept=("result", "eos", "heartbeat"),
-                                 name="recorder results", auto_ack=False), True))
+            inputs.append(
+                (
+                    Input(
+                        cfg.results,
+                        hwm=cfg.hwm,
+                        accept=("result", "eos", "heartbeat"),
+                        name="recorder results",
+                        auto_ack=False,
+                    ),
+                    True,
+                )
+            )
         links = [inp for inp, _ in inputs]
         poller = zmq.Poller()
         for inp in links:
@@ -393,9 +452,13 @@ class Recorder:
                 try:
                     self.writer.flush(force=True)
                     flushed = True
-                    self.writer.close({"summary": json.dumps(asdict(s)),
-                                       "frames_lost": s.lost,
-                                       "stopped_by": s.stopped_by})
+                    self.writer.close(
+                        {
+                            "summary": json.dumps(asdict(s)),
+                            "frames_lost": s.lost,
+                            "stopped_by": s.stopped_by,
+                        }
+                    )
                 except (OSError, RuntimeError) as exc:
                     self._fail(WRITE_ERROR, f"{type(exc).__name__}: {exc}")
                     self.writer.abandon()

@@ -6,6 +6,7 @@ order. Timing: the recorded rate (default; from the timestamps or the frame inte
 rate, or as fast as the consumers take them. Frames carry ``dose_e_per_px`` when known; the
 stream ends with an ``eos``. Imports only ``streamer``, numpy and h5py (through streamer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,6 +66,7 @@ def _session_frames(path: Path) -> tuple[Generator[_Frame, None, None], int, flo
                 yield _Frame(frame, t, session.pixel_size_pm, session.dose(i))
         finally:
             session.close()
+
     return frames(), len(session), session.frame_interval_s
 
 
@@ -72,8 +74,10 @@ def _folder_frames(path: Path) -> tuple[Generator[_Frame, None, None], int | Non
     def frames() -> Generator[_Frame, None, None]:
         for stack in iter_folder(path):
             for i in range(len(stack)):
-                yield _Frame(np.asarray(stack.frames[i]), None, stack.pixel_size_pm,
-                             stack.dose_e_per_px)
+                yield _Frame(
+                    np.asarray(stack.frames[i]), None, stack.pixel_size_pm, stack.dose_e_per_px
+                )
+
     return frames(), None, math.nan
 
 
@@ -103,8 +107,11 @@ def replay(config: ReplayConfig, stop: threading.Event | None = None) -> dict:
             step = interval if math.isfinite(interval) else 0.0
             timing = config.timing
             if timing == "recorded" and count is None and not math.isfinite(interval):
-                log.warning("%s does not say its frame rate: replaying as fast as consumers "
-                            "take frames (use --rate HZ to pace it)", config.source)
+                log.warning(
+                    "%s does not say its frame rate: replaying as fast as consumers "
+                    "take frames (use --rate HZ to pace it)",
+                    config.source,
+                )
                 timing = "max"
             first_t: float | None = None
             rel = 0.0
@@ -121,15 +128,20 @@ def replay(config: ReplayConfig, stop: threading.Event | None = None) -> dict:
                         ok = pacer.wait(sent / config.rate_hz)  # type: ignore[operator]  # rate_hz checked > 0 above
                     else:
                         ok = not sender.stop.is_set()
-                    pixel = item.pixel_size_pm if config.pixel_size_pm is None \
-                        else config.pixel_size_pm
+                    pixel = (
+                        item.pixel_size_pm if config.pixel_size_pm is None else config.pixel_size_pm
+                    )
                     if not math.isfinite(pixel) and not warned:
                         warned = True
-                        log.warning("%s does not state its pixel size; the engine needs it: "
-                                    "pass --pixel-size-pm", config.source)
+                        log.warning(
+                            "%s does not state its pixel size; the engine needs it: "
+                            "pass --pixel-size-pm",
+                            config.source,
+                        )
                     t_acq = None if item.t_rec is None else item.t_rec + pass_offset
-                    if not ok or not sender.send(item.frame, pixel_size_pm=pixel, t_acq=t_acq,
-                                                 dose_e_per_px=item.dose):
+                    if not ok or not sender.send(
+                        item.frame, pixel_size_pm=pixel, t_acq=t_acq, dose_e_per_px=item.dose
+                    ):
                         break
                     if sent == 0:
                         pacer.restart(pass_offset + rel if timing == "recorded" else 0.0)
@@ -151,24 +163,35 @@ def replay(config: ReplayConfig, stop: threading.Event | None = None) -> dict:
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     """Add ``segdepth replay``."""
     p = commands.add_parser(
-        "replay", help="publish a recorded/simulated session file or a folder of camera files",
+        "replay",
+        help="publish a recorded/simulated session file or a folder of camera files",
         description="Publish the frames of a session file (HDF5: recorded by `segdepth "
-                    "record` or simulated) or of a folder of camera files (TIFF, MRC, "
-                    "DM3/DM4, K3 In-Situ NAME.dm4 + NAME.raw*) in the SegDepth Live protocol, "
-                    "ending with an end-of-stream message.")
+        "record` or simulated) or of a folder of camera files (TIFF, MRC, "
+        "DM3/DM4, K3 In-Situ NAME.dm4 + NAME.raw*) in the SegDepth Live protocol, "
+        "ending with an end-of-stream message.",
+    )
     p.add_argument("source", help="session file (.h5) or folder of camera files")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=float, metavar="HZ", help="frames per second")
-    rate.add_argument("--recorded-rate", action="store_true",
-                      help="the session's own frame rate (default; a folder without timing "
-                           "information falls back to --max-rate)")
-    rate.add_argument("--max-rate", action="store_true",
-                      help="as fast as the consumers take frames (replay mode) or as fast as "
-                           "possible (live mode)")
+    rate.add_argument(
+        "--recorded-rate",
+        action="store_true",
+        help="the session's own frame rate (default; a folder without timing "
+        "information falls back to --max-rate)",
+    )
+    rate.add_argument(
+        "--max-rate",
+        action="store_true",
+        help="as fast as the consumers take frames (replay mode) or as fast as "
+        "possible (live mode)",
+    )
     add_output_options(p, "streamer.replay:ReplayConfig")
     p.add_argument("--loop", action="store_true", help="start again at the end, until Ctrl-C")
-    p.add_argument("--pixel-size-pm", type=float,
-                   help="pixel size in pm, overriding what the files say (sent with frames)")
+    p.add_argument(
+        "--pixel-size-pm",
+        type=float,
+        help="pixel size in pm, overriding what the files say (sent with frames)",
+    )
     security.add_options(p)
     p.set_defaults(func=_run)
 
@@ -176,11 +199,20 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
 def _run(args: argparse.Namespace) -> int:
     timing = "rate" if args.rate else "max" if args.max_rate else "recorded"
     config = ReplayConfig(
-        source=args.source, timing=timing, rate_hz=args.rate, loop=args.loop,
-        pixel_size_pm=args.pixel_size_pm, outputs=source_outputs(args, ReplayConfig))
+        source=args.source,
+        timing=timing,
+        rate_hz=args.rate,
+        loop=args.loop,
+        pixel_size_pm=args.pixel_size_pm,
+        outputs=source_outputs(args, ReplayConfig),
+    )
     security.apply_options(args)
     stats = replay(config, install_stop_signals())
-    log.info("replayed %d frames in %.1f s (%.1f frames/s), per output: %s", stats["frames"],
-             stats["elapsed_s"], stats["rate_hz"],
-             {k: v for k, v in stats.items() if isinstance(v, dict)})
+    log.info(
+        "replayed %d frames in %.1f s (%.1f frames/s), per output: %s",
+        stats["frames"],
+        stats["elapsed_s"],
+        stats["rate_hz"],
+        {k: v for k, v in stats.items() if isinstance(v, dict)},
+    )
     return 0

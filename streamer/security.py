@@ -7,6 +7,7 @@ process finds the folder in ``$SEGDEPTH_KEYS`` (the ``--keys DIR`` option of a c
 it). A socket that binds a non-loopback address without keys is refused unless
 ``$SEGDEPTH_INSECURE=1`` (``--insecure``).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -35,8 +36,10 @@ def split_endpoint(endpoint: str) -> tuple[str, str]:
     """(scheme, address) of ``endpoint``; EndpointError when it has no known scheme."""
     scheme, sep, address = endpoint.partition("://")
     if not sep or scheme not in SCHEMES or not address:
-        raise EndpointError(f"endpoint {endpoint!r} has no scheme: write it as "
-                            f"tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555")
+        raise EndpointError(
+            f"endpoint {endpoint!r} has no scheme: write it as "
+            f"tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555"
+        )
     return scheme, address
 
 
@@ -71,26 +74,33 @@ class Keys:
     @classmethod
     def load(cls, folder: str | Path) -> Keys:
         import zmq.auth
+
         folder = Path(folder)
         try:
             sp, ss = zmq.auth.load_certificate(folder / "server.key_secret")
             cp, cs = zmq.auth.load_certificate(folder / "client.key_secret")
         except (OSError, ValueError) as exc:
-            raise FileNotFoundError(f"{folder} is not a key folder ({exc}); make one with "
-                                    f"`segdepth keys {folder}`") from None
+            raise FileNotFoundError(
+                f"{folder} is not a key folder ({exc}); make one with `segdepth keys {folder}`"
+            ) from None
         if ss is None or cs is None:
-            raise FileNotFoundError(f"{folder}: a *.key_secret file holds no secret key; make "
-                                    f"the folder again with `segdepth keys {folder} --force`")
+            raise FileNotFoundError(
+                f"{folder}: a *.key_secret file holds no secret key; make "
+                f"the folder again with `segdepth keys {folder} --force`"
+            )
         return cls(folder, sp, ss, cp, cs)
 
 
 def make_keys(folder: str | Path, overwrite: bool = False) -> Keys:
     """Create a key folder (server and client key pairs, ``allowed/client.key``)."""
     import zmq.auth
+
     folder = Path(folder)
     if (folder / "server.key_secret").exists() and not overwrite:
-        raise FileExistsError(f"{folder} already holds keys; pass --force to replace them "
-                              f"(every peer then needs the new ones)")
+        raise FileExistsError(
+            f"{folder} already holds keys; pass --force to replace them "
+            f"(every peer then needs the new ones)"
+        )
     (folder / "allowed").mkdir(parents=True, exist_ok=True)
     for name in ("server", "client"):
         zmq.auth.create_certificates(str(folder), name)
@@ -108,6 +118,7 @@ def keys_from_env() -> Keys | None:
 def _start_zap(ctx: zmq.Context, keys: Keys) -> None:
     """One ZAP handler per context, admitting the public keys in ``keys.allowed``."""
     from zmq.auth.thread import ThreadAuthenticator
+
     with _auth_lock:
         if id(ctx) in _authenticators:
             return
@@ -134,7 +145,8 @@ def secure_server(sock: zmq.Socket, endpoint: str, keys: Keys | None = None) -> 
             raise EndpointError(
                 f"refusing to bind {endpoint} without encryption: it is reachable from other "
                 f"machines. Make keys with `segdepth keys DIR` and pass --keys DIR to every "
-                f"program (or set {KEYS_ENV}=DIR), or pass --insecure on a private network")
+                f"program (or set {KEYS_ENV}=DIR), or pass --insecure on a private network"
+            )
         return
     _start_zap(sock.context, keys)
     sock.curve_secretkey = keys.server_secret
@@ -154,12 +166,18 @@ def secure_client(sock: zmq.Socket, keys: Keys | None = None) -> None:
 
 def add_options(parser) -> None:
     """``--keys DIR`` and ``--insecure`` on a command that opens sockets."""
-    parser.add_argument("--keys", metavar="DIR", default=None,
-                        help=f"CURVE key folder made by `segdepth keys DIR`: encrypt every "
-                             f"link and admit only the keys in DIR/allowed (sets {KEYS_ENV})")
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow binding a non-loopback address without keys (a private "
-                             "network only)")
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        default=None,
+        help=f"CURVE key folder made by `segdepth keys DIR`: encrypt every "
+        f"link and admit only the keys in DIR/allowed (sets {KEYS_ENV})",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow binding a non-loopback address without keys (a private network only)",
+    )
 
 
 def apply_options(args) -> None:

@@ -8,6 +8,7 @@ A file whose writer was killed keeps its SWMR flag set: :func:`recover` (``segde
 rewrites it so plain h5py opens it, keeping every row that has its sequence number and
 timestamp; :func:`open_session` also reads such a file as it is (``swmr=True``).
 """
+
 from __future__ import annotations
 
 import errno
@@ -41,10 +42,20 @@ COLUMN_SERIES: dict[str, tuple[str, Any, str]] = {
     "change_probability": ("f4", np.nan, "P(depth changed since the previous frame)"),
 }
 #: one row per depth-change event (docs/SESSION_FILE.md "events"; engine.hmm.Event).
-EVENT_DTYPE = np.dtype([("column_id", "<i8"), ("species", "u1"), ("frame", "<i8"),
-                        ("time_s", "<f8"), ("before", "i1"), ("after", "i1"),
-                        ("probability", "<f4"), ("detected_frame", "<i8"),
-                        ("delay_frames", "<i4"), ("delay_s", "<f4")])
+EVENT_DTYPE = np.dtype(
+    [
+        ("column_id", "<i8"),
+        ("species", "u1"),
+        ("frame", "<i8"),
+        ("time_s", "<f8"),
+        ("before", "i1"),
+        ("after", "i1"),
+        ("probability", "<f4"),
+        ("detected_frame", "<i8"),
+        ("delay_frames", "<i4"),
+        ("delay_s", "<f4"),
+    ]
+)
 #: per-column depth probability series (T, n_columns, 11), from the result buffers of that name.
 COLUMN_PROBABILITIES = ("column_probabilities", "column_probabilities_filtered")
 #: result maps (T, H, W): name -> (dtype, fill value for "no result", units)
@@ -61,8 +72,13 @@ _UNCLOSABLE: list = []  #: writers whose file could not be closed after a write 
 def git_revision() -> str:
     """The git commit of this checkout, or ``unknown``."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -72,13 +88,17 @@ def _compression_opts(compress: bool) -> dict[str, Any]:
     if not compress:
         return {}
     import hdf5plugin
+
     return dict(hdf5plugin.Bitshuffle(cname="lz4"))
 
 
 def _float(header: dict, name: str) -> float:
     value = header.get(name)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+    return (
+        float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
         else math.nan
+    )
 
 
 class SessionWriter:
@@ -90,8 +110,15 @@ class SessionWriter:
     (provenance). Raises OSError from HDF5 (e.g. a full disk); the caller stops on it.
     """
 
-    def __init__(self, path: str | Path, first: Message, *, compress: bool = False,
-                 flush_interval_s: float = 0.5, attrs: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        first: Message,
+        *,
+        compress: bool = False,
+        flush_interval_s: float = 0.5,
+        attrs: dict[str, Any] | None = None,
+    ):
         self.path = Path(path)
         frame = first.arrays["frame"]
         self.shape = frame.shape
@@ -116,13 +143,27 @@ class SessionWriter:
         self.f.swmr_mode = True
 
     # --- layout --------------------------------------------------------------------------
-    def _series(self, group: h5py.Group, name: str, shape: tuple[int, ...], dtype: str,
-                units: str, fill: Any = 0, compress: dict | None = None) -> h5py.Dataset:
+    def _series(
+        self,
+        group: h5py.Group,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: str,
+        units: str,
+        fill: Any = 0,
+        compress: dict | None = None,
+    ) -> h5py.Dataset:
         """A dataset growing along time: (0, *shape), one chunk per frame for images."""
         chunks = (1, *shape) if len(shape) == 2 else (1024, *shape)
-        dset = group.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape),
-                                    dtype=dtype, chunks=chunks, fillvalue=fill,
-                                    **(compress or {}))
+        dset = group.create_dataset(
+            name,
+            shape=(0, *shape),
+            maxshape=(None, *shape),
+            dtype=dtype,
+            chunks=chunks,
+            fillvalue=fill,
+            **(compress or {}),
+        )
         dset.attrs["units"] = units
         return dset
 
@@ -133,44 +174,67 @@ class SessionWriter:
         self.timestamps = self._series(f, "timestamps_s", (), "f8", "s (Unix epoch)")
         self.sequence = self._series(f, "sequence", (), "i8", "1", fill=-1)
         self.received = self._series(f, "received_s", (), "f8", "s (Unix epoch)")
-        self.frame_dose = self._series(f, "frame_dose_e_per_px", (), "f4",
-                                       "electrons per pixel per frame", fill=np.nan)
+        self.frame_dose = self._series(
+            f, "frame_dose_e_per_px", (), "f4", "electrons per pixel per frame", fill=np.nan
+        )
         res = f.create_group("results")
         self.has_result = self._series(res, "has_result", (), "u1", "bool")
-        self.maps = {name: self._series(res, name, (h, w), dt, units, fill, cz)
-                     for name, (dt, fill, units) in RESULT_MAPS.items()}
+        self.maps = {
+            name: self._series(res, name, (h, w), dt, units, fill, cz)
+            for name, (dt, fill, units) in RESULT_MAPS.items()
+        }
         self.latency = self._series(res, "latency_ms", (), "f4", "ms", fill=np.nan)
         self.drift = self._series(res, "drift_px", (2,), "f4", "px (dy, dx)", fill=np.nan)
-        self.ood = self._series(res, "ood_score", (), "f4",
-                                "mean 1 - confidence over column pixels", fill=np.nan)
-        self.ood_warning = self._series(res, "ood_warning", (), "i1",
-                                        "1 outside the model's domain, 0 inside, -1 unknown",
-                                        fill=-1)
+        self.ood = self._series(
+            res, "ood_score", (), "f4", "mean 1 - confidence over column pixels", fill=np.nan
+        )
+        self.ood_warning = self._series(
+            res,
+            "ood_warning",
+            (),
+            "i1",
+            "1 outside the model's domain, 0 inside, -1 unknown",
+            fill=-1,
+        )
         self.skipped = self._series(res, "skipped", (), "i8", "frames", fill=-1)
         self.batch_size = self._series(res, "batch_size", (), "i4", "frames", fill=-1)
         self.model_id = self._series(res, "model_id", (), "S64", "", fill=b"")
         self.backend = self._series(res, "backend", (), "S32", "", fill=b"")
         cols = f.create_group("columns")
         self.col_id = cols.create_dataset("id", (0,), "i8", maxshape=(None,), chunks=(256,))
-        self.col_species = cols.create_dataset("species", (0,), "u1", maxshape=(None,),
-                                               chunks=(256,))
+        self.col_species = cols.create_dataset(
+            "species", (0,), "u1", maxshape=(None,), chunks=(256,)
+        )
         self.col_species.attrs["units"] = "1 Ce, 2 O"
-        self.col_first_row = cols.create_dataset("first_row", (0,), "i8", maxshape=(None,),
-                                                 chunks=(256,))
-        self.col_series = {name: cols.create_dataset(
-            name, (0, 0), dt, maxshape=(None, None), chunks=(64, 64), fillvalue=fill)
-            for name, (dt, fill, _) in COLUMN_SERIES.items()}
+        self.col_first_row = cols.create_dataset(
+            "first_row", (0,), "i8", maxshape=(None,), chunks=(256,)
+        )
+        self.col_series = {
+            name: cols.create_dataset(
+                name, (0, 0), dt, maxshape=(None, None), chunks=(64, 64), fillvalue=fill
+            )
+            for name, (dt, fill, _) in COLUMN_SERIES.items()
+        }
         for name, (_, _, units) in COLUMN_SERIES.items():
             self.col_series[name].attrs["units"] = units
-        self.col_probs = {name: cols.create_dataset(
-            name, (0, 0, N_DEPTHS), "f4", maxshape=(None, None, N_DEPTHS),
-            chunks=(16, 64, N_DEPTHS), fillvalue=np.nan) for name in COLUMN_PROBABILITIES}
+        self.col_probs = {
+            name: cols.create_dataset(
+                name,
+                (0, 0, N_DEPTHS),
+                "f4",
+                maxshape=(None, None, N_DEPTHS),
+                chunks=(16, 64, N_DEPTHS),
+                fillvalue=np.nan,
+            )
+            for name in COLUMN_PROBABILITIES
+        }
         for dset in self.col_probs.values():
             dset.attrs["units"] = "probability of 0..10 atoms"
-        self.events = f.create_dataset("events", (0,), EVENT_DTYPE, maxshape=(None,),
-                                       chunks=(256,))
-        self.events.attrs["units"] = ("frame, detected_frame: sequence numbers; time_s: s "
-                                      "(Unix epoch); before, after: atoms; delay_s: s")
+        self.events = f.create_dataset("events", (0,), EVENT_DTYPE, maxshape=(None,), chunks=(256,))
+        self.events.attrs["units"] = (
+            "frame, detected_frame: sequence numbers; time_s: s "
+            "(Unix epoch); before, after: atoms; delay_s: s"
+        )
         a = f.attrs
         a["layout_version"] = LAYOUT_VERSION
         a["protocol_version"] = PROTOCOL_VERSION
@@ -189,12 +253,25 @@ class SessionWriter:
 
     # --- appending -----------------------------------------------------------------------
     def _grow_time(self, n: int) -> None:
-        for dset in (self.frames, self.timestamps, self.sequence, self.received,
-                     self.frame_dose, self.has_result, self.latency, self.drift, self.ood,
-                     self.ood_warning,
-                     self.skipped,
-                     self.batch_size, self.model_id, self.backend, *self.maps.values(),
-                     *self.col_series.values(), *self.col_probs.values()):
+        for dset in (
+            self.frames,
+            self.timestamps,
+            self.sequence,
+            self.received,
+            self.frame_dose,
+            self.has_result,
+            self.latency,
+            self.drift,
+            self.ood,
+            self.ood_warning,
+            self.skipped,
+            self.batch_size,
+            self.model_id,
+            self.backend,
+            *self.maps.values(),
+            *self.col_series.values(),
+            *self.col_probs.values(),
+        ):
             dset.resize(n, axis=0)
 
     def add_frame(self, msg: Message) -> int:
@@ -243,8 +320,9 @@ class SessionWriter:
         drift = head.get("drift_px")
         if isinstance(drift, list) and len(drift) == 2:
             self.drift[row] = [_float({"v": d}, "v") for d in drift]
-        self.skipped[row] = int(head.get("skipped", -1)) if isinstance(
-            head.get("skipped"), int) else -1
+        self.skipped[row] = (
+            int(head.get("skipped", -1)) if isinstance(head.get("skipped"), int) else -1
+        )
         self.batch_size[row] = head["batch_size"]
         if not self.n_results:  # root attributes at close: the model that made the results
             self.provenance = {"model_id": head["model_id"], "backend": head["backend"]}
@@ -294,7 +372,7 @@ class SessionWriter:
     def close(self, final_attrs: dict[str, Any] | None = None) -> None:
         """Close the file; then reopen it briefly (not SWMR) to write the final attributes."""
         if self.n_frames > 1:
-            interval = float(np.median(np.diff(self.timestamps[:self.n_frames])))
+            interval = float(np.median(np.diff(self.timestamps[: self.n_frames])))
         else:
             interval = math.nan
         self.f.close()
@@ -368,7 +446,7 @@ class Session:
     def iter_frames(self, block: int = 16) -> Iterator[tuple[int, np.ndarray]]:
         """(index, frame) for every frame, read ``block`` frames at a time."""
         for start in range(0, len(self), block):
-            chunk = self.frames[start:start + block]
+            chunk = self.frames[start : start + block]
             for k, frame in enumerate(chunk):
                 yield start + k, frame
 
@@ -385,6 +463,7 @@ def open_for_reading(path: str | Path) -> h5py.File:
     """A session file opened read-only: SWMR where it is being written (or was, by a killed
     recorder), else plainly; the Bitshuffle/LZ4 filter of compressed sessions registered."""
     import hdf5plugin  # noqa: F401  (registers the Bitshuffle filter for compressed sessions)
+
     if not Path(path).is_file():
         raise FileNotFoundError(errno.ENOENT, "no such session file", str(path))
     try:
@@ -393,8 +472,10 @@ def open_for_reading(path: str | Path) -> h5py.File:
         try:
             return h5py.File(path, "r")
         except OSError as exc:
-            raise ValueError(f"{path} is not an HDF5 session file ({exc}); give a file "
-                             f"written by segdepth record or simulate --session") from None
+            raise ValueError(
+                f"{path} is not an HDF5 session file ({exc}); give a file "
+                f"written by segdepth record or simulate --session"
+            ) from None
 
 
 def open_session(path: str | Path) -> Session:
@@ -413,14 +494,19 @@ def open_session(path: str | Path) -> Session:
     interval = float(_attr(f, "frame_interval_s", math.nan))
     if not math.isfinite(interval) and timestamps is not None and n > 1:
         interval = float(np.median(np.diff(timestamps)))
-    return Session(path=path, file=f, frames=f["frames"], timestamps_s=timestamps,
-                   sequence=series("sequence"),
-                   pixel_size_pm=float(_attr(f, "pixel_size_pm", math.nan)),
-                   dose_e_per_px=float(_attr(f, "dose_e_per_px", math.nan)),
-                   frame_dose_e_per_px=series("frame_dose_e_per_px"),
-                   frame_interval_s=interval,
-                   session_id=str(_attr(f, "session_id", path.stem)),
-                   source=str(_attr(f, "source", "file")))
+    return Session(
+        path=path,
+        file=f,
+        frames=f["frames"],
+        timestamps_s=timestamps,
+        sequence=series("sequence"),
+        pixel_size_pm=float(_attr(f, "pixel_size_pm", math.nan)),
+        dose_e_per_px=float(_attr(f, "dose_e_per_px", math.nan)),
+        frame_dose_e_per_px=series("frame_dose_e_per_px"),
+        frame_interval_s=interval,
+        session_id=str(_attr(f, "session_id", path.stem)),
+        source=str(_attr(f, "source", "file")),
+    )
 
 
 def needs_recovery(path: str | Path) -> bool:
@@ -460,6 +546,7 @@ def recover(path: str | Path) -> dict[str, Any]:
     file that is not a session file or cannot be read at all.
     """
     import hdf5plugin  # noqa: F401  (compressed recordings)
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -483,9 +570,13 @@ def recover(path: str | Path) -> dict[str, Any]:
                 src.copy(src[name], dst, name=name)
 
             def trim(name: str, obj: Any) -> None:
-                if isinstance(obj, h5py.Dataset) and _along_time(name, obj) \
-                        and obj.shape[0] == total:
+                if (
+                    isinstance(obj, h5py.Dataset)
+                    and _along_time(name, obj)
+                    and obj.shape[0] == total
+                ):
                     obj.resize(n, axis=0)
+
             dst.visititems(trim)
             seq = dst["sequence"][:n] if "sequence" in dst else np.arange(n)
             if n > 1 and "timestamps_s" in dst:
@@ -501,11 +592,17 @@ def recover(path: str | Path) -> dict[str, Any]:
         raise
     src.close()
     os.replace(tmp, path)
-    return {"path": str(path), "rows": n, "dropped_rows": total - n, "session_id": session_id,
-            "last_seq": last_seq}
+    return {
+        "path": str(path),
+        "rows": n,
+        "dropped_rows": total - n,
+        "session_id": session_id,
+        "last_seq": last_seq,
+    }
 
 
 def config_json(obj: Any) -> str:
     """A dataclass config as JSON (saved in the file it produced)."""
     from dataclasses import asdict
+
     return json.dumps(asdict(obj), default=str, sort_keys=True)

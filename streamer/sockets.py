@@ -34,6 +34,7 @@ configured; a non-loopback bind without keys is refused), every connect through
 :func:`~streamer.security.secure_client`. Buffers of at least :data:`ZERO_COPY_MIN_BYTES` are
 sent zero-copy: the caller must not modify an array after handing it to ``send``.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -110,6 +111,7 @@ def shutdown(linger_s: float = EXIT_LINGER_S) -> None:
     multiprocessing child). Without it, a process that exits right after a zero-copy send can
     crash while libzmq still reads buffers Python has already freed."""
     from streamer.security import stop_zap
+
     stop_zap(zmq.Context.instance())
     zmq.Context.instance().destroy(linger=int(linger_s * 1000))
 
@@ -195,8 +197,15 @@ class Output:
     at close). Set ``stop`` (a threading.Event) to interrupt a waiting :meth:`send`.
     """
 
-    def __init__(self, endpoint: str, *, mode: str = "replay", hwm: int = DEFAULT_HWM,
-                 ctx: zmq.Context | None = None, linger_s: float | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        mode: str = "replay",
+        hwm: int = DEFAULT_HWM,
+        ctx: zmq.Context | None = None,
+        linger_s: float | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if hwm < 1:
@@ -206,8 +215,11 @@ class Output:
         self.window = hwm
         self.sent = self.dropped = self.resent = self.refused = self.unacknowledged = 0
         self.stop = threading.Event()
-        self.linger_s = (REPLAY_LINGER_S if mode == "replay" else LIVE_LINGER_S) \
-            if linger_s is None else linger_s
+        self.linger_s = (
+            (REPLAY_LINGER_S if mode == "replay" else LIVE_LINGER_S)
+            if linger_s is None
+            else linger_s
+        )
         self._instance = os.urandom(6).hex()
         self._next = 0
         self._unacked: deque[tuple[int, list]] = deque()
@@ -264,24 +276,35 @@ class Output:
 
     def _refuse(self, peer: bytes) -> None:
         try:
-            self.socket.send_multipart([peer, REFUSED, msgpack.packb(
-                {"reason": f"{self.endpoint} already has a reader (point-to-point link)"})],
-                zmq.NOBLOCK)
+            self.socket.send_multipart(
+                [
+                    peer,
+                    REFUSED,
+                    msgpack.packb(
+                        {"reason": f"{self.endpoint} already has a reader (point-to-point link)"}
+                    ),
+                ],
+                zmq.NOBLOCK,
+            )
         except zmq.ZMQError:
             pass
         if peer not in self._refused_ids:
             self._refused_ids.add(peer)
             self.refused += 1
-            log.warning("%s: a second reader connected and was refused (this link serves one "
-                        "reader; viewers use the PUB feeds); refused so far: %d",
-                        self.endpoint, self.refused)
+            log.warning(
+                "%s: a second reader connected and was refused (this link serves one "
+                "reader; viewers use the PUB feeds); refused so far: %d",
+                self.endpoint,
+                self.refused,
+            )
 
     def _accept(self, peer: bytes) -> None:
         had = self._peer is not None
         self._peer, self._no_reader_since, self._said_no_reader = peer, None, False
         try:
-            self.socket.send_multipart([peer, WELCOME, msgpack.packb(
-                {"v": 1, "sender": self._instance})], zmq.NOBLOCK)
+            self.socket.send_multipart(
+                [peer, WELCOME, msgpack.packb({"v": 1, "sender": self._instance})], zmq.NOBLOCK
+            )
             for seq, parts in self._unacked:
                 self._route(seq, parts)
         except zmq.ZMQError:
@@ -289,8 +312,12 @@ class Output:
             return
         if self._unacked:
             self.resent += len(self._unacked)
-            log.warning("%s: a new reader took over; resent the %d messages the previous "
-                        "one had not acknowledged", self.endpoint, len(self._unacked))
+            log.warning(
+                "%s: a new reader took over; resent the %d messages the previous "
+                "one had not acknowledged",
+                self.endpoint,
+                len(self._unacked),
+            )
         elif had:
             log.info("%s: a new reader took over", self.endpoint)
 
@@ -305,8 +332,11 @@ class Output:
             self._no_reader_since = now
         elif not self._said_no_reader and now - self._no_reader_since > NO_READER_NOTICE_S:
             self._said_no_reader = True
-            log.warning("%s: no reader connected yet (start the program that reads it, or "
-                        "set this output to 'none'); waiting", self.endpoint)
+            log.warning(
+                "%s: no reader connected yet (start the program that reads it, or "
+                "set this output to 'none'); waiting",
+                self.endpoint,
+            )
 
     @property
     def connected(self) -> bool:
@@ -340,8 +370,9 @@ class Output:
             return True
         return False
 
-    def send(self, parts: Sequence[Any], timeout_s: float | None = None, *,
-             wait: bool | None = None) -> bool:
+    def send(
+        self, parts: Sequence[Any], timeout_s: float | None = None, *, wait: bool | None = None
+    ) -> bool:
         """Send one encoded message (:func:`streamer.protocol.encode` parts); True if sent.
 
         ``wait`` (default: True in replay mode, False in live mode) waits for a reader and room
@@ -357,8 +388,9 @@ class Output:
             return False
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not self.stop.is_set():
-            left = POLL_SLICE_S if deadline is None else min(POLL_SLICE_S,
-                                                            deadline - time.monotonic())
+            left = (
+                POLL_SLICE_S if deadline is None else min(POLL_SLICE_S, deadline - time.monotonic())
+            )
             if left <= 0:
                 return False
             self._note_waiting()
@@ -373,8 +405,11 @@ class Output:
         gets the outstanding messages first."""
         deadline = time.monotonic() + timeout_s
         readerless_since: float | None = None
-        while self._unacked and time.monotonic() < deadline \
-                and not (stop is not None and stop.is_set()):
+        while (
+            self._unacked
+            and time.monotonic() < deadline
+            and not (stop is not None and stop.is_set())
+        ):
             if self._peer is not None and not self._alive(self._peer):
                 self._peer = None  # the reader left (e.g. it finished at the eos)
             now = time.monotonic()
@@ -395,14 +430,22 @@ class Output:
             self.flush(self.linger_s if linger_s is None else linger_s)
             self.unacknowledged = len(self._unacked)
             if self._unacked:
-                log.warning("%s: %d messages were never acknowledged by a reader",
-                            self.endpoint, len(self._unacked))
+                log.warning(
+                    "%s: %d messages were never acknowledged by a reader",
+                    self.endpoint,
+                    len(self._unacked),
+                )
             self._unacked.clear()
             self.socket.close(0)
 
     def stats(self) -> dict[str, int]:
-        return {"sent": self.sent, "dropped": self.dropped, "resent": self.resent,
-                "refused_readers": self.refused, "unacknowledged": self.unacknowledged}
+        return {
+            "sent": self.sent,
+            "dropped": self.dropped,
+            "resent": self.resent,
+            "refused_readers": self.refused,
+            "unacknowledged": self.unacknowledged,
+        }
 
     def __enter__(self) -> Output:
         return self
@@ -414,9 +457,16 @@ class Output:
 class _Receiver:
     """Shared receiving logic: decode, validate, count malformed messages and sequence gaps."""
 
-    def __init__(self, sock: zmq.Socket, endpoints: str | Sequence[str], hwm: int,
-                 accept: Collection[str] | None, check_finite: bool, name: str,
-                 limits: FrameLimits):
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        endpoints: str | Sequence[str],
+        hwm: int,
+        accept: Collection[str] | None,
+        check_finite: bool,
+        name: str,
+        limits: FrameLimits,
+    ):
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         self.accept = None if accept is None else frozenset(accept)
         self.check_finite = check_finite
@@ -471,8 +521,9 @@ class _Receiver:
             except zmq.Again:
                 pass
             self._idle()
-            left = POLL_SLICE_S if deadline is None else min(POLL_SLICE_S,
-                                                            deadline - time.monotonic())
+            left = (
+                POLL_SLICE_S if deadline is None else min(POLL_SLICE_S, deadline - time.monotonic())
+            )
             if left <= 0:
                 return None
             self.socket.poll(max(1, int(left * 1000)), zmq.POLLIN)
@@ -498,9 +549,11 @@ class _Receiver:
 
     def stats(self) -> dict[str, Any]:
         """Counters for a summary: per-kind sequence tracking and malformed counts by reason."""
-        return {"frames": self.sequences["frame"].as_dict(),
-                "results": self.sequences["result"].as_dict(),
-                "malformed": self.malformed.as_dict()}
+        return {
+            "frames": self.sequences["frame"].as_dict(),
+            "results": self.sequences["result"].as_dict(),
+            "malformed": self.malformed.as_dict(),
+        }
 
     def close(self) -> None:
         self.socket.close(0)
@@ -526,10 +579,18 @@ class Input(_Receiver):
     reader; None otherwise).
     """
 
-    def __init__(self, endpoint: str | Sequence[str], *, hwm: int = DEFAULT_HWM,
-                 ctx: zmq.Context | None = None, accept: Collection[str] | None = None,
-                 check_finite: bool = True, name: str | None = None,
-                 limits: FrameLimits = DEFAULT_LIMITS, auto_ack: bool = True):
+    def __init__(
+        self,
+        endpoint: str | Sequence[str],
+        *,
+        hwm: int = DEFAULT_HWM,
+        ctx: zmq.Context | None = None,
+        accept: Collection[str] | None = None,
+        check_finite: bool = True,
+        name: str | None = None,
+        limits: FrameLimits = DEFAULT_LIMITS,
+        auto_ack: bool = True,
+    ):
         endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
         if len(endpoints) != 1:
             raise ValueError("an Input reads exactly one sender's endpoint")
@@ -537,9 +598,9 @@ class Input(_Receiver):
         self.auto_ack = auto_ack
         self.duplicates = 0
         self.refused: str | None = None
-        self._sender = ""      # instance id of the sender that welcomed this reader
-        self._last = -1        # last link sequence number received from it
-        self._acked = -1       # last one finished with
+        self._sender = ""  # instance id of the sender that welcomed this reader
+        self._last = -1  # last link sequence number received from it
+        self._acked = -1  # last one finished with
         self._acked_sent: int | None = None
         self._last_ready = 0.0
         sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
@@ -547,24 +608,36 @@ class Input(_Receiver):
         sock.setsockopt(zmq.SNDHWM, 4)  # stale ready messages are worthless: drop them
         # libzmq ends (does not retry) a connection whose peer broke ZMQ_MAXMSGSIZE or the
         # wire protocol: a monitor notices, and the link is opened again (counted: ``size``)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED
-                                                | zmq.EVENT_CONNECT_RETRIED
-                                                | zmq.EVENT_CONNECTED)
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
+        )
         self._dropped_at: float | None = None
-        super().__init__(sock, endpoints[0], self.credit + 8, accept, check_finite,
-                         name or f"input {endpoints[0]}", limits)
+        super().__init__(
+            sock,
+            endpoints[0],
+            self.credit + 8,
+            accept,
+            check_finite,
+            name or f"input {endpoints[0]}",
+            limits,
+        )
         self._ready()
 
     def _watch_connection(self) -> None:
         from zmq.utils.monitor import parse_monitor_message
+
         while self._monitor.poll(0):
             event = parse_monitor_message(self._monitor.recv_multipart())["event"]
             self._dropped_at = time.monotonic() if event == zmq.EVENT_DISCONNECTED else None
         if self._dropped_at is not None and time.monotonic() - self._dropped_at > 0.5:
             self._dropped_at = None  # dropped for good: the sender broke the limits
-            self.malformed.record(ProtocolError(
-                "size", f"the sender's connection was dropped (a part above "
-                        f"{self.limits.max_part_bytes} bytes, or not ZMTP); reconnecting"))
+            self.malformed.record(
+                ProtocolError(
+                    "size",
+                    f"the sender's connection was dropped (a part above "
+                    f"{self.limits.max_part_bytes} bytes, or not ZMTP); reconnecting",
+                )
+            )
             try:
                 self.socket.disconnect(self.endpoints[0])
             except zmq.ZMQError:
@@ -574,17 +647,25 @@ class Input(_Receiver):
 
     def _ready(self) -> None:
         try:
-            self.socket.send_multipart([READY, msgpack.packb(
-                {"v": 1, "credit": self.credit, "ack": self._acked, "sender": self._sender})],
-                zmq.NOBLOCK)
+            self.socket.send_multipart(
+                [
+                    READY,
+                    msgpack.packb(
+                        {"v": 1, "credit": self.credit, "ack": self._acked, "sender": self._sender}
+                    ),
+                ],
+                zmq.NOBLOCK,
+            )
         except zmq.Again:
             return
         self._acked_sent, self._last_ready = self._acked, time.monotonic()
 
     def _idle(self) -> None:
         self._watch_connection()
-        if self._acked != self._acked_sent \
-                or time.monotonic() - self._last_ready > READY_INTERVAL_S:
+        if (
+            self._acked != self._acked_sent
+            or time.monotonic() - self._last_ready > READY_INTERVAL_S
+        ):
             self._ready()
 
     def service(self) -> None:
@@ -631,8 +712,9 @@ class Input(_Receiver):
             if self.auto_ack:  # (manual: a skipped message is covered by the next ack())
                 self._acked = seq
             if self._acked - (self._acked_sent or -1) >= max(1, self.credit // 2) or (
-                    self._acked != self._acked_sent
-                    and not int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN):
+                self._acked != self._acked_sent
+                and not int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN
+            ):
                 self._ready()  # half the credit used, or caught up: acknowledge now
             return msg
         if tag == WELCOME:
@@ -654,13 +736,18 @@ class Input(_Receiver):
                 except Exception:
                     reason = "refused"
                 self.refused = reason
-                log.error("%s: refused: %s. Stop the other reader (or read a viewer feed); "
-                          "this one keeps trying", self.malformed.where, reason)
+                log.error(
+                    "%s: refused: %s. Stop the other reader (or read a viewer feed); "
+                    "this one keeps trying",
+                    self.malformed.where,
+                    reason,
+                )
             return None
         if tag == PING:
             return None
-        self.malformed.record(ProtocolError("parts", "not a link message (is the sender a "
-                                                     "SegDepth Live output?)"))
+        self.malformed.record(
+            ProtocolError("parts", "not a link message (is the sender a SegDepth Live output?)")
+        )
         return None
 
 
@@ -696,14 +783,22 @@ class Subscriber(_Receiver):
     Lossy by design: use :meth:`drain` on a timer and keep the newest messages.
     """
 
-    def __init__(self, endpoint: str | Sequence[str], *, topics: Collection[str] = ("",),
-                 hwm: int = VIEWER_HWM, ctx: zmq.Context | None = None,
-                 check_finite: bool = True, name: str | None = None,
-                 limits: FrameLimits = DEFAULT_LIMITS):
+    def __init__(
+        self,
+        endpoint: str | Sequence[str],
+        *,
+        topics: Collection[str] = ("",),
+        hwm: int = VIEWER_HWM,
+        ctx: zmq.Context | None = None,
+        check_finite: bool = True,
+        name: str | None = None,
+        limits: FrameLimits = DEFAULT_LIMITS,
+    ):
         sock = (ctx or zmq.Context.instance()).socket(zmq.SUB)
         for topic in topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
-        super().__init__(sock, endpoint, hwm, None, check_finite,
-                         name or f"subscriber {endpoint}", limits)
+        super().__init__(
+            sock, endpoint, hwm, None, check_finite, name or f"subscriber {endpoint}", limits
+        )
         # a viewer joins the stream wherever it is: no loss counted before its first message
         self.sequences = {kind: SequenceTracker(count_start=False) for kind in self.sequences}

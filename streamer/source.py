@@ -3,6 +3,7 @@
 Used by the replayer, the folder watcher and the K3 bridge, so all of them put the same
 sequence numbers, session id and ``mode`` on the wire and end with an ``eos``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,8 +60,14 @@ class FrameSender:
     interrupts waiting sends (default: a new one); ``send`` then returns False.
     """
 
-    def __init__(self, config: SourceConfig, *, source: str, session: str | None = None,
-                 stop: threading.Event | None = None):
+    def __init__(
+        self,
+        config: SourceConfig,
+        *,
+        source: str,
+        session: str | None = None,
+        stop: threading.Event | None = None,
+    ):
         if config.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {config.mode!r}")
         self.config = config
@@ -84,15 +91,29 @@ class FrameSender:
             self.close()
             raise
 
-    def send(self, frame: np.ndarray, *, pixel_size_pm: float, t_acq: float | None = None,
-             dose_e_per_px: float | None = None, **fields: Any) -> bool:
+    def send(
+        self,
+        frame: np.ndarray,
+        *,
+        pixel_size_pm: float,
+        t_acq: float | None = None,
+        dose_e_per_px: float | None = None,
+        **fields: Any,
+    ) -> bool:
         """Send one (H, W) frame; True unless stopped. Never blocks in live mode."""
         extra = dict(fields)
         if dose_e_per_px is not None and math.isfinite(dose_e_per_px):
             extra["dose_e_per_px"] = float(dose_e_per_px)
-        parts = encode_frame(frame, session=self.session, seq=self.seq, source=self.source,
-                             pixel_size_pm=pixel_size_pm, t_acq=t_acq, mode=self.config.mode,
-                             **extra)
+        parts = encode_frame(
+            frame,
+            session=self.session,
+            seq=self.seq,
+            source=self.source,
+            pixel_size_pm=pixel_size_pm,
+            t_acq=t_acq,
+            mode=self.config.mode,
+            **extra,
+        )
         self.seq += 1
         for out in self.outputs.values():
             if not out.send(parts) and self.stop.is_set():
@@ -106,20 +127,23 @@ class FrameSender:
         moment only when the source was stopped: Ctrl-C must act at once)."""
         parts = encode_control("eos", session=self.session, seq=self.seq, source=self.source)
         self._interrupted = self.stop.is_set()
-        timeout = self.config.stopped_linger_s if self._interrupted \
-            else self.config.eos_timeout_s
+        timeout = self.config.stopped_linger_s if self._interrupted else self.config.eos_timeout_s
         for name, out in self.outputs.items():
             out.stop = threading.Event()  # a stopped source still says goodbye (bounded wait)
             if not out.send(parts, timeout_s=timeout, wait=True):
-                log.warning("eos to %s (%s) not delivered within %.1f s", name, out.endpoint,
-                            timeout)
+                log.warning(
+                    "eos to %s (%s) not delivered within %.1f s", name, out.endpoint, timeout
+                )
         if self.viewer is not None:
             self.viewer.send(parts)
 
     def stats(self) -> dict[str, Any]:
         """Frames numbered, and per output the messages sent and dropped."""
-        return {"frames": self.seq, "session": self.session,
-                **{name: o.stats() for name, o in self.outputs.items()}}
+        return {
+            "frames": self.seq,
+            "session": self.session,
+            **{name: o.stats() for name, o in self.outputs.items()},
+        }
 
     def close(self) -> None:
         """Close every output: each waits for its reader to acknowledge what it holds (its
@@ -135,6 +159,7 @@ class FrameSender:
 def progress(total: int | None, desc: str):
     """A tqdm progress bar over frames (shown on terminals only)."""
     from tqdm import tqdm
+
     return tqdm(total=total, unit=" frames", desc=desc, disable=None)
 
 

@@ -6,6 +6,7 @@ time unchanged for ``settle_s`` and its reader finding all the data. A K3 In-Sit
 each frame goes out as soon as its bytes are on disk (memory-mapped; a frame may straddle two
 raw files), and the dataset is finished when it stops growing for ``settle_s``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,8 +91,9 @@ class FolderWatcher:
         except Incomplete as exc:
             unchanged_s = time.monotonic() - self._seen[path][2]
             if unchanged_s > GIVE_UP_SETTLES * self.config.settle_s:
-                log.error("skipping %s: unreadable and unchanged for %.0f s (%s)", path,
-                          unchanged_s, exc)
+                log.error(
+                    "skipping %s: unreadable and unchanged for %.0f s (%s)", path, unchanged_s, exc
+                )
                 self.done.add(path)
             else:
                 log.debug("not complete yet: %s", exc)
@@ -103,8 +105,11 @@ class FolderWatcher:
         try:
             pixel = self._pixel(stack.pixel_size_pm)
             for i in range(len(stack)):
-                if not self.sender.send(np.asarray(stack.frames[i]), pixel_size_pm=pixel,
-                                        dose_e_per_px=stack.dose_e_per_px):
+                if not self.sender.send(
+                    np.asarray(stack.frames[i]),
+                    pixel_size_pm=pixel,
+                    dose_e_per_px=stack.dose_e_per_px,
+                ):
                     return
         finally:
             stack.close()
@@ -129,8 +134,11 @@ class FolderWatcher:
                 return
             state.next_frame += 1
         finished = ds.recorded_frames is not None and state.next_frame >= ds.recorded_frames
-        stalled = state.next_frame > 0 and now - state.last_growth >= self.config.settle_s \
+        stalled = (
+            state.next_frame > 0
+            and now - state.last_growth >= self.config.settle_s
             and all(self._settled(p, now) for p in raw_files(path))
+        )
         if finished or stalled:  # (a director without raw data yet waits for it)
             self.done.add(path)
             del self._k3[path]

@@ -1,4 +1,5 @@
 """Shared pytest fixtures: free loopback endpoints and the CLI as a subprocess command."""
+
 from __future__ import annotations
 
 import sys

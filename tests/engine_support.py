@@ -1,4 +1,5 @@
 """Helpers shared by the engine, e2e and demo tests (no tests here): a random model file."""
+
 from __future__ import annotations
 
 import subprocess
@@ -18,8 +19,9 @@ def save_random_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_session(path: Path, frames, pixel_size_pm: float = 5.3, dose: float = 20.0,
-                  interval_s: float = 0.05) -> Path:
+def write_session(
+    path: Path, frames, pixel_size_pm: float = 5.3, dose: float = 20.0, interval_s: float = 0.05
+) -> Path:
     """A minimal session file (docs/CONTRACTS.md "Session file") that ``segdepth replay`` reads."""
     import h5py
     import numpy as np
@@ -29,8 +31,13 @@ def write_session(path: Path, frames, pixel_size_pm: float = 5.3, dose: float = 
         f["frames"] = np.asarray(frames)
         f["timestamps_s"] = np.arange(n) * interval_s
         f["sequence"] = np.arange(n, dtype=np.int64)
-        f.attrs.update(pixel_size_pm=pixel_size_pm, dose_e_per_px=dose,
-                       frame_interval_s=interval_s, session_id="test", source="test")
+        f.attrs.update(
+            pixel_size_pm=pixel_size_pm,
+            dose_e_per_px=dose,
+            frame_interval_s=interval_s,
+            session_id="test",
+            source="test",
+        )
     return path
 
 
@@ -56,8 +63,9 @@ class ProcessGroup:
         try:
             return self.procs[name].wait(timeout_s)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{name} still running after {timeout_s} s; its log:\n"
-                                 f"{self.log(name)[-3000:]}") from None
+            raise AssertionError(
+                f"{name} still running after {timeout_s} s; its log:\n{self.log(name)[-3000:]}"
+            ) from None
 
     def close(self) -> None:
         for proc in self.procs.values():
@@ -66,8 +74,14 @@ class ProcessGroup:
                 proc.wait(10)
 
 
-def write_synthetic_session(path: Path, n_frames: int, side: int, seed: int = 0,
-                            pixel_size_pm: float = 5.3, dose: float = 20.0) -> Path:
+def write_synthetic_session(
+    path: Path,
+    n_frames: int,
+    side: int,
+    seed: int = 0,
+    pixel_size_pm: float = 5.3,
+    dose: float = 20.0,
+) -> Path:
     """A session with truth (docs/CONTRACTS.md "Session file", simulated): Gaussian Ce and O
     columns on a lattice below a vacuum band, drifting 0.3 px/frame, with one O column losing
     an atom half way; Poisson counts at ``dose``. Not physics: a stand-in for plumbing tests."""
@@ -80,7 +94,7 @@ def write_synthetic_session(path: Path, n_frames: int, side: int, seed: int = 0,
     pos = np.array(ce + [(y, x + 20) for y, x in ce], dtype=float)
     species = np.array([1] * len(ce) + [2] * len(ce))
     depth = np.tile(np.where(species == 1, 6, 5).astype(np.uint8), (n_frames, 1))
-    depth[n_frames // 2:, -1] -= 1
+    depth[n_frames // 2 :, -1] -= 1
     drift = np.stack([0.3 * np.arange(n_frames), 0.2 * np.arange(n_frames)], axis=1)
     yy, xx = np.mgrid[:side, :side].astype(float)
     frames = np.empty((n_frames, side, side), np.uint16)
@@ -88,10 +102,12 @@ def write_synthetic_session(path: Path, n_frames: int, side: int, seed: int = 0,
         image = np.ones((side, side))
         for (y, x), s, d in zip(pos + drift[t], species, depth[t]):
             amp = (0.08 if s == 1 else 0.03) * d
-            image += amp * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 3.0 ** 2))
+            image += amp * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 3.0**2))
         frames[t] = rng.poisson(dose * image)
-    table = np.array([(i, x, y, s) for i, ((y, x), s) in enumerate(zip(pos, species))],
-                     dtype=[("id", "i8"), ("x_px", "f4"), ("y_px", "f4"), ("species", "u1")])
+    table = np.array(
+        [(i, x, y, s) for i, ((y, x), s) in enumerate(zip(pos, species))],
+        dtype=[("id", "i8"), ("x_px", "f4"), ("y_px", "f4"), ("species", "u1")],
+    )
     write_session(path, frames, pixel_size_pm, dose)
     with h5py.File(path, "a") as f:
         f["truth/columns"] = table

@@ -1,5 +1,6 @@
 """A raw sender for wire probes: binds like an Output but sends whatever parts it is given,
 wrapped in the link framing (docs/PROTOCOL.md "Link"), to the one reader that said ready."""
+
 from __future__ import annotations
 
 import struct
@@ -21,8 +22,9 @@ class RawLink:
     def wait_for_reader(self, timeout_s: float = 5.0) -> bytes:
         assert self.socket.poll(int(timeout_s * 1000)), "no reader said ready"
         self.peer = self.socket.recv_multipart()[0]
-        self.socket.send_multipart([self.peer, b"welcome",
-                                    msgpack.packb({"v": 1, "sender": "raw"})])
+        self.socket.send_multipart(
+            [self.peer, b"welcome", msgpack.packb({"v": 1, "sender": "raw"})]
+        )
         return self.peer
 
     def send(self, parts: list) -> None:

@@ -1,11 +1,22 @@
 """The one ``segdepth`` program exposes every subcommand the design names, each with --help."""
+
 import os
 import subprocess
 
 import pytest
 
-COMMANDS = ["simulate", "train", "evaluate", "predict", "export", "serve", "replay", "record",
-            "watch", "demo"]
+COMMANDS = [
+    "simulate",
+    "train",
+    "evaluate",
+    "predict",
+    "export",
+    "serve",
+    "replay",
+    "record",
+    "watch",
+    "demo",
+]
 BENCHES = ["simulate", "train", "transport", "record", "engine", "view"]
 
 
@@ -40,9 +51,13 @@ def test_unknown_command_fails(segdepth_cmd):
     assert "invalid choice" in out.stderr
 
 
-
 def test_viewer_options_pass_through(segdepth_cmd):
-    out = subprocess.run([*segdepth_cmd, "view", "--help"], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+    out = subprocess.run(
+        [*segdepth_cmd, "view", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "QT_QPA_PLATFORM": "offscreen"},
+    )
     assert out.returncode == 0, out.stderr
     assert "--screenshot" in out.stdout

@@ -1,5 +1,6 @@
 """Every command-line default is its config dataclass's default: the config a command builds
 from a command line without options equals the dataclass built with its defaults."""
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,8 @@ def test_training_defaults():
     args = _parse("evaluate", "--data", EXISTING, "--out", "report")
     assert cli.evaluate_config(args) == EvaluateConfig(data=EXISTING, out="report")
     assert cli.suite_config(_parse("evaluate", "--suite", "robustness")) == SuiteConfig(
-        models=[str(bundled_model_path())])
+        models=[str(bundled_model_path())]
+    )
     assert cli.bench_config(_parse("bench", "train")) == BenchConfig()
 
 
@@ -95,13 +97,22 @@ def test_help_texts_state_no_default_of_their_own():
             return action.default
         module, _, name = lazy[0].partition(":")
         return default_of(getattr(importlib.import_module(module), name), lazy[1])
-    own = [f"{prog} {a.option_strings[0]}" for prog, a in _actions(build_parser())
-           if a.option_strings and a.help and "(default" in a.help
-           and effective(a) is not None and effective(a) is not False]
+
+    own = [
+        f"{prog} {a.option_strings[0]}"
+        for prog, a in _actions(build_parser())
+        if a.option_strings
+        and a.help
+        and "(default" in a.help
+        and effective(a) is not None
+        and effective(a) is not False
+    ]
     assert own == []
 
 
-@pytest.mark.parametrize("argv", [("bench", "engine", "--sizes", "512,1024"),
-                                  ("bench", "engine", "--sizes", "512", "1024")])
+@pytest.mark.parametrize(
+    "argv",
+    [("bench", "engine", "--sizes", "512,1024"), ("bench", "engine", "--sizes", "512", "1024")],
+)
 def test_list_options_take_both_forms(argv):
     assert _parse(*argv).sizes == [512, 1024]

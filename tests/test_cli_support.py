@@ -1,4 +1,5 @@
 """The shared command-line conventions (streamer.cli_support)."""
+
 from __future__ import annotations
 
 import argparse
@@ -56,16 +57,19 @@ def _run(handler, capsys, **args):
 def test_user_mistakes_end_in_one_line_and_bugs_keep_their_traceback(capsys):
     def mistake(_args):
         raise UserError("bad thing; do this")
+
     code, err = _run(mistake, capsys)
     assert code == 2 and err == "segdepth x: error: bad thing; do this\n"
 
     def missing(_args):
         open("/nonexistent/dir/file.h5")
+
     code, err = _run(missing, capsys)
     assert code == 2 and "/nonexistent/dir/file.h5" in err and err.count("\n") == 1
 
     def bug(_args):
         return {}["key"]
+
     with pytest.raises(KeyError):
         one_line_errors(bug)(argparse.Namespace(command="x"))
     with pytest.raises(UserError):  # -v: the developer gets the traceback

@@ -1,4 +1,5 @@
 """Scoring of the demo: engine columns matched to the simulated truth after drift, accuracy."""
+
 import h5py
 import numpy as np
 import pytest
@@ -11,9 +12,10 @@ T, SIDE, PIXEL_PM = 20, 64, 5.3
 
 
 def write_truth(path):
-    cols = np.array([(0, 20.0, 20.0, 2), (1, 40.0, 20.0, 2), (2, 20.0, 45.0, 2),
-                     (3, 40.0, 45.0, 1)],
-                    dtype=[("id", "i8"), ("x_px", "f4"), ("y_px", "f4"), ("species", "u1")])
+    cols = np.array(
+        [(0, 20.0, 20.0, 2), (1, 40.0, 20.0, 2), (2, 20.0, 45.0, 2), (3, 40.0, 45.0, 1)],
+        dtype=[("id", "i8"), ("x_px", "f4"), ("y_px", "f4"), ("species", "u1")],
+    )
     depth = np.tile(np.array([5, 6, 4, 7], dtype=np.uint8), (T, 1))
     depth[10:, 1] = 5  # a vacancy in O column 1 at frame 10
     drift = np.stack([0.3 * np.arange(T), -0.2 * np.arange(T)], axis=1)
@@ -33,8 +35,15 @@ def write_recording(path, cols, depth, drift, rng):
     single-frame depth is wrong on odd frames, its filtered depth always right."""
     writer = None
     for t in range(T):
-        frame = decode(encode_frame(np.zeros((SIDE, SIDE), np.uint16), session="s", seq=t,
-                                    source="test", pixel_size_pm=PIXEL_PM))
+        frame = decode(
+            encode_frame(
+                np.zeros((SIDE, SIDE), np.uint16),
+                session="s",
+                seq=t,
+                source="test",
+                pixel_size_pm=PIXEL_PM,
+            )
+        )
         writer = writer or SessionWriter(path, frame)
         row = writer.add_frame(frame)
         ids, xs, ys, est, filt = [10, 11, 99], [], [], [], []
@@ -45,15 +54,34 @@ def write_recording(path, cols, depth, drift, rng):
             est.append(int(depth[t, k]) + (2 if wrong else 0))
             filt.append(int(depth[t, k]))
         xs.append(60.0), ys.append(3.0), est.append(1), filt.append(1)
-        table = {"id": ids, "x_px": xs, "y_px": ys, "species": [2, 2, 2], "depth": est,
-                 "expected_depth": [float(e) for e in est], "confidence": [0.9] * 3,
-                 "depth_filtered": filt, "expected_filtered": [float(v) for v in filt]}
-        head = make_header("result", session="s", seq=t, source="engine", model_id="m",
-                           backend="torch-cpu", batch_size=1, latency_ms=10.0 + t,
-                           frame_seq=t, columns=table)
-        maps = {"depth": np.zeros((SIDE, SIDE), np.uint8),
-                "confidence": np.ones((SIDE, SIDE), np.float32),
-                "species": np.zeros((SIDE, SIDE), np.uint8)}
+        table = {
+            "id": ids,
+            "x_px": xs,
+            "y_px": ys,
+            "species": [2, 2, 2],
+            "depth": est,
+            "expected_depth": [float(e) for e in est],
+            "confidence": [0.9] * 3,
+            "depth_filtered": filt,
+            "expected_filtered": [float(v) for v in filt],
+        }
+        head = make_header(
+            "result",
+            session="s",
+            seq=t,
+            source="engine",
+            model_id="m",
+            backend="torch-cpu",
+            batch_size=1,
+            latency_ms=10.0 + t,
+            frame_seq=t,
+            columns=table,
+        )
+        maps = {
+            "depth": np.zeros((SIDE, SIDE), np.uint8),
+            "confidence": np.ones((SIDE, SIDE), np.float32),
+            "species": np.zeros((SIDE, SIDE), np.uint8),
+        }
         writer.add_result(row, decode(encode(head, maps)))
     writer.close()
 
@@ -81,8 +109,14 @@ def test_pipeline_figures_count_processed_and_lost(tmp_path):
     session, recording = tmp_path / "session.h5", tmp_path / "recording.h5"
     cols, depth, drift = write_truth(session)
     write_recording(recording, cols, depth, drift, rng)
-    stats = {"stats": {"skipped": 0, "throughput_frames_per_s": 12.5, "backend": "torch-cpu",
-                       "model_id": "m"}}
+    stats = {
+        "stats": {
+            "skipped": 0,
+            "throughput_frames_per_s": 12.5,
+            "backend": "torch-cpu",
+            "model_id": "m",
+        }
+    }
     fig = pipeline_figures(recording, stats, frames_sent=T + 2)
     assert fig["frames_processed"] == T and fig["frames_lost"] == 2
     assert fig["latency_ms"]["p50"] == pytest.approx(np.percentile(10.0 + np.arange(T), 50))

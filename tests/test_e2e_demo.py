@@ -8,6 +8,7 @@ bundled model (segdepth-b16-f4a28a22fa, dose 2.5 e-/px) this run measured 20 of 
 found, single-frame occupancy accuracy 0.68 and HMM-filtered 0.84; the floor in
 ``BUNDLED_FLOOR`` leaves a margin below that.
 """
+
 import json
 import subprocess
 from pathlib import Path
@@ -24,8 +25,9 @@ BUNDLED_FLOOR = {"detection_rate": 0.9, "accuracy": 0.5, "accuracy_filtered": 0.
 
 
 def simulate_supports_sessions(segdepth_cmd) -> bool:
-    out = subprocess.run([*segdepth_cmd, "simulate", "--help"], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [*segdepth_cmd, "simulate", "--help"], capture_output=True, text=True, timeout=60
+    )
     return out.returncode == 0 and "--session" in out.stdout
 
 
@@ -38,10 +40,28 @@ def test_demo_end_to_end(tmp_path, segdepth_cmd):
     bundled = Path(bundled_model_path())
     model = bundled if bundled.is_file() else save_random_model(tmp_path / "random.pt")
     out_dir = tmp_path / "demo"
-    run = subprocess.run([*segdepth_cmd, "demo", "--frames", str(FRAMES), "--size", str(SIZE),
-                          "--out", str(out_dir), "--headless", "--seed", "3", "--model",
-                          str(model), "--backend", "torch-cpu"],
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [
+            *segdepth_cmd,
+            "demo",
+            "--frames",
+            str(FRAMES),
+            "--size",
+            str(SIZE),
+            "--out",
+            str(out_dir),
+            "--headless",
+            "--seed",
+            "3",
+            "--model",
+            str(model),
+            "--backend",
+            "torch-cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "frames processed" in run.stdout
     summary = json.loads((out_dir / "summary.json").read_text())
@@ -51,8 +71,10 @@ def test_demo_end_to_end(tmp_path, segdepth_cmd):
     assert summary["throughput_frames_per_s"] > 0
     assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
 
-    with h5py.File(out_dir / "recording.h5", "r") as rec, \
-            h5py.File(out_dir / "session.h5", "r") as sim:
+    with (
+        h5py.File(out_dir / "recording.h5", "r") as rec,
+        h5py.File(out_dir / "session.h5", "r") as sim,
+    ):
         assert rec["sequence"][:].tolist() == list(range(FRAMES))
         assert (rec["frames"][:] == sim["frames"][:]).all()  # every raw frame, bit for bit
         assert rec["results/has_result"][:].all()

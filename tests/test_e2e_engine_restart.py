@@ -1,5 +1,6 @@
 """Kill the engine mid-session (SIGKILL): the recorder keeps every raw frame, and a restarted
 engine resumes publishing results. Real processes: replay, serve, record, over loopback TCP."""
+
 import time
 
 import h5py
@@ -24,22 +25,64 @@ def results_recorded(path) -> int:
 def test_engine_killed_and_restarted(tmp_path, segdepth_cmd, endpoint_factory):
     model = save_random_model(tmp_path / "random.pt")
     rng = np.random.default_rng(0)
-    session = write_session(tmp_path / "session.h5",
-                            rng.poisson(20.0, (T, SIDE, SIDE)).astype(np.uint16))
+    session = write_session(
+        tmp_path / "session.h5", rng.poisson(20.0, (T, SIDE, SIDE)).astype(np.uint16)
+    )
     recording = tmp_path / "recording.h5"
     ep = {k: endpoint_factory() for k in ("engine", "recorder", "results")}
-    serve = [*segdepth_cmd, "serve", "--frames", ep["engine"], "--results", ep["results"],
-             "--viewer", "none", "--model", str(model), "--backend", "torch-cpu",
-             "--mode", "replay", "--exit-on-eos"]
+    serve = [
+        *segdepth_cmd,
+        "serve",
+        "--frames",
+        ep["engine"],
+        "--results",
+        ep["results"],
+        "--viewer",
+        "none",
+        "--model",
+        str(model),
+        "--backend",
+        "torch-cpu",
+        "--mode",
+        "replay",
+        "--exit-on-eos",
+    ]
     procs = ProcessGroup(tmp_path)
     try:
-        procs.start("recorder", [*segdepth_cmd, "record", "--out", str(recording),
-                                 "--frames", ep["recorder"], "--results", ep["results"],
-                                 "--grace-s", "30"])
+        procs.start(
+            "recorder",
+            [
+                *segdepth_cmd,
+                "record",
+                "--out",
+                str(recording),
+                "--frames",
+                ep["recorder"],
+                "--results",
+                ep["results"],
+                "--grace-s",
+                "30",
+            ],
+        )
         procs.start("engine", serve)
-        procs.start("replay", [*segdepth_cmd, "replay", str(session), "--to-engine",
-                               ep["engine"], "--to-recorder", ep["recorder"], "--to-viewer",
-                               "none", "--mode", "replay", "--rate", str(RATE_HZ)])
+        procs.start(
+            "replay",
+            [
+                *segdepth_cmd,
+                "replay",
+                str(session),
+                "--to-engine",
+                ep["engine"],
+                "--to-recorder",
+                ep["recorder"],
+                "--to-viewer",
+                "none",
+                "--mode",
+                "replay",
+                "--rate",
+                str(RATE_HZ),
+            ],
+        )
         deadline = time.monotonic() + 120
         while results_recorded(recording) < 8:
             assert time.monotonic() < deadline, procs.log("engine")[-3000:]

@@ -2,6 +2,7 @@
 truth is replayed (``segdepth replay``) through ``segdepth serve`` into ``segdepth record``; the
 recording is checked for every frame and the O-column score is computed against the truth.
 With a random model the floor is structural (see test_e2e_demo.py for the bundled model)."""
+
 import h5py
 import numpy as np
 import pytest
@@ -17,8 +18,15 @@ FRAMES, SIDE = 16, 128
 def test_replay_engine_recorder_processes(tmp_path):
     model = save_random_model(tmp_path / "random.pt")
     session = write_synthetic_session(tmp_path / "session.h5", FRAMES, SIDE)
-    config = DemoConfig(frames=FRAMES, size=SIDE, out=str(tmp_path / "out"), headless=True,
-                        backend="torch-cpu", max_batch=4, timeout_s=300)
+    config = DemoConfig(
+        frames=FRAMES,
+        size=SIDE,
+        out=str(tmp_path / "out"),
+        headless=True,
+        backend="torch-cpu",
+        max_batch=4,
+        timeout_s=300,
+    )
     summary = run_pipeline(config, session, str(model))
     assert summary["frames_processed"] == FRAMES and summary["frames_lost"] == 0
     assert summary["engine_skipped"] == 0 and summary["backend"] == "torch-cpu"

@@ -1,5 +1,6 @@
 """Every backend present agrees with torch-cpu FP32 (INT8: tests/test_engine_int8.py, on a
 trained model, within its own bound); export to ONNX; TensorRT skips cleanly."""
+
 import json
 import subprocess
 
@@ -82,9 +83,21 @@ def test_auto_picks_the_first_available_and_bad_names_fail():
 def test_export_onnx_cli_has_dynamic_batch_and_size(loaded, segdepth_cmd, tmp_path):
     import onnxruntime as ort
 
-    out = subprocess.run([*segdepth_cmd, "export", "--format", "onnx", "--model",
-                          str(loaded.path), "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            *segdepth_cmd,
+            "export",
+            "--format",
+            "onnx",
+            "--model",
+            str(loaded.path),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     (onnx_path,) = tmp_path.glob("*.onnx")
     info = json.loads(next(tmp_path.glob("*.export.json")).read_text())
@@ -103,9 +116,21 @@ def test_export_tensorrt_skips_with_the_reason(loaded, segdepth_cmd, tmp_path):
     reason = tensorrt_unavailable_reason()
     if reason is None:
         pytest.skip("TensorRT is available here: the skip path does not apply")
-    out = subprocess.run([*segdepth_cmd, "export", "--format", "tensorrt", "--model",
-                          str(loaded.path), "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            *segdepth_cmd,
+            "export",
+            "--format",
+            "tensorrt",
+            "--model",
+            str(loaded.path),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0
     assert f"tensorrt export skipped: {reason}" in out.stderr
     assert not list(tmp_path.iterdir())
@@ -158,11 +183,12 @@ def test_tta_in_the_engine_matches_training_tta(loaded, frames):
     """serve --tta: the backend's 8-fold average equals training.inference's TTA, and it is
     not the plain answer."""
     from training.inference import predict_batches
+
     backend = backends.create("torch-cpu", loaded, max_batch=2)
     side = min(frames.shape[-2:])
     square = np.ascontiguousarray(frames[..., :side, :side])
     out = backends.infer_tta(backend, square)
-    (_, ref), = predict_batches(loaded.model, square, len(square), loaded.temperature, tta=True)
+    ((_, ref),) = predict_batches(loaded.model, square, len(square), loaded.temperature, tta=True)
     np.testing.assert_allclose(out.depth_prob, ref.probabilities, atol=2e-6)
     # a random model is nearly uniform, so the TTA average moves probabilities by ~1e-4
     assert np.abs(out.depth_prob - backend.infer(square).depth_prob).max() > 2e-5

@@ -1,4 +1,5 @@
 """Batching policies (size or time, live drops oldest, replay back-pressures) and dose handling."""
+
 import threading
 import time
 
@@ -37,6 +38,7 @@ def test_frames_arriving_during_the_wait_join_the_batch():
     def later():
         time.sleep(0.02)
         q.put(frame(1), live=False)
+
     threading.Thread(target=later).start()
     batch = q.take_batch(max_batch=2, max_wait_s=5.0)
     assert [it.payload for it in batch] == [0, 1]
@@ -71,6 +73,7 @@ def test_replay_mode_waits_for_room_and_loses_nothing():
         for i in range(6):
             q.put(frame(i), live=False)
         done.set()
+
     threading.Thread(target=producer).start()
     time.sleep(0.05)
     assert not done.is_set() and len(q) == 2  # the producer is held back

@@ -1,6 +1,7 @@
 """``segdepth bench engine --e2e`` runs a real serve process over loopback sockets and reports
 throughput, latency and each stage's time; a backend that cannot run, or is not offered for the
 model, is listed with why."""
+
 import json
 
 from engine_support import save_random_model
@@ -10,8 +11,16 @@ from engine.bench_e2e import E2EConfig, run_e2e
 
 def test_e2e_bench_through_a_serve_process(tmp_path, capsys):
     model = save_random_model(tmp_path / "random.pt")
-    cfg = E2EConfig(model=str(model), backends=["onnxruntime", "tensorrt", "onnxruntime-int8"],
-                    sizes=[64], e2e_frames=4, paced_frames=3, warmup=1, rate_fps=20.0, max_batch=2)
+    cfg = E2EConfig(
+        model=str(model),
+        backends=["onnxruntime", "tensorrt", "onnxruntime-int8"],
+        sizes=[64],
+        e2e_frames=4,
+        paced_frames=3,
+        warmup=1,
+        rate_fps=20.0,
+        max_batch=2,
+    )
     report = run_e2e(cfg, tmp_path / "e2e.json")
     ok, missing, refused = report["rows"]
     assert ok["backend"] == "onnxruntime" and ok["size"] == 64

@@ -1,4 +1,5 @@
 """Drift estimation, column detection, stable ids and per-column occupancy on synthetic maps."""
+
 import numpy as np
 import pytest
 
@@ -13,8 +14,9 @@ SIZE = 160
 
 def truth_columns():
     """Ce on a 40 px grid below a vacuum band (rows < 40), O 20 px to the right of each Ce."""
-    ys, xs = np.meshgrid(np.arange(60, SIZE - 20, 40.0), np.arange(30, SIZE - 40, 40.0),
-                         indexing="ij")
+    ys, xs = np.meshgrid(
+        np.arange(60, SIZE - 20, 40.0), np.arange(30, SIZE - 40, 40.0), indexing="ij"
+    )
     ce = np.stack([ys.ravel() + 0.3, xs.ravel() + 0.6], axis=1)
     o = ce + [0.0, 20.0]
     pos = np.concatenate([ce, o])
@@ -29,8 +31,8 @@ def render(pos, species, depths, drift, rng, noise=0.05):
     depth_cls = np.zeros((SIZE, SIZE), dtype=int)
     for (y, x), s, d in zip(pos + drift, species, depths):
         r2 = (yy - y) ** 2 + (xx - x) ** 2
-        sp[s] += 0.95 * np.exp(-r2 / (2 * 4.0 ** 2))
-        depth_cls[r2 <= 10 ** 2] = d
+        sp[s] += 0.95 * np.exp(-r2 / (2 * 4.0**2))
+        depth_cls[r2 <= 10**2] = d
     sp[1:] = np.clip(sp[1:] + rng.normal(0, noise, sp[1:].shape), 0, 0.97)
     sp[0] = 1 - sp[1] - sp[2]
     depth = np.full((11, SIZE, SIZE), 0.02)
@@ -67,8 +69,9 @@ def test_disk_average_leaves_out_pixels_outside_the_frame():
     maps = np.zeros((2, 20, 20), dtype=np.float32)
     maps[0] = 1.0
     maps[1, :, 19] = 1.0  # only the last column of the frame
-    mean, inside = disk_average(maps, np.array([10.0, 10.0, -50.0]), np.array([5.0, 19.0, 5.0]),
-                                radius_px=3)
+    mean, inside = disk_average(
+        maps, np.array([10.0, 10.0, -50.0]), np.array([5.0, 19.0, 5.0]), radius_px=3
+    )
     assert inside.tolist() == [True, True, False]
     assert mean[:2, 0] == pytest.approx([1.0, 1.0])
     assert mean[0, 1] == 0.0
@@ -110,9 +113,18 @@ def test_tracker_keeps_ids_through_drift_and_follows_a_vacancy():
         assert ids_by_truth == seen_ids  # every column keeps its id through the session
         table = occ.table()
         assert table["id"] == [int(i) for i in cols.ids]
-        assert set(table) == {"id", "x_px", "y_px", "species", "depth", "expected_depth",
-                              "confidence", "depth_filtered", "expected_filtered",
-                              "change_probability"}
+        assert set(table) == {
+            "id",
+            "x_px",
+            "y_px",
+            "species",
+            "depth",
+            "expected_depth",
+            "confidence",
+            "depth_filtered",
+            "expected_filtered",
+            "change_probability",
+        }
         assert occ.buffers()["column_probabilities_filtered"].shape == (n, 11)
     assert analysis.tracker.reference_complete
     assert sorted(seen_ids.values()) == list(range(700, 700 + n))  # ids from first_id on
@@ -141,8 +153,14 @@ def ceo2_110_columns(size, pixel_pm=PIXEL_PM, rotation_deg=0.0):
     Ce on the centred lattice (3.826 Å, 0), (1.913 Å, 2.706 Å); O at Ce +- a/4 along y;
     optionally rotated about the frame centre."""
     a, px = 5.411, px_per_angstrom(pixel_pm)
-    ce = np.array([(j * a / 2, i * a / np.sqrt(2) / 2) for i in range(-4, 20)
-                   for j in range(-4, 20) if (i + j) % 2 == 0])  # (y, x) Å
+    ce = np.array(
+        [
+            (j * a / 2, i * a / np.sqrt(2) / 2)
+            for i in range(-4, 20)
+            for j in range(-4, 20)
+            if (i + j) % 2 == 0
+        ]
+    )  # (y, x) Å
     o = np.concatenate([ce + [a / 4, 0], ce - [a / 4, 0]])
     pos = np.concatenate([ce, o]) * px
     species = np.array([SPECIES_CE] * len(ce) + [SPECIES_O] * len(o))
@@ -159,7 +177,7 @@ def render_lattice(pos, species, size, rng, sigma_px=4.0, noise=0.05):
     yy, xx = np.mgrid[:size, :size].astype(float)
     sp = np.zeros((3, size, size))
     for (y, x), s in zip(pos, species):
-        sp[s] += 0.95 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma_px ** 2))
+        sp[s] += 0.95 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma_px**2))
     sp[1:] = np.clip(sp[1:] + rng.normal(0, noise, sp[1:].shape), 0, 0.97)
     sp[0] = 1 - sp[1] - sp[2]
     return sp.astype(np.float32)
@@ -171,15 +189,24 @@ def test_registration_survives_steps_beyond_the_ce_o_distance_and_a_slow_rotatio
     keeps its id and its species, and the drift is found within 0.1 Å."""
     size, px = 224, px_per_angstrom(PIXEL_PM)
     rng = np.random.default_rng(4)
-    steps_A = [(0, 0), (1.45, 0), (0, -1.5), (-1.55, 0.2), (0.3, 1.45), (-1.45, -0.3),
-               (1.5, 0), (0, 1.5)] + [(0.05, -0.05)] * 8
+    steps_A = [
+        (0, 0),
+        (1.45, 0),
+        (0, -1.5),
+        (-1.55, 0.2),
+        (0.3, 1.45),
+        (-1.45, -0.3),
+        (1.5, 0),
+        (0, 1.5),
+    ] + [(0.05, -0.05)] * 8
     drift = np.cumsum(np.array(steps_A) * px, axis=0)
     base, species = ceo2_110_columns(size, rotation_deg=0.0)
     tracker = ColumnTracker(PIXEL_PM, ColumnConfig(reference_frames=1))
     for t, d in enumerate(drift):
         pos = ceo2_110_columns(size, rotation_deg=0.05 * t)[0] if t else base
-        sp = render_lattice(base + d + (pos - base if len(pos) == len(base) else 0), species,
-                            size, rng)
+        sp = render_lattice(
+            base + d + (pos - base if len(pos) == len(base) else 0), species, size, rng
+        )
         cols = tracker.update(sp, np.full((11, size, size), 1 / 11, np.float32))
         assert np.hypot(*(np.array(cols.drift_px) - d)) < 0.1 * px, t
         if t == 0:

@@ -1,4 +1,5 @@
 """The temporal depth model (engine.hmm) on synthetic per-frame evidence with known truth."""
+
 import math
 
 import numpy as np
@@ -95,12 +96,14 @@ def test_a_biased_class_prior_does_not_pull_a_static_column():
     corrected = HMMConfig(class_prior=tuple(prior))
     assert (filter_sequence(frames, dt, corrected)[0].argmax(axis=1)[5:] == 4).all()
     assert (smooth(frames, dt, corrected)[0].argmax(axis=1) == 4).all()
-    uncorrected = filter_sequence(frames, dt, HMMConfig(class_prior=tuple(prior),
-                                                        prior_correction=False))[0]
+    uncorrected = filter_sequence(
+        frames, dt, HMMConfig(class_prior=tuple(prior), prior_correction=False)
+    )[0]
     assert (uncorrected.argmax(axis=1)[5:] == 3).all()
     # uniform prior = no correction; the likelihoods are proper distributions
-    assert np.allclose(likelihoods(frames, HMMConfig()), likelihoods(
-        frames, HMMConfig(prior_correction=False)))
+    assert np.allclose(
+        likelihoods(frames, HMMConfig()), likelihoods(frames, HMMConfig(prior_correction=False))
+    )
     assert np.allclose(likelihoods(frames, corrected).sum(axis=1), 1)
 
 
@@ -131,8 +134,9 @@ def test_events_have_sizes_change_points_and_delays_and_ignore_noise():
     events = []
     for t, p in enumerate(probs):
         post, _ = filt.update(np.array([9]), p[None], DT)
-        events += det.update(t, 100 + t * DT, np.array([9]), np.array([2]), post,
-                             likelihoods(p[None], config))
+        events += det.update(
+            t, 100 + t * DT, np.array([9]), np.array([2]), post, likelihoods(p[None], config)
+        )
     assert [(e.before, e.after) for e in events] == [(6, 4), (4, 6)]
     for e, start in zip(events, (30, 55)):
         assert abs(e.frame - start) <= 1 and e.column_id == 9 and e.species == 2
@@ -143,8 +147,7 @@ def test_events_have_sizes_change_points_and_delays_and_ignore_noise():
 def test_columns_are_independent_and_new_ids_start_from_their_evidence():
     filt = DepthFilter()
     for _ in range(10):
-        out, _ = filt.update(np.array([1, 2]), np.stack([confident(3, 0.9), confident(8, 0.9)]),
-                             DT)
+        out, _ = filt.update(np.array([1, 2]), np.stack([confident(3, 0.9), confident(8, 0.9)]), DT)
     assert out.argmax(axis=1).tolist() == [3, 8]
     flat = np.full(N_DEPTHS, 1 / N_DEPTHS)
     out, change = filt.update(np.array([1, 9]), np.stack([flat, flat]), DT)

@@ -1,5 +1,6 @@
 """INT8 (onnxruntime static quantization) is offered only for a model whose parity record
 passes, and its answers stay close to FP32 on simulated frames."""
+
 import json
 import shutil
 from dataclasses import asdict
@@ -21,9 +22,14 @@ def bundled_copy(tmp_path_factory):
 
 
 def _record(loaded, **fields):
-    record = {"model_sha256": loaded.sha256, "passed": True, "max_abs_diff_points": 0.1,
-              "export_version": EXPORT_VERSION, "calibration": asdict(CalibrationConfig()),
-              **fields}
+    record = {
+        "model_sha256": loaded.sha256,
+        "passed": True,
+        "max_abs_diff_points": 0.1,
+        "export_version": EXPORT_VERSION,
+        "calibration": asdict(CalibrationConfig()),
+        **fields,
+    }
     parity_path(loaded.path).write_text(json.dumps(record))
 
 
@@ -54,8 +60,9 @@ def test_int8_agrees_with_fp32_on_simulated_frames(bundled_copy, tmp_path):
     from engine.quantize import calibration_frames
 
     _record(bundled_copy)
-    frames = calibration_frames(CalibrationConfig(structures=0, slab_frames=4, seed=8000),
-                                tmp_path)[:, 0]
+    frames = calibration_frames(
+        CalibrationConfig(structures=0, slab_frames=4, seed=8000), tmp_path
+    )[:, 0]
     fp32 = backends.create("onnxruntime", bundled_copy, cache_dir=tmp_path).infer(frames)
     int8 = backends.create("onnxruntime-int8", bundled_copy, cache_dir=tmp_path).infer(frames)
     d32, d8 = fp32.depth_prob.argmax(1), int8.depth_prob.argmax(1)

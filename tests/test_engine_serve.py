@@ -1,5 +1,6 @@
 """The engine server over real ZeroMQ sockets: replay is lossless, live skips the oldest frames,
 malformed messages are skipped, eos is forwarded, a frame without dose gets an estimate."""
+
 import threading
 import time
 
@@ -25,11 +26,16 @@ def engine(model_path, endpoint_factory):
     made = []
 
     def start(mode, **kw):
-        cfg = ServeConfig(frames=endpoint_factory(), results=endpoint_factory(),
-                          viewer=endpoint_factory(), model=str(model_path),
-                          backend="torch-cpu", mode=mode, **kw)
-        src = sockets.Output(cfg.frames, mode="replay" if mode == "replay" else "live",
-                             hwm=1000)
+        cfg = ServeConfig(
+            frames=endpoint_factory(),
+            results=endpoint_factory(),
+            viewer=endpoint_factory(),
+            model=str(model_path),
+            backend="torch-cpu",
+            mode=mode,
+            **kw,
+        )
+        src = sockets.Output(cfg.frames, mode="replay" if mode == "replay" else "live", hwm=1000)
         server = Server(cfg)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -37,6 +43,7 @@ def engine(model_path, endpoint_factory):
         assert src.wait_for_reader(10), "the engine never said ready"
         made.append((src, results, server, thread))
         return src, results, server
+
     yield start
     for src, results, server, thread in made:
         server.stop.set()
@@ -49,8 +56,9 @@ def engine(model_path, endpoint_factory):
 def frame_msg(i, rng, session="s1", dose=20.0, send_dose=True, **kw):
     counts = rng.poisson(dose, (SIDE, SIDE)).astype(np.uint16)
     extra = {"dose_e_per_px": dose} if send_dose else {}
-    return encode_frame(counts, session=session, seq=i, source="test", pixel_size_pm=5.3,
-                        **extra, **kw)
+    return encode_frame(
+        counts, session=session, seq=i, source="test", pixel_size_pm=5.3, **extra, **kw
+    )
 
 
 def collect(results, until_eos=True, timeout_s=60.0, n=None):
@@ -89,9 +97,17 @@ def test_replay_serves_every_frame_in_order_and_forwards_eos(engine):
         assert h["dose_e_per_px"] == 20.0 and h["dose_estimated"] is False
         assert len(h["drift_px"]) == 2
         assert 0 <= h["ood_score"] <= 1 and h["ood_warning"] is None  # no warning level
-        assert set(h["columns"]) >= {"id", "x_px", "y_px", "species", "depth",
-                                     "expected_depth", "confidence", "depth_filtered",
-                                     "expected_filtered"}
+        assert set(h["columns"]) >= {
+            "id",
+            "x_px",
+            "y_px",
+            "species",
+            "depth",
+            "expected_depth",
+            "confidence",
+            "depth_filtered",
+            "expected_filtered",
+        }
         assert m.arrays["depth"].shape == (SIDE, SIDE) and m.arrays["depth"].dtype == np.uint8
         assert m.arrays["depth"].max() <= 10
         assert m.arrays["species"].max() <= 2
@@ -106,15 +122,15 @@ def test_replay_serves_every_frame_in_order_and_forwards_eos(engine):
 
 def test_live_overload_serves_the_newest_and_counts_skipped(engine):
     # receive credit for the whole burst: the engine's own queue does the skipping here
-    src, results, server = engine("live", max_batch=1, max_wait_ms=0, queue_frames=2,
-                                  receive_hwm=64)
+    src, results, server = engine(
+        "live", max_batch=1, max_wait_ms=0, queue_frames=2, receive_hwm=64
+    )
     rng = np.random.default_rng(1)
     n = 40
     msgs = [frame_msg(i, rng, mode="live") for i in range(n)]
     for m in msgs:  # far faster than the engine infers
         src.send(m)
-    src.send(encode_control("eos", session="s1", seq=n, source="test"), wait=True,
-             timeout_s=5)
+    src.send(encode_control("eos", session="s1", seq=n, source="test"), wait=True, timeout_s=5)
     got = collect(results)
     res = [m for m in got if m.kind == "result"]
     assert got[-1].kind == "eos"
@@ -166,7 +182,9 @@ def test_inference_and_publishing_overlap_and_stage_times_are_reported(engine):
             out = fn(*args, **kw)
             spans[name].append((t0, time.monotonic()))
             return out
+
         return run
+
     server.backend.infer = timed("infer", server.backend.infer)
     server._serve_batch = timed("publish", server._serve_batch)
     rng = np.random.default_rng(3)
@@ -177,8 +195,9 @@ def test_inference_and_publishing_overlap_and_stage_times_are_reported(engine):
     got = collect(results)
     assert [m.header["frame_seq"] for m in got[:-1]] == list(range(n))
     assert got[-1].kind == "eos"
-    overlapping = sum(1 for a0, a1 in spans["infer"] for b0, b1 in spans["publish"]
-                      if a0 < b1 and b0 < a1)
+    overlapping = sum(
+        1 for a0, a1 in spans["infer"] for b0, b1 in spans["publish"] if a0 < b1 and b0 < a1
+    )
     assert overlapping >= n - 2  # a sequential loop would give 0
     stages = server.stats()["stage_ms_per_frame"]
     assert set(stages) == {"prepare", "infer", "postprocess", "publish"}
@@ -191,8 +210,17 @@ def test_frames_beyond_the_engines_size_limit_are_refused_before_allocation(engi
     src, results, server = engine("replay", max_batch=1, max_wait_ms=0, max_frame_px=SIDE)
     rng = np.random.default_rng(4)
     big = rng.poisson(20.0, (SIDE + 32, SIDE)).astype(np.uint16)
-    src.send(encode_frame(big, session="s1", seq=0, source="test", pixel_size_pm=5.3,
-                          dose_e_per_px=20.0, mode="replay"))
+    src.send(
+        encode_frame(
+            big,
+            session="s1",
+            seq=0,
+            source="test",
+            pixel_size_pm=5.3,
+            dose_e_per_px=20.0,
+            mode="replay",
+        )
+    )
     src.send(frame_msg(1, rng, mode="replay"))
     (got,) = collect(results, until_eos=False, n=1)
     assert got.header["frame_seq"] == 1

@@ -1,5 +1,6 @@
 """Events in the recording (table + CSV), ``segdepth analyze`` and ``evaluate-session`` on a
 synthetic session and recording with known changes."""
+
 import csv
 import json
 
@@ -15,14 +16,18 @@ from streamer.session_file import EVENT_DTYPE, SessionWriter
 
 T, SIDE, PIXEL_PM, DT = 40, 64, 5.3, 0.13
 #: truth columns: (x, y, species, depth per frame)
-DEPTHS = {0: [6] * 15 + [4] * 25,  # a 2-atom loss, never regained
-          1: [5] * 40,  # static
-          2: [3] * 10 + [2] * 15 + [3] * 15}  # a 1-atom loss and regain
+DEPTHS = {
+    0: [6] * 15 + [4] * 25,  # a 2-atom loss, never regained
+    1: [5] * 40,  # static
+    2: [3] * 10 + [2] * 15 + [3] * 15,
+}  # a 1-atom loss and regain
 
 
 def write_truth(path):
-    cols = np.array([(0, 20.0, 20.0, 2), (1, 40.0, 20.0, 2), (2, 20.0, 45.0, 1)],
-                    dtype=[("id", "i8"), ("x_px", "f4"), ("y_px", "f4"), ("species", "u1")])
+    cols = np.array(
+        [(0, 20.0, 20.0, 2), (1, 40.0, 20.0, 2), (2, 20.0, 45.0, 1)],
+        dtype=[("id", "i8"), ("x_px", "f4"), ("y_px", "f4"), ("species", "u1")],
+    )
     with h5py.File(path, "w") as f:
         f["frames"] = np.zeros((T, SIDE, SIDE), np.uint16)
         f["truth/columns"] = cols
@@ -44,20 +49,57 @@ def write_recording(path, cols, rng):
     """Results with the truth columns (engine ids 10-12) and one live event in the header."""
     writer = None
     for t in range(T):
-        frame = decode(encode_frame(np.zeros((SIDE, SIDE), np.uint16), session="s", seq=t,
-                                    source="test", pixel_size_pm=PIXEL_PM, t_acq=1000 + t * DT))
+        frame = decode(
+            encode_frame(
+                np.zeros((SIDE, SIDE), np.uint16),
+                session="s",
+                seq=t,
+                source="test",
+                pixel_size_pm=PIXEL_PM,
+                t_acq=1000 + t * DT,
+            )
+        )
         writer = writer or SessionWriter(path, frame)
         row = writer.add_frame(frame)
         probs = np.array([posterior(DEPTHS[k][t], rng) for k in range(3)], np.float32)
-        table = {"id": [10, 11, 12], "x_px": [float(c) for c in cols["x_px"]],
-                 "y_px": [float(c) for c in cols["y_px"]], "species": [2, 2, 1],
-                 "depth": [int(d) for d in probs.argmax(axis=1)]}
-        events = [{"column_id": 10, "species": 2, "frame": 15, "time_s": 1000 + 15 * DT,
-                   "before": 6, "after": 4, "probability": 0.93, "detected_frame": 17,
-                   "delay_frames": 2, "delay_s": 2 * DT}] if t == 17 else []
-        head = make_header("result", session="s", seq=t, source="engine", model_id="m",
-                           backend="torch-cpu", batch_size=1, latency_ms=10.0, frame_seq=t,
-                           columns=table, events=events)
+        table = {
+            "id": [10, 11, 12],
+            "x_px": [float(c) for c in cols["x_px"]],
+            "y_px": [float(c) for c in cols["y_px"]],
+            "species": [2, 2, 1],
+            "depth": [int(d) for d in probs.argmax(axis=1)],
+        }
+        events = (
+            [
+                {
+                    "column_id": 10,
+                    "species": 2,
+                    "frame": 15,
+                    "time_s": 1000 + 15 * DT,
+                    "before": 6,
+                    "after": 4,
+                    "probability": 0.93,
+                    "detected_frame": 17,
+                    "delay_frames": 2,
+                    "delay_s": 2 * DT,
+                }
+            ]
+            if t == 17
+            else []
+        )
+        head = make_header(
+            "result",
+            session="s",
+            seq=t,
+            source="engine",
+            model_id="m",
+            backend="torch-cpu",
+            batch_size=1,
+            latency_ms=10.0,
+            frame_seq=t,
+            columns=table,
+            events=events,
+        )
         maps = {"column_probabilities": probs, "column_probabilities_filtered": probs}
         writer.add_result(row, decode(encode(head, maps)))
     writer.close()
@@ -87,8 +129,9 @@ def test_live_events_are_recorded_and_analyze_writes_smoothed_events(files, tmp_
         assert (g["depth"][:, 0] == DEPTHS[0]).mean() > 0.9
         assert np.nanmax(g["change_probability"][:, 1]) < 0.5  # the static column
         assert json.loads(g.attrs["config"])["change_rate_per_s"] == HMMConfig().change_rate_per_s
-    found = {(int(e["column_id"]), int(e["before"]), int(e["after"])): int(e["frame"])
-             for e in events}
+    found = {
+        (int(e["column_id"]), int(e["before"]), int(e["after"])): int(e["frame"]) for e in events
+    }
     assert abs(found[(10, 6, 4)] - 15) <= 1  # the 2-atom loss, as one event
     assert abs(found[(12, 3, 2)] - 10) <= 1 and abs(found[(12, 2, 3)] - 25) <= 1
     assert len(events) == 3

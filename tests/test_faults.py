@@ -2,6 +2,7 @@
 running engine, receiver and engine crashes during a lossless replay, a full disk, strangers on
 the links, CURVE, and the replayer's manners. Small frames (64 x 64) and the tiny random model
 keep it fast."""
+
 from __future__ import annotations
 
 import json
@@ -39,15 +40,26 @@ SIDE = 64
 
 
 def frame(seq: int, session: str = "s", shape=(SIDE, SIDE), **fields) -> list:
-    return encode_frame(np.full(shape, seq % 60000, np.uint16), session=session, seq=seq,
-                        source="test", pixel_size_pm=fields.pop("pixel_size_pm", 5.3),
-                        **fields)
+    return encode_frame(
+        np.full(shape, seq % 60000, np.uint16),
+        session=session,
+        seq=seq,
+        source="test",
+        pixel_size_pm=fields.pop("pixel_size_pm", 5.3),
+        **fields,
+    )
 
 
 def raw_frame(arr: np.ndarray, **head) -> list:
     """A frame message built by hand (what a careless or hostile client may send)."""
-    h = make_header("frame", session="probe", seq=head.pop("seq", 0), source="probe",
-                    pixel_size_pm=head.pop("pixel_size_pm", 5.3), **head)
+    h = make_header(
+        "frame",
+        session="probe",
+        seq=head.pop("seq", 0),
+        source="probe",
+        pixel_size_pm=head.pop("pixel_size_pm", 5.3),
+        **head,
+    )
     h["buffers"] = [{"name": "frame", "dtype": arr.dtype.str, "shape": list(arr.shape)}]
     return [b"frame", msgpack.packb(h), arr.tobytes()]
 
@@ -56,8 +68,10 @@ def raw_frame(arr: np.ndarray, **head) -> list:
 PROBES = {  # name -> (parts, reason the engine's receiver gives)
     "0 x 0 frame": (raw_frame(np.zeros((0, 0), np.uint16)), "shape"),
     "128 x 0 frame": (raw_frame(np.zeros((128, 0), np.uint16)), "shape"),
-    "pixel size 1e-3 pm": (raw_frame(np.ones((SIDE, SIDE), np.uint16), pixel_size_pm=1e-3),
-                           "pixel_size"),
+    "pixel size 1e-3 pm": (
+        raw_frame(np.ones((SIDE, SIDE), np.uint16), pixel_size_pm=1e-3),
+        "pixel_size",
+    ),
     "1e308 in a <f8 frame": (raw_frame(np.full((SIDE, SIDE), 1e308)), "range"),
     "dose 1e-300": (raw_frame(np.ones((SIDE, SIDE), np.uint16), dose_e_per_px=1e-300), "dose"),
     "4096 x 9000 claimed": (raw_frame(np.zeros((4096, 9000), np.uint8))[:2] + [b"x"], "shape"),
@@ -72,17 +86,41 @@ def test_engine_survives_every_wire_probe(tmp_path, segdepth_cmd, endpoint_facto
     probe = RawLink(ep["frames"])
     procs = ProcessGroup(tmp_path)
     try:
-        procs.start("engine", [*segdepth_cmd, "serve", "--frames", ep["frames"], "--results",
-                               ep["results"], "--viewer", "none", "--model", str(model),
-                               "--backend", "torch-cpu", "--mode", "replay", "--exit-on-eos",
-                               "--stats", str(stats)])
+        procs.start(
+            "engine",
+            [
+                *segdepth_cmd,
+                "serve",
+                "--frames",
+                ep["frames"],
+                "--results",
+                ep["results"],
+                "--viewer",
+                "none",
+                "--model",
+                str(model),
+                "--backend",
+                "torch-cpu",
+                "--mode",
+                "replay",
+                "--exit-on-eos",
+                "--stats",
+                str(stats),
+            ],
+        )
         results = Input(ep["results"])
         probe.wait_for_reader(60)
         for parts, _ in PROBES.values():
             probe.send(parts)
-        probe.send(frame(20, session="probe", dose_e_per_px=20.0)[:1] + [msgpack.packb(
-            {**msgpack.unpackb(frame(20, session="probe", dose_e_per_px=20.0)[1]), "seq": 0})]
-            + frame(20)[2:])
+        probe.send(
+            frame(20, session="probe", dose_e_per_px=20.0)[:1]
+            + [
+                msgpack.packb(
+                    {**msgpack.unpackb(frame(20, session="probe", dose_e_per_px=20.0)[1]), "seq": 0}
+                )
+            ]
+            + frame(20)[2:]
+        )
         probe.send(encode_control("eos", session="probe", seq=1, source="probe"))
         got = []
         while (msg := results.recv(timeout_s=60)) is not None:
@@ -122,9 +160,14 @@ def test_a_part_beyond_the_size_limit_closes_the_connection_not_the_reader(endpo
     probe.close()
 
 
-header_values = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1),
-                          st.floats(allow_nan=True, allow_infinity=True),
-                          st.text(max_size=4), st.lists(st.integers(-5, 70000), max_size=5))
+header_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=4),
+    st.lists(st.integers(-5, 70000), max_size=5),
+)
 
 
 def valid_or_any(valid):
@@ -132,27 +175,47 @@ def valid_or_any(valid):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(h=st.one_of(st.integers(-3, 10), st.integers(4090, 9000)),
-       w=st.one_of(st.integers(-3, 10), st.integers(4090, 9000)),
-       pixel=valid_or_any(st.floats(allow_nan=True, allow_infinity=True)),
-       dose=valid_or_any(st.floats(allow_nan=True, allow_infinity=True)),
-       seq=valid_or_any(st.integers(0, 2**63 - 1)), t_acq=valid_or_any(st.floats(0, 2e9)),
-       value=st.floats(allow_nan=True, allow_infinity=True))
+@given(
+    h=st.one_of(st.integers(-3, 10), st.integers(4090, 9000)),
+    w=st.one_of(st.integers(-3, 10), st.integers(4090, 9000)),
+    pixel=valid_or_any(st.floats(allow_nan=True, allow_infinity=True)),
+    dose=valid_or_any(st.floats(allow_nan=True, allow_infinity=True)),
+    seq=valid_or_any(st.integers(0, 2**63 - 1)),
+    t_acq=valid_or_any(st.floats(0, 2e9)),
+    value=st.floats(allow_nan=True, allow_infinity=True),
+)
 def test_header_fields_either_pass_the_limits_or_are_refused_with_a_reason(
-        h, w, pixel, dose, seq, t_acq, value):
+    h, w, pixel, dose, seq, t_acq, value
+):
     """Whatever the header says, decode returns a frame within the limits or raises
     ProtocolError; it never allocates for a claimed shape (the bytes sent are tiny)."""
     limits = FrameLimits(max_side_px=4096)
-    head = {"v": 1, "kind": "frame", "session": "s", "seq": seq, "t_acq": t_acq,
-            "source": "p", "pixel_size_pm": pixel, "dose_e_per_px": dose,
-            "buffers": [{"name": "frame", "dtype": "<f4", "shape": [h, w]}]}
+    head = {
+        "v": 1,
+        "kind": "frame",
+        "session": "s",
+        "seq": seq,
+        "t_acq": t_acq,
+        "source": "p",
+        "pixel_size_pm": pixel,
+        "dose_e_per_px": dose,
+        "buffers": [{"name": "frame", "dtype": "<f4", "shape": [h, w]}],
+    }
     n = h * w if 0 <= h <= 10 and 0 <= w <= 10 else 4
     body = np.full(max(n, 0), value, np.float32).tobytes()
     try:
         msg = decode([b"frame", msgpack.packb(head), body], limits=limits)
     except ProtocolError as err:
-        assert err.reason in {"field", "shape", "bytes", "pixel_size", "dose", "range",
-                              "nonfinite", "msgpack"}
+        assert err.reason in {
+            "field",
+            "shape",
+            "bytes",
+            "pixel_size",
+            "dose",
+            "range",
+            "nonfinite",
+            "msgpack",
+        }
         return
     fh, fw = msg.arrays["frame"].shape
     assert 0 < fh <= 4096 and 0 < fw <= 4096
@@ -179,23 +242,53 @@ def results_in(path) -> int:
 
 
 @pytest.mark.slow
-def test_recorder_and_engine_killed_and_restarted_lose_no_frame(tmp_path, segdepth_cmd,
-                                                                 endpoint_factory):
+def test_recorder_and_engine_killed_and_restarted_lose_no_frame(
+    tmp_path, segdepth_cmd, endpoint_factory
+):
     """1,000 frames, lossless replay: the recorder is SIGKILLed and restarted (it recovers its
     file and continues beside it), then the engine; the union of the files holds every frame
     and the restarted recorder counts no loss."""
     n = 1000
     model = save_random_model(tmp_path / "random.pt")
     rng = np.random.default_rng(0)
-    session = write_session(tmp_path / "session.h5",
-                            rng.poisson(20.0, (n, SIDE, SIDE)).astype(np.uint16))
+    session = write_session(
+        tmp_path / "session.h5", rng.poisson(20.0, (n, SIDE, SIDE)).astype(np.uint16)
+    )
     out = tmp_path / "rec.h5"
     ep = {k: endpoint_factory() for k in ("engine", "recorder", "results")}
-    serve = [*segdepth_cmd, "serve", "--frames", ep["engine"], "--results", ep["results"],
-             "--viewer", "none", "--model", str(model), "--backend", "torch-cpu",
-             "--mode", "replay", "--exit-on-eos", "--max-batch", "16"]
-    record = [*segdepth_cmd, "record", "--out", str(out), "--frames", ep["recorder"],
-              "--results", ep["results"], "--grace-s", "20", "--flush-s", "0.2"]
+    serve = [
+        *segdepth_cmd,
+        "serve",
+        "--frames",
+        ep["engine"],
+        "--results",
+        ep["results"],
+        "--viewer",
+        "none",
+        "--model",
+        str(model),
+        "--backend",
+        "torch-cpu",
+        "--mode",
+        "replay",
+        "--exit-on-eos",
+        "--max-batch",
+        "16",
+    ]
+    record = [
+        *segdepth_cmd,
+        "record",
+        "--out",
+        str(out),
+        "--frames",
+        ep["recorder"],
+        "--results",
+        ep["results"],
+        "--grace-s",
+        "20",
+        "--flush-s",
+        "0.2",
+    ]
     procs = ProcessGroup(tmp_path)
 
     def wait_until(check, what):
@@ -203,12 +296,27 @@ def test_recorder_and_engine_killed_and_restarted_lose_no_frame(tmp_path, segdep
         while not check():
             assert time.monotonic() < deadline, f"{what}: " + procs.log("replay")[-2000:]
             time.sleep(0.05)
+
     try:
         procs.start("recorder", record)
         procs.start("engine", serve)
-        procs.start("replay", [*segdepth_cmd, "replay", str(session), "--to-engine",
-                               ep["engine"], "--to-recorder", ep["recorder"], "--to-viewer",
-                               "none", "--mode", "replay", "--max-rate"])
+        procs.start(
+            "replay",
+            [
+                *segdepth_cmd,
+                "replay",
+                str(session),
+                "--to-engine",
+                ep["engine"],
+                "--to-recorder",
+                ep["recorder"],
+                "--to-viewer",
+                "none",
+                "--mode",
+                "replay",
+                "--max-rate",
+            ],
+        )
         wait_until(lambda: len(rows(out)) >= 200, "first recorder")
         procs.procs["recorder"].kill()
         procs.procs["recorder"].wait(10)
@@ -238,9 +346,11 @@ def test_recorder_and_engine_killed_and_restarted_lose_no_frame(tmp_path, segdep
     assert summary["frames_without_result"] == len(second_rows) - int(answered.sum())
     log = procs.log("recorder2")
     assert "recovered" in log
-    print(f"frames: {len(first_rows)} in the first file, {len(second_rows)} in the second "
-          f"(overlap {len(set(first_rows) & set(second_rows))}); results in the second file: "
-          f"{int(answered.sum())} of {len(second_rows)}")
+    print(
+        f"frames: {len(first_rows)} in the first file, {len(second_rows)} in the second "
+        f"(overlap {len(set(first_rows) & set(second_rows))}); results in the second file: "
+        f"{int(answered.sum())} of {len(second_rows)}"
+    )
 
 
 # --- a full disk ------------------------------------------------------------------------------
@@ -251,31 +361,55 @@ def small_disk(tmp_path):
     def mount(mib: int):
         mnt = tmp_path / f"disk{mib}"
         mnt.mkdir()
-        if os.geteuid() != 0 or subprocess.run(
+        if (
+            os.geteuid() != 0
+            or subprocess.run(
                 ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(mnt)],
-                capture_output=True).returncode != 0:
+                capture_output=True,
+            ).returncode
+            != 0
+        ):
             pytest.skip("mounting a small tmpfs needs root")
         mounted.append(mnt)
         return mnt
+
     yield mount
     for mnt in mounted:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.parametrize("mib", [17, 20, 26])
-def test_disk_full_stops_cleanly_with_every_row_valid(small_disk, mib, segdepth_cmd,
-                                                      endpoint_factory):
+def test_disk_full_stops_cleanly_with_every_row_valid(
+    small_disk, mib, segdepth_cmd, endpoint_factory
+):
     out = small_disk(mib) / "rec.h5"
     fep = endpoint_factory()
-    proc = subprocess.Popen([*segdepth_cmd, "record", "--out", str(out), "--frames", fep,
-                             "--results", "none", "--min-free-mib", "16", "--flush-s", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            *segdepth_cmd,
+            "record",
+            "--out",
+            str(out),
+            "--frames",
+            fep,
+            "--results",
+            "none",
+            "--min-free-mib",
+            "16",
+            "--flush-s",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     big = np.ones((256, 256), np.uint16)
     with Output(fep, linger_s=0) as src:
         for seq in range(200):
             if proc.poll() is not None or not src.send(
-                    encode_frame(big * seq, session="s", seq=seq, source="t",
-                                 pixel_size_pm=5.3), timeout_s=3):
+                encode_frame(big * seq, session="s", seq=seq, source="t", pixel_size_pm=5.3),
+                timeout_s=3,
+            ):
                 break
     text, _ = proc.communicate(timeout=30)
     assert proc.returncode == 1 and proc.returncode != -signal.SIGSEGV, text
@@ -291,13 +425,27 @@ def test_disk_full_stops_cleanly_with_every_row_valid(small_disk, mib, segdepth_
         assert all((f["frames"][i] == i).all() for i in range(len(seqs)))
 
 
-def test_recover_makes_a_killed_recording_open_with_plain_h5py(tmp_path, segdepth_cmd,
-                                                               endpoint_factory):
+def test_recover_makes_a_killed_recording_open_with_plain_h5py(
+    tmp_path, segdepth_cmd, endpoint_factory
+):
     out = tmp_path / "killed.h5"
     fep = endpoint_factory()
-    proc = subprocess.Popen([*segdepth_cmd, "record", "--out", str(out), "--frames", fep,
-                             "--results", "none", "--flush-s", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            *segdepth_cmd,
+            "record",
+            "--out",
+            str(out),
+            "--frames",
+            fep,
+            "--results",
+            "none",
+            "--flush-s",
+            "0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     with Output(fep, linger_s=0) as src:
         for seq in range(20):
             assert src.send(frame(seq), timeout_s=30)
@@ -306,8 +454,9 @@ def test_recover_makes_a_killed_recording_open_with_plain_h5py(tmp_path, segdept
     proc.wait(10)
     with pytest.raises(OSError):
         h5py.File(out, "r")  # what the issue found: flagged as open for writing
-    done = subprocess.run([*segdepth_cmd, "recover", str(out)], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [*segdepth_cmd, "recover", str(out)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert "20 rows kept" in done.stdout
     with h5py.File(out, "r") as f:
@@ -315,30 +464,46 @@ def test_recover_makes_a_killed_recording_open_with_plain_h5py(tmp_path, segdept
 
 
 # --- strangers --------------------------------------------------------------------------------
-def test_foreign_eos_and_foreign_session_are_refused_and_counted(tmp_path, segdepth_cmd,
-                                                                 endpoint_factory):
+def test_foreign_eos_and_foreign_session_are_refused_and_counted(
+    tmp_path, segdepth_cmd, endpoint_factory
+):
     fep, rep = endpoint_factory(), endpoint_factory()
     out = tmp_path / "rec.h5"
-    proc = subprocess.Popen([*segdepth_cmd, "record", "--out", str(out), "--frames", fep,
-                             "--results", rep],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*segdepth_cmd, "record", "--out", str(out), "--frames", fep, "--results", rep],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     with Output(fep) as src, Output(rep) as stranger:
         for seq in range(5):
             assert src.send(frame(seq, session="mine"), timeout_s=30)
         # a stranger holding the results port: another session's result and eos
-        assert stranger.send(encode(make_header(
-            "result", session="theirs", seq=0, source="x", model_id="m", backend="b",
-            batch_size=1, latency_ms=1.0, frame_seq=0)), timeout_s=30)
-        assert stranger.send(encode_control("eos", session="theirs", seq=0, source="x"),
-                             timeout_s=30)
+        assert stranger.send(
+            encode(
+                make_header(
+                    "result",
+                    session="theirs",
+                    seq=0,
+                    source="x",
+                    model_id="m",
+                    backend="b",
+                    batch_size=1,
+                    latency_ms=1.0,
+                    frame_seq=0,
+                )
+            ),
+            timeout_s=30,
+        )
+        assert stranger.send(
+            encode_control("eos", session="theirs", seq=0, source="x"), timeout_s=30
+        )
         assert stranger.flush(timeout_s=30)
         time.sleep(0.5)
         assert proc.poll() is None  # the foreign eos did not end the recording
         assert src.send(frame(5, session="mine"), timeout_s=30)
-        assert src.send(encode_control("eos", session="mine", seq=6, source="t"),
-                        timeout_s=30)
-        assert stranger.send(encode_control("eos", session="mine", seq=6, source="x"),
-                             timeout_s=30)
+        assert src.send(encode_control("eos", session="mine", seq=6, source="t"), timeout_s=30)
+        assert stranger.send(encode_control("eos", session="mine", seq=6, source="x"), timeout_s=30)
         text, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, text
     assert "other sessions refused         2" in text and "'result': 1, 'eos': 1" in text
@@ -347,18 +512,33 @@ def test_foreign_eos_and_foreign_session_are_refused_and_counted(tmp_path, segde
         assert f.attrs["session_id"] == "mine"
 
 
-def test_an_intruding_reader_is_refused_and_takes_nothing(tmp_path, segdepth_cmd,
-                                                          endpoint_factory):
+def test_an_intruding_reader_is_refused_and_takes_nothing(tmp_path, segdepth_cmd, endpoint_factory):
     n = 60
     session = write_session(tmp_path / "s.h5", np.ones((n, SIDE, SIDE), np.uint16))
     rep = endpoint_factory()
     out = tmp_path / "rec.h5"
     procs = ProcessGroup(tmp_path)
     try:
-        procs.start("recorder", [*segdepth_cmd, "record", "--out", str(out), "--frames", rep,
-                                 "--results", "none"])
-        procs.start("replay", [*segdepth_cmd, "replay", str(session), "--to-engine", "none",
-                               "--to-recorder", rep, "--to-viewer", "none", "--rate", "40"])
+        procs.start(
+            "recorder",
+            [*segdepth_cmd, "record", "--out", str(out), "--frames", rep, "--results", "none"],
+        )
+        procs.start(
+            "replay",
+            [
+                *segdepth_cmd,
+                "replay",
+                str(session),
+                "--to-engine",
+                "none",
+                "--to-recorder",
+                rep,
+                "--to-viewer",
+                "none",
+                "--rate",
+                "40",
+            ],
+        )
         deadline = time.monotonic() + 60
         while not rows(out) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -374,8 +554,9 @@ def test_an_intruding_reader_is_refused_and_takes_nothing(tmp_path, segdepth_cmd
 
 
 # --- CURVE ------------------------------------------------------------------------------------
-def test_curve_admits_the_allowed_key_and_refuses_an_unknown_one(tmp_path, endpoint_factory,
-                                                                 monkeypatch):
+def test_curve_admits_the_allowed_key_and_refuses_an_unknown_one(
+    tmp_path, endpoint_factory, monkeypatch
+):
     keys = security.make_keys(tmp_path / "keys")
     other = security.make_keys(tmp_path / "other")  # an unknown client key
     stranger = tmp_path / "stranger"
@@ -426,8 +607,9 @@ def test_live_drops_at_the_sender_equal_the_losses_at_the_receiver(endpoint_fact
                     seq += 1
                 while inp.recv(timeout_s=0.2) is not None:
                     pass
-            assert out.send(encode_control("eos", session="s", seq=seq, source="t"),
-                            wait=True, timeout_s=5)
+            assert out.send(
+                encode_control("eos", session="s", seq=seq, source="t"), wait=True, timeout_s=5
+            )
             while (msg := inp.recv(timeout_s=2)) is not None and msg.kind != "eos":
                 pass
             stats = inp.stats()["frames"]
@@ -436,17 +618,31 @@ def test_live_drops_at_the_sender_equal_the_losses_at_the_receiver(endpoint_fact
 
 
 # --- the replayer's manners -------------------------------------------------------------------
-def test_replay_says_when_nobody_reads_and_obeys_ctrl_c(tmp_path, segdepth_cmd,
-                                                        endpoint_factory):
+def test_replay_says_when_nobody_reads_and_obeys_ctrl_c(tmp_path, segdepth_cmd, endpoint_factory):
     session = write_session(tmp_path / "s.h5", np.ones((5, SIDE, SIDE), np.uint16))
     t0 = time.monotonic()
-    missing = subprocess.run([*segdepth_cmd, "replay", str(tmp_path / "nope.h5")],
-                             capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        [*segdepth_cmd, "replay", str(tmp_path / "nope.h5")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode != 0 and "nope.h5" in missing.stderr
     startup = time.monotonic() - t0  # at once: no 10 s wait for an eos
-    proc = subprocess.Popen([*segdepth_cmd, "replay", str(session), "--to-engine",
-                             endpoint_factory(), "--to-viewer", "none"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            *segdepth_cmd,
+            "replay",
+            str(session),
+            "--to-engine",
+            endpoint_factory(),
+            "--to-viewer",
+            "none",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout))
     reader.start()
@@ -476,14 +672,19 @@ def test_probe_helpers_are_honest():
 def test_the_client_in_protocol_md_works(tmp_path, endpoint_factory):
     """The 25-line DEALER client of docs/PROTOCOL.md, run as written, gets every frame."""
     from pathlib import Path
+
     doc = (Path(__file__).parents[1] / "docs" / "PROTOCOL.md").read_text()
     code = doc.split("## A client in 25 lines")[1].split("```python\n")[1].split("```")[0]
     ep = endpoint_factory()
     script = tmp_path / "client.py"
     script.write_text(code.replace("tcp://127.0.0.1:5555", ep))
     with Output(ep) as out:
-        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for seq in range(5):
             assert out.send(frame(seq), timeout_s=30)
         assert out.send(encode_control("eos", session="s", seq=5, source="t"), timeout_s=30)
@@ -494,6 +695,7 @@ def test_the_client_in_protocol_md_works(tmp_path, endpoint_factory):
 
 def test_a_late_start_is_a_loss_on_a_link_but_not_for_a_viewer():
     from streamer.protocol import SequenceTracker
+
     link, viewer = SequenceTracker(), SequenceTracker(count_start=False)
     for tracker in (link, viewer):
         tracker.update("s", 7)
@@ -531,23 +733,42 @@ def test_a_manual_reader_acknowledges_only_what_it_said_is_safe(endpoint_factory
     assert again is not None and again.seq == 1 and out.resent == 2  # the garbage and frame 1
 
 
-def test_sigstop_in_live_mode_sender_drops_equal_receiver_losses(tmp_path, segdepth_cmd,
-                                                                   endpoint_factory):
+def test_sigstop_in_live_mode_sender_drops_equal_receiver_losses(
+    tmp_path, segdepth_cmd, endpoint_factory
+):
     """The issue's SIGSTOP case over real processes: a live replay keeps going while the
     recorder is stopped for a second; the replay's drop count and the recorder's loss count
     are the same number."""
     import re
+
     n = 300
     session = write_session(tmp_path / "s.h5", np.ones((n, SIDE, SIDE), np.uint16))
     rep, out = endpoint_factory(), tmp_path / "rec.h5"
     procs = ProcessGroup(tmp_path)
     try:
-        procs.start("recorder", [*segdepth_cmd, "record", "--out", str(out), "--frames", rep,
-                                 "--results", "none"])
+        procs.start(
+            "recorder",
+            [*segdepth_cmd, "record", "--out", str(out), "--frames", rep, "--results", "none"],
+        )
         time.sleep(1.0)
-        procs.start("replay", [*segdepth_cmd, "replay", str(session), "--to-engine", "none",
-                               "--to-recorder", rep, "--to-viewer", "none", "--mode", "live",
-                               "--rate", "150"])
+        procs.start(
+            "replay",
+            [
+                *segdepth_cmd,
+                "replay",
+                str(session),
+                "--to-engine",
+                "none",
+                "--to-recorder",
+                rep,
+                "--to-viewer",
+                "none",
+                "--mode",
+                "live",
+                "--rate",
+                "150",
+            ],
+        )
         deadline = time.monotonic() + 60
         while len(rows(out)) < 20:
             assert time.monotonic() < deadline, procs.log("recorder")[-2000:]
@@ -559,9 +780,9 @@ def test_sigstop_in_live_mode_sender_drops_equal_receiver_losses(tmp_path, segde
         assert procs.wait("recorder", 60) == 0, procs.log("recorder")[-2000:]
     finally:
         procs.close()
-    dropped = int(re.search(r"'to_recorder': \{'sent': \d+, 'dropped': (\d+)",
-                            procs.log("replay")).group(1))
-    lost = int(re.search(r"frames lost \(sequence gaps\)\s+(\d+)",
-                         procs.log("recorder")).group(1))
+    dropped = int(
+        re.search(r"'to_recorder': \{'sent': \d+, 'dropped': (\d+)", procs.log("replay")).group(1)
+    )
+    lost = int(re.search(r"frames lost \(sequence gaps\)\s+(\d+)", procs.log("recorder")).group(1))
     assert dropped > 0 and lost == dropped
     assert len(rows(out)) + lost == n

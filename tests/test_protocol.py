@@ -1,4 +1,5 @@
 """The wire protocol: round trips, every rejection reason, and a hypothesis fuzz of the decoder."""
+
 from __future__ import annotations
 
 import msgpack
@@ -55,28 +56,34 @@ def _tamper(parts, **changes):
     return [parts[0], msgpack.packb(head), *parts[2:]]
 
 
-@pytest.mark.parametrize("make_parts, reason", [
-    (lambda p: [p[0]], "parts"),
-    (lambda p: [p[0], b"\xc1", *p[2:]], "msgpack"),
-    (lambda p: [p[0], msgpack.packb([1, 2]), *p[2:]], "msgpack"),
-    (lambda p: _tamper(p, v=PROTOCOL_VERSION + 1), "version"),
-    (lambda p: _tamper(p, kind="bogus"), "kind"),
-    (lambda p: _tamper(p, seq="3"), "field"),
-    (lambda p: _tamper(p, seq=-1), "field"),
-    (lambda p: _tamper(p, t_acq=float("nan")), "field"),
-    (lambda p: _tamper(p, pixel_size_pm=None), "field"),
-    (lambda p: [b"result", *p[1:]], "topic"),
-    (lambda p: p[:2], "buffers"),
-    (lambda p: [*p, b"extra"], "buffers"),
-    (lambda p: [p[0], p[1], b"\x00" * 5], "bytes"),
-    (lambda p: _tamper(p, buffers=[{"name": "frame", "dtype": "<c8", "shape": [3, 4]}]),
-     "dtype"),
-    (lambda p: _tamper(p, buffers=[{"name": "frame", "dtype": "<u2", "shape": [-3, 4]}]),
-     "shape"),
-    (lambda p: _tamper(p, buffers=[{"name": "frame", "dtype": "<u2", "shape": [12]}]),
-     "shape"),
-    (lambda p: _tamper(p, buffers=["frame"]), "buffers"),
-])
+@pytest.mark.parametrize(
+    "make_parts, reason",
+    [
+        (lambda p: [p[0]], "parts"),
+        (lambda p: [p[0], b"\xc1", *p[2:]], "msgpack"),
+        (lambda p: [p[0], msgpack.packb([1, 2]), *p[2:]], "msgpack"),
+        (lambda p: _tamper(p, v=PROTOCOL_VERSION + 1), "version"),
+        (lambda p: _tamper(p, kind="bogus"), "kind"),
+        (lambda p: _tamper(p, seq="3"), "field"),
+        (lambda p: _tamper(p, seq=-1), "field"),
+        (lambda p: _tamper(p, t_acq=float("nan")), "field"),
+        (lambda p: _tamper(p, pixel_size_pm=None), "field"),
+        (lambda p: [b"result", *p[1:]], "topic"),
+        (lambda p: p[:2], "buffers"),
+        (lambda p: [*p, b"extra"], "buffers"),
+        (lambda p: [p[0], p[1], b"\x00" * 5], "bytes"),
+        (
+            lambda p: _tamper(p, buffers=[{"name": "frame", "dtype": "<c8", "shape": [3, 4]}]),
+            "dtype",
+        ),
+        (
+            lambda p: _tamper(p, buffers=[{"name": "frame", "dtype": "<u2", "shape": [-3, 4]}]),
+            "shape",
+        ),
+        (lambda p: _tamper(p, buffers=[{"name": "frame", "dtype": "<u2", "shape": [12]}]), "shape"),
+        (lambda p: _tamper(p, buffers=["frame"]), "buffers"),
+    ],
+)
 def test_each_defect_is_a_protocol_error_with_its_reason(make_parts, reason):
     with pytest.raises(ProtocolError) as info:
         decode(make_parts(frame_msg()))
@@ -113,28 +120,43 @@ def test_sequence_tracker_counts_gaps_tail_and_sessions():
 
 # --- fuzzing: no input may crash the decoder with anything but ProtocolError ----------------
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
-                    st.binary(max_size=8))
-values = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
-    max_leaves=12)
-descriptors = st.fixed_dictionaries({
-    "name": st.one_of(st.just("frame"), st.text(max_size=6), st.integers()),
-    "dtype": st.one_of(st.sampled_from(["|u1", "<u2", "<f4", "<f8", ">f4", "<c8", "O"]),
-                       st.integers()),
-    "shape": st.one_of(st.lists(st.integers(-2, 70000), max_size=5), st.integers(), st.none()),
-})
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8), st.binary(max_size=8)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+descriptors = st.fixed_dictionaries(
+    {
+        "name": st.one_of(st.just("frame"), st.text(max_size=6), st.integers()),
+        "dtype": st.one_of(
+            st.sampled_from(["|u1", "<u2", "<f4", "<f8", ">f4", "<c8", "O"]), st.integers()
+        ),
+        "shape": st.one_of(st.lists(st.integers(-2, 70000), max_size=5), st.integers(), st.none()),
+    }
+)
 headers = st.fixed_dictionaries(
-    {"v": st.one_of(st.just(PROTOCOL_VERSION), values),
-     "kind": st.one_of(st.sampled_from(["frame", "result", "eos", "heartbeat"]), values),
-     "session": st.one_of(st.just("s"), values),
-     "seq": st.one_of(st.integers(-5, 2**64), values),
-     "t_acq": st.one_of(st.floats(), values),
-     "source": st.one_of(st.just("t"), values),
-     "buffers": st.one_of(st.lists(descriptors, max_size=3), values)},
-    optional={"pixel_size_pm": st.one_of(st.floats(), values),
-              "model_id": values, "backend": values, "batch_size": values,
-              "latency_ms": values})
+    {
+        "v": st.one_of(st.just(PROTOCOL_VERSION), values),
+        "kind": st.one_of(st.sampled_from(["frame", "result", "eos", "heartbeat"]), values),
+        "session": st.one_of(st.just("s"), values),
+        "seq": st.one_of(st.integers(-5, 2**64), values),
+        "t_acq": st.one_of(st.floats(), values),
+        "source": st.one_of(st.just("t"), values),
+        "buffers": st.one_of(st.lists(descriptors, max_size=3), values),
+    },
+    optional={
+        "pixel_size_pm": st.one_of(st.floats(), values),
+        "model_id": values,
+        "backend": values,
+        "batch_size": values,
+        "latency_ms": values,
+    },
+)
 
 
 def _check_decode(parts):
@@ -155,8 +177,11 @@ def test_fuzz_random_bytes(parts):
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from([b"frame", b"result", b"eos", b"x"]), headers,
-       st.lists(st.binary(max_size=96), max_size=4))
+@given(
+    st.sampled_from([b"frame", b"result", b"eos", b"x"]),
+    headers,
+    st.lists(st.binary(max_size=96), max_size=4),
+)
 def test_fuzz_structured_headers(topic, head, buffers):
     try:
         packed = msgpack.packb(head, use_bin_type=True)
@@ -169,15 +194,16 @@ def test_fuzz_structured_headers(topic, head, buffers):
 @given(st.data())
 def test_fuzz_mutated_valid_messages(data):
     frame = np.arange(12, dtype=np.float32).reshape(3, 4)
-    parts = [bytes(memoryview(p).cast("B")) if not isinstance(p, bytes) else p
-             for p in frame_msg(frame)]
+    parts = [
+        bytes(memoryview(p).cast("B")) if not isinstance(p, bytes) else p for p in frame_msg(frame)
+    ]
     index = data.draw(st.integers(0, len(parts) - 1))
     raw = bytearray(parts[index])
     for _ in range(data.draw(st.integers(1, 4))):
         if raw and data.draw(st.booleans()):
             raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
         else:
-            raw = raw[:data.draw(st.integers(0, len(raw)))]
+            raw = raw[: data.draw(st.integers(0, len(raw)))]
     parts[index] = bytes(raw)
     _check_decode(parts)
 
@@ -186,5 +212,7 @@ def test_make_header_rejects_unknown_kind():
     with pytest.raises(ProtocolError):
         make_header("bogus", session="s", seq=0, source="t")
     with pytest.raises(ProtocolError):
-        encode(make_header("frame", session="s", seq=0, source="t", pixel_size_pm=1.0),
-               {"frame": np.zeros((2, 2), np.complex64)})
+        encode(
+            make_header("frame", session="s", seq=0, source="t", pixel_size_pm=1.0),
+            {"frame": np.zeros((2, 2), np.complex64)},
+        )

@@ -1,4 +1,5 @@
 """The HDF5 session recorder over real sockets: alignment, columns, crashes, full disks."""
+
 from __future__ import annotations
 
 import errno
@@ -26,29 +27,59 @@ def frame_of(seq: int) -> np.ndarray:
 
 
 def frame_parts(seq: int, session="sess"):
-    return encode_frame(frame_of(seq), session=session, seq=seq, source="test",
-                        pixel_size_pm=5.3, dose_e_per_px=2.0 + seq, t_acq=1000.0 + 0.01 * seq)
+    return encode_frame(
+        frame_of(seq),
+        session=session,
+        seq=seq,
+        source="test",
+        pixel_size_pm=5.3,
+        dose_e_per_px=2.0 + seq,
+        t_acq=1000.0 + 0.01 * seq,
+    )
 
 
 def result_parts(seq: int, column_ids: list[int], session="sess"):
     n = len(column_ids)
-    cols = {"id": column_ids, "x_px": [float(c) for c in column_ids],
-            "y_px": [2.0 * c for c in column_ids], "species": [1 + c % 2 for c in column_ids],
-            "depth": [c % 11 for c in column_ids],
-            "expected_depth": [c + 0.5 for c in column_ids],
-            "confidence": [0.9] * n, "depth_filtered": [c % 11 for c in column_ids],
-            "expected_filtered": [c + 0.25 for c in column_ids]}
+    cols = {
+        "id": column_ids,
+        "x_px": [float(c) for c in column_ids],
+        "y_px": [2.0 * c for c in column_ids],
+        "species": [1 + c % 2 for c in column_ids],
+        "depth": [c % 11 for c in column_ids],
+        "expected_depth": [c + 0.5 for c in column_ids],
+        "confidence": [0.9] * n,
+        "depth_filtered": [c % 11 for c in column_ids],
+        "expected_filtered": [c + 0.25 for c in column_ids],
+    }
     probs = np.zeros((n, 11), np.float32)
     probs[np.arange(n), [c % 11 for c in column_ids]] = 1.0
-    head = make_header("result", session=session, seq=seq, source="engine", model_id="m-1",
-                       backend="torch-cpu", batch_size=4, latency_ms=3.5, frame_seq=seq,
-                       skipped=0, pixel_size_pm=5.3, drift_px=[0.5, -0.25], columns=cols,
-                       ood_score=seq / 100, ood_warning=seq >= 35)
-    return encode(head, {"depth": np.full(SHAPE, seq % 11, np.uint8),
-                         "confidence": np.full(SHAPE, 0.5, np.float32),
-                         "species": np.ones(SHAPE, np.uint8),
-                         "column_probabilities": probs,
-                         "column_probabilities_filtered": probs})
+    head = make_header(
+        "result",
+        session=session,
+        seq=seq,
+        source="engine",
+        model_id="m-1",
+        backend="torch-cpu",
+        batch_size=4,
+        latency_ms=3.5,
+        frame_seq=seq,
+        skipped=0,
+        pixel_size_pm=5.3,
+        drift_px=[0.5, -0.25],
+        columns=cols,
+        ood_score=seq / 100,
+        ood_warning=seq >= 35,
+    )
+    return encode(
+        head,
+        {
+            "depth": np.full(SHAPE, seq % 11, np.uint8),
+            "confidence": np.full(SHAPE, 0.5, np.float32),
+            "species": np.ones(SHAPE, np.uint8),
+            "column_probabilities": probs,
+            "column_probabilities_filtered": probs,
+        },
+    )
 
 
 def start_recorder(config: RecorderConfig):
@@ -64,8 +95,9 @@ def test_frames_and_results_in_any_order_are_aligned(tmp_path, endpoint_factory)
     out = tmp_path / "s.h5"
     n = 40
     with Output(fep) as frames, Output(rep) as results:
-        rec, thread, box = start_recorder(RecorderConfig(out=str(out), frames=fep,
-                                                         results=rep, grace_s=2))
+        rec, thread, box = start_recorder(
+            RecorderConfig(out=str(out), frames=fep, results=rep, grace_s=2)
+        )
         # results for frames 0..4 come first; later columns appear over time
         for seq in range(5):
             assert results.send(result_parts(seq, [10, 11]), timeout_s=5)
@@ -76,8 +108,7 @@ def test_frames_and_results_in_any_order_are_aligned(tmp_path, endpoint_factory)
                 ids = [10, 11] if seq < 20 else [10, 11, 12]  # column 12 appears at frame 20
                 if seq != 30:  # the engine skipped frame 30
                     assert results.send(result_parts(seq, ids), timeout_s=5)
-        assert frames.send(encode_control("eos", session="sess", seq=n, source="test"),
-                           timeout_s=5)
+        assert frames.send(encode_control("eos", session="sess", seq=n, source="test"), timeout_s=5)
         thread.join(timeout=20)
     summary = box["summary"]
     assert summary.stopped_by == "eos" and summary.error is None
@@ -129,9 +160,22 @@ def _wait_for_frames(path: Path, n: int, timeout_s: float = 20) -> int:
 def test_sigkill_mid_session_leaves_a_readable_file(tmp_path, endpoint_factory, segdepth_cmd):
     fep = endpoint_factory()
     out = tmp_path / "killed.h5"
-    proc = subprocess.Popen([*segdepth_cmd, "record", "--out", str(out), "--frames", fep,
-                             "--results", "none", "--flush-s", "0.2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            *segdepth_cmd,
+            "record",
+            "--out",
+            str(out),
+            "--frames",
+            fep,
+            "--results",
+            "none",
+            "--flush-s",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     stop = threading.Event()
     sent = []
 
@@ -166,13 +210,15 @@ def test_sigkill_mid_session_leaves_a_readable_file(tmp_path, endpoint_factory, 
         session.close()
 
 
-def test_sigint_stops_with_a_summary_and_a_complete_file(tmp_path, endpoint_factory,
-                                                          segdepth_cmd):
+def test_sigint_stops_with_a_summary_and_a_complete_file(tmp_path, endpoint_factory, segdepth_cmd):
     fep = endpoint_factory()
     out = tmp_path / "int.h5"
-    proc = subprocess.Popen([*segdepth_cmd, "record", "--out", str(out), "--frames", fep,
-                             "--results", "none"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*segdepth_cmd, "record", "--out", str(out), "--frames", fep, "--results", "none"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     with Output(fep) as frames:
         for seq in range(10):
             assert frames.send(frame_parts(seq), timeout_s=20)
@@ -197,8 +243,7 @@ def test_source_crash_and_restart_is_picked_up(tmp_path, endpoint_factory):
     with Output(fep) as second:  # ... and comes back with a new session: a new recording
         for seq in range(7):
             assert second.send(frame_parts(seq, session="two"), timeout_s=10)
-        assert second.send(encode_control("eos", session="two", seq=7, source="t"),
-                           timeout_s=10)
+        assert second.send(encode_control("eos", session="two", seq=7, source="t"), timeout_s=10)
         assert second.flush(timeout_s=10)  # the recorder took all (and refused them)
         rec.stop.set()
         thread.join(timeout=20)
@@ -214,8 +259,11 @@ def test_malformed_and_mismatched_messages_are_counted(tmp_path, endpoint_factor
     with Output(fep) as frames:
         frames.send(frame_parts(0), timeout_s=10)
         frames.send([b"frame", b"\x92\x01"])  # valid msgpack, not a header
-        frames.send(encode_frame(np.zeros((4, 4), np.uint16), session="sess", seq=1,
-                                 source="t", pixel_size_pm=5.3))  # wrong shape for this file
+        frames.send(
+            encode_frame(
+                np.zeros((4, 4), np.uint16), session="sess", seq=1, source="t", pixel_size_pm=5.3
+            )
+        )  # wrong shape for this file
         frames.send(result_parts(1, [1]))  # a result on the frame socket
         frames.send(frame_parts(2))
         frames.send(encode_control("eos", session="sess", seq=3, source="t"))
@@ -225,8 +273,7 @@ def test_malformed_and_mismatched_messages_are_counted(tmp_path, endpoint_factor
     assert summary.malformed == {"msgpack": 1, "shape": 1, "topic": 1}
 
 
-def test_disk_full_stops_cleanly_keeping_what_was_written(tmp_path, endpoint_factory,
-                                                          monkeypatch):
+def test_disk_full_stops_cleanly_keeping_what_was_written(tmp_path, endpoint_factory, monkeypatch):
     fep = endpoint_factory()
     out = tmp_path / "full.h5"
     real_add = SessionWriter.add_frame
@@ -237,8 +284,9 @@ def test_disk_full_stops_cleanly_keeping_what_was_written(tmp_path, endpoint_fac
         return real_add(self, msg)
 
     monkeypatch.setattr(SessionWriter, "add_frame", add_frame)
-    rec, thread, box = start_recorder(RecorderConfig(out=str(out), frames=fep, results=None,
-                                                     flush_interval_s=0.0))
+    rec, thread, box = start_recorder(
+        RecorderConfig(out=str(out), frames=fep, results=None, flush_interval_s=0.0)
+    )
     with Output(fep, linger_s=1) as frames:  # the recorder stops with frames unacknowledged
         for seq in range(6):
             frames.send(frame_parts(seq), timeout_s=10)
@@ -257,8 +305,9 @@ def test_disk_full_stops_cleanly_keeping_what_was_written(tmp_path, endpoint_fac
 def test_low_free_space_stops_before_writing(tmp_path, endpoint_factory):
     fep = endpoint_factory()
     out = tmp_path / "nospace.h5"
-    rec, thread, box = start_recorder(RecorderConfig(out=str(out), frames=fep, results=None,
-                                                     min_free_mib=1e12))
+    rec, thread, box = start_recorder(
+        RecorderConfig(out=str(out), frames=fep, results=None, min_free_mib=1e12)
+    )
     with Output(fep, linger_s=1) as frames:
         frames.send(frame_parts(0), timeout_s=10)
         thread.join(timeout=20)
@@ -271,8 +320,13 @@ def test_low_free_space_stops_before_writing(tmp_path, endpoint_factory):
 def tiny_tmpfs(tmp_path):
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs",
-                                            str(mnt)], capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a small tmpfs needs root")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -283,8 +337,10 @@ def _feed_until_stopped(fep: str, n: int = 40) -> int:
     sent = 0
     with Output(fep, linger_s=0) as frames:
         for seq in range(n):
-            if not frames.send(encode_frame(big * seq, session="s", seq=seq, source="t",
-                                            pixel_size_pm=5.3), timeout_s=3):
+            if not frames.send(
+                encode_frame(big * seq, session="s", seq=seq, source="t", pixel_size_pm=5.3),
+                timeout_s=3,
+            ):
                 break
             sent += 1
             time.sleep(0.02)
@@ -304,8 +360,11 @@ def _check_intact(path: Path, n_min: int) -> None:
 def test_small_disk_stops_at_the_margin_with_a_complete_file(tiny_tmpfs, endpoint_factory):
     fep = endpoint_factory()
     out = tiny_tmpfs / "margin.h5"
-    rec, thread, box = start_recorder(RecorderConfig(out=str(out), frames=fep, results=None,
-                                                     min_free_mib=16, flush_interval_s=0.0))
+    rec, thread, box = start_recorder(
+        RecorderConfig(
+            out=str(out), frames=fep, results=None, min_free_mib=16, flush_interval_s=0.0
+        )
+    )
     _feed_until_stopped(fep)
     thread.join(timeout=20)
     summary = box["summary"]
@@ -319,8 +378,12 @@ def test_small_disk_stops_at_the_margin_with_a_complete_file(tiny_tmpfs, endpoin
 def test_a_reserve_below_the_minimum_is_refused(tmp_path, segdepth_cmd):
     """--min-free-mib 0 let libhdf5 hit ENOSPC (and crash); it is refused at once, naming the
     option and the minimum."""
-    proc = subprocess.run([*segdepth_cmd, "record", "--out", str(tmp_path / "x.h5"),
-                           "--min-free-mib", "0"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [*segdepth_cmd, "record", "--out", str(tmp_path / "x.h5"), "--min-free-mib", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "--min-free-mib 0 is too small" in proc.stderr and "16 MiB" in proc.stderr
     assert not (tmp_path / "x.h5").exists()
@@ -329,8 +392,9 @@ def test_a_reserve_below_the_minimum_is_refused(tmp_path, segdepth_cmd):
 def test_compressed_recording_is_lossless(tmp_path, endpoint_factory):
     fep = endpoint_factory()
     out = tmp_path / "lz4.h5"
-    rec, thread, box = start_recorder(RecorderConfig(out=str(out), frames=fep, results=None,
-                                                     compress=True))
+    rec, thread, box = start_recorder(
+        RecorderConfig(out=str(out), frames=fep, results=None, compress=True)
+    )
     with Output(fep) as frames:
         for seq in range(8):
             frames.send(frame_parts(seq), timeout_s=10)

@@ -1,5 +1,6 @@
 """The replayer: session files (simulated and recorded) and folders of camera files, over real
 sockets, in-process and as the ``segdepth replay`` subprocess."""
+
 from __future__ import annotations
 
 import subprocess
@@ -27,8 +28,13 @@ def write_sim_session(path: Path, n: int = 12, interval_s: float = 0.05) -> np.n
         f["frames"] = frames
         f["timestamps_s"] = 5000.0 + interval_s * np.arange(n)
         f["sequence"] = np.arange(n)
-        f.attrs.update(pixel_size_pm=5.3, dose_e_per_px=3.0, frame_interval_s=interval_s,
-                       session_id="sim-1", source="simulated")
+        f.attrs.update(
+            pixel_size_pm=5.3,
+            dose_e_per_px=3.0,
+            frame_interval_s=interval_s,
+            session_id="sim-1",
+            source="simulated",
+        )
     return frames
 
 
@@ -58,8 +64,9 @@ def outputs(engine: str, **kw) -> SourceConfig:
 def test_simulated_session_replays_every_frame_with_metadata(tmp_path, endpoint_factory):
     frames = write_sim_session(tmp_path / "sim.h5")
     ep = endpoint_factory()
-    thread, box = run_replay_thread(ReplayConfig(str(tmp_path / "sim.h5"), timing="max",
-                                                 outputs=outputs(ep)))
+    thread, box = run_replay_thread(
+        ReplayConfig(str(tmp_path / "sim.h5"), timing="max", outputs=outputs(ep))
+    )
     got, eos = collect(ep)
     thread.join()
     assert [m.seq for m in got] == list(range(len(frames))) and eos["seq"] == len(frames)
@@ -69,8 +76,13 @@ def test_simulated_session_replays_every_frame_with_metadata(tmp_path, endpoint_
         assert msg.header["dose_e_per_px"] == pytest.approx(3.0)
         assert msg.header["mode"] == "replay"
     np.testing.assert_allclose([m.header["t_acq"] for m in got], 5000 + 0.05 * np.arange(12))
-    assert box["stats"]["to_engine"] == {"sent": 13, "dropped": 0, "resent": 0,
-                                         "refused_readers": 0, "unacknowledged": 0}
+    assert box["stats"]["to_engine"] == {
+        "sent": 13,
+        "dropped": 0,
+        "resent": 0,
+        "refused_readers": 0,
+        "unacknowledged": 0,
+    }
 
 
 def test_recorded_rate_paces_the_stream(tmp_path, endpoint_factory):
@@ -90,20 +102,24 @@ def test_recorded_rate_paces_the_stream(tmp_path, endpoint_factory):
 def test_a_recording_replays_like_a_simulated_session(tmp_path, endpoint_factory):
     frames = write_sim_session(tmp_path / "sim.h5", n=30)
     rec_ep, eng_ep = endpoint_factory(), endpoint_factory()
-    recorder = Recorder(RecorderConfig(out=str(tmp_path / "rec.h5"), frames=rec_ep,
-                                       results=None))
+    recorder = Recorder(RecorderConfig(out=str(tmp_path / "rec.h5"), frames=rec_ep, results=None))
     rthread = threading.Thread(target=recorder.run)
     rthread.start()
-    thread, _ = run_replay_thread(ReplayConfig(
-        str(tmp_path / "sim.h5"), timing="max",
-        outputs=SourceConfig(to_engine=None, to_recorder=rec_ep, to_viewer=None)))
+    thread, _ = run_replay_thread(
+        ReplayConfig(
+            str(tmp_path / "sim.h5"),
+            timing="max",
+            outputs=SourceConfig(to_engine=None, to_recorder=rec_ep, to_viewer=None),
+        )
+    )
     thread.join(timeout=30)
     rthread.join(timeout=30)
     with h5py.File(tmp_path / "rec.h5", "r") as f:
         assert f.attrs["dose_e_per_px"] == pytest.approx(3.0)
         assert f.attrs["frame_interval_s"] == pytest.approx(0.05)
-    thread, _ = run_replay_thread(ReplayConfig(str(tmp_path / "rec.h5"), timing="max",
-                                               outputs=outputs(eng_ep)))
+    thread, _ = run_replay_thread(
+        ReplayConfig(str(tmp_path / "rec.h5"), timing="max", outputs=outputs(eng_ep))
+    )
     got, eos = collect(eng_ep)
     thread.join()
     assert len(got) == 30 and eos["seq"] == 30
@@ -115,9 +131,12 @@ def test_loop_continues_numbering_until_stopped(tmp_path, endpoint_factory):
     write_sim_session(tmp_path / "sim.h5", n=5)
     ep = endpoint_factory()
     stop = threading.Event()
-    thread, box = run_replay_thread(ReplayConfig(str(tmp_path / "sim.h5"), timing="rate",
-                                                 rate_hz=200, loop=True, outputs=outputs(ep)),
-                                    stop)
+    thread, box = run_replay_thread(
+        ReplayConfig(
+            str(tmp_path / "sim.h5"), timing="rate", rate_hz=200, loop=True, outputs=outputs(ep)
+        ),
+        stop,
+    )
     seqs = []
     with Input(ep) as inp:
         while True:
@@ -139,16 +158,16 @@ def write_camera_folder(folder: Path) -> list[tuple[np.ndarray, float]]:
     b = rng.integers(0, 500, (3, 16, 20)).astype(np.int16)
     c = rng.random((16, 20)).astype(np.float32)
     d = rng.integers(0, 500, (5, 16, 20)).astype(np.uint16)
-    tifffile.imwrite(folder / "a_stack.tif", a, resolution=(1e10 / 5.3, 1e10 / 5.3),
-                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        folder / "a_stack.tif", a, resolution=(1e10 / 5.3, 1e10 / 5.3), resolutionunit="CENTIMETER"
+    )
     with mrcfile.new(folder / "b_stack.mrc") as m:
         m.set_data(b)
         m.voxel_size = 0.053  # Å
     write_dm4(folder / "c_single.dm4", c, pixel_size_pm=6.0)
     # 5 frames of 640 bytes over raw files of 1000 bytes: frames 1 and 3 straddle two files
     write_k3_insitu(folder, "d_insitu", d, bytes_per_raw_file=1000, pixel_size_pm=7.0)
-    return ([(f, 5.3) for f in a] + [(f, 5.3) for f in b] + [(c, 6.0)]
-            + [(f, 7.0) for f in d])
+    return [(f, 5.3) for f in a] + [(f, 5.3) for f in b] + [(c, 6.0)] + [(f, 7.0) for f in d]
 
 
 def test_folder_of_camera_files_via_the_cli(tmp_path, endpoint_factory, segdepth_cmd):
@@ -156,9 +175,21 @@ def test_folder_of_camera_files_via_the_cli(tmp_path, endpoint_factory, segdepth
     folder.mkdir()
     expected = write_camera_folder(folder)
     ep = endpoint_factory()
-    proc = subprocess.Popen([*segdepth_cmd, "replay", str(folder), "--max-rate", "--to-engine",
-                             ep, "--to-viewer", "none"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            *segdepth_cmd,
+            "replay",
+            str(folder),
+            "--max-rate",
+            "--to-engine",
+            ep,
+            "--to-viewer",
+            "none",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     got, eos = collect(ep, timeout_s=60)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
@@ -169,15 +200,26 @@ def test_folder_of_camera_files_via_the_cli(tmp_path, endpoint_factory, segdepth
 
 
 def test_missing_source_is_a_clear_error(tmp_path, segdepth_cmd):
-    out = subprocess.run([*segdepth_cmd, "replay", str(tmp_path / "nope.h5"), "--to-engine",
-                          "none", "--to-viewer", "none"], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [
+            *segdepth_cmd,
+            "replay",
+            str(tmp_path / "nope.h5"),
+            "--to-engine",
+            "none",
+            "--to-viewer",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "no such session file or folder" in out.stderr
 
 
-
-def test_a_slow_reader_gets_every_frame_after_the_replayer_exits(tmp_path, endpoint_factory,
-                                                                  segdepth_cmd):
+def test_a_slow_reader_gets_every_frame_after_the_replayer_exits(
+    tmp_path, endpoint_factory, segdepth_cmd
+):
     """Replay mode stays lossless past the source's exit: frames still queued for a reader
     that needs seconds to drain them are delivered, not dropped when the replayer closes."""
     n = 14
@@ -188,9 +230,23 @@ def test_a_slow_reader_gets_every_frame_after_the_replayer_exits(tmp_path, endpo
         f["sequence"] = np.arange(n)
         f.attrs.update(pixel_size_pm=5.3, dose_e_per_px=3.0, session_id="big", source="test")
     ep = endpoint_factory()
-    proc = subprocess.Popen([*segdepth_cmd, "replay", str(tmp_path / "big.h5"), "--max-rate",
-                             "--to-engine", ep, "--to-viewer", "none", "--hwm", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            *segdepth_cmd,
+            "replay",
+            str(tmp_path / "big.h5"),
+            "--max-rate",
+            "--to-engine",
+            ep,
+            "--to-viewer",
+            "none",
+            "--hwm",
+            "8",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     got = []
     with Input(ep, hwm=1) as inp:
         while True:

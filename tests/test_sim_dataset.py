@@ -1,4 +1,5 @@
 """Dataset files: layout, determinism by seed, resume after an interruption, the CLI."""
+
 import re
 import signal
 import subprocess
@@ -10,8 +11,18 @@ import pytest
 
 from sim_source.dataset import DatasetConfig, run_inline, write_dataset
 
-DATASETS = ("images", "depth", "species", "columns", "defocus_nm", "structure_index", "shape",
-            "thickness_atoms", "wedge_width_A", "surface_x_A")
+DATASETS = (
+    "images",
+    "depth",
+    "species",
+    "columns",
+    "defocus_nm",
+    "structure_index",
+    "shape",
+    "thickness_atoms",
+    "wedge_width_A",
+    "surface_x_A",
+)
 
 
 def _read(path):
@@ -56,15 +67,17 @@ def test_layout_and_attributes(reference):
 def test_same_seed_same_file_other_seed_differs(reference, tmp_path):
     cfg, path = reference
     again = tmp_path / "again.h5"
-    write_dataset(again, DatasetConfig(count=4, size=64, seed=4, defocus_per_structure=3),
-                  progress=False)
+    write_dataset(
+        again, DatasetConfig(count=4, size=64, seed=4, defocus_per_structure=3), progress=False
+    )
     a, _ = _read(path)
     b, _ = _read(again)
     assert np.array_equal(a["images"][:4], b["images"])
     assert np.array_equal(a["depth"][:4], b["depth"])
     other = tmp_path / "other.h5"
-    write_dataset(other, DatasetConfig(count=4, size=64, seed=5, defocus_per_structure=3),
-                  progress=False)
+    write_dataset(
+        other, DatasetConfig(count=4, size=64, seed=5, defocus_per_structure=3), progress=False
+    )
     assert not np.array_equal(a["images"][:4], _read(other)[0]["images"])
 
 
@@ -97,8 +110,20 @@ def test_resume_refuses_another_config(reference, tmp_path):
 
 def test_cli_sigint_leaves_a_valid_file_and_resume_completes_it(tmp_path, segdepth_cmd):
     out = tmp_path / "cli.h5"
-    cmd = [*segdepth_cmd, "simulate", "--out", str(out), "--count", "60", "--size", "64",
-           "--seed", "3", "--workers", "1"]
+    cmd = [
+        *segdepth_cmd,
+        "simulate",
+        "--out",
+        str(out),
+        "--count",
+        "60",
+        "--size",
+        "64",
+        "--seed",
+        "3",
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     seen, buf = 0, b""
     deadline = time.monotonic() + 60
@@ -127,27 +152,44 @@ def test_cli_sigint_leaves_a_valid_file_and_resume_completes_it(tmp_path, segdep
 @pytest.mark.slow
 def test_dask_local_cluster_and_scheduler_address_equal_in_process(tmp_path, segdepth_cmd):
     from distributed import LocalCluster
+
     inline = tmp_path / "inline.h5"
     write_dataset(inline, DatasetConfig(count=8, size=64, seed=0), progress=False)
     args = ["simulate", "--count", "8", "--size", "64", "--seed", "0"]
     out = tmp_path / "local.h5"
-    subprocess.run([*segdepth_cmd, *args, "--out", str(out), "--workers", "2"], check=True,
-                   capture_output=True, timeout=170)
+    subprocess.run(
+        [*segdepth_cmd, *args, "--out", str(out), "--workers", "2"],
+        check=True,
+        capture_output=True,
+        timeout=170,
+    )
     _assert_same(_read(out)[0], _read(inline)[0])
     with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
         remote = tmp_path / "remote.h5"
-        subprocess.run([*segdepth_cmd, *args, "--out", str(remote), "--scheduler",
-                        cluster.scheduler_address], check=True, capture_output=True, timeout=170)
+        subprocess.run(
+            [*segdepth_cmd, *args, "--out", str(remote), "--scheduler", cluster.scheduler_address],
+            check=True,
+            capture_output=True,
+            timeout=170,
+        )
     _assert_same(_read(remote)[0], _read(inline)[0])
 
 
 def test_cli_bad_input_is_a_clear_error(tmp_path, segdepth_cmd):
     out = tmp_path / "bad.h5"
-    r = subprocess.run([*segdepth_cmd, "simulate", "--out", str(out), "--size", "15",
-                        "--workers", "1"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [*segdepth_cmd, "simulate", "--out", str(out), "--size", "15", "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "even number of pixels" in r.stderr
     assert "--size 15" in r.stderr and "use 16" in r.stderr and r.stderr.count("\n") == 1
     assert not out.exists()  # checked before the file is created
-    r = subprocess.run([*segdepth_cmd, "simulate", "--session", "--out", str(out), "--dose",
-                        "0"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [*segdepth_cmd, "simulate", "--session", "--out", str(out), "--dose", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "must be > 0" in r.stderr

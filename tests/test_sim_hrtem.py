@@ -1,4 +1,5 @@
 """abTEM HRTEM images of CeO2 [110] surfaces at the paper's optics (C3 = -9 µm, C5 = 5 mm)."""
+
 import numpy as np
 import pytest
 
@@ -11,11 +12,16 @@ SIZE = 256
 
 def _slab(thickness, seed=0):
     grid = make_grid(SIZE)
-    cfg = StructureConfig(shapes=("flat",), thickness_atoms=(thickness, thickness),
-                          wedge_width_A=(0.0, 0.0), surface_fraction=(0.5, 0.5),
-                          vacancy_probability=0.0)
-    table, params = build_columns(np.random.default_rng(seed), grid.fov_A, grid.n_cells_y,
-                                  grid.crystal_end_x_A, cfg)
+    cfg = StructureConfig(
+        shapes=("flat",),
+        thickness_atoms=(thickness, thickness),
+        wedge_width_A=(0.0, 0.0),
+        surface_fraction=(0.5, 0.5),
+        vacancy_probability=0.0,
+    )
+    table, params = build_columns(
+        np.random.default_rng(seed), grid.fov_A, grid.n_cells_y, grid.crystal_end_x_A, cfg
+    )
     return grid, table, params
 
 
@@ -34,7 +40,7 @@ def _column_means(img, labels):
     r = np.round(labels.y_px).astype(int)
     c = np.round(labels.x_px).astype(int)
     ok = (r > 3) & (r < SIZE - 4) & (c > 3) & (c < SIZE - 4)
-    vals = np.array([img[i - 2:i + 3, j - 2:j + 3].mean() for i, j in zip(r, c)])
+    vals = np.array([img[i - 2 : i + 3, j - 2 : j + 3].mean() for i, j in zip(r, c)])
     return {s: vals[ok & (labels.column_species == s)].mean() for s in (1, 2)}
 
 
@@ -65,8 +71,9 @@ def test_vacuum_is_one(waves):
 
 def test_contrast_changes_with_thickness(waves):
     thin = _column_means(image(waves[3][3], waves[3][0], 5.0), label_maps(waves[3][1], waves[3][0]))
-    thick = _column_means(image(waves[8][3], waves[8][0], 5.0),
-                          label_maps(waves[8][1], waves[8][0]))
+    thick = _column_means(
+        image(waves[8][3], waves[8][0], 5.0), label_maps(waves[8][1], waves[8][0])
+    )
     assert abs(thin[1] - thick[1]) > 0.1 or abs(thin[2] - thick[2]) > 0.1
     # and the Ce/O contrast relation itself changes (non-linear, species-dependent)
     assert (thin[1] - thin[2]) != pytest.approx(thick[1] - thick[2], abs=0.1)

@@ -1,4 +1,5 @@
 """Depth/species label maps from the 3-D structure, and the Poisson noise model of eq. (1)."""
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,13 @@ from sim_source.structure import StructureConfig, build_columns
 @pytest.fixture(scope="module")
 def structure():
     grid = make_grid(256)
-    table, params = build_columns(np.random.default_rng(9), grid.fov_A, grid.n_cells_y,
-                                  grid.crystal_end_x_A, StructureConfig(vacancy_probability=0.3))
+    table, params = build_columns(
+        np.random.default_rng(9),
+        grid.fov_A,
+        grid.n_cells_y,
+        grid.crystal_end_x_A,
+        StructureConfig(vacancy_probability=0.3),
+    )
     return grid, table, label_maps(table, grid)
 
 

@@ -1,5 +1,6 @@
 """On-the-fly microscopes: faceted particles, the optics / rotation / offset draws, and the
 exactness of rotated labels against rotated images."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,18 +27,20 @@ def one_column_image(x_A: float, y_A: float, n: int = 384) -> np.ndarray:
     """A simulated-grid image with one bright Gaussian column at (x, y) Å (sample (i, j) at
     (i, j)·sampling)."""
     i, j = np.indices((n, n)) * SAMPLING_A
-    return 1 + np.exp(-((i - x_A) ** 2 + (j - y_A) ** 2) / (2 * 0.15 ** 2))
+    return 1 + np.exp(-((i - x_A) ** 2 + (j - y_A) ** 2) / (2 * 0.15**2))
 
 
 def one_column_table(x_A: float, y_A: float) -> ColumnTable:
     cells = np.zeros((1, MAX_ATOMS), bool)
     cells[0, :4] = True
-    return ColumnTable(np.array([x_A]), np.array([y_A]), np.array([2], np.uint8), np.zeros(1),
-                       cells)
+    return ColumnTable(
+        np.array([x_A]), np.array([y_A]), np.array([2], np.uint8), np.zeros(1), cells
+    )
 
 
-@pytest.mark.parametrize("angle, mirror", [(0.0, False), (37.0, False), (90.0, True),
-                                           (211.0, True)])
+@pytest.mark.parametrize(
+    "angle, mirror", [(0.0, False), (37.0, False), (90.0, True), (211.0, True)]
+)
 def test_turned_and_mirrored_labels_sit_on_the_turned_image(angle, mirror):
     x, y = 4.3, 5.9
     image, table = one_column_image(x, y), one_column_table(x, y)
@@ -50,7 +53,7 @@ def test_turned_and_mirrored_labels_sit_on_the_turned_image(angle, mirror):
     disk = np.argwhere(labels.depth > 0)
     assert np.abs(disk.mean(axis=0) - labels.centres[0]).max() < 0.5
     radius_px = 0.6 / (SAMPLING_A * BINNING)
-    assert abs(len(disk) - np.pi * radius_px ** 2) < 0.15 * np.pi * radius_px ** 2
+    assert abs(len(disk) - np.pi * radius_px**2) < 0.15 * np.pi * radius_px**2
 
 
 def test_mirror_is_a_reflection_not_a_turn():
@@ -89,12 +92,14 @@ def test_optics_draws_span_the_ranges():
 def test_on_the_fly_ctf_matches_the_dataset_path():
     """intensity() with the paper's optics equals abTEM's apply_ctf as hrtem.image uses it."""
     import abtem
+
     rng = np.random.default_rng(3)
     wave = np.exp(1j * 0.3 * rng.standard_normal((96, 96))).astype(np.complex64)
     optics = Optics()
     waves = abtem.Waves(wave, energy=300e3, sampling=SAMPLING_A)
-    reference = np.asarray(waves.apply_ctf(optics.ctf(5.0)).intensity()
-                           .compute(scheduler="synchronous").array)
+    reference = np.asarray(
+        waves.apply_ctf(optics.ctf(5.0)).intensity().compute(scheduler="synchronous").array
+    )
     ours = intensity(wave, SAMPLING_A, OpticsDraw(C10_A=50.0))
     np.testing.assert_allclose(ours, reference, rtol=2e-4, atol=2e-5)
     astigmatic = intensity(wave, SAMPLING_A, OpticsDraw(C10_A=50.0, C12_A=20.0))
@@ -120,6 +125,8 @@ def test_particles_have_random_sub_cell_offsets_and_drawn_facets():
 def test_only_111_facets_when_asked_and_films_when_drawn():
     cfg = ParticleConfig(facets=("111",), carbon_probability=1.0)
     p = build_particle(np.random.default_rng(1), 20.0, cfg)
-    assert all(abs(abs(a) % 180 - 35.26) < 0.01 or abs(abs(a) % 180 - 144.74) < 0.01
-               for a in p.params["facets"])
+    assert all(
+        abs(abs(a) % 180 - 35.26) < 0.01 or abs(abs(a) % 180 - 144.74) < 0.01
+        for a in p.params["facets"]
+    )
     assert p.carbon_thickness_A >= 5.0 and len(p.carbon_xyz_A) > 100

@@ -1,4 +1,5 @@
 """Simulated sessions: frames with known column occupancy, drift and Poisson counts."""
+
 import json
 
 import h5py
@@ -15,8 +16,17 @@ def session(tmp_path_factory):
     path = tmp_path_factory.mktemp("session") / "s.h5"
     truth = write_session(path, CFG, progress=False)
     with h5py.File(path, "r") as f:
-        data = {k: f[k][:] for k in ("frames", "timestamps_s", "sequence", "truth/columns",
-                                     "truth/depth", "truth/drift_px")}
+        data = {
+            k: f[k][:]
+            for k in (
+                "frames",
+                "timestamps_s",
+                "sequence",
+                "truth/columns",
+                "truth/depth",
+                "truth/drift_px",
+            )
+        }
         attrs, events = dict(f.attrs), json.loads(f["truth"].attrs["events"])
     return path, truth, data, attrs, events
 
@@ -70,15 +80,14 @@ def test_same_seed_same_session(session, tmp_path):
 
 def test_drift_truth_is_the_shift_of_frame_t_against_frame_0(tmp_path):
     from skimage.registration import phase_cross_correlation
-    cfg = SessionConfig(frames=12, seed=5, size=128, dose_e_per_px=1e5, events=0,
-                        drift_step_px=0.8)
+
+    cfg = SessionConfig(frames=12, seed=5, size=128, dose_e_per_px=1e5, events=0, drift_step_px=0.8)
     truth = write_session(tmp_path / "d.h5", cfg, progress=False)
     with h5py.File(tmp_path / "d.h5", "r") as f:
         first, last = f["frames"][0].astype(float), f["frames"][-1].astype(float)
     assert np.all(truth.depth == truth.depth[0])  # no events: one state
     m = 12  # compare away from the borders the shift fills in
-    shift, _, _ = phase_cross_correlation(last[m:-m, m:-m], first[m:-m, m:-m],
-                                          upsample_factor=20)
+    shift, _, _ = phase_cross_correlation(last[m:-m, m:-m], first[m:-m, m:-m], upsample_factor=20)
     expected = truth.drift_px[-1]
     assert np.linalg.norm(expected) > 1.0
     assert np.allclose(shift, expected, atol=0.2)
@@ -86,6 +95,7 @@ def test_drift_truth_is_the_shift_of_frame_t_against_frame_0(tmp_path):
 
 def test_the_recorders_reader_opens_a_simulated_session(session):
     from streamer.session_file import open_session
+
     path, _, data, _, _ = session
     opened = open_session(path)
     assert len(opened) == 40 and opened.frame_interval_s == pytest.approx(CFG.frame_interval_s)

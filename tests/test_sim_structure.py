@@ -1,4 +1,5 @@
 """CeO2 [110] column tables and the ASE atoms built from them."""
+
 import numpy as np
 import pytest
 
@@ -24,8 +25,9 @@ def test_unit_cell_has_4_ce_and_8_o_columns_a_quarter_lattice_apart():
 
 
 def _build(seed, shape=None, **kw):
-    return build_columns(np.random.default_rng(seed), 30.0, 5, 40.0, StructureConfig(**kw),
-                         shape=shape)
+    return build_columns(
+        np.random.default_rng(seed), 30.0, 5, 40.0, StructureConfig(**kw), shape=shape
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -41,8 +43,9 @@ def test_shapes_thickness_range_and_wedge(shape):
 
 
 def test_wedge_thins_toward_the_surface():
-    table, params = _build(5, "flat", wedge_width_A=(12.0, 12.0), thickness_atoms=(9, 9),
-                           vacancy_probability=0.0)
+    table, params = _build(
+        5, "flat", wedge_width_A=(12.0, 12.0), thickness_atoms=(9, 9), vacancy_probability=0.0
+    )
     depth = table.x_A - params.surface_x_A
     assert table.n_atoms[depth < 2].max() < 9 and np.all(table.n_atoms[depth > 12] == 9)
 

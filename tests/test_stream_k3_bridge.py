@@ -1,5 +1,6 @@
 """The K3 bridge's publishing logic outside GMS: a fake live view updated in place by a
 'camera' thread, published over real sockets in live mode."""
+
 from __future__ import annotations
 
 import math
@@ -67,10 +68,12 @@ def test_bridge_publishes_live_frames_without_tearing(endpoint_factory):
             while (msg := inp.recv(timeout_s=5)) is not None and msg.kind != "eos":
                 got.append(msg)
             last.append(msg)
+
         reader = threading.Thread(target=read)
         reader.start()
-        bridge = threading.Thread(target=lambda: run_bridge(lambda: view, sender, config, 5.3,
-                                                            stop))
+        bridge = threading.Thread(
+            target=lambda: run_bridge(lambda: view, sender, config, 5.3, stop)
+        )
         bridge.start()
         threading.Thread(target=camera).start()
         camera_done.wait(20)

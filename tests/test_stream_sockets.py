@@ -1,4 +1,5 @@
 """streamer.sockets over real loopback sockets: lossless replay, lossy live, restarts, garbage."""
+
 from __future__ import annotations
 
 import threading
@@ -26,9 +27,12 @@ def test_replay_10000_frames_complete_and_in_order(endpoint_factory):
     ep = endpoint_factory()
     n = 10_000
     with Output(ep, mode="replay", hwm=16) as out, Input(ep, hwm=16) as inp:
-        sender = threading.Thread(target=lambda: [out.send(frame_parts(i)) for i in range(n)]
-                                  + [out.send(encode_control("eos", session="s1", seq=n,
-                                                             source="test"))])
+        sender = threading.Thread(
+            target=lambda: (
+                [out.send(frame_parts(i)) for i in range(n)]
+                + [out.send(encode_control("eos", session="s1", seq=n, source="test"))]
+            )
+        )
         sender.start()
         seqs, values = [], []
         while True:
@@ -42,8 +46,12 @@ def test_replay_10000_frames_complete_and_in_order(endpoint_factory):
         assert seqs == list(range(n))
         assert values == [i % 65536 for i in range(n)]
         assert out.dropped == 0 and out.sent == n + 1
-        assert inp.stats()["frames"] == {"received": n, "lost": 0, "lost_at_start": 0,
-                                           "out_of_order": 0}
+        assert inp.stats()["frames"] == {
+            "received": n,
+            "lost": 0,
+            "lost_at_start": 0,
+            "out_of_order": 0,
+        }
 
 
 def test_live_mode_slow_consumer_bounded_memory_and_counted_losses(endpoint_factory):
@@ -74,8 +82,9 @@ def test_live_mode_slow_consumer_bounded_memory_and_counted_losses(endpoint_fact
             time.sleep(period_s)
             if i % 100 == 0:
                 peak = max(peak, proc.memory_info().rss)
-        assert out.send(encode_control("eos", session="s1", seq=n, source="test"),
-                        timeout_s=10, wait=True)
+        assert out.send(
+            encode_control("eos", session="s1", seq=n, source="test"), timeout_s=10, wait=True
+        )
         consumer.join(timeout=30)
         assert not consumer.is_alive()
     assert out.dropped > n // 2, "a 5x slower consumer must lose most frames"
@@ -114,8 +123,9 @@ def test_sender_crash_and_restart_is_picked_up(endpoint_factory):
         out.close()
         out = Output(ep, mode="replay")  # a restarted source binds again: the receiver reconnects
         sent = []
-        sender = threading.Thread(target=lambda: sent.append(
-            out.send(frame_parts(0, session="after"), timeout_s=10)))
+        sender = threading.Thread(
+            target=lambda: sent.append(out.send(frame_parts(0, session="after"), timeout_s=10))
+        )
         sender.start()  # a reader reads while the source sends (its ready finds the new one)
         msg = inp.recv(timeout_s=10)
         sender.join()
@@ -135,22 +145,37 @@ def test_malformed_messages_are_counted_and_skipped(endpoint_factory):
     ep = endpoint_factory()
     raw = RawLink(ep)
     good = frame_parts(7)
-    bad_nan = encode(make_header("result", session="s1", seq=1, source="t", model_id="m",
-                                 backend="b", batch_size=1, latency_ms=1.0),
-                     {"confidence": np.full((4, 4), np.nan, np.float32)})
+    bad_nan = encode(
+        make_header(
+            "result",
+            session="s1",
+            seq=1,
+            source="t",
+            model_id="m",
+            backend="b",
+            batch_size=1,
+            latency_ms=1.0,
+        ),
+        {"confidence": np.full((4, 4), np.nan, np.float32)},
+    )
     with Input(ep, accept=("frame", "eos")) as inp:
         raw.wait_for_reader()
-        raw.send([b"frame", b"\xc1garbage"])           # bad msgpack
-        raw.send([b"frame"])                            # too few parts
-        raw.send(good[:2] + [b"\x00" * 10])             # byte count mismatch
-        raw.send([b"result", *good[1:]])                # topic != kind
-        raw.send(bad_nan)                               # NaN pixels
-        raw.send_unframed([b"frame", b"x"])             # no link framing
+        raw.send([b"frame", b"\xc1garbage"])  # bad msgpack
+        raw.send([b"frame"])  # too few parts
+        raw.send(good[:2] + [b"\x00" * 10])  # byte count mismatch
+        raw.send([b"result", *good[1:]])  # topic != kind
+        raw.send(bad_nan)  # NaN pixels
+        raw.send_unframed([b"frame", b"x"])  # no link framing
         raw.send(good)
         msg = inp.recv(timeout_s=5)
         assert msg is not None and msg.seq == 7
-        assert inp.malformed.as_dict() == {"msgpack": 1, "parts": 2, "bytes": 1, "topic": 1,
-                                           "nonfinite": 1}
+        assert inp.malformed.as_dict() == {
+            "msgpack": 1,
+            "parts": 2,
+            "bytes": 1,
+            "topic": 1,
+            "nonfinite": 1,
+        }
     raw.close()
 
 
@@ -202,6 +227,7 @@ del frames  # the process ends with messages still queued: they must go out inta
 def test_a_sender_exiting_right_after_zero_copy_sends_delivers_everything(endpoint_factory):
     import subprocess
     import sys
+
     ep = endpoint_factory()
     proc = subprocess.Popen([sys.executable, "-c", SENDER_SCRIPT, ep])
     got = []
@@ -236,15 +262,20 @@ def test_receiver_killed_and_restarted_as_a_process(endpoint_factory):
     import signal
     import subprocess
     import sys
+
     ep = endpoint_factory()
     out = Output(ep, mode="replay", hwm=4)
-    first = subprocess.Popen([sys.executable, "-c", RECEIVER_SCRIPT, ep],
-                             stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", RECEIVER_SCRIPT, ep], stdout=subprocess.PIPE, text=True
+    )
     n, stop = 400, threading.Event()
     out.stop = stop
-    sender = threading.Thread(target=lambda: [out.send(frame_parts(i)) for i in range(n)]
-                              + [out.send(encode_control("eos", session="s1", seq=n,
-                                                         source="test"))])
+    sender = threading.Thread(
+        target=lambda: (
+            [out.send(frame_parts(i)) for i in range(n)]
+            + [out.send(encode_control("eos", session="s1", seq=n, source="test"))]
+        )
+    )
     sender.start()
     seen_first = []
     for line in first.stdout:
@@ -253,8 +284,9 @@ def test_receiver_killed_and_restarted_as_a_process(endpoint_factory):
             first.send_signal(signal.SIGKILL)
             break
     first.wait(timeout=10)
-    second = subprocess.Popen([sys.executable, "-c", RECEIVER_SCRIPT, ep],
-                              stdout=subprocess.PIPE, text=True)
+    second = subprocess.Popen(
+        [sys.executable, "-c", RECEIVER_SCRIPT, ep], stdout=subprocess.PIPE, text=True
+    )
     lines = second.communicate(timeout=60)[0].split()
     sender.join(timeout=30)
     out.close()

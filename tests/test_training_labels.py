@@ -1,4 +1,5 @@
 """Training targets: smoothed labels (Fig. 4: rings around the column) and loss weights (Fig. 5)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ PIXEL_PM = 5.0
 def one_column(size: int = 41, radius: float = 4.0, depth: int = 8) -> np.ndarray:
     rows, cols = np.indices((size, size))
     c = size // 2
-    return np.where((rows - c) ** 2 + (cols - c) ** 2 <= radius ** 2, depth, 0).astype(np.uint8)
+    return np.where((rows - c) ** 2 + (cols - c) ** 2 <= radius**2, depth, 0).astype(np.uint8)
 
 
 def test_smoothed_labels_are_rings_decreasing_from_the_column():
@@ -35,8 +36,9 @@ def test_smoothed_labels_are_rings_decreasing_from_the_column():
 def test_weights_peak_at_centres_and_decrease_to_the_floor():
     depth = one_column()
     c = depth.shape[0] // 2
-    w = loss_weights(depth.shape, np.array([[c, c]]), PIXEL_PM, sigma_pm=30.0,
-                     background_weight=0.2)
+    w = loss_weights(
+        depth.shape, np.array([[c, c]]), PIXEL_PM, sigma_pm=30.0, background_weight=0.2
+    )
     assert w[c, c] == np.float32(1.0) and w.max() == np.float32(1.0)
     assert np.all(np.diff(w[c, c:]) < 0) and np.all(np.diff(w[c, c::-1]) < 0)
     assert np.isclose(w[0, 0], 0.2, atol=1e-3) and w.min() >= 0.2 - 1e-6

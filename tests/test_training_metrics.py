@@ -1,5 +1,6 @@
 """The paper's four metrics, calibration, temperature scaling and gradient spread on hand-made
 cases."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,14 +10,8 @@ from training.calibration import fit_temperature
 from training.gradients import gradient_spread_px
 from training.metrics import Calibration, DepthMetrics, centre_mask
 
-TRUTH = np.array([[0, 0, 0, 0],
-                  [0, 3, 3, 0],
-                  [0, 3, 5, 0],
-                  [0, 0, 0, 0]])
-ESTIMATE = np.array([[0, 1, 0, 0],
-                     [0, 3, 2, 0],
-                     [0, 0, 5, 0],
-                     [0, 0, 0, 2]])
+TRUTH = np.array([[0, 0, 0, 0], [0, 3, 3, 0], [0, 3, 5, 0], [0, 0, 0, 0]])
+ESTIMATE = np.array([[0, 1, 0, 0], [0, 3, 2, 0], [0, 0, 5, 0], [0, 0, 0, 2]])
 
 
 def test_four_metrics_match_hand_counts():
@@ -58,8 +53,7 @@ def test_ece_hand_example():
     c = Calibration(n_bins=10)
     # bin [0.9, 1): confidences 0.95 x4, 3 correct -> |0.75 - 0.95| = 0.2 with weight 4/6
     # bin [0.5, 0.6): confidences 0.55 x2, 1 correct -> |0.5 - 0.55| = 0.05 with weight 2/6
-    c.update(np.array([0.95, 0.95, 0.95, 0.95, 0.55, 0.55]),
-             np.array([1, 1, 1, 0, 1, 0], bool))
+    c.update(np.array([0.95, 0.95, 0.95, 0.95, 0.55, 0.55]), np.array([1, 1, 1, 0, 1, 0], bool))
     assert c.ece() == pytest.approx(4 / 6 * 0.2 + 2 / 6 * 0.05)
     table = c.table()
     assert table["accuracy"][9] == pytest.approx(0.75) and table["count"][5] == 2

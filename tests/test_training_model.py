@@ -1,4 +1,5 @@
 """The UNet of the Model contract: shapes, options, padding, median filter, save/load identity."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,9 @@ def test_contract_shapes_channels_and_size_multiple():
 
 
 def test_options_transposed_extra_blocks_median():
-    cfg = UNetConfig(base_channels=4, max_channels=8, upsampling="transposed", extra_blocks=True,
-                     median_kernel=4)
+    cfg = UNetConfig(
+        base_channels=4, max_channels=8, upsampling="transposed", extra_blocks=True, median_kernel=4
+    )
     model = SegDepthUNet(cfg).eval()
     assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())
     depth, _ = model(torch.rand(1, 1, 32, 64) + 0.5)
@@ -47,7 +49,7 @@ def test_median_filter_kernel_4_matches_numpy():
     padded = np.pad(x[0, 0].numpy(), ((1, 2), (1, 2)), mode="edge")
     for r in range(6):
         for c in range(6):
-            window = np.sort(padded[r:r + 4, c:c + 4].ravel())
+            window = np.sort(padded[r : r + 4, c : c + 4].ravel())
             assert out[r, c] == window[7]  # torch's median of an even count: the lower middle
 
 
@@ -77,8 +79,12 @@ def test_saved_model_reloads_to_identical_outputs(tmp_path):
         save_model(tmp_path / "half.pt", model)
         half, _ = load_model(tmp_path / "half.pt")
         rounded = SegDepthUNet(SMALL)
-        rounded.load_state_dict({k: v.half().float() if v.is_floating_point() else v
-                                 for k, v in model.state_dict().items()})
+        rounded.load_state_dict(
+            {
+                k: v.half().float() if v.is_floating_point() else v
+                for k, v in model.state_dict().items()
+            }
+        )
         rounded.eval()
         assert torch.equal(half(x)[0], rounded(x)[0])
         again, _ = load_model(tmp_path / "half.pt")

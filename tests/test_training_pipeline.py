@@ -1,5 +1,6 @@
 """Training on a tiny synthetic dataset file, and the train / evaluate / predict CLI as
 subprocesses."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ from training.model import SegDepthUNet, UNetConfig, load_model, save_model
 from training.train import TrainConfig, train
 
 PIXEL_PM = 5.3
-COLUMN_DTYPE = np.dtype([("image", "<i4"), ("x_px", "<f4"), ("y_px", "<f4"),
-                         ("species", "u1"), ("depth", "u1")])
+COLUMN_DTYPE = np.dtype(
+    [("image", "<i4"), ("x_px", "<f4"), ("y_px", "<f4"), ("species", "u1"), ("depth", "u1")]
+)
 
 
 def write_synthetic_set(path, n: int = 4, size: int = 64, seed: int = 0) -> None:
@@ -40,7 +42,7 @@ def write_synthetic_set(path, n: int = 4, size: int = 64, seed: int = 0) -> None
                 d = int(rng.integers(1, 7))
                 r2 = (rows - r) ** 2 + (cols - c) ** 2
                 sign = -1.0 if s == 1 else 1.0
-                images[i] += sign * 0.08 * d * np.exp(-r2 / (2 * 2.5 ** 2))
+                images[i] += sign * 0.08 * d * np.exp(-r2 / (2 * 2.5**2))
                 disk = r2 <= 25
                 depth[i][disk], species[i][disk] = d, s
                 table.append((i, c, r, s, d))
@@ -79,10 +81,20 @@ def test_crops_and_flips_keep_image_and_targets_aligned(synthetic):
 def test_model_overfits_a_tiny_set(tmp_path):
     data = tmp_path / "tiny.h5"
     write_synthetic_set(data, n=8)
-    cfg = TrainConfig(data=str(data), val=str(data), out=str(tmp_path / "run"),
-                      model=UNetConfig(base_channels=8, max_channels=32), noise_lambda=1000.0,
-                      epochs=30, crop=None, batch_size=2, lr=1e-2, patience=100, seed=0,
-                      warmup=0.05)
+    cfg = TrainConfig(
+        data=str(data),
+        val=str(data),
+        out=str(tmp_path / "run"),
+        model=UNetConfig(base_channels=8, max_channels=32),
+        noise_lambda=1000.0,
+        epochs=30,
+        crop=None,
+        batch_size=2,
+        lr=1e-2,
+        patience=100,
+        seed=0,
+        warmup=0.05,
+    )
     train(cfg, progress=False)
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     log = [json.loads(line) for line in metrics.splitlines()]
@@ -105,8 +117,22 @@ def run_cli(cmd, *args, timeout=120):
 @pytest.mark.slow
 def test_cli_train_resume_evaluate(synthetic, tmp_path, segdepth_cmd):
     run = tmp_path / "run"
-    common = ("train", "--data", synthetic, "--out", run, "--base-channels", "4",
-              "--max-channels", "8", "--crop", "32", "--batch-size", "2", "--no-progress")
+    common = (
+        "train",
+        "--data",
+        synthetic,
+        "--out",
+        run,
+        "--base-channels",
+        "4",
+        "--max-channels",
+        "8",
+        "--crop",
+        "32",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    )
     run_cli(segdepth_cmd, *common, "--epochs", "2")
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     saved = json.loads((run / "config.json").read_text())
@@ -118,14 +144,37 @@ def test_cli_train_resume_evaluate(synthetic, tmp_path, segdepth_cmd):
     assert meta["epochs_run"] == 3 and meta["train_config"]["epochs"] == 3
 
     report_dir = tmp_path / "report"
-    refused = subprocess.run([*segdepth_cmd, "evaluate", "--model", str(run / "model.pt"),
-                              "--data", str(synthetic), "--out", str(report_dir)],
-                             capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        [
+            *segdepth_cmd,
+            "evaluate",
+            "--model",
+            str(run / "model.pt"),
+            "--data",
+            str(synthetic),
+            "--out",
+            str(report_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2 and "training or validation" in refused.stderr
     test_file = tmp_path / "test.h5"
     write_synthetic_set(test_file, seed=1)
-    run_cli(segdepth_cmd, "evaluate", "--model", run / "model.pt", "--data", test_file,
-            "--out", report_dir, "--sweep", "1", "10")
+    run_cli(
+        segdepth_cmd,
+        "evaluate",
+        "--model",
+        run / "model.pt",
+        "--data",
+        test_file,
+        "--out",
+        report_dir,
+        "--sweep",
+        "1",
+        "10",
+    )
     report = json.loads((report_dir / "report.json").read_text())
     for key in ("pixelwise_accuracy", "centre_accuracy", "detection_rate", "hallucination_rate"):
         assert 0 <= report["metrics"][key] <= 1
@@ -136,8 +185,13 @@ def test_cli_train_resume_evaluate(synthetic, tmp_path, segdepth_cmd):
         assert (report_dir / name).read_bytes()[:4] == b"\x89PNG"
 
     shipped = tmp_path / "models" / "segdepth_base16.pt"
-    record = bundle(run / "model.pt", report_dir / "report.json", "segdepth train ...",
-                    "segdepth evaluate ...", shipped)
+    record = bundle(
+        run / "model.pt",
+        report_dir / "report.json",
+        "segdepth train ...",
+        "segdepth evaluate ...",
+        shipped,
+    )
     model, meta = load_model(shipped)
     assert meta["temperature"] == report["calibration"]["temperature"]
     assert meta["test"]["metrics"] == report["metrics"] == record["test"]["metrics"]
@@ -162,7 +216,7 @@ def test_cli_predict_handles_odd_sizes(tmp_path, segdepth_cmd):
     out = tmp_path / "pred.h5"
     run_cli(segdepth_cmd, "predict", odd, out, "--model", model_path, "--probabilities")
     model, _ = load_model(model_path)
-    (_, expected), = predict_batches(model, images, batch_size=2)
+    ((_, expected),) = predict_batches(model, images, batch_size=2)
     with h5py.File(out, "r") as f:
         assert f["depth"].shape == (2, 97, 130) and f["depth"].dtype == np.uint8
         assert f["species"].shape == (2, 97, 130) and f["species"].dtype == np.uint8
@@ -180,8 +234,12 @@ def test_predict_rejects_a_file_without_images(tmp_path, segdepth_cmd):
     with h5py.File(bad, "w") as f:
         f["frames"] = np.zeros((1, 8, 8), np.float32)
     model = tiny_model_file(tmp_path / "m.pt")
-    proc = subprocess.run([*segdepth_cmd, "predict", str(bad), str(tmp_path / "o.h5"),
-                           "--model", str(model)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*segdepth_cmd, "predict", str(bad), str(tmp_path / "o.h5"), "--model", str(model)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "needs an `images` dataset" in proc.stderr
 
 
@@ -189,15 +247,43 @@ def test_predict_rejects_a_file_without_images(tmp_path, segdepth_cmd):
 def test_torchrun_two_processes_train_with_ddp(synthetic, tmp_path):
     run = tmp_path / "ddp"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "segdepth",
-         "train", "--data", str(synthetic), "--out", str(run), "--base-channels", "4",
-         "--max-channels", "8", "--crop", "32", "--batch-size", "2", "--epochs", "2",
-         "--threads", "1", "--no-progress"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "segdepth",
+            "train",
+            "--data",
+            str(synthetic),
+            "--out",
+            str(run),
+            "--base-channels",
+            "4",
+            "--max-channels",
+            "8",
+            "--crop",
+            "32",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "2",
+            "--threads",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, meta = load_model(run / "model.pt")
     assert meta["hardware"]["world_size"] == 2 and meta["epochs_run"] == 2
     log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]  # written once, by rank 0
-

@@ -1,5 +1,6 @@
 """Training from exit-wave libraries, seed bookkeeping, the corrected and column-level metrics,
 per-sample doses and the robustness suite (tiny, real abTEM multislice)."""
+
 from __future__ import annotations
 
 import json
@@ -79,9 +80,18 @@ def test_per_sample_dose_noise():
 
 def test_library_training_records_seeds_and_evaluation_refuses_them(libraries, tmp_path):
     train_path, val_path = libraries
-    cfg = TrainConfig(data=str(train_path), val=str(val_path), out=str(tmp_path / "run"),
-                      crop=32, batch_size=4, epochs=1, views_per_wave=2, val_count=2,
-                      dose_range=(0.5, 10.0), threads=1)
+    cfg = TrainConfig(
+        data=str(train_path),
+        val=str(val_path),
+        out=str(tmp_path / "run"),
+        crop=32,
+        batch_size=4,
+        epochs=1,
+        views_per_wave=2,
+        val_count=2,
+        dose_range=(0.5, 10.0),
+        threads=1,
+    )
     _, meta = load_model(train(cfg, progress=False))
     assert [d["seed"] for d in meta["data_files"]] == [21, 22]
     assert meta["dose_range"] == [0.5, 10.0]
@@ -98,7 +108,7 @@ def test_library_training_records_seeds_and_evaluation_refuses_them(libraries, t
 def test_centre_accuracy_scores_column_pixels_only():
     truth = np.zeros((64, 64), np.uint8)
     rows, cols = np.indices(truth.shape)
-    truth[(rows - 32) ** 2 + (cols - 32) ** 2 <= 11 ** 2] = 5  # 0.6 Å disk at 5.3 pm
+    truth[(rows - 32) ** 2 + (cols - 32) ** 2 <= 11**2] = 5  # 0.6 Å disk at 5.3 pm
     mask = centre_mask(truth.shape, np.array([[32.0, 32.0]]), np.array([1]), 5.3)  # 16 px
     background_everywhere = np.zeros_like(truth)
     m = DepthMetrics()
@@ -150,15 +160,41 @@ def test_render_set_is_reproducible_and_labels_match(libraries):
 def test_robustness_suite_cli_tiny(tmp_path, segdepth_cmd):
     """The suite end to end on tiny test files: every row, JSON + Markdown + PNG."""
     out = tmp_path / "suite"
-    run = subprocess.run([*segdepth_cmd, "evaluate", "--suite", "robustness", "--suite-dir",
-                          str(tmp_path / "files"), "--suite-scale", "0.01", "--suite-gpts",
-                          "384", "--suite-crop", "64", "--limit", "2", "--out", str(out),
-                          "--threads", "1"], capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [
+            *segdepth_cmd,
+            "evaluate",
+            "--suite",
+            "robustness",
+            "--suite-dir",
+            str(tmp_path / "files"),
+            "--suite-scale",
+            "0.01",
+            "--suite-gpts",
+            "384",
+            "--suite-crop",
+            "64",
+            "--limit",
+            "2",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads((out / "robustness.json").read_text())
     names = [r["row"] for r in report["rows"]]
-    assert {"turned 90°", "{111} facets", "λ = 0.5", "carbon film 3-6 nm",
-            "legacy simulate slabs"} <= set(names)
+    assert {
+        "turned 90°",
+        "{111} facets",
+        "λ = 0.5",
+        "carbon film 3-6 nm",
+        "legacy simulate slabs",
+    } <= set(names)
     for row in report["rows"]:
         (summary,) = row["models"].values()
         assert 0 <= summary["column_exact"] <= 1 or np.isnan(summary["column_exact"])
@@ -171,20 +207,21 @@ def test_test_time_augmentation_is_equivariant():
     image is the turned answer of the original, which a wrong inverse would break."""
     from training.inference import predict_batches
     from training.model import SegDepthUNet, UNetConfig
+
     torch.manual_seed(0)
     model = SegDepthUNet(UNetConfig(base_channels=4, max_channels=8, scales=3)).eval()
     image = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32) + 0.5
-    (_, plain), = predict_batches(model, image, tta=True)
+    ((_, plain),) = predict_batches(model, image, tta=True)
     for transform in (lambda a: np.rot90(a, 1, axes=(-2, -1)), lambda a: a[..., ::-1]):
-        (_, moved), = predict_batches(model, np.ascontiguousarray(transform(image)), tta=True)
-        np.testing.assert_allclose(moved.probabilities, transform(plain.probabilities),
-                                   atol=1e-5)
-    (_, single), = predict_batches(model, image)
+        ((_, moved),) = predict_batches(model, np.ascontiguousarray(transform(image)), tta=True)
+        np.testing.assert_allclose(moved.probabilities, transform(plain.probabilities), atol=1e-5)
+    ((_, single),) = predict_batches(model, image)
     assert not np.allclose(single.probabilities, plain.probabilities, atol=1e-4)
 
 
 def test_class_prior_is_the_loss_weighted_label_frequency():
     from training.labels import class_prior
+
     labels = np.array([[0, 0, 5, 5]])
     weights = np.array([[0.2, 0.2, 1.0, 1.0]])
     prior = class_prior(labels, weights, floor=0.0)

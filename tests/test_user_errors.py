@@ -1,4 +1,5 @@
 """A user's mistake ends in one line that names the file or port and says the fix (issue 11)."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,9 @@ def test_port_already_in_use(segdepth_cmd, tmp_path):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         endpoint = f"tcp://127.0.0.1:{holder.getsockname()[1]}"
-        err = _fails(segdepth_cmd, "watch", str(tmp_path), "--to-engine", endpoint,
-                     "--to-viewer", "none")
+        err = _fails(
+            segdepth_cmd, "watch", str(tmp_path), "--to-engine", endpoint, "--to-viewer", "none"
+        )
     assert endpoint in err and "already in use" in err
 
 
@@ -57,8 +59,11 @@ def test_predict_names_an_input_that_is_not_hdf5(segdepth_cmd, tmp_path):
 
 
 def test_viewer_without_a_display_points_to_the_screenshot(segdepth_cmd):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")
+    }
     err = _fails(segdepth_cmd, "view", env=env)
     assert "--screenshot" in err and "QT_QPA_PLATFORM=offscreen" in err
 
@@ -68,8 +73,16 @@ def test_train_checks_image_sizes_before_loading(segdepth_cmd, tmp_path):
     err = _fails(segdepth_cmd, "train", "--data", data, "--out", str(tmp_path / "run"))
     assert "250x250 px" in err and "224 or 256" in err
     assert not (tmp_path / "run").exists()
-    err = _fails(segdepth_cmd, "train", "--data", _images(tmp_path / "256.h5", 256),
-                 "--out", str(tmp_path / "run"), "--crop", "100")
+    err = _fails(
+        segdepth_cmd,
+        "train",
+        "--data",
+        _images(tmp_path / "256.h5", 256),
+        "--out",
+        str(tmp_path / "run"),
+        "--crop",
+        "100",
+    )
     assert "--crop 100" in err and "96 or 128" in err
 
 
@@ -77,8 +90,9 @@ def test_train_refuses_to_overwrite_a_run(segdepth_cmd, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
-    err = _fails(segdepth_cmd, "train", "--data", _images(tmp_path / "256.h5", 256),
-                 "--out", str(run))
+    err = _fails(
+        segdepth_cmd, "train", "--data", _images(tmp_path / "256.h5", 256), "--out", str(run)
+    )
     assert str(run) in err and "--resume" in err and "--force" in err
     assert (run / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
 
@@ -89,9 +103,20 @@ def test_resume_loads_tensors_and_numbers_only(tmp_path):
     model = torch.nn.Linear(2, 2)
     optimiser = torch.optim.Adam(model.parameters())
     path = tmp_path / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "epoch": 0,
-                "best_loss": 1.0, "best_state": None, "since_best": 0, "best_metrics": {},
-                "wall_s": 1.0, "smuggled": _Smuggled()}, path)  # a class instance: not weights
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "epoch": 0,
+            "best_loss": 1.0,
+            "best_state": None,
+            "since_best": 0,
+            "best_metrics": {},
+            "wall_s": 1.0,
+            "smuggled": _Smuggled(),
+        },
+        path,
+    )  # a class instance: not weights
     with pytest.raises(pickle.UnpicklingError):
         _restore_checkpoint(path, model, optimiser)
 

@@ -1,4 +1,5 @@
 """The viewer's real widgets, offscreen, fed by a real PUB socket on a free loopback port."""
+
 from __future__ import annotations
 
 import os
@@ -166,9 +167,13 @@ def test_export_of_pinned_columns_and_of_the_view(live, qtbot, tmp_path):
     ids = [int(i) for i in SCENE.ids[SCENE.species == SPECIES_O][:2]]
     for cid in ids:
         window.pins.pin(cid)
-    qtbot.waitUntil(lambda: all(window.history.series(c) is not None
-                                and window.history.series(c).t_s.size >= 3 for c in ids),
-                    timeout=10000)
+    qtbot.waitUntil(
+        lambda: all(
+            window.history.series(c) is not None and window.history.series(c).t_s.size >= 3
+            for c in ids
+        ),
+        timeout=10000,
+    )
     window.pause_action.trigger()
     n = window.export_csv(tmp_path / "pins.csv")
     lines = (tmp_path / "pins.csv").read_text().splitlines()
@@ -184,16 +189,49 @@ def test_screenshot_of_a_stream_from_the_command_line(endpoint_factory, tmp_path
     stream = Stream(results_ep)
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
     try:
-        proc = subprocess.run([sys.executable, "-m", "viewer", "--results", results_ep,
-                               "--no-frames", "--screenshot", str(tmp_path / "live.png"),
-                               "--wait", "30", "--collect", "1", "--size", "900x600"],
-                              capture_output=True, text=True, timeout=60, env=env)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "viewer",
+                "--results",
+                results_ep,
+                "--no-frames",
+                "--screenshot",
+                str(tmp_path / "live.png"),
+                "--wait",
+                "30",
+                "--collect",
+                "1",
+                "--size",
+                "900x600",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
     finally:
         stream.close()
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "live.png").read_bytes()[:4] == b"\x89PNG"
-    silent = subprocess.run([sys.executable, "-m", "viewer", "--results", endpoint_factory(),
-                             "--no-frames", "--screenshot", str(tmp_path / "none.png"),
-                             "--wait", "1"], capture_output=True, text=True, timeout=60, env=env)
+    silent = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "viewer",
+            "--results",
+            endpoint_factory(),
+            "--no-frames",
+            "--screenshot",
+            str(tmp_path / "none.png"),
+            "--wait",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert silent.returncode == 1 and "no result within 1 s" in silent.stderr
     assert (tmp_path / "none.png").exists()

@@ -1,5 +1,6 @@
 """Viewer building blocks: history ring buffers and events, colours, picking, recorder control,
 the command lines."""
+
 from __future__ import annotations
 
 import os
@@ -25,12 +26,22 @@ def result(seq: int, ids, depth_filtered, species=None, session="s", t=None):
     n = len(ids)
     probs = np.zeros((n, 11), np.float32)
     probs[np.arange(n), depth_filtered] = 1.0
-    head = {"session": session, "seq": seq, "t_acq": 100.0 + seq if t is None else t,
-            "columns": {"id": list(ids), "x_px": [10.0 * i for i in ids], "y_px": [5.0] * n,
-                        "species": species or [2] * n, "depth": list(depth_filtered),
-                        "expected_depth": [float(d) for d in depth_filtered],
-                        "confidence": [1.0] * n, "depth_filtered": list(depth_filtered),
-                        "expected_filtered": [float(d) for d in depth_filtered]}}
+    head = {
+        "session": session,
+        "seq": seq,
+        "t_acq": 100.0 + seq if t is None else t,
+        "columns": {
+            "id": list(ids),
+            "x_px": [10.0 * i for i in ids],
+            "y_px": [5.0] * n,
+            "species": species or [2] * n,
+            "depth": list(depth_filtered),
+            "expected_depth": [float(d) for d in depth_filtered],
+            "confidence": [1.0] * n,
+            "depth_filtered": list(depth_filtered),
+            "expected_filtered": [float(d) for d in depth_filtered],
+        },
+    }
     return head, {"column_probabilities": probs, "column_probabilities_filtered": probs}
 
 
@@ -63,8 +74,11 @@ def test_history_takes_the_engines_events_where_results_carry_them():
     h = ColumnHistory()
     for seq, d in enumerate([[6], [5], [4], [4]]):  # the filtered depth flickers through 5
         head, arrays = result(seq, [10], d)
-        head["events"] = [{"column_id": 10, "species": 2, "frame": 1, "time_s": 101.0,
-                           "before": 6, "after": 4}] if seq == 3 else []
+        head["events"] = (
+            [{"column_id": 10, "species": 2, "frame": 1, "time_s": 101.0, "before": 6, "after": 4}]
+            if seq == 3
+            else []
+        )
         h.append(head, arrays)
     assert [(e.seq, e.t_s, e.old, e.new) for e in h.recent_events()] == [(1, 1.0, 6, 4)]
 
@@ -123,7 +137,8 @@ def test_record_button_runs_and_stops_a_segdepth_record_process(tmp_path, endpoi
 
 @pytest.mark.parametrize("module", ["viewer", "viewer.bench"])
 def test_command_lines_explain_their_options(module):
-    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert "--size" in out.stdout and "usage:" in out.stdout

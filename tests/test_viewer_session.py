@@ -1,4 +1,5 @@
 """Opening session files in the viewer: slider, results, frames-only files, headless screenshot."""
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,13 @@ def write_session(path, results: bool = True) -> np.ndarray:
         f["frames"] = frames
         f["timestamps_s"] = 1000.0 + 0.1 * np.arange(T)
         f["sequence"] = np.arange(T, dtype=np.int64) + 100
-        f.attrs.update(pixel_size_pm=5.3, dose_e_per_px=100.0, frame_interval_s=0.1,
-                       session_id="test-session", source="test")
+        f.attrs.update(
+            pixel_size_pm=5.3,
+            dose_e_per_px=100.0,
+            frame_interval_s=0.1,
+            session_id="test-session",
+            source="test",
+        )
         if not results:
             return frames
         has = np.ones(T, np.uint8)
@@ -46,7 +52,7 @@ def write_session(path, results: bool = True) -> np.ndarray:
         depth = np.zeros((T, H, W), np.uint8)
         for t in range(T):
             for (_, x, y, _), d in zip(COLUMNS, column_depth(t)):
-                depth[t, int(y) - 2:int(y) + 3, int(x) - 2:int(x) + 3] = d
+                depth[t, int(y) - 2 : int(y) + 3, int(x) - 2 : int(x) + 3] = d
         depth[4] = 255
         res["depth"] = depth
         res["confidence"] = np.full((T, H, W), 0.9, np.float32)
@@ -146,17 +152,47 @@ def test_screenshot_of_a_session_from_the_command_line(tmp_path):
     write_session(tmp_path / "s.h5")
     out = tmp_path / "shot.png"
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
-    proc = subprocess.run([sys.executable, "-m", "viewer", "--session", str(tmp_path / "s.h5"),
-                           "--frame", "8", "--screenshot", str(out), "--size", "1000x700"],
-                          capture_output=True, text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "viewer",
+            "--session",
+            str(tmp_path / "s.h5"),
+            "--frame",
+            "8",
+            "--screenshot",
+            str(out),
+            "--size",
+            "1000x700",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1000, 700)
-    bad = subprocess.run([sys.executable, "-m", "viewer", "--session", str(tmp_path / "s.h5"),
-                          "--frame", "99", "--screenshot", str(out)],
-                         capture_output=True, text=True, timeout=60, env=env)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "viewer",
+            "--session",
+            str(tmp_path / "s.h5"),
+            "--frame",
+            "99",
+            "--screenshot",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert bad.returncode == 2 and "--frame 99 outside" in bad.stderr
 
 
@@ -165,6 +201,7 @@ def test_a_file_written_by_the_recorder_opens(window, tmp_path):
     from streamer.protocol import decode
     from streamer.session_file import SessionWriter
     from viewer.synthetic import SceneConfig, SyntheticScene
+
     scene = SyntheticScene(SceneConfig(shape=(96, 128), spacing_px=32, hold=2))
     writer = None
     for k in range(6):
@@ -177,8 +214,9 @@ def test_a_file_written_by_the_recorder_opens(window, tmp_path):
     window.open_session(tmp_path / "rec.h5")
     window.slider.setValue(5)
     np.testing.assert_array_equal(window.images.frame_image.image, scene.frames[5 % 4])
-    np.testing.assert_array_equal(window.images.depth_image.image,
-                                  scene.maps[scene.state(5)]["depth"])
+    np.testing.assert_array_equal(
+        window.images.depth_image.image, scene.maps[scene.state(5)]["depth"]
+    )
     np.testing.assert_array_equal(window.table["id"], scene.ids)
     np.testing.assert_allclose(window.table["x_px"], scene.x_px)
     series = window.history.series(int(scene.ids[-1]))

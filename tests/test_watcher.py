@@ -1,4 +1,5 @@
 """The folder watcher on real files written by the test while it watches, over real sockets."""
+
 from __future__ import annotations
 
 import io
@@ -23,9 +24,16 @@ SETTLE_S = 0.6
 
 def start_watcher(folder: Path, ep: str, settle_s: float = SETTLE_S, **kw):
     stop = threading.Event()
-    watcher = FolderWatcher(WatchConfig(str(folder), poll_s=0.05, settle_s=settle_s,
-                                        outputs=SourceConfig(mode="replay", to_engine=ep,
-                                                             to_viewer=None), **kw), stop)
+    watcher = FolderWatcher(
+        WatchConfig(
+            str(folder),
+            poll_s=0.05,
+            settle_s=settle_s,
+            outputs=SourceConfig(mode="replay", to_engine=ep, to_viewer=None),
+            **kw,
+        ),
+        stop,
+    )
     box = {}
     thread = threading.Thread(target=lambda: box.setdefault("stats", watcher.run()))
     thread.start()
@@ -47,7 +55,7 @@ def write_slowly(path: Path, data: bytes, pieces: int, pause_s: float) -> None:
     step = -(-len(data) // pieces)
     with open(path, "wb") as fh:
         for start in range(0, len(data), step):
-            fh.write(data[start:start + step])
+            fh.write(data[start : start + step])
             fh.flush()
             time.sleep(pause_s)
 
@@ -69,8 +77,9 @@ def test_new_files_are_published_once_complete(tmp_path, endpoint_factory):
     with Input(ep) as inp:
         stop, thread, box = start_watcher(tmp_path, ep)
         try:
-            write_slowly(tmp_path / "1_stack.tif", tiff_bytes(stack), pieces=4,
-                         pause_s=SETTLE_S / 3)
+            write_slowly(
+                tmp_path / "1_stack.tif", tiff_bytes(stack), pieces=4, pause_s=SETTLE_S / 3
+            )
             got = receive(inp, 4)
             with mrcfile.new(tmp_path / "2_frames.mrc") as m:
                 m.set_data(mrc)
@@ -98,8 +107,12 @@ def test_k3_insitu_dataset_streams_while_written(tmp_path, endpoint_factory, dir
     frames = np.random.default_rng(3).integers(0, 4000, (9, 48, 40)).astype(np.uint16)
     raw = frames.tobytes()
     frame_bytes, per_file = frames[0].nbytes, 10_000  # 3840 B frames over 10 kB files
-    write_dm4(tmp_path / "run.dm4.part", frames[0], pixel_size_pm=5.3,
-              image_tags={"In-situ": {"Recorded": {"# Frames": len(frames)}}})
+    write_dm4(
+        tmp_path / "run.dm4.part",
+        frames[0],
+        pixel_size_pm=5.3,
+        image_tags={"In-situ": {"Recorded": {"# Frames": len(frames)}}},
+    )
     with Input(ep) as inp:
         stop, thread, box = start_watcher(tmp_path, ep)
         try:
@@ -107,7 +120,7 @@ def test_k3_insitu_dataset_streams_while_written(tmp_path, endpoint_factory, dir
             time.sleep(director_lead_s)
             got = []
             for k, start in enumerate(range(0, len(raw), per_file)):
-                part = raw[start:start + per_file]
+                part = raw[start : start + per_file]
                 name = tmp_path / ("run.raw" if k == 0 else f"run.raw_{k}")
                 write_slowly(name, part, pieces=3, pause_s=0.05)
                 complete = (start + len(part)) // frame_bytes
@@ -158,15 +171,31 @@ def test_a_file_that_never_becomes_readable_is_given_up(tmp_path, endpoint_facto
     np.testing.assert_array_equal(msg.arrays["frame"], good)
 
 
-def test_watch_cli_publishes_and_ends_with_eos_on_sigint(tmp_path, endpoint_factory,
-                                                         segdepth_cmd):
+def test_watch_cli_publishes_and_ends_with_eos_on_sigint(tmp_path, endpoint_factory, segdepth_cmd):
     ep = endpoint_factory()
     frame = np.full((32, 32), 7, np.uint16)
     tifffile.imwrite(tmp_path / "existing.tif", frame)
-    proc = subprocess.Popen([*segdepth_cmd, "watch", str(tmp_path), "--existing",
-                             "--settle-s", "0.3", "--poll-s", "0.05", "--mode", "replay",
-                             "--to-engine", ep, "--to-viewer", "none"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            *segdepth_cmd,
+            "watch",
+            str(tmp_path),
+            "--existing",
+            "--settle-s",
+            "0.3",
+            "--poll-s",
+            "0.05",
+            "--mode",
+            "replay",
+            "--to-engine",
+            ep,
+            "--to-viewer",
+            "none",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     with Input(ep) as inp:
         msg = receive(inp, 1, timeout_s=60)[0]
         np.testing.assert_array_equal(msg.arrays["frame"], frame)

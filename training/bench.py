@@ -5,6 +5,7 @@ the CPU has them, e.g. AVX512-BF16 or AMX; emulated and slower elsewhere), torch
 a GPU exists (training, inference), onnxruntime (CPU execution provider, inference only) when
 installed. Prints a table and writes JSON.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,13 @@ def _timed(fn, repeats: int, sync=lambda: None) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def train_rate(model: torch.nn.Module, size: int, device: str, repeats: int,
-               autocast: torch.dtype | None = None) -> float:
+def train_rate(
+    model: torch.nn.Module,
+    size: int,
+    device: str,
+    repeats: int,
+    autocast: torch.dtype | None = None,
+) -> float:
     """Training samples/s: noise, forward, weighted loss, backward, Adam step at size² px
     (forward and loss under ``autocast`` to that dtype when given)."""
     model = model.to(device).train()
@@ -49,30 +55,41 @@ def train_rate(model: torch.nn.Module, size: int, device: str, repeats: int,
         x = torch.poisson(PAPER_DOSE_E_PER_PX * clean) / PAPER_DOSE_E_PER_PX
         with torch.autocast(device, dtype=autocast or torch.float32, enabled=bool(autocast)):
             depth, species = model(x)
-            loss, _ = segdepth_loss(depth.float(), species.float(), labels,
-                                    labels.clamp(max=2), weights)
+            loss, _ = segdepth_loss(
+                depth.float(), species.float(), labels, labels.clamp(max=2), weights
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     return 1.0 / _timed(step, repeats, sync)
 
 
-def torch_infer_rate(model: torch.nn.Module, size: int, device: str, repeats: int,
-                     autocast: torch.dtype | None = None) -> float:
+def torch_infer_rate(
+    model: torch.nn.Module,
+    size: int,
+    device: str,
+    repeats: int,
+    autocast: torch.dtype | None = None,
+) -> float:
     model = model.to(device).eval()
     x = torch.ones(1, 1, size, size, device=device)
 
     def run():
-        with torch.no_grad(), torch.autocast(device, dtype=autocast or torch.float32,
-                                             enabled=bool(autocast)):
+        with (
+            torch.no_grad(),
+            torch.autocast(device, dtype=autocast or torch.float32, enabled=bool(autocast)),
+        ):
             model(x)
+
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     return 1.0 / _timed(run, repeats, sync)
 
 
-def onnxruntime_infer_rate(model: torch.nn.Module, size: int, repeats: int,
-                           threads: int | None) -> float:
+def onnxruntime_infer_rate(
+    model: torch.nn.Module, size: int, repeats: int, threads: int | None
+) -> float:
     """Frames/s of the model exported to ONNX (fixed shape) on onnxruntime's CPU provider."""
     import onnxruntime as ort
 
@@ -80,8 +97,15 @@ def onnxruntime_infer_rate(model: torch.nn.Module, size: int, repeats: int,
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "unet.onnx"
-        torch.onnx.export(model.cpu().eval(), (x,), str(path), dynamo=False, opset_version=17,
-                          input_names=["image"], output_names=["depth_logits", "species_logits"])
+        torch.onnx.export(
+            model.cpu().eval(),
+            (x,),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["image"],
+            output_names=["depth_logits", "species_logits"],
+        )
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -94,6 +118,7 @@ def data_rate(model: torch.nn.Module, loader, batches: int) -> float:
     """Training samples/s through ``loader`` (data preparation included): noise at each
     sample's dose, forward, weighted loss, backward, Adam step."""
     from training.data import noisy
+
     model = model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -126,18 +151,28 @@ def library_rows(model: torch.nn.Module, library_path: str, crop: int, batches: 
         load_library,
         render_set,
     )
+
     library = load_library(library_path)
     render = RenderConfig(crop=crop)
     rendered = MicroscopeDataset(library, render, TargetConfig(), seed=0)
-    fly = torch.utils.data.DataLoader(rendered, batch_size=8 // render.views_per_wave,
-                                      shuffle=True, collate_fn=collate_views, num_workers=1)
-    stored = render_set(library, 8 * (batches + 1), 0, RenderConfig(crop=2 * crop),
-                        TargetConfig())
-    pre = torch.utils.data.DataLoader(CropDataset(stored, crop, seed=0), batch_size=8,
-                                      shuffle=True)
-    return [{"backend": f"torch-cpu FP32, {name}", "size": crop,
-             "train_samples_per_s": data_rate(model, loader, batches), "infer_frames_per_s": None}
-            for name, loader in (("on-the-fly optics", fly), ("pre-rendered images", pre))]
+    fly = torch.utils.data.DataLoader(
+        rendered,
+        batch_size=8 // render.views_per_wave,
+        shuffle=True,
+        collate_fn=collate_views,
+        num_workers=1,
+    )
+    stored = render_set(library, 8 * (batches + 1), 0, RenderConfig(crop=2 * crop), TargetConfig())
+    pre = torch.utils.data.DataLoader(CropDataset(stored, crop, seed=0), batch_size=8, shuffle=True)
+    return [
+        {
+            "backend": f"torch-cpu FP32, {name}",
+            "size": crop,
+            "train_samples_per_s": data_rate(model, loader, batches),
+            "infer_frames_per_s": None,
+        }
+        for name, loader in (("on-the-fly optics", fly), ("pre-rendered images", pre))
+    ]
 
 
 def bench_model(model_path: str | None) -> tuple[SegDepthUNet, str]:
@@ -175,18 +210,32 @@ def run_bench(cfg: BenchConfig, out: str | Path) -> dict:
         check_image_side(size, model.size_multiple, model.size_multiple, f"--sizes {size}")
         for device in devices:
             backend = f"torch-{device} FP32"
-            rows.append({"backend": backend, "size": size,
-                         "train_samples_per_s": train_rate(model, size, device, repeats),
-                         "infer_frames_per_s": torch_infer_rate(model, size, device, repeats)})
-        rows.append({"backend": "torch-cpu BF16 autocast", "size": size,
-                     "train_samples_per_s": train_rate(model, size, "cpu", repeats,
-                                                       torch.bfloat16),
-                     "infer_frames_per_s": torch_infer_rate(model, size, "cpu", repeats,
-                                                            torch.bfloat16)})
+            rows.append(
+                {
+                    "backend": backend,
+                    "size": size,
+                    "train_samples_per_s": train_rate(model, size, device, repeats),
+                    "infer_frames_per_s": torch_infer_rate(model, size, device, repeats),
+                }
+            )
+        rows.append(
+            {
+                "backend": "torch-cpu BF16 autocast",
+                "size": size,
+                "train_samples_per_s": train_rate(model, size, "cpu", repeats, torch.bfloat16),
+                "infer_frames_per_s": torch_infer_rate(model, size, "cpu", repeats, torch.bfloat16),
+            }
+        )
         try:
             rate = onnxruntime_infer_rate(model, size, repeats, cfg.threads)
-            rows.append({"backend": "onnxruntime-cpu FP32", "size": size,
-                         "train_samples_per_s": None, "infer_frames_per_s": rate})
+            rows.append(
+                {
+                    "backend": "onnxruntime-cpu FP32",
+                    "size": size,
+                    "train_samples_per_s": None,
+                    "infer_frames_per_s": rate,
+                }
+            )
         except ImportError:
             log.info("onnxruntime not installed: skipped")
     if cfg.library:
@@ -196,9 +245,16 @@ def run_bench(cfg: BenchConfig, out: str | Path) -> dict:
         train = f"{r['train_samples_per_s']:.3f}" if r["train_samples_per_s"] else "-"
         infer = f"{r['infer_frames_per_s']:.3f}" if r["infer_frames_per_s"] else "-"
         print(f"{r['backend']:<44}{r['size']:>6}²{train:>18}{infer:>17}")
-    result = {"benchmark": "segdepth bench train", "config": asdict(cfg), "model_id": model_id,
-              "batch_size": 1, "repeats": repeats, "threads": torch.get_num_threads(),
-              "machine": machine_info(), "rows": rows,
-              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result = {
+        "benchmark": "segdepth bench train",
+        "config": asdict(cfg),
+        "model_id": model_id,
+        "batch_size": 1,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "machine": machine_info(),
+        "rows": rows,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     write_json(out, result)
     return result

@@ -5,6 +5,7 @@ how it was trained (commands, data, hardware, wall time) and how it scored.
 Usage: ``python -m training.bundle --model RUN/model.pt --report REPORT/report.json
 --train-command "..." --evaluate-command "..."``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,15 @@ from training.library_data import load_or_render
 from training.model import bundled_model_path, load_model, save_model
 
 
-def bundle(model_path: str | Path, report_path: str | Path, train_command: str,
-           evaluate_command: str, out: str | Path | None = None,
-           simulate_commands: list[str] | None = None,
-           robustness_path: str | Path | None = None) -> dict:
+def bundle(
+    model_path: str | Path,
+    report_path: str | Path,
+    train_command: str,
+    evaluate_command: str,
+    out: str | Path | None = None,
+    simulate_commands: list[str] | None = None,
+    robustness_path: str | Path | None = None,
+) -> dict:
     """Write the bundled model and its record; returns the record."""
     out = Path(out) if out else bundled_model_path()
     model, meta = load_model(model_path)
@@ -32,39 +38,75 @@ def bundle(model_path: str | Path, report_path: str | Path, train_command: str,
     robustness = json.loads(Path(robustness_path).read_text()) if robustness_path else None
     if robustness:  # the engine's out-of-distribution warning level for this model
         meta["ood_threshold"] = robustness["ood_threshold"][meta["model_id"]]
-    meta.update(temperature=report["calibration"]["temperature"],
-                test={"data": report["data"], "noise_lambda": report["noise_lambda"],
-                      "metrics": report["metrics"]})
+    meta.update(
+        temperature=report["calibration"]["temperature"],
+        test={
+            "data": report["data"],
+            "noise_lambda": report["noise_lambda"],
+            "metrics": report["metrics"],
+        },
+    )
     meta = save_model(out, model, meta)
     record = {
-        "model_file": out.name, "model_id": meta["model_id"], "bytes": out.stat().st_size,
+        "model_file": out.name,
+        "model_id": meta["model_id"],
+        "bytes": out.stat().st_size,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "config": meta["config"], "weights_dtype": "float16",
-        "commands": {"simulate": simulate_commands or [], "train": train_command,
-                     "evaluate": evaluate_command},
-        "training": {"data": meta.get("data"), "data_sha256": meta.get("data_sha256"),
-                     "val": meta.get("val"), "val_sha256": meta.get("val_sha256"),
-                     "data_files": meta.get("data_files"),
-                     "dose_range": meta.get("dose_range"), "init": (meta.get(
-                         "train_config") or {}).get("init"),
-                     "noise_lambda": meta.get("noise_lambda"),
-                     "pixel_size_pm": meta.get("pixel_size_pm"),
-                     "epochs_run": meta.get("epochs_run"), "wall_s": meta.get("wall_s"),
-                     "best_validation": meta.get("validation"),
-                     "hardware": meta.get("hardware"), "train_config": meta.get("train_config")},
-        "test": {"data": report["data"], "noise_lambda": report["noise_lambda"],
-                 "metrics": report["metrics"], "targets": report["targets"],
-                 "paper_best_row": report["paper_best_row"],
-                 "calibration": {"temperature": report["calibration"]["temperature"],
-                                 "fit_on": report["calibration"]["temperature_fit_on"],
-                                 "ece": report["calibration"]["ece"]},
-                 "noise_sweep": [{k: r[k] for k in ("noise_lambda", "pixelwise_accuracy",
-                                                    "centre_accuracy", "detection_rate",
-                                                    "hallucination_rate")}
-                                 for r in report["noise_sweep"]]},
-        "robustness": None if robustness is None else {
-            "report": str(robustness_path), "ood_threshold": meta["ood_threshold"],
-            "rows": {r["row"]: r["models"][meta["model_id"]] for r in robustness["rows"]}},
+        "config": meta["config"],
+        "weights_dtype": "float16",
+        "commands": {
+            "simulate": simulate_commands or [],
+            "train": train_command,
+            "evaluate": evaluate_command,
+        },
+        "training": {
+            "data": meta.get("data"),
+            "data_sha256": meta.get("data_sha256"),
+            "val": meta.get("val"),
+            "val_sha256": meta.get("val_sha256"),
+            "data_files": meta.get("data_files"),
+            "dose_range": meta.get("dose_range"),
+            "init": (meta.get("train_config") or {}).get("init"),
+            "noise_lambda": meta.get("noise_lambda"),
+            "pixel_size_pm": meta.get("pixel_size_pm"),
+            "epochs_run": meta.get("epochs_run"),
+            "wall_s": meta.get("wall_s"),
+            "best_validation": meta.get("validation"),
+            "hardware": meta.get("hardware"),
+            "train_config": meta.get("train_config"),
+        },
+        "test": {
+            "data": report["data"],
+            "noise_lambda": report["noise_lambda"],
+            "metrics": report["metrics"],
+            "targets": report["targets"],
+            "paper_best_row": report["paper_best_row"],
+            "calibration": {
+                "temperature": report["calibration"]["temperature"],
+                "fit_on": report["calibration"]["temperature_fit_on"],
+                "ece": report["calibration"]["ece"],
+            },
+            "noise_sweep": [
+                {
+                    k: r[k]
+                    for k in (
+                        "noise_lambda",
+                        "pixelwise_accuracy",
+                        "centre_accuracy",
+                        "detection_rate",
+                        "hallucination_rate",
+                    )
+                }
+                for r in report["noise_sweep"]
+            ],
+        },
+        "robustness": None
+        if robustness is None
+        else {
+            "report": str(robustness_path),
+            "ood_threshold": meta["ood_threshold"],
+            "rows": {r["row"]: r["models"][meta["model_id"]] for r in robustness["rows"]},
+        },
         "bundled_with": machine_info(),
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))
@@ -77,15 +119,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", required=True, help="report.json of `segdepth evaluate`")
     p.add_argument("--train-command", required=True, help="the exact training command line")
     p.add_argument("--evaluate-command", required=True, help="the exact evaluation command line")
-    p.add_argument("--simulate-command", action="append", default=[],
-                   help="an exact `segdepth simulate` command behind the data (repeatable)")
+    p.add_argument(
+        "--simulate-command",
+        action="append",
+        default=[],
+        help="an exact `segdepth simulate` command behind the data (repeatable)",
+    )
     p.add_argument("--out", default=None, help="model path (default: the bundled model path)")
-    p.add_argument("--robustness", default=None,
-                   help="robustness.json of `segdepth evaluate --suite robustness` with this "
-                        "model: its OOD warning level goes into the meta, its rows into the record")
+    p.add_argument(
+        "--robustness",
+        default=None,
+        help="robustness.json of `segdepth evaluate --suite robustness` with this "
+        "model: its OOD warning level goes into the meta, its rows into the record",
+    )
     args = p.parse_args(argv)
-    record = bundle(args.model, args.report, args.train_command, args.evaluate_command, args.out,
-                    args.simulate_command, args.robustness)
+    record = bundle(
+        args.model,
+        args.report,
+        args.train_command,
+        args.evaluate_command,
+        args.out,
+        args.simulate_command,
+        args.robustness,
+    )
     print(json.dumps(record["test"]["metrics"], indent=2))
     return 0
 

@@ -4,6 +4,7 @@ crops and flips, and fresh Poisson noise per epoch (continuous noise sampling, e
 Flips along rows ([1-10]) and columns ([001]) map the CeO2 [110] projection onto itself, so
 they are the augmentations used; transposes are not (the two axes have different periods).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,14 +54,18 @@ def read_columns(f: h5py.File, n: int) -> tuple[list[np.ndarray], list[np.ndarra
     centres, species = [], []
     for i in range(n):
         c = cols[(cols["image"] == i) & (cols["depth"] > 0)] if len(cols) else cols
-        centres.append(np.stack([c["y_px"], c["x_px"]], axis=1).astype(np.float64)
-                       if len(c) else np.zeros((0, 2)))
+        centres.append(
+            np.stack([c["y_px"], c["x_px"]], axis=1).astype(np.float64)
+            if len(c)
+            else np.zeros((0, 2))
+        )
         species.append(c["species"].astype(np.uint8) if len(c) else np.zeros(0, np.uint8))
     return centres, species
 
 
-def load_set(path: str | Path, targets: TargetConfig, limit: int | None = None,
-             progress: bool = True) -> LabelledSet:
+def load_set(
+    path: str | Path, targets: TargetConfig, limit: int | None = None, progress: bool = True
+) -> LabelledSet:
     """Read the complete images of a dataset file and compute their training targets."""
     path = Path(path)
     with h5py.File(path, "r") as f:
@@ -81,8 +86,18 @@ def load_set(path: str | Path, targets: TargetConfig, limit: int | None = None,
     weights = np.empty(depth.shape, np.float32)
     for i in tqdm(range(n), desc=f"targets {path.name}", unit="img", disable=not progress):
         labels[i], weights[i] = make_targets(depth[i], centres[i], pixel_size_pm, targets)
-    return LabelledSet(images, depth, species, labels, weights, centres, centre_species,
-                       pixel_size_pm, file_sha256(path), str(path))
+    return LabelledSet(
+        images,
+        depth,
+        species,
+        labels,
+        weights,
+        centres,
+        centre_species,
+        pixel_size_pm,
+        file_sha256(path),
+        str(path),
+    )
 
 
 class CropDataset(torch.utils.data.Dataset):
@@ -109,14 +124,18 @@ class CropDataset(torch.utils.data.Dataset):
         if self.crop:
             h, w = arrays[0].shape
             r, c = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
-            arrays = [a[r:r + self.crop, c:c + self.crop] for a in arrays]
+            arrays = [a[r : r + self.crop, c : c + self.crop] for a in arrays]
         if self.flips:
             for axis in (0, 1):
                 if rng.random() < 0.5:
                     arrays = [np.flip(a, axis) for a in arrays]
         image, labels, species, weights = (np.ascontiguousarray(a) for a in arrays)
-        return (torch.from_numpy(image)[None], torch.from_numpy(labels.astype(np.int64)),
-                torch.from_numpy(species.astype(np.int64)), torch.from_numpy(weights))
+        return (
+            torch.from_numpy(image)[None],
+            torch.from_numpy(labels.astype(np.int64)),
+            torch.from_numpy(species.astype(np.int64)),
+            torch.from_numpy(weights),
+        )
 
 
 def noisy(clean: torch.Tensor, noise_lambda: float, generator: torch.Generator) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """PNG figures of the evaluation report (matplotlib, Agg): Figs. 6-9 of the paper and examples."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,10 +29,22 @@ def plot_confusion(confusion: np.ndarray, path: Path) -> str:
     for t in range(k):
         for e in range(k):
             if norm[t, e] >= 0.01:
-                ax.text(e, t, f"{norm[t, e]:.2f}", ha="center", va="center", fontsize=6,
-                        color="w" if norm[t, e] < 0.6 else "k")
-    ax.set(xlabel="estimated depth (atoms)", ylabel="true depth (atoms)",
-           xticks=range(k), yticks=range(k), title="confusion (rows normalised)")
+                ax.text(
+                    e,
+                    t,
+                    f"{norm[t, e]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="w" if norm[t, e] < 0.6 else "k",
+                )
+    ax.set(
+        xlabel="estimated depth (atoms)",
+        ylabel="true depth (atoms)",
+        xticks=range(k),
+        yticks=range(k),
+        title="confusion (rows normalised)",
+    )
     fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path)
 
@@ -44,8 +57,13 @@ def plot_reliability(tables: dict[str, dict], eces: dict[str, float], path: Path
         conf, acc = np.array(table["confidence"]), np.array(table["accuracy"])
         seen = np.isfinite(conf) & np.isfinite(acc)
         ax.plot(conf[seen], acc[seen], "o-", ms=3, label=f"{name} (ECE {eces[name]:.3f})")
-    ax.set(xlabel="confidence (eq. 5)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title="reliability diagram")
+    ax.set(
+        xlabel="confidence (eq. 5)",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title="reliability diagram",
+    )
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -57,9 +75,15 @@ def _show_magnitude(ax, g: np.ndarray) -> None:
     ax.imshow(mag, cmap="inferno", norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=top))
 
 
-def plot_gradients(image: np.ndarray, estimate: np.ndarray, pixels: dict[str, tuple[int, int]],
-                   grads: dict[str, dict[int, np.ndarray]], sweep: dict[float, np.ndarray],
-                   sweep_pixel: tuple[int, int], path: Path) -> str:
+def plot_gradients(
+    image: np.ndarray,
+    estimate: np.ndarray,
+    pixels: dict[str, tuple[int, int]],
+    grads: dict[str, dict[int, np.ndarray]],
+    sweep: dict[float, np.ndarray],
+    sweep_pixel: tuple[int, int],
+    path: Path,
+) -> str:
     """(a) |∇_y F(y)_i[d]| for a column and a background pixel at several d; (b) the column
     pixel's gradient magnitude at several noise levels λ (Fig. 8)."""
     n_d = max(len(g) for g in grads.values())
@@ -89,32 +113,45 @@ def plot_gradients(image: np.ndarray, estimate: np.ndarray, pixels: dict[str, tu
     return _save(fig, path)
 
 
-def plot_sweep(lambdas: list[float], rows: list[dict[str, float]], train_lambda: float | None,
-               path: Path) -> str:
+def plot_sweep(
+    lambdas: list[float], rows: list[dict[str, float]], train_lambda: float | None, path: Path
+) -> str:
     """The four metrics against the test noise level λ (Fig. 9)."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for key in ("pixelwise_accuracy", "centre_accuracy", "detection_rate", "hallucination_rate"):
         ax.plot(lambdas, [r[key] for r in rows], "o-", ms=4, label=key.replace("_", " "))
     if train_lambda:
         ax.axvline(train_lambda, color="k", ls=":", lw=1, label=f"training λ = {train_lambda:g}")
-    ax.set(xscale="log", xlabel="test noise λ (counts per vacuum pixel)", ylabel="metric",
-           ylim=(0, 1), title="generalisation across noise levels")
+    ax.set(
+        xscale="log",
+        xlabel="test noise λ (counts per vacuum pixel)",
+        ylabel="metric",
+        ylim=(0, 1),
+        title="generalisation across noise levels",
+    )
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def plot_examples(noisy: np.ndarray, truth: np.ndarray, estimate: np.ndarray,
-                  confidence: np.ndarray, path: Path) -> str:
+def plot_examples(
+    noisy: np.ndarray, truth: np.ndarray, estimate: np.ndarray, confidence: np.ndarray, path: Path
+) -> str:
     """Rows of (noisy input, true depth, estimated depth, confidence)."""
     n = len(noisy)
     fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
     styles: tuple[dict[str, Any], ...] = (
-        {"cmap": "gray"}, {"cmap": "magma", "vmin": 0, "vmax": 10},
-        {"cmap": "magma", "vmin": 0, "vmax": 10}, {"cmap": "viridis", "vmin": 0, "vmax": 1})
+        {"cmap": "gray"},
+        {"cmap": "magma", "vmin": 0, "vmax": 10},
+        {"cmap": "magma", "vmin": 0, "vmax": 10},
+        {"cmap": "viridis", "vmin": 0, "vmax": 1},
+    )
     for i in range(n):
         for ax, img, title, kw in zip(
-                axes[i], (noisy[i], truth[i], estimate[i], confidence[i]),
-                ("noisy input", "true depth", "estimated depth", "confidence"), styles):
+            axes[i],
+            (noisy[i], truth[i], estimate[i], confidence[i]),
+            ("noisy input", "true depth", "estimated depth", "confidence"),
+            styles,
+        ):
             ax.imshow(img, **kw)
             ax.set_title(title, fontsize=8)
             ax.axis("off")

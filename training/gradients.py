@@ -1,5 +1,6 @@
 """Gradient analysis of eq. 7: g(i, d) = ∇_y F_θ(y)_i[d], the sensitivity of the depth-d
 probability at output pixel i to every input pixel (Fig. 8)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,13 @@ import torch
 from training.inference import forward_padded
 
 
-def input_gradients(model: torch.nn.Module, image: np.ndarray, pixel_rc: tuple[int, int],
-                    depths: list[int], temperature: float = 1.0) -> np.ndarray:
+def input_gradients(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    pixel_rc: tuple[int, int],
+    depths: list[int],
+    temperature: float = 1.0,
+) -> np.ndarray:
     """(len(depths), H, W) float32 gradients of softmax probability ``d`` at ``pixel_rc``
     (row, col) with respect to the (H,W) input ``image`` (model in eval mode)."""
     model.eval()

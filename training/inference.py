@@ -1,5 +1,6 @@
 """Batched inference on images of any size: replicate-pad to the model's size multiple, crop
 back."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -36,8 +37,9 @@ def forward_padded(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
 DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
 
 
-def forward_tta(model: torch.nn.Module, x: torch.Tensor, temperature: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_tta(
+    model: torch.nn.Module, x: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Test-time augmentation: (mean depth probabilities, mean depth logits, mean species
     logits) over the 8 flips and quarter turns of the input, each mapped back."""
     total: list[torch.Tensor] = []  # running sums of (probabilities, logits, species logits)
@@ -53,9 +55,14 @@ def forward_tta(model: torch.nn.Module, x: torch.Tensor, temperature: float
 
 
 @torch.no_grad()
-def predict_batches(model: torch.nn.Module, images: np.ndarray, batch_size: int = 4,
-                    temperature: float = 1.0, device: str | torch.device = "cpu",
-                    tta: bool = False) -> Iterator[tuple[slice, Prediction]]:
+def predict_batches(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    batch_size: int = 4,
+    temperature: float = 1.0,
+    device: str | torch.device = "cpu",
+    tta: bool = False,
+) -> Iterator[tuple[slice, Prediction]]:
     """Yield (index slice, Prediction) over (N,H,W) float32 images (vacuum = 1). Depth
     probabilities are softmax(logits / ``temperature``) (temperature scaling, Fig. 7); with
     ``tta`` their mean over the 8 flips and quarter turns (8× the cost)."""
@@ -70,14 +77,24 @@ def predict_batches(model: torch.nn.Module, images: np.ndarray, batch_size: int 
             depth_logits = depth_logits.float()
             probs = torch.softmax(depth_logits / temperature, dim=1)
         confidence, depth = probs.max(dim=1)
-        yield sl, Prediction(depth.to(torch.uint8).cpu().numpy(),
-                             confidence.cpu().numpy().astype(np.float32),
-                             species_logits.argmax(dim=1).to(torch.uint8).cpu().numpy(),
-                             probs.cpu().numpy(), depth_logits.cpu().numpy())
+        yield (
+            sl,
+            Prediction(
+                depth.to(torch.uint8).cpu().numpy(),
+                confidence.cpu().numpy().astype(np.float32),
+                species_logits.argmax(dim=1).to(torch.uint8).cpu().numpy(),
+                probs.cpu().numpy(),
+                depth_logits.cpu().numpy(),
+            ),
+        )
 
 
 def uncertainty_scores(depth: np.ndarray, confidence: np.ndarray) -> np.ndarray:
     """Per-frame out-of-distribution score at no extra cost: the mean of 1 − confidence over
     the pixels estimated as a column (all pixels when none), for (B, H, W) maps."""
-    return np.array([float(1 - c[d > 0].mean()) if (d > 0).any() else float(1 - c.mean())
-                     for d, c in zip(np.asarray(depth), np.asarray(confidence))])
+    return np.array(
+        [
+            float(1 - c[d > 0].mean()) if (d > 0).any() else float(1 - c.mean())
+            for d, c in zip(np.asarray(depth), np.asarray(confidence))
+        ]
+    )

@@ -11,6 +11,7 @@ The rings lie outside the label disks, where the paper's metrics count any depth
 hallucinated atom; with the simulator's clean disk labels (no irregular projection patterns to
 regularise) they cost more than they give, so they are off by default (``ring_width_pm = 0``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,15 +44,21 @@ def smooth_labels(depth: np.ndarray, pixel_size_pm: float, ring_width_pm: float)
     return np.where(column, depth, np.clip(ring, 0, None)).astype(np.uint8)
 
 
-def loss_weights(shape: tuple[int, int], centres_rc: np.ndarray, pixel_size_pm: float,
-                 sigma_pm: float, background_weight: float) -> np.ndarray:
+def loss_weights(
+    shape: tuple[int, int],
+    centres_rc: np.ndarray,
+    pixel_size_pm: float,
+    sigma_pm: float,
+    background_weight: float,
+) -> np.ndarray:
     """(H,W) float32 weights: 1 at the (row, col) centres, Gaussian decay to the floor."""
     h, w = shape
     if len(centres_rc) == 0:
         return np.full(shape, background_weight, np.float32)
     rows, cols = np.mgrid[0:h, 0:w]
     dist, _ = cKDTree(np.asarray(centres_rc, np.float64)).query(
-        np.stack([rows.ravel(), cols.ravel()], axis=1))
+        np.stack([rows.ravel(), cols.ravel()], axis=1)
+    )
     sigma_px = sigma_pm / pixel_size_pm
     bump = np.exp(-0.5 * (dist / sigma_px) ** 2).reshape(shape)
     return (background_weight + (1.0 - background_weight) * bump).astype(np.float32)
@@ -65,23 +72,30 @@ def column_centres(depth: np.ndarray) -> np.ndarray:
     return np.array(ndimage.center_of_mass(depth > 0, labelled, range(1, n + 1)))
 
 
-def make_targets(depth: np.ndarray, centres_rc: np.ndarray | None, pixel_size_pm: float,
-                 cfg: TargetConfig) -> tuple[np.ndarray, np.ndarray]:
+def make_targets(
+    depth: np.ndarray, centres_rc: np.ndarray | None, pixel_size_pm: float, cfg: TargetConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """(smoothed labels uint8, weights float32) for one image; centres from the depth map
     when no column table is given."""
     if centres_rc is None:
         centres_rc = column_centres(depth)
-    return (smooth_labels(depth, pixel_size_pm, cfg.ring_width_pm),
-            loss_weights(depth.shape, centres_rc, pixel_size_pm, cfg.weight_sigma_pm,
-                         cfg.background_weight))
+    return (
+        smooth_labels(depth, pixel_size_pm, cfg.ring_width_pm),
+        loss_weights(
+            depth.shape, centres_rc, pixel_size_pm, cfg.weight_sigma_pm, cfg.background_weight
+        ),
+    )
 
 
-def weighted_class_counts(labels: np.ndarray, weights: np.ndarray,
-                          n_classes: int = N_DEPTHS) -> np.ndarray:
+def weighted_class_counts(
+    labels: np.ndarray, weights: np.ndarray, n_classes: int = N_DEPTHS
+) -> np.ndarray:
     """(n_classes,) sum of the loss weights of the pixels of each label."""
-    return np.bincount(np.asarray(labels, np.int64).ravel(),
-                       weights=np.asarray(weights, np.float64).ravel(),
-                       minlength=n_classes)[:n_classes]
+    return np.bincount(
+        np.asarray(labels, np.int64).ravel(),
+        weights=np.asarray(weights, np.float64).ravel(),
+        minlength=n_classes,
+    )[:n_classes]
 
 
 def prior_from_counts(counts: np.ndarray, floor: float = 0.002) -> np.ndarray:
@@ -91,8 +105,9 @@ def prior_from_counts(counts: np.ndarray, floor: float = 0.002) -> np.ndarray:
     return prior / prior.sum()
 
 
-def class_prior(labels: np.ndarray, weights: np.ndarray, n_classes: int = N_DEPTHS,
-                floor: float = 0.002) -> np.ndarray:
+def class_prior(
+    labels: np.ndarray, weights: np.ndarray, n_classes: int = N_DEPTHS, floor: float = 0.002
+) -> np.ndarray:
     """The depth-class prior a network trained with the weighted loss of eq. 6 learns: the
     loss-weighted frequency of each label over the given training-like pixels, plus ``floor``
     (relative) so that no class has prior 0. Sums to 1."""

@@ -3,6 +3,7 @@ every sample gets its own microscope (optics drawn from :class:`OpticsRanges`), 
 over the full circle, mirror, crop position and dose λ (log-uniform), so no two epochs see the
 same images. Randomness comes from (seed, epoch, structure), so runs are reproducible.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from training.model import file_sha256
 @dataclass
 class WaveLibrary:
     """A library file in memory: ``waves`` (N, n, n) complex64, one ColumnTable per structure."""
+
     waves: np.ndarray
     tables: list[ColumnTable]
     sampling_A: float
@@ -67,8 +69,15 @@ def load_library(path: str | Path, limit: int | None = None) -> WaveLibrary:
     for s in range(n):
         c = cols[cols["structure"] == s]
         cells = np.arange(MAX_ATOMS)[None, :] < c["atoms"][:, None]
-        tables.append(ColumnTable(c["x_A"].astype(np.float64), c["y_A"].astype(np.float64),
-                                  c["species"], np.zeros(len(c)), cells))
+        tables.append(
+            ColumnTable(
+                c["x_A"].astype(np.float64),
+                c["y_A"].astype(np.float64),
+                c["species"],
+                np.zeros(len(c)),
+                cells,
+            )
+        )
     return WaveLibrary(waves, tables, sampling, seed, file_sha256(path), str(path))
 
 
@@ -76,6 +85,7 @@ def load_library(path: str | Path, limit: int | None = None) -> WaveLibrary:
 class RenderConfig:
     """How samples are drawn: ``dose`` log-uniform range (mean vacuum counts per pixel),
     ``angles_deg`` range of the in-plane turn, ``views_per_wave`` crops per optics draw."""
+
     crop: int = 128
     views_per_wave: int = 4
     dose: tuple[float, float] = (0.5, 10.0)
@@ -88,6 +98,7 @@ class RenderConfig:
 class Rendered:
     """One clean sample with its truth: image (H, W) float32 (vacuum ≈ 1), depth, species,
     centres (n, 2) (row, col) px with their species and atom counts, and what was drawn."""
+
     image: np.ndarray
     depth: np.ndarray
     species: np.ndarray
@@ -98,16 +109,27 @@ class Rendered:
     view: View
 
 
-def render_views(library: WaveLibrary, index: int, optics: OpticsDraw,
-                 views: list[View]) -> list[Rendered]:
+def render_views(
+    library: WaveLibrary, index: int, optics: OpticsDraw, views: list[View]
+) -> list[Rendered]:
     """Structure ``index`` through one microscope, cropped as each view."""
     image = intensity(library.waves[index], library.sampling_A, optics)
     out = []
     for view in views:
         labels = view_labels(library.tables[index], library.sampling_A, view)
         clean = camera(sample_view(image, library.sampling_A, view), optics)
-        out.append(Rendered(clean, labels.depth, labels.species, labels.centres,
-                            labels.column_species, labels.column_depth, optics, view))
+        out.append(
+            Rendered(
+                clean,
+                labels.depth,
+                labels.species,
+                labels.centres,
+                labels.column_species,
+                labels.column_depth,
+                optics,
+                view,
+            )
+        )
     return out
 
 
@@ -121,8 +143,9 @@ class MicroscopeDataset(torch.utils.data.Dataset):
     microscope: (clean (K,1,c,c), labels (K,c,c), species (K,c,c), weights (K,c,c), dose (K,)).
     Use :func:`collate_views` to flatten items into a batch."""
 
-    def __init__(self, library: WaveLibrary, render: RenderConfig, targets: TargetConfig,
-                 seed: int):
+    def __init__(
+        self, library: WaveLibrary, render: RenderConfig, targets: TargetConfig, seed: int
+    ):
         self.library, self.render, self.targets, self.seed = library, render, targets, seed
         self.epoch = 0
 
@@ -136,16 +159,28 @@ class MicroscopeDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         r, lib = self.render, self.library
         optics = r.optics.draw(rng)
-        views = [draw_view(rng, lib.field_A, lib.sampling_A * BINNING, r.crop, r.angles_deg,
-                           r.mirror_probability) for _ in range(r.views_per_wave)]
+        views = [
+            draw_view(
+                rng,
+                lib.field_A,
+                lib.sampling_A * BINNING,
+                r.crop,
+                r.angles_deg,
+                r.mirror_probability,
+            )
+            for _ in range(r.views_per_wave)
+        ]
         samples = render_views(lib, i, optics, views)
-        labels, weights = zip(*(make_targets(s.depth, s.centres, lib.pixel_size_pm, self.targets)
-                                for s in samples))
-        return (torch.from_numpy(np.stack([s.image for s in samples]))[:, None],
-                torch.from_numpy(np.stack(labels).astype(np.int64)),
-                torch.from_numpy(np.stack([s.species for s in samples]).astype(np.int64)),
-                torch.from_numpy(np.stack(weights)),
-                torch.tensor([draw_dose(rng, r.dose) for _ in samples], dtype=torch.float32))
+        labels, weights = zip(
+            *(make_targets(s.depth, s.centres, lib.pixel_size_pm, self.targets) for s in samples)
+        )
+        return (
+            torch.from_numpy(np.stack([s.image for s in samples]))[:, None],
+            torch.from_numpy(np.stack(labels).astype(np.int64)),
+            torch.from_numpy(np.stack([s.species for s in samples]).astype(np.int64)),
+            torch.from_numpy(np.stack(weights)),
+            torch.tensor([draw_dose(rng, r.dose) for _ in samples], dtype=torch.float32),
+        )
 
 
 def collate_views(items):
@@ -153,9 +188,15 @@ def collate_views(items):
     return tuple(torch.cat(parts) for parts in zip(*items))
 
 
-def render_set(library: WaveLibrary, count: int, seed: int, render: RenderConfig,
-               targets: TargetConfig, fixed_optics: OpticsDraw | None = None,
-               with_rendered: bool = False):
+def render_set(
+    library: WaveLibrary,
+    count: int,
+    seed: int,
+    render: RenderConfig,
+    targets: TargetConfig,
+    fixed_optics: OpticsDraw | None = None,
+    with_rendered: bool = False,
+):
     """A fixed labelled set of ``count`` clean samples (structures in turn, one microscope each,
     or ``fixed_optics`` for all) for validation and tests; noise is added by the caller.
     ``with_rendered``: return (set, the Rendered samples) instead."""
@@ -163,28 +204,45 @@ def render_set(library: WaveLibrary, count: int, seed: int, render: RenderConfig
     for k in range(count):
         rng = np.random.default_rng([seed, k])
         optics = fixed_optics or render.optics.draw(rng)
-        view = draw_view(rng, library.field_A, library.sampling_A * BINNING, render.crop,
-                         render.angles_deg, render.mirror_probability)
+        view = draw_view(
+            rng,
+            library.field_A,
+            library.sampling_A * BINNING,
+            render.crop,
+            render.angles_deg,
+            render.mirror_probability,
+        )
         rendered.extend(render_views(library, k % len(library), optics, [view]))
     data = labelled(rendered, library.pixel_size_pm, targets, library.sha256, library.path)
     return (data, rendered) if with_rendered else data
 
 
-def labelled(rendered: list[Rendered], pixel_size_pm: float, targets: TargetConfig,
-             sha256: str, path: str) -> LabelledSet:
+def labelled(
+    rendered: list[Rendered], pixel_size_pm: float, targets: TargetConfig, sha256: str, path: str
+) -> LabelledSet:
     """Rendered samples as a LabelledSet (what validation and evaluation read)."""
     depth = np.stack([s.depth for s in rendered])
     centres = [s.centres.astype(np.float64) for s in rendered]
-    labels, weights = zip(*(make_targets(d, c, pixel_size_pm, targets)
-                            for d, c in zip(depth, centres)))
-    return LabelledSet(np.stack([s.image for s in rendered]), depth,
-                       np.stack([s.species for s in rendered]), np.stack(labels),
-                       np.stack(weights), centres, [s.centre_species for s in rendered],
-                       pixel_size_pm, sha256, path)
+    labels, weights = zip(
+        *(make_targets(d, c, pixel_size_pm, targets) for d, c in zip(depth, centres))
+    )
+    return LabelledSet(
+        np.stack([s.image for s in rendered]),
+        depth,
+        np.stack([s.species for s in rendered]),
+        np.stack(labels),
+        np.stack(weights),
+        centres,
+        [s.centre_species for s in rendered],
+        pixel_size_pm,
+        sha256,
+        path,
+    )
 
 
-def load_or_render(path: str | Path, targets: TargetConfig, limit: int | None, seed: int,
-                   crop: int = 192) -> LabelledSet:
+def load_or_render(
+    path: str | Path, targets: TargetConfig, limit: int | None, seed: int, crop: int = 192
+) -> LabelledSet:
     """An image dataset file as stored, or ``limit`` (default 64) samples rendered from an
     exit-wave library with microscopes drawn from the training ranges (any angle)."""
     if not is_library(path):

@@ -16,6 +16,7 @@ of its centre: exact count, within ±1 atom, found (majority > 0); and false col
 regions estimated > 0 whose centroid lies farther than ``FALSE_COLUMN_DISTANCE_A`` from every
 true column.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,17 +31,18 @@ COLUMN_VOTE_RADIUS_PX = 5.0  #: vote disk of the column-level metrics, px at REF
 FALSE_COLUMN_DISTANCE_A = 0.6  #: an estimated region farther than this from every column is false
 
 
-def centre_mask(shape: tuple[int, int], centres_rc: np.ndarray, species: np.ndarray,
-                pixel_size_pm: float) -> np.ndarray:
+def centre_mask(
+    shape: tuple[int, int], centres_rc: np.ndarray, species: np.ndarray, pixel_size_pm: float
+) -> np.ndarray:
     """(H,W) bool: pixels within the species' centre radius of any column centre (row, col)."""
     mask = np.zeros(shape, bool)
-    rows, cols = np.ogrid[0:shape[0], 0:shape[1]]
+    rows, cols = np.ogrid[0 : shape[0], 0 : shape[1]]
     for (r, c), s in zip(np.asarray(centres_rc).reshape(-1, 2), species):
         radius = CENTRE_RADIUS_PX.get(int(s))
         if radius is None:
             continue
         radius *= REFERENCE_PIXEL_PM / pixel_size_pm
-        mask |= (rows - r) ** 2 + (cols - c) ** 2 <= radius ** 2
+        mask |= (rows - r) ** 2 + (cols - c) ** 2 <= radius**2
     return mask
 
 
@@ -56,8 +58,9 @@ class DepthMetrics:
     def __post_init__(self) -> None:
         self.confusion = np.zeros((self.n_classes, self.n_classes), np.int64)
 
-    def update(self, estimated: np.ndarray, truth: np.ndarray,
-               centre: np.ndarray | None = None) -> None:
+    def update(
+        self, estimated: np.ndarray, truth: np.ndarray, centre: np.ndarray | None = None
+    ) -> None:
         """Add one image (or batch): ``estimated``/``truth`` integer depth maps of equal shape;
         ``centre`` the bool centre mask of :func:`centre_mask` (same shape) or None."""
         est = np.asarray(estimated, np.int64).ravel()
@@ -65,8 +68,9 @@ class DepthMetrics:
         if est.shape != tru.shape:
             raise ValueError(f"estimate {np.shape(estimated)} and truth {np.shape(truth)} differ")
         k = self.n_classes
-        self.confusion += np.bincount(tru * k + np.clip(est, 0, k - 1),
-                                      minlength=k * k).reshape(k, k)
+        self.confusion += np.bincount(tru * k + np.clip(est, 0, k - 1), minlength=k * k).reshape(
+            k, k
+        )
         if centre is not None:  # scored on truth column pixels only (module docstring)
             m = np.asarray(centre, bool).ravel() & (tru > 0)
             self.centre_correct += int((est[m] == tru[m]).sum())
@@ -81,11 +85,14 @@ class DepthMetrics:
         def ratio(a, b):
             return float(a / b) if b else float("nan")
 
-        return {"pixelwise_accuracy": ratio(np.trace(c), total),
-                "centre_accuracy": ratio(self.centre_correct, self.centre_total),
-                "detection_rate": ratio(c[1:, 1:].sum(), column_truth),
-                "hallucination_rate": ratio(c[0, 1:].sum(), estimated_positive),
-                "pixels": int(total), "centre_pixels": int(self.centre_total)}
+        return {
+            "pixelwise_accuracy": ratio(np.trace(c), total),
+            "centre_accuracy": ratio(self.centre_correct, self.centre_total),
+            "detection_rate": ratio(c[1:, 1:].sum(), column_truth),
+            "hallucination_rate": ratio(c[0, 1:].sum(), estimated_positive),
+            "pixels": int(total),
+            "centre_pixels": int(self.centre_total),
+        }
 
 
 @dataclass
@@ -98,15 +105,17 @@ class Calibration:
     confidence_sum: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.count, self.correct, self.confidence_sum = (np.zeros(self.n_bins, np.float64)
-                                                         for _ in range(3))
+        self.count, self.correct, self.confidence_sum = (
+            np.zeros(self.n_bins, np.float64) for _ in range(3)
+        )
 
     def update(self, confidence: np.ndarray, correct: np.ndarray) -> None:
         conf = np.asarray(confidence, np.float64).ravel()
         bins = np.clip((conf * self.n_bins).astype(np.int64), 0, self.n_bins - 1)
         self.count += np.bincount(bins, minlength=self.n_bins)
-        self.correct += np.bincount(bins, weights=np.asarray(correct, np.float64).ravel(),
-                                    minlength=self.n_bins)
+        self.correct += np.bincount(
+            bins, weights=np.asarray(correct, np.float64).ravel(), minlength=self.n_bins
+        )
         self.confidence_sum += np.bincount(bins, weights=conf, minlength=self.n_bins)
 
     def ece(self) -> float:
@@ -118,10 +127,12 @@ class Calibration:
 
     def table(self) -> dict[str, list[float]]:
         with np.errstate(invalid="ignore", divide="ignore"):
-            return {"bin_lower": list(np.arange(self.n_bins) / self.n_bins),
-                    "count": self.count.tolist(),
-                    "accuracy": (self.correct / self.count).tolist(),
-                    "confidence": (self.confidence_sum / self.count).tolist()}
+            return {
+                "bin_lower": list(np.arange(self.n_bins) / self.n_bins),
+                "count": self.count.tolist(),
+                "accuracy": (self.correct / self.count).tolist(),
+                "confidence": (self.confidence_sum / self.count).tolist(),
+            }
 
 
 @dataclass
@@ -135,18 +146,24 @@ class ColumnMetrics:
     estimated_regions: int = 0
     false_regions: int = 0
 
-    def update(self, estimated: np.ndarray, centres_rc: np.ndarray, depths: np.ndarray,
-               pixel_size_pm: float) -> None:
+    def update(
+        self,
+        estimated: np.ndarray,
+        centres_rc: np.ndarray,
+        depths: np.ndarray,
+        pixel_size_pm: float,
+    ) -> None:
         """One image: ``estimated`` (H,W) depth map, true column ``centres_rc`` (n,2) px and
         their atom counts ``depths`` (n,)."""
         from scipy import ndimage
         from scipy.spatial import cKDTree
+
         est = np.asarray(estimated, np.int64)
         centres = np.asarray(centres_rc, np.float64).reshape(-1, 2)
         radius = COLUMN_VOTE_RADIUS_PX * REFERENCE_PIXEL_PM / pixel_size_pm
-        rows, cols = np.mgrid[0:est.shape[0], 0:est.shape[1]]
+        rows, cols = np.mgrid[0 : est.shape[0], 0 : est.shape[1]]
         for (r, c), d in zip(centres, np.asarray(depths, np.int64)):
-            votes = est[(rows - r) ** 2 + (cols - c) ** 2 <= radius ** 2]
+            votes = est[(rows - r) ** 2 + (cols - c) ** 2 <= radius**2]
             if not votes.size:
                 continue
             majority = int(np.bincount(votes).argmax())
@@ -157,16 +174,18 @@ class ColumnMetrics:
         regions, n = ndimage.label(est > 0)
         if n:
             centroids = np.array(ndimage.center_of_mass(est > 0, regions, range(1, n + 1)))
-            far = (cKDTree(centres).query(centroids)[0] if len(centres)
-                   else np.full(n, np.inf))
+            far = cKDTree(centres).query(centroids)[0] if len(centres) else np.full(n, np.inf)
             self.estimated_regions += n
             self.false_regions += int((far * pixel_size_pm / 100 > FALSE_COLUMN_DISTANCE_A).sum())
 
     def summary(self) -> dict[str, float]:
         def ratio(a, b):
             return float(a / b) if b else float("nan")
-        return {"column_exact": ratio(self.exact, self.columns),
-                "column_within_one": ratio(self.within_one, self.columns),
-                "column_found": ratio(self.found, self.columns),
-                "false_column_rate": ratio(self.false_regions, self.estimated_regions),
-                "columns": self.columns}
+
+        return {
+            "column_exact": ratio(self.exact, self.columns),
+            "column_within_one": ratio(self.within_one, self.columns),
+            "column_found": ratio(self.found, self.columns),
+            "false_column_rate": ratio(self.false_regions, self.estimated_regions),
+            "columns": self.columns,
+        }

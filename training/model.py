@@ -6,6 +6,7 @@ block is a double 3x3 conv with replication padding, batch norm and ReLU. Option
 III-C: ``extra_blocks`` (two more double-conv blocks at full resolution before the heads) and
 ``median_kernel`` (median filter over the depth logits; the paper uses 4, 0 disables).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,9 @@ class UNetConfig:
         if self.scales < 1 or self.base_channels < 1 or self.max_channels < self.base_channels:
             raise ValueError(f"invalid UNetConfig {self}")
         if self.upsampling not in ("bilinear", "transposed"):
-            raise ValueError(f"upsampling must be 'bilinear' or 'transposed', "
-                             f"not {self.upsampling!r}")
+            raise ValueError(
+                f"upsampling must be 'bilinear' or 'transposed', not {self.upsampling!r}"
+            )
         if self.median_kernel < 0:
             raise ValueError("median_kernel must be >= 0")
 
@@ -54,7 +56,7 @@ class UNetConfig:
 
     def channels(self) -> list[int]:
         """Feature channels at each scale, finest first."""
-        return [min(self.base_channels * 2 ** i, self.max_channels) for i in range(self.scales)]
+        return [min(self.base_channels * 2**i, self.max_channels) for i in range(self.scales)]
 
 
 class DoubleConv(nn.Sequential):
@@ -63,9 +65,12 @@ class DoubleConv(nn.Sequential):
     def __init__(self, c_in: int, c_out: int):
         super().__init__(
             nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode="replicate", bias=False),
-            nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
             nn.Conv2d(c_out, c_out, 3, padding=1, padding_mode="replicate", bias=False),
-            nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
 
 
 class Up(nn.Module):
@@ -73,8 +78,9 @@ class Up(nn.Module):
 
     def __init__(self, c_low: int, c_skip: int, c_out: int, mode: str):
         super().__init__()
-        self.transposed = (nn.ConvTranspose2d(c_low, c_low, 2, stride=2)
-                           if mode == "transposed" else None)
+        self.transposed = (
+            nn.ConvTranspose2d(c_low, c_low, 2, stride=2) if mode == "transposed" else None
+        )
         self.conv = DoubleConv(c_low + c_skip, c_out)
 
     def forward(self, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -107,18 +113,25 @@ class SegDepthUNet(nn.Module):
         self.size_multiple = self.config.size_multiple
         self.inc = DoubleConv(1, ch[0])
         self.downs = nn.ModuleList(DoubleConv(ch[i - 1], ch[i]) for i in range(1, len(ch)))
-        self.ups = nn.ModuleList(Up(ch[i], ch[i - 1], ch[i - 1], self.config.upsampling)
-                                 for i in range(len(ch) - 1, 0, -1))
-        self.extra = (nn.Sequential(DoubleConv(ch[0], ch[0]), DoubleConv(ch[0], ch[0]))
-                      if self.config.extra_blocks else nn.Identity())
+        self.ups = nn.ModuleList(
+            Up(ch[i], ch[i - 1], ch[i - 1], self.config.upsampling)
+            for i in range(len(ch) - 1, 0, -1)
+        )
+        self.extra = (
+            nn.Sequential(DoubleConv(ch[0], ch[0]), DoubleConv(ch[0], ch[0]))
+            if self.config.extra_blocks
+            else nn.Identity()
+        )
         self.depth_head = nn.Conv2d(ch[0], self.config.n_depth_classes, 1)
         self.species_head = nn.Conv2d(ch[0], self.config.n_species_classes, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = x.shape[-2:]
         if h % self.size_multiple or w % self.size_multiple:
-            raise ValueError(f"input {h}x{w} is not a multiple of {self.size_multiple}; pad it "
-                             f"(training.model.pad_to_multiple)")
+            raise ValueError(
+                f"input {h}x{w} is not a multiple of {self.size_multiple}; pad it "
+                f"(training.model.pad_to_multiple)"
+            )
         feats = [self.inc(x)]
         for down in self.downs:
             feats.append(down(F.max_pool2d(feats[-1], 2)))
@@ -163,14 +176,17 @@ def model_id_for(config: UNetConfig, state: dict[str, torch.Tensor]) -> str:
     return f"segdepth-b{config.base_channels}-{digest.hexdigest()[:10]}"
 
 
-def save_model(path: str | Path, model: SegDepthUNet, meta: dict[str, Any] | None = None,
-               half: bool = True) -> dict[str, Any]:
+def save_model(
+    path: str | Path, model: SegDepthUNet, meta: dict[str, Any] | None = None, half: bool = True
+) -> dict[str, Any]:
     """Write model + meta (config, model_id — the given one, else a weights hash — and anything
     given: data hash, metrics). Floating
     weights are stored as float16 when ``half`` (small files). Returns the meta written."""
     module = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    state = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
-             for k, v in module.state_dict().items()}
+    state = {
+        k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
+        for k, v in module.state_dict().items()
+    }
     meta = dict(meta or {})
     meta["config"] = dataclasses.asdict(module.config)
     meta.setdefault("model_id", model_id_for(module.config, state))
@@ -185,8 +201,10 @@ def save_model(path: str | Path, model: SegDepthUNet, meta: dict[str, Any] | Non
 
 def load_model(path: str | Path) -> tuple[SegDepthUNet, dict[str, Any]]:
     """Read a file written by :func:`save_model`: (model in eval mode on CPU, FP32; meta)."""
-    not_a_model = ValueError(f"{path} is not a SegDepth model file ({MODEL_FORMAT}): give a .pt "
-                             f"written by `segdepth train`, or no --model for the bundled one")
+    not_a_model = ValueError(
+        f"{path} is not a SegDepth model file ({MODEL_FORMAT}): give a .pt "
+        f"written by `segdepth train`, or no --model for the bundled one"
+    )
     try:
         blob = torch.load(Path(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
@@ -195,6 +213,7 @@ def load_model(path: str | Path) -> tuple[SegDepthUNet, dict[str, Any]]:
         raise not_a_model
     meta = json.loads(blob["meta_json"])
     model = SegDepthUNet(UNetConfig(**meta["config"]))
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in blob["state_dict"].items()})
+    model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    )
     return model.eval(), meta

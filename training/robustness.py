@@ -11,6 +11,7 @@ its 90° turn, two passes) and :func:`uncertainty_scores` (one pass; what the en
 The suite's test structures come from exit-wave libraries of their own seeds (built by
 :func:`build_suite` when missing), never the training libraries' (:func:`check_disjoint`).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,6 +45,7 @@ NOMINAL = OpticsDraw(C10_A=50.0)
 @dataclass(frozen=True)
 class SuiteFile:
     """A test file of the suite: an exit-wave library (``particle`` set) or a legacy image set."""
+
     name: str
     seed: int
     count: int
@@ -54,6 +56,7 @@ class SuiteFile:
 class Row:
     """One row: which file, which microscope (None = drawn from the training ranges), the
     in-plane angle range (deg), dose λ and the axis it probes."""
+
     name: str
     axis: str
     file: str
@@ -67,40 +70,62 @@ def suite_files(scale: float = 1.0) -> list[SuiteFile]:
     n = max(2, int(round(48 * scale)))
     m = max(2, int(round(16 * scale)))
     no_film = ParticleConfig(carbon_probability=0.0)
-    return [SuiteFile("mixed", 3003, n, ParticleConfig()),
-            *(SuiteFile(f"facet_{f}", 3100 + k, m, replace(no_film, facets=(f,)))
-              for k, f in enumerate(("110", "100", "111"))),
-            SuiteFile("carbon", 3201, m, ParticleConfig(carbon_probability=1.0,
-                                                        carbon_thickness_A=(30.0, 60.0))),
-            SuiteFile("legacy", 3301, m)]
+    return [
+        SuiteFile("mixed", 3003, n, ParticleConfig()),
+        *(
+            SuiteFile(f"facet_{f}", 3100 + k, m, replace(no_film, facets=(f,)))
+            for k, f in enumerate(("110", "100", "111"))
+        ),
+        SuiteFile(
+            "carbon",
+            3201,
+            m,
+            ParticleConfig(carbon_probability=1.0, carbon_thickness_A=(30.0, 60.0)),
+        ),
+        SuiteFile("legacy", 3301, m),
+    ]
 
 
 def suite_rows() -> list[Row]:
     """The rows, in the order of the table."""
-    beyond = {"defocus 12 nm": replace(NOMINAL, C10_A=120.0),
-              "astigmatism 3 nm + coma 150 nm": replace(NOMINAL, C12_A=30.0, phi12_rad=0.7,
-                                                        C21_A=1500.0, phi21_rad=2.0),
-              "focal spread 70 Å, no aperture": replace(NOMINAL, focal_spread_A=70.0,
-                                                        aperture_mrad=None),
-              "C3 −20 µm, C5 12 mm": replace(NOMINAL, C3_um=-20.0, C5_mm=12.0)}
-    return [Row("in distribution", "reference", "mixed", None, (0.0, 360.0)),
-            *(Row(f"turned {a:g}°", "orientation", "mixed", NOMINAL, (a, a))
-              for a in (0.0, 15.0, 30.0, 45.0, 90.0)),
-            *(Row(name, "optics beyond training", "mixed", optics, (0.0, 360.0))
-              for name, optics in beyond.items()),
-            *(Row(f"{{{f}}} facets", "facet", f"facet_{f}", None, (0.0, 360.0))
-              for f in ("110", "100", "111")),
-            *(Row(f"λ = {d:g}", "dose", "mixed", None, (0.0, 360.0), d)
-              for d in (0.5, 1.0, 10.0, 50.0)),
-            Row("carbon film 3-6 nm", "support", "carbon", None, (0.0, 360.0)),
-            Row("legacy simulate slabs", "legacy", "legacy")]
+    beyond = {
+        "defocus 12 nm": replace(NOMINAL, C10_A=120.0),
+        "astigmatism 3 nm + coma 150 nm": replace(
+            NOMINAL, C12_A=30.0, phi12_rad=0.7, C21_A=1500.0, phi21_rad=2.0
+        ),
+        "focal spread 70 Å, no aperture": replace(NOMINAL, focal_spread_A=70.0, aperture_mrad=None),
+        "C3 −20 µm, C5 12 mm": replace(NOMINAL, C3_um=-20.0, C5_mm=12.0),
+    }
+    return [
+        Row("in distribution", "reference", "mixed", None, (0.0, 360.0)),
+        *(
+            Row(f"turned {a:g}°", "orientation", "mixed", NOMINAL, (a, a))
+            for a in (0.0, 15.0, 30.0, 45.0, 90.0)
+        ),
+        *(
+            Row(name, "optics beyond training", "mixed", optics, (0.0, 360.0))
+            for name, optics in beyond.items()
+        ),
+        *(
+            Row(f"{{{f}}} facets", "facet", f"facet_{f}", None, (0.0, 360.0))
+            for f in ("110", "100", "111")
+        ),
+        *(
+            Row(f"λ = {d:g}", "dose", "mixed", None, (0.0, 360.0), d)
+            for d in (0.5, 1.0, 10.0, 50.0)
+        ),
+        Row("carbon film 3-6 nm", "support", "carbon", None, (0.0, 360.0)),
+        Row("legacy simulate slabs", "legacy", "legacy"),
+    ]
 
 
-def build_suite(directory: str | Path, scale: float = 1.0, gpts: int = 768,
-                legacy_size: int = 256) -> dict[str, Path]:
+def build_suite(
+    directory: str | Path, scale: float = 1.0, gpts: int = 768, legacy_size: int = 256
+) -> dict[str, Path]:
     """Write the suite's missing test files into ``directory``; returns name → path."""
     from sim_source.dataset import DatasetConfig, write_dataset
     from sim_source.wave_library import LibraryConfig, write_library
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -111,8 +136,7 @@ def build_suite(directory: str | Path, scale: float = 1.0, gpts: int = 768,
             if not _complete(path, cfg.to_json()):
                 write_dataset(path, cfg, progress=False)
         else:
-            lib = LibraryConfig(count=spec.count, gpts=gpts, seed=spec.seed,
-                                particle=spec.particle)
+            lib = LibraryConfig(count=spec.count, gpts=gpts, seed=spec.seed, particle=spec.particle)
             if not _complete(path, lib.to_json()):
                 write_library(path, lib, progress=False)
     return paths
@@ -122,23 +146,26 @@ def _complete(path: Path, config_json: str) -> bool:
     if not path.exists():
         return False
     with h5py.File(path, "r") as f:
-        return (f.attrs.get("config") == config_json
-                and int(f.attrs.get("n_complete", -1)) == int(f.attrs.get("count", len(
-                    f["images"]) if "images" in f else -2)))
+        return f.attrs.get("config") == config_json and int(f.attrs.get("n_complete", -1)) == int(
+            f.attrs.get("count", len(f["images"]) if "images" in f else -2)
+        )
 
 
 def check_disjoint(meta: dict, paths: list[str | Path]) -> None:
     """Refuse test files that share a seed or bytes with the model's training/validation files
     (as recorded in the model's meta)."""
-    used = meta.get("data_files") or [{"sha256": meta.get(k)} for k in ("data_sha256",
-                                                                         "val_sha256")]
+    used = meta.get("data_files") or [
+        {"sha256": meta.get(k)} for k in ("data_sha256", "val_sha256")
+    ]
     seeds = {d.get("seed") for d in used} - {None}
     hashes = {d.get("sha256") for d in used} - {None}
     for path in paths:
         seed = file_seed(path)
         if seed is not None and seed in seeds:
-            raise ValueError(f"{path} shares seed {seed} with the model's training or "
-                             f"validation data; simulate the test set with another --seed")
+            raise ValueError(
+                f"{path} shares seed {seed} with the model's training or "
+                f"validation data; simulate the test set with another --seed"
+            )
         if file_sha256(path) in hashes:
             raise ValueError(f"{path} is one of the model's training or validation files")
 
@@ -147,6 +174,7 @@ def check_disjoint(meta: dict, paths: list[str | Path]) -> None:
 class RowResult:
     """Accumulated figures of one model on one row: ``ood`` the turn-disagreement scores of
     :func:`ood_scores`, ``uncertainty`` the engine's :func:`uncertainty_scores`, per frame."""
+
     pixels: DepthMetrics = field(default_factory=DepthMetrics)
     columns: ColumnMetrics = field(default_factory=ColumnMetrics)
     calibration: Calibration = field(default_factory=Calibration)
@@ -154,12 +182,15 @@ class RowResult:
     uncertainty: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {**self.columns.summary(),
-                **{k: v for k, v in self.pixels.summary().items() if "pixels" not in k},
-                "ece_column_pixels": self.calibration.ece(),
-                "ood_score_mean": float(np.mean(self.ood)) if self.ood else float("nan"),
-                "uncertainty_mean": (float(np.mean(self.uncertainty)) if self.uncertainty
-                                     else float("nan"))}
+        return {
+            **self.columns.summary(),
+            **{k: v for k, v in self.pixels.summary().items() if "pixels" not in k},
+            "ece_column_pixels": self.calibration.ece(),
+            "ood_score_mean": float(np.mean(self.ood)) if self.ood else float("nan"),
+            "uncertainty_mean": (
+                float(np.mean(self.uncertainty)) if self.uncertainty else float("nan")
+            ),
+        }
 
 
 def ood_scores(probabilities: np.ndarray, turned: np.ndarray) -> np.ndarray:
@@ -169,19 +200,27 @@ def ood_scores(probabilities: np.ndarray, turned: np.ndarray) -> np.ndarray:
     same in distribution; where it does not know the image, the two disagree."""
     tv = 0.5 * np.abs(probabilities - turned).sum(axis=1)  # (B, H, W)
     column = (probabilities.argmax(1) > 0) | (turned.argmax(1) > 0)
-    return np.array([float(t[c].mean()) if c.any() else float(t.mean())
-                     for t, c in zip(tv, column)])
+    return np.array(
+        [float(t[c].mean()) if c.any() else float(t.mean()) for t, c in zip(tv, column)]
+    )
 
 
 def _turned_probabilities(model, noisy: np.ndarray, temperature: float) -> np.ndarray:
     turned = np.ascontiguousarray(np.rot90(noisy, 1, axes=(1, 2)))
-    probs = np.concatenate([p.probabilities for _, p in predict_batches(model, turned, 8,
-                                                                          temperature)])
+    probs = np.concatenate(
+        [p.probabilities for _, p in predict_batches(model, turned, 8, temperature)]
+    )
     return np.rot90(probs, -1, axes=(2, 3))
 
 
-def evaluate_row(model, temperature: float, data: LabelledSet, column_depths: list[np.ndarray],
-                 dose: float, seed: int) -> RowResult:
+def evaluate_row(
+    model,
+    temperature: float,
+    data: LabelledSet,
+    column_depths: list[np.ndarray],
+    dose: float,
+    seed: int,
+) -> RowResult:
     """One model on one row's clean samples at dose λ (noise from ``seed``)."""
     noisy = add_poisson_noise(data.images, dose, np.random.default_rng([seed, int(dose * 1000)]))
     result = RowResult()
@@ -191,10 +230,14 @@ def evaluate_row(model, temperature: float, data: LabelledSet, column_depths: li
         result.uncertainty.extend(uncertainty_scores(p.depth, p.confidence))
         for j, i in enumerate(range(sl.start, sl.stop)):
             truth = data.depth[i]
-            result.pixels.update(p.depth[j], truth, centre_mask(
-                truth.shape, data.centres[i], data.centre_species[i], data.pixel_size_pm))
-            result.columns.update(p.depth[j], data.centres[i], column_depths[i],
-                                  data.pixel_size_pm)
+            result.pixels.update(
+                p.depth[j],
+                truth,
+                centre_mask(
+                    truth.shape, data.centres[i], data.centre_species[i], data.pixel_size_pm
+                ),
+            )
+            result.columns.update(p.depth[j], data.centres[i], column_depths[i], data.pixel_size_pm)
             column = truth > 0
             result.calibration.update(p.confidence[j][column], (p.depth[j] == truth)[column])
     return result
@@ -218,21 +261,27 @@ def row_data(row: Row, paths: dict[str, Path], samples: int, crop: int, seed: in
         data = load_set(paths["legacy"], targets, samples, progress=False)
         with h5py.File(paths["legacy"], "r") as f:
             cols = f["columns"][:]
-        depths = [cols[(cols["image"] == i) & (cols["depth"] > 0)]["depth"]
-                  for i in range(len(data))]
+        depths = [
+            cols[(cols["image"] == i) & (cols["depth"] > 0)]["depth"] for i in range(len(data))
+        ]
         return data, depths
     library = load_library(paths[row.file])
-    render = RenderConfig(crop=crop, angles_deg=row.angles_deg,
-                          mirror_probability=0.0 if row.angles_deg[0] == row.angles_deg[1]
-                          else 0.5, optics=OpticsRanges())
-    data, rendered = render_set(library, samples, seed, render, targets, row.optics,
-                                with_rendered=True)
+    render = RenderConfig(
+        crop=crop,
+        angles_deg=row.angles_deg,
+        mirror_probability=0.0 if row.angles_deg[0] == row.angles_deg[1] else 0.5,
+        optics=OpticsRanges(),
+    )
+    data, rendered = render_set(
+        library, samples, seed, render, targets, row.optics, with_rendered=True
+    )
     return data, [r.column_depth for r in rendered]
 
 
 @dataclass
 class SuiteConfig:
     """What a suite report is a function of (saved in the report)."""
+
     models: list[str]
     directory: str = "data/suite"
     out: str = "training/models/robustness"
@@ -260,13 +309,16 @@ def run_suite(cfg: SuiteConfig) -> dict:
     for k, row in enumerate(rows):
         data, depths = row_data(row, paths, cfg.samples, cfg.crop, cfg.seed + k)
         for path, model, meta in loaded:
-            results[(row.name, path)] = evaluate_row(model, float(meta.get("temperature", 1.0)),
-                                                     data, depths, row.dose, cfg.seed + k)
+            results[(row.name, path)] = evaluate_row(
+                model, float(meta.get("temperature", 1.0)), data, depths, row.dose, cfg.seed + k
+            )
         log.info("suite row %s done (%d samples)", row.name, len(data))
-    report: dict[str, Any] = {"config": cfg.__dict__,
-                              "files": {k: str(v) for k, v in paths.items()},
-              "models": [{"path": p, "model_id": m.get("model_id")} for p, _, m in loaded],
-              "rows": []}
+    report: dict[str, Any] = {
+        "config": cfg.__dict__,
+        "files": {k: str(v) for k, v in paths.items()},
+        "models": [{"path": p, "model_id": m.get("model_id")} for p, _, m in loaded],
+        "rows": [],
+    }
     for row in rows:
         entry: dict[str, Any] = {"row": row.name, "axis": row.axis, "dose": row.dose, "models": {}}
         for path, _, meta in loaded:
@@ -274,13 +326,18 @@ def run_suite(cfg: SuiteConfig) -> dict:
             summary = result.summary()
             reference = results[(rows[0].name, path)]
             summary["ood_auc_vs_in_distribution"] = roc_auc(reference.ood, result.ood)
-            summary["uncertainty_auc_vs_in_distribution"] = roc_auc(reference.uncertainty,
-                                                                    result.uncertainty)
+            summary["uncertainty_auc_vs_in_distribution"] = roc_auc(
+                reference.uncertainty, result.uncertainty
+            )
             entry["models"][meta.get("model_id", path)] = summary
         report["rows"].append(entry)
     # the engine's warning level: 95 % of in-distribution frames stay below it
-    report["ood_threshold"] = {meta.get("model_id", path): float(np.percentile(
-        results[(rows[0].name, path)].uncertainty, 95)) for path, _, meta in loaded}
+    report["ood_threshold"] = {
+        meta.get("model_id", path): float(
+            np.percentile(results[(rows[0].name, path)].uncertainty, 95)
+        )
+        for path, _, meta in loaded
+    }
     report["wall_s"] = time.monotonic() - started
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,24 +349,30 @@ def run_suite(cfg: SuiteConfig) -> dict:
 
 def markdown_table(report: dict) -> str:
     """The suite as one Markdown table: a line per row and model."""
-    lines = ["| row | model | exact | ±1 | found | false columns | centre acc. | ECE (columns)"
-             " | AUC turn | AUC uncertainty |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| row | model | exact | ±1 | found | false columns | centre acc. | ECE (columns)"
+        " | AUC turn | AUC uncertainty |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for entry in report["rows"]:
         for model_id, s in entry["models"].items():
-            lines.append(f"| {entry['row']} | {model_id} | {s['column_exact']:.3f} | "
-                         f"{s['column_within_one']:.3f} | {s['column_found']:.3f} | "
-                         f"{s['false_column_rate']:.3f} | {s['centre_accuracy']:.3f} | "
-                         f"{s['ece_column_pixels']:.3f} | {s['ood_auc_vs_in_distribution']:.2f} | "
-                         f"{s['uncertainty_auc_vs_in_distribution']:.2f} |")
+            lines.append(
+                f"| {entry['row']} | {model_id} | {s['column_exact']:.3f} | "
+                f"{s['column_within_one']:.3f} | {s['column_found']:.3f} | "
+                f"{s['false_column_rate']:.3f} | {s['centre_accuracy']:.3f} | "
+                f"{s['ece_column_pixels']:.3f} | {s['ood_auc_vs_in_distribution']:.2f} | "
+                f"{s['uncertainty_auc_vs_in_distribution']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def plot_suite(report: dict, path: Path) -> str:
     """Bar chart: column-level exact accuracy per row and model."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     names = [e["row"] for e in report["rows"]]
     models = list(report["rows"][0]["models"])
     fig, ax = plt.subplots(figsize=(12, 4.5))

@@ -7,6 +7,7 @@ A run directory holds ``config.json`` (this TrainConfig), ``metrics.jsonl`` (one
 ``checkpoint.pt`` (latest state, for ``--resume``), ``best.pt`` and the final ``model.pt``
 (:func:`training.model.save_model`: weights of the best epoch, config, data hashes, metrics).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -90,8 +91,9 @@ class TrainConfig:
     def render(self) -> RenderConfig:
         """How library samples are drawn (training and validation alike)."""
         dose = self.dose_range or (self.noise_lambda, self.noise_lambda)
-        return RenderConfig(crop=self.crop or 128, views_per_wave=self.views_per_wave,
-                            dose=(dose[0], dose[1]))
+        return RenderConfig(
+            crop=self.crop or 128, views_per_wave=self.views_per_wave, dose=(dose[0], dose[1])
+        )
 
 
 @dataclass
@@ -130,10 +132,16 @@ def split_holdout(data: LabelledSet, fraction: float, seed: int) -> tuple[Labell
     def take(idx):
         idx = np.sort(idx)
         return dataclasses.replace(
-            data, images=data.images[idx], depth=data.depth[idx], species=data.species[idx],
-            labels=data.labels[idx], weights=data.weights[idx],
+            data,
+            images=data.images[idx],
+            depth=data.depth[idx],
+            species=data.species[idx],
+            labels=data.labels[idx],
+            weights=data.weights[idx],
             centres=[data.centres[i] for i in idx],
-            centre_species=[data.centre_species[i] for i in idx])
+            centre_species=[data.centre_species[i] for i in idx],
+        )
+
     return take(order[n_val:]), take(order[:n_val])
 
 
@@ -146,8 +154,9 @@ def lr_factor(progress: float, warmup: float) -> float:
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def run_progress(epoch: int, batch: int, n_batches: int, elapsed_s: float,
-                 cfg: TrainConfig) -> float:
+def run_progress(
+    epoch: int, batch: int, n_batches: int, elapsed_s: float, cfg: TrainConfig
+) -> float:
     """Fraction of the run done: by epochs, or by wall time when a time limit is nearer."""
     progress = (epoch + batch / max(1, n_batches)) / cfg.epochs
     if cfg.time_limit_min:
@@ -156,8 +165,9 @@ def run_progress(epoch: int, batch: int, n_batches: int, elapsed_s: float,
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, val: LabelledSet, cfg: TrainConfig,
-             device: torch.device) -> dict[str, float]:
+def validate(
+    model: torch.nn.Module, val: LabelledSet, cfg: TrainConfig, device: torch.device
+) -> dict[str, float]:
     """Loss and the four metrics on the validation images with fixed noise (seeded)."""
     model.eval()
     n = min(len(val), cfg.val_limit or len(val))
@@ -168,15 +178,20 @@ def validate(model: torch.nn.Module, val: LabelledSet, cfg: TrainConfig,
         clean = torch.from_numpy(val.images[sl])[:, None].to(device)
         x = noisy(clean, cfg.noise_lambda, gen)
         depth_logits, species_logits = model(x)
-        loss, _ = segdepth_loss(depth_logits, species_logits,
-                                torch.from_numpy(val.labels[sl].astype(np.int64)).to(device),
-                                torch.from_numpy(val.species[sl].astype(np.int64)).to(device),
-                                torch.from_numpy(val.weights[sl]).to(device), cfg.species_weight)
+        loss, _ = segdepth_loss(
+            depth_logits,
+            species_logits,
+            torch.from_numpy(val.labels[sl].astype(np.int64)).to(device),
+            torch.from_numpy(val.species[sl].astype(np.int64)).to(device),
+            torch.from_numpy(val.weights[sl]).to(device),
+            cfg.species_weight,
+        )
         loss_sum += float(loss) * (sl.stop - sl.start)
         estimate = depth_logits.argmax(1).cpu().numpy()
         for j, i in enumerate(range(sl.start, sl.stop)):
-            mask = centre_mask(val.depth[i].shape, val.centres[i], val.centre_species[i],
-                               val.pixel_size_pm)
+            mask = centre_mask(
+                val.depth[i].shape, val.centres[i], val.centre_species[i], val.pixel_size_pm
+            )
             metrics.update(estimate[j], val.depth[i], mask)
     out = {k: v for k, v in metrics.summary().items() if "pixels" not in k}
     return {"val_loss": loss_sum / n, **out}
@@ -189,15 +204,18 @@ def _datasets(cfg: TrainConfig, progress: bool):
     sources: list[tuple[str, str, int | None]]  # path, SHA-256, seed
     if is_library(cfg.data):
         if not cfg.val or not is_library(cfg.val):
-            raise ValueError("training on an exit-wave library needs --val, another library "
-                             "(own seed)")
+            raise ValueError(
+                "training on an exit-wave library needs --val, another library (own seed)"
+            )
         library, val_library = load_library(cfg.data, cfg.limit), load_library(cfg.val)
         if val_library.seed == library.seed:
             raise ValueError(f"{cfg.val} and {cfg.data} share seed {library.seed}")
         val_set = render_set(val_library, cfg.val_count, cfg.seed + 1, cfg.render, cfg.targets)
         dataset = MicroscopeDataset(library, cfg.render, cfg.targets, cfg.seed)
-        sources = [(cfg.data, library.sha256, library.seed), (cfg.val, val_library.sha256,
-                                                              val_library.seed)]
+        sources = [
+            (cfg.data, library.sha256, library.seed),
+            (cfg.val, val_library.sha256, val_library.seed),
+        ]
     else:
         train_set = load_set(cfg.data, cfg.targets, cfg.limit, progress)
         if cfg.val:
@@ -208,9 +226,13 @@ def _datasets(cfg: TrainConfig, progress: bool):
         sources = [(cfg.data, train_set.sha256, file_seed(cfg.data))]
         if cfg.val:
             sources.append((cfg.val, val_set.sha256, file_seed(cfg.val)))
-    provenance = {"data": cfg.data, "data_sha256": sources[0][1], "val": cfg.val,
-                  "val_sha256": sources[1][1] if len(sources) > 1 else None,
-                  "data_files": [{"path": p, "sha256": h, "seed": s} for p, h, s in sources]}
+    provenance = {
+        "data": cfg.data,
+        "data_sha256": sources[0][1],
+        "val": cfg.val,
+        "val_sha256": sources[1][1] if len(sources) > 1 else None,
+        "data_files": [{"path": p, "sha256": h, "seed": s} for p, h, s in sources],
+    }
     return dataset, val_set, provenance
 
 
@@ -242,8 +264,10 @@ def _prepare_run_directory(cfg: TrainConfig, resume: bool, force: bool) -> None:
     out = Path(cfg.out)
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not (resume or force):
-        raise FileExistsError(f"{out} already holds a training run ({', '.join(existing)}): "
-                              f"continue it with --resume, or start afresh with --force")
+        raise FileExistsError(
+            f"{out} already holds a training run ({', '.join(existing)}): "
+            f"continue it with --resume, or start afresh with --force"
+        )
     if force and not resume:
         for name in ("metrics.jsonl", "checkpoint.pt"):
             (out / name).unlink(missing_ok=True)
@@ -265,29 +289,46 @@ def check_image_sizes(cfg: TrainConfig, multiple: int) -> None:
         with h5py.File(path, "r") as f:
             h, w = f["images"].shape[1:]
         for side in (h, w):
-            check_image_side(side, multiple, multiple,
-                             f"{path}: {h}x{w} px images (used whole for validation)")
+            check_image_side(
+                side, multiple, multiple, f"{path}: {h}x{w} px images (used whole for validation)"
+            )
 
 
-def _restore_checkpoint(path: Path, model: torch.nn.Module,
-                        optimiser: torch.optim.Optimizer) -> _Progress:
+def _restore_checkpoint(
+    path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer
+) -> _Progress:
     """Load weights and optimiser state of RUN/checkpoint.pt (tensors and numbers only)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(saved["model"])
     optimiser.load_state_dict(saved["optimiser"])
-    return _Progress(epoch=saved["epoch"] + 1, best_loss=saved["best_loss"],
-                     best_state=saved["best_state"], best_metrics=saved["best_metrics"],
-                     since_best=saved["since_best"], wall_s=saved["wall_s"])
+    return _Progress(
+        epoch=saved["epoch"] + 1,
+        best_loss=saved["best_loss"],
+        best_state=saved["best_state"],
+        best_metrics=saved["best_metrics"],
+        since_best=saved["since_best"],
+        wall_s=saved["wall_s"],
+    )
 
 
-def _save_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer,
-                     done: _Progress) -> None:
+def _save_checkpoint(
+    path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer, done: _Progress
+) -> None:
     """Write RUN/checkpoint.pt atomically (its ``epoch``: the last one finished)."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": _state(model), "optimiser": optimiser.state_dict(),
-                "epoch": done.epoch - 1, "best_loss": done.best_loss, "best_state": done.best_state,
-                "since_best": done.since_best, "best_metrics": done.best_metrics,
-                "wall_s": done.wall_s}, tmp)
+    torch.save(
+        {
+            "model": _state(model),
+            "optimiser": optimiser.state_dict(),
+            "epoch": done.epoch - 1,
+            "best_loss": done.best_loss,
+            "best_state": done.best_state,
+            "since_best": done.since_best,
+            "best_metrics": done.best_metrics,
+            "wall_s": done.wall_s,
+        },
+        tmp,
+    )
     tmp.replace(path)
 
 
@@ -295,17 +336,24 @@ def _loader(dataset, cfg: TrainConfig, dd: Dist):
     """(DataLoader, DistributedSampler or None) of one process."""
     sampler: torch.utils.data.DistributedSampler | None = (
         torch.utils.data.distributed.DistributedSampler(dataset, seed=cfg.seed)
-               if dd.world > 1 else None)
+        if dd.world > 1
+        else None
+    )
     rendered = isinstance(dataset, MicroscopeDataset)
     per_item = cfg.views_per_wave if rendered else 1
     items = max(1, cfg.batch_size // per_item)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=items, shuffle=sampler is None, sampler=sampler,
+        dataset,
+        batch_size=items,
+        shuffle=sampler is None,
+        sampler=sampler,
         drop_last=len(dataset) >= items * dd.world,
         generator=torch.Generator().manual_seed(cfg.seed),
         collate_fn=collate_views if rendered else None,
         # rendering (a CTF and a few crops per item) overlaps the network in one worker
-        num_workers=1 if rendered else 0, persistent_workers=rendered)
+        num_workers=1 if rendered else 0,
+        persistent_workers=rendered,
+    )
     return loader, sampler
 
 
@@ -319,30 +367,43 @@ def _past_time_limit(cfg: TrainConfig, elapsed_s: float, dd: Dist) -> bool:
     return over
 
 
-def _train_epoch(net: torch.nn.Module, loader, optimiser: torch.optim.Optimizer,
-                 cfg: TrainConfig, dd: Dist, epoch: int, started: float,
-                 progress: bool) -> tuple[list[float], int, bool]:
+def _train_epoch(
+    net: torch.nn.Module,
+    loader,
+    optimiser: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    dd: Dist,
+    epoch: int,
+    started: float,
+    progress: bool,
+) -> tuple[list[float], int, bool]:
     """One epoch of steps (learning rate by run progress, fresh noise per step); returns (step
     losses, samples seen by this process, whether the time limit cut the epoch short)."""
-    gen = torch.Generator(dd.device).manual_seed(cfg.seed * 1_000_003 + epoch * dd.world
-                                                 + dd.rank)
+    gen = torch.Generator(dd.device).manual_seed(cfg.seed * 1_000_003 + epoch * dd.world + dd.rank)
     net.train()
     losses: list[float] = []
     seen = 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-               disable=not (progress and dd.main), leave=False)
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        unit="batch",
+        disable=not (progress and dd.main),
+        leave=False,
+    )
     for step, batch in enumerate(bar):
         elapsed = time.monotonic() - started
         for group in optimiser.param_groups:
-            group["lr"] = cfg.lr * lr_factor(run_progress(epoch, step, len(loader), elapsed, cfg),
-                                             cfg.warmup)
+            group["lr"] = cfg.lr * lr_factor(
+                run_progress(epoch, step, len(loader), elapsed, cfg), cfg.warmup
+            )
         if _past_time_limit(cfg, elapsed, dd):
             return losses, seen, True  # finish this epoch early: validate, save, stop
         clean, labels, species, weights = (t.to(dd.device) for t in batch[:4])
         dose = batch[4] if len(batch) > 4 else cfg.noise_lambda  # per sample when rendered
         depth_logits, species_logits = net(noisy(clean, dose, gen))
-        loss, _ = segdepth_loss(depth_logits, species_logits, labels, species, weights,
-                                cfg.species_weight)
+        loss, _ = segdepth_loss(
+            depth_logits, species_logits, labels, species, weights, cfg.species_weight
+        )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -352,44 +413,79 @@ def _train_epoch(net: torch.nn.Module, loader, optimiser: torch.optim.Optimizer,
     return losses, seen, False
 
 
-def _end_epoch(record: dict[str, Any], model: SegDepthUNet, state: _Progress,
-               out: Path) -> None:
+def _end_epoch(record: dict[str, Any], model: SegDepthUNet, state: _Progress, out: Path) -> None:
     """Keep the best epoch (RUN/best.pt), append ``record`` to RUN/metrics.jsonl, log it."""
     epoch = record["epoch"]
     if record["val_loss"] < state.best_loss:
         state.best_loss, state.best_state, state.since_best = record["val_loss"], _state(model), 0
-        state.best_metrics = {k: v for k, v in record.items() if k.startswith("val") or
-                              k in ("pixelwise_accuracy", "centre_accuracy", "detection_rate",
-                                    "hallucination_rate", "epoch")}
+        state.best_metrics = {
+            k: v
+            for k, v in record.items()
+            if k.startswith("val")
+            or k
+            in (
+                "pixelwise_accuracy",
+                "centre_accuracy",
+                "detection_rate",
+                "hallucination_rate",
+                "epoch",
+            )
+        }
         save_model(out / "best.pt", model, {"best_epoch": epoch}, half=False)
     else:
         state.since_best += 1
     record["best_val_loss"] = state.best_loss
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    log.info("epoch %d: train %.4f val %.4f pixelwise %.3f centre %.3f detect %.3f "
-             "halluc %.4f (%.1f samples/s)", epoch, record["train_loss"] or 0,
-             record["val_loss"], record["pixelwise_accuracy"], record["centre_accuracy"],
-             record["detection_rate"], record["hallucination_rate"],
-             record["train_samples_per_s"])
+    log.info(
+        "epoch %d: train %.4f val %.4f pixelwise %.3f centre %.3f detect %.3f "
+        "halluc %.4f (%.1f samples/s)",
+        epoch,
+        record["train_loss"] or 0,
+        record["val_loss"],
+        record["pixelwise_accuracy"],
+        record["centre_accuracy"],
+        record["detection_rate"],
+        record["hallucination_rate"],
+        record["train_samples_per_s"],
+    )
 
 
-def _save_final(path: Path, model: SegDepthUNet, state: _Progress, cfg: TrainConfig,
-                provenance: dict[str, Any], pixel_size_pm: float, epochs_run: int, wall_s: float,
-                dd: Dist) -> None:
+def _save_final(
+    path: Path,
+    model: SegDepthUNet,
+    state: _Progress,
+    cfg: TrainConfig,
+    provenance: dict[str, Any],
+    pixel_size_pm: float,
+    epochs_run: int,
+    wall_s: float,
+    dd: Dist,
+) -> None:
     """Write RUN/model.pt with the best epoch's weights and the model card."""
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
-    save_model(path, model, {
-        **provenance, "noise_lambda": cfg.noise_lambda, "dose_range": cfg.dose_range,
-        "pixel_size_pm": pixel_size_pm, "train_config": json.loads(cfg.to_json()),
-        "validation": state.best_metrics, "epochs_run": epochs_run, "wall_s": wall_s,
-        "hardware": {"device": str(dd.device), "world_size": dd.world, **machine_info()}})
+    save_model(
+        path,
+        model,
+        {
+            **provenance,
+            "noise_lambda": cfg.noise_lambda,
+            "dose_range": cfg.dose_range,
+            "pixel_size_pm": pixel_size_pm,
+            "train_config": json.loads(cfg.to_json()),
+            "validation": state.best_metrics,
+            "epochs_run": epochs_run,
+            "wall_s": wall_s,
+            "hardware": {"device": str(dd.device), "world_size": dd.world, **machine_info()},
+        },
+    )
     log.info("wrote %s", path)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          force: bool = False) -> Path:
+def train(
+    cfg: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False
+) -> Path:
     """Run training as configured; returns the path of the final model file (RUN/model.pt).
     An existing run in ``cfg.out`` is continued with ``resume`` or replaced with ``force``."""
     if cfg.threads:
@@ -410,11 +506,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     if resume and ckpt_path.exists():
         state = _restore_checkpoint(ckpt_path, model, optimiser)
         if dd.main:
-            log.info("resumed %s at epoch %d (best val loss %.4f)", ckpt_path, state.epoch,
-                     state.best_loss)
+            log.info(
+                "resumed %s at epoch %d (best val loss %.4f)",
+                ckpt_path,
+                state.epoch,
+                state.best_loss,
+            )
     elif resume:
         log.warning("--resume: no checkpoint at %s, starting fresh", ckpt_path)
-    net = (torch.nn.parallel.DistributedDataParallel(model) if dd.world > 1 else model)
+    net = torch.nn.parallel.DistributedDataParallel(model) if dd.world > 1 else model
     loader, sampler = _loader(dataset, cfg, dd)
     started = time.monotonic() - state.wall_s
     epochs_done = state.epoch
@@ -426,22 +526,29 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             sampler.set_epoch(epoch)
         loader.generator.manual_seed(cfg.seed * 100003 + epoch)
         t0 = time.monotonic()
-        losses, seen, over_time = _train_epoch(net, loader, optimiser, cfg, dd, epoch, started,
-                                               progress)
+        losses, seen, over_time = _train_epoch(
+            net, loader, optimiser, cfg, dd, epoch, started, progress
+        )
         train_s = time.monotonic() - t0
         stop = torch.zeros(1)
         if dd.main:
-            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
-                      "lr": optimiser.param_groups[0]["lr"],
-                      "train_samples_per_s": seen * dd.world / max(train_s, 1e-9),
-                      **validate(model, val_set, cfg, dd.device)}
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)) if losses else None,
+                "lr": optimiser.param_groups[0]["lr"],
+                "train_samples_per_s": seen * dd.world / max(train_s, 1e-9),
+                **validate(model, val_set, cfg, dd.device),
+            }
             record["wall_s"] = state.wall_s = time.monotonic() - started
             _end_epoch(record, model, state, out)
             state.epoch = epoch + 1
             _save_checkpoint(ckpt_path, model, optimiser, state)
             if state.since_best >= cfg.patience or over_time:
-                log.info("stopping after epoch %d (%s)", epoch + 1,
-                         "time limit" if over_time else "early stopping")
+                log.info(
+                    "stopping after epoch %d (%s)",
+                    epoch + 1,
+                    "time limit" if over_time else "early stopping",
+                )
                 stop[0] = 1
         epochs_done = epoch + 1
         if dd.world > 1:
@@ -451,8 +558,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
     final = out / "model.pt"
     if dd.main:
-        _save_final(final, model, state, cfg, provenance, val_set.pixel_size_pm, epochs_done,
-                    time.monotonic() - started, dd)
+        _save_final(
+            final,
+            model,
+            state,
+            cfg,
+            provenance,
+            val_set.pixel_size_pm,
+            epochs_done,
+            time.monotonic() - started,
+            dd,
+        )
     if dd.world > 1:
         dist.barrier()
         dist.destroy_process_group()

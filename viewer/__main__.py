@@ -1,4 +1,5 @@
 """``python -m viewer`` = ``segdepth view``."""
+
 import sys
 
 from viewer.app import main

@@ -6,6 +6,7 @@ process with pinned columns, and we count its display updates per second over ``
 The comparison is the obvious alternative: receiving in the GUI thread and drawing every
 message as it comes with pyqtgraph's defaults (auto levels on every image).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def _publish(results_ep: str, frames_ep: str, cfg: BenchConfig, stop, ready) -> 
     """Publisher process: results (and frames) at ``cfg.rate_hz`` until ``stop`` is set."""
     from streamer.sockets import Publisher
     from viewer.synthetic import SceneConfig, SyntheticScene
-    scene = SyntheticScene(SceneConfig(shape=(cfg.size, cfg.size), spacing_px=cfg.spacing_px,
-                                       seed=cfg.seed))
+
+    scene = SyntheticScene(
+        SceneConfig(shape=(cfg.size, cfg.size), spacing_px=cfg.spacing_px, seed=cfg.seed)
+    )
     res, frames = Publisher(results_ep), Publisher(frames_ep) if cfg.send_frames else None
     ready.set()
     seq, period = 0, 1.0 / cfg.rate_hz
@@ -90,9 +93,12 @@ def _measure(step, shown, received, duration_s: float, wait_s: float = 30.0) -> 
     while time.monotonic() - t0 < duration_s:
         step()
     elapsed = time.monotonic() - t0
-    return {"displayed_per_s": (shown() - n0) / elapsed,
-            "received_per_s": (received() - r0) / elapsed, "elapsed_s": elapsed,
-            "viewer_cpu_percent": 100.0 * (_cpu_s() - c0) / elapsed}
+    return {
+        "displayed_per_s": (shown() - n0) / elapsed,
+        "received_per_s": (received() - r0) / elapsed,
+        "elapsed_s": elapsed,
+        "viewer_cpu_percent": 100.0 * (_cpu_s() - c0) / elapsed,
+    }
 
 
 def measure_viewer(cfg: BenchConfig, results_ep: str, frames_ep: str) -> dict:
@@ -101,10 +107,15 @@ def measure_viewer(cfg: BenchConfig, results_ep: str, frames_ep: str) -> dict:
 
     from streamer.domain import SPECIES_O
     from viewer.window import ViewerConfig, ViewerWindow
+
     app = pg.mkQApp()
-    window = ViewerWindow(ViewerConfig(results=[results_ep],
-                                       frames=[frames_ep] if cfg.send_frames else [],
-                                       refresh_hz=cfg.refresh_hz))
+    window = ViewerWindow(
+        ViewerConfig(
+            results=[results_ep],
+            frames=[frames_ep] if cfg.send_frames else [],
+            refresh_hz=cfg.refresh_hz,
+        )
+    )
     window.resize(1600, 1000)
     window.show()
     window.connect_live()
@@ -113,14 +124,15 @@ def measure_viewer(cfg: BenchConfig, results_ep: str, frames_ep: str) -> dict:
         app.processEvents()
         if not window.pins.pinned and window.result is not None:
             o_ids = window.table["id"][window.table["species"] == SPECIES_O]
-            for cid in o_ids[:cfg.pins]:
+            for cid in o_ids[: cfg.pins]:
                 window.pins.pin(int(cid))
         time.sleep(0.002)
 
     feed = window.feed
     assert feed is not None  # connect_live() made it
-    out = _measure(step, lambda: window.displayed, lambda: feed.stats().results_received,
-                   cfg.duration_s)
+    out = _measure(
+        step, lambda: window.displayed, lambda: feed.stats().results_received, cfg.duration_s
+    )
     stats = feed.stats()
     out.update(results_lost=stats.results_lost, frames_lost=stats.frames_lost)
     window.close()
@@ -135,6 +147,7 @@ def measure_naive(cfg: BenchConfig, results_ep: str, frames_ep: str) -> dict:
     from streamer.domain import SPECIES_O
     from streamer.sockets import Subscriber
     from viewer.window import ViewerConfig, ViewerWindow
+
     app = pg.mkQApp()
     window = ViewerWindow(ViewerConfig(refresh_hz=cfg.refresh_hz))
     window.resize(1600, 1000)
@@ -152,13 +165,15 @@ def measure_naive(cfg: BenchConfig, results_ep: str, frames_ep: str) -> dict:
             window.show_data(msg, frame.arrays["frame"] if frame is not None else None)
             window.images.auto_levels()
             if not window.pins.pinned:
-                for cid in window.table["id"][window.table["species"] == SPECIES_O][:cfg.pins]:
+                for cid in window.table["id"][window.table["species"] == SPECIES_O][: cfg.pins]:
                     window.pins.pin(int(cid))
         app.processEvents()
 
     out = _measure(step, lambda: window.displayed, lambda: received[0], cfg.duration_s)
-    out.update(results_lost=results.sequences["result"].lost,
-               frames_lost=frames.sequences["frame"].lost if frames is not None else 0)
+    out.update(
+        results_lost=results.sequences["result"].lost,
+        frames_lost=frames.sequences["frame"].lost if frames is not None else 0,
+    )
     for sub in (results, frames):
         if sub is not None:
             sub.close()
@@ -175,8 +190,9 @@ def run(cfg: BenchConfig) -> dict:
     for name, fn in modes:
         results_ep, frames_ep = free_tcp_endpoint(), free_tcp_endpoint()
         stop, ready = ctx.Event(), ctx.Event()
-        pub = ctx.Process(target=_publish, args=(results_ep, frames_ep, cfg, stop, ready),
-                          daemon=True)
+        pub = ctx.Process(
+            target=_publish, args=(results_ep, frames_ep, cfg, stop, ready), daemon=True
+        )
         pub.start()
         if not ready.wait(120):
             pub.kill()
@@ -195,18 +211,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="segdepth bench view",
         description="Display rate of the viewer (offscreen) at SIZE² while a publisher process "
-                    "sends RATE results and frames per second on loopback; compared with "
-                    "drawing every message in the GUI thread. Prints a table, writes JSON.",
-        formatter_class=HelpFormatter)
+        "sends RATE results and frames per second on loopback; compared with "
+        "drawing every message in the GUI thread. Prints a table, writes JSON.",
+        formatter_class=HelpFormatter,
+    )
     config_option(p, "--size", BenchConfig, type=positive_int, help="frame side, pixels")
-    config_option(p, "--rate-hz", BenchConfig, type=positive_float,
-                  help="results (and frames) published per second")
-    config_option(p, "--duration-s", BenchConfig, type=positive_float,
-                  help="seconds measured per mode, after the first display")
-    config_option(p, "--refresh-hz", BenchConfig, type=positive_float,
-                  help="viewer display updates per second (at most 30)")
-    config_option(p, "--spacing-px", BenchConfig, type=positive_int,
-                  help="distance between Ce columns of the synthetic scene, pixels")
+    config_option(
+        p,
+        "--rate-hz",
+        BenchConfig,
+        type=positive_float,
+        help="results (and frames) published per second",
+    )
+    config_option(
+        p,
+        "--duration-s",
+        BenchConfig,
+        type=positive_float,
+        help="seconds measured per mode, after the first display",
+    )
+    config_option(
+        p,
+        "--refresh-hz",
+        BenchConfig,
+        type=positive_float,
+        help="viewer display updates per second (at most 30)",
+    )
+    config_option(
+        p,
+        "--spacing-px",
+        BenchConfig,
+        type=positive_int,
+        help="distance between Ce columns of the synthetic scene, pixels",
+    )
     config_option(p, "--pins", BenchConfig, type=int, help="oxygen columns pinned (plots)")
     p.add_argument("--no-frames", action="store_true", help="publish results only")
     p.add_argument("--no-baseline", action="store_true", help="skip the naive comparison")
@@ -218,23 +255,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    cfg = BenchConfig(send_frames=not args.no_frames, baseline=not args.no_baseline,
-                      **given(args, "size", "rate_hz", "duration_s", "refresh_hz", "spacing_px",
-                              "pins", "seed"))
+    cfg = BenchConfig(
+        send_frames=not args.no_frames,
+        baseline=not args.no_baseline,
+        **given(args, "size", "rate_hz", "duration_s", "refresh_hz", "spacing_px", "pins", "seed"),
+    )
     rows = run(cfg)
-    print(f"\nviewer display rate at {cfg.size}x{cfg.size}, publisher at {cfg.rate_hz:g}/s "
-          f"({'results + frames' if cfg.send_frames else 'results'}), {cfg.duration_s:g} s "
-          f"each, {os.cpu_count()} CPU cores")
+    print(
+        f"\nviewer display rate at {cfg.size}x{cfg.size}, publisher at {cfg.rate_hz:g}/s "
+        f"({'results + frames' if cfg.send_frames else 'results'}), {cfg.duration_s:g} s "
+        f"each, {os.cpu_count()} CPU cores"
+    )
     header = f"{'mode':<50} {'displayed/s':>12} {'received/s':>11} {'lost':>7} {'CPU %':>7}"
     print(header)
     print("-" * len(header))
     for name, r in rows.items():
-        print(f"{name:<50} {r['displayed_per_s']:>12.1f} {r['received_per_s']:>11.1f} "
-              f"{r['results_lost']:>7} {r['viewer_cpu_percent']:>7.0f}")
-    write_json(args.json, {"config": asdict(cfg), "results": rows,
-                           "machine": {**machine_info(),
-                                       "qt_platform": os.environ["QT_QPA_PLATFORM"]},
-                           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        print(
+            f"{name:<50} {r['displayed_per_s']:>12.1f} {r['received_per_s']:>11.1f} "
+            f"{r['results_lost']:>7} {r['viewer_cpu_percent']:>7.0f}"
+        )
+    write_json(
+        args.json,
+        {
+            "config": asdict(cfg),
+            "results": rows,
+            "machine": {**machine_info(), "qt_platform": os.environ["QT_QPA_PLATFORM"]},
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Lookup tables (at most 256 entries, RGBA uint8) for the viewer's images and plots."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +8,24 @@ import pyqtgraph as pg
 from streamer.domain import SPECIES_CE, SPECIES_NAME, SPECIES_O
 
 #: one colour per depth 0..10: dark for vacuum, then turbo from few (blue) to many (red) atoms.
-DEPTH_COLOURS = ("#262626", "#424cb7", "#438ffe", "#1bced6", "#3af48f", "#9bfe40", "#dce036",
-                 "#fda933", "#f15d13", "#c52603", "#7a0403")
+DEPTH_COLOURS = (
+    "#262626",
+    "#424cb7",
+    "#438ffe",
+    "#1bced6",
+    "#3af48f",
+    "#9bfe40",
+    "#dce036",
+    "#fda933",
+    "#f15d13",
+    "#c52603",
+    "#7a0403",
+)
 #: species code -> (name, marker colour).
-SPECIES = {SPECIES_CE: (SPECIES_NAME[SPECIES_CE], "#ffd23f"),
-           SPECIES_O: (SPECIES_NAME[SPECIES_O], "#ff3df5")}
+SPECIES = {
+    SPECIES_CE: (SPECIES_NAME[SPECIES_CE], "#ffd23f"),
+    SPECIES_O: (SPECIES_NAME[SPECIES_O], "#ff3df5"),
+}
 #: colormaps offered for the frame and confidence images (names known to pyqtgraph).
 COLORMAPS = ("gray", "viridis", "inferno", "magma", "plasma", "cividis")
 

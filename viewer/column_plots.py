@@ -4,6 +4,7 @@ and the estimated occupancy (expected depth, single-frame and HMM-filtered), one
 Curves use ``setDownsampling(auto=True, method='peak')`` and ``clipToView``; the data come from
 the :class:`~viewer.history.ColumnHistory` ring buffers. Time axes are linked across rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,8 +50,11 @@ class PinnedColumns(pg.GraphicsLayoutWidget):
         self.max_pins = max_pins
         self.rows: list[_Row] = []
         self._marker_t: float | None = None
-        self.hint = pg.LabelItem("Click a column in the images to plot its depth probabilities "
-                                 "over time (click again to unpin).", color="#aaaaaa")
+        self.hint = pg.LabelItem(
+            "Click a column in the images to plot its depth probabilities "
+            "over time (click again to unpin).",
+            color="#aaaaaa",
+        )
         self.addItem(self.hint, row=0, col=0)
 
     @property
@@ -68,7 +72,7 @@ class PinnedColumns(pg.GraphicsLayoutWidget):
     def pin(self, column_id: int) -> None:
         if column_id in self.pinned:
             return
-        ids = (self.pinned + [column_id])[-self.max_pins:]
+        ids = (self.pinned + [column_id])[-self.max_pins :]
         self._rebuild(ids)
 
     def unpin(self, column_id: int) -> None:
@@ -101,8 +105,7 @@ class PinnedColumns(pg.GraphicsLayoutWidget):
         probs.setLabel("left", "P(depth), colour = depth")
         probs.setYRange(0, 1, padding=0.02)
         probs.setMouseEnabled(y=False)
-        prob_curves = [_curve(probs, pg.mkPen(DEPTH_COLOURS[d], width=1))
-                       for d in range(N_DEPTHS)]
+        prob_curves = [_curve(probs, pg.mkPen(DEPTH_COLOURS[d], width=1)) for d in range(N_DEPTHS)]
         occupancy = self.addPlot(row=grid_row + 1, col=1)
         occupancy.setLabel("left", "atoms")
         occupancy.setYRange(0, N_DEPTHS - 1, padding=0.02)
@@ -114,8 +117,9 @@ class PinnedColumns(pg.GraphicsLayoutWidget):
         occupancy.legend.addItem(filtered, "filtered")
         markers = []
         for plot in (probs, occupancy):
-            line = pg.InfiniteLine(angle=90, movable=False, pen=pg.mkPen("w", style=pg.QtCore.Qt
-                                                                         .PenStyle.DashLine))
+            line = pg.InfiniteLine(
+                angle=90, movable=False, pen=pg.mkPen("w", style=pg.QtCore.Qt.PenStyle.DashLine)
+            )
             line.setVisible(False)
             plot.addItem(line)
             markers.append(line)
@@ -158,10 +162,12 @@ class PinnedColumns(pg.GraphicsLayoutWidget):
         text = f"<b>column #{row.column_id}</b> &nbsp; {species}"
         if hit.size:
             k = hit[0]
-            text += (f" &nbsp; at ({table['x_px'][k]:.1f}, {table['y_px'][k]:.1f}) px &nbsp; "
-                     f"depth {table['depth'][k]} (E = {table['expected_depth'][k]:.2f}) &nbsp; "
-                     f"filtered {table['depth_filtered'][k]} "
-                     f"(E = {table['expected_filtered'][k]:.2f}) atoms")
+            text += (
+                f" &nbsp; at ({table['x_px'][k]:.1f}, {table['y_px'][k]:.1f}) px &nbsp; "
+                f"depth {table['depth'][k]} (E = {table['expected_depth'][k]:.2f}) &nbsp; "
+                f"filtered {table['depth_filtered'][k]} "
+                f"(E = {table['expected_filtered'][k]:.2f}) atoms"
+            )
         else:
             text += " &nbsp; not in the shown result"
         if text != row.title.text:

@@ -1,4 +1,5 @@
 """Exports: the pinned columns' time series as CSV, the current view as PNG."""
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,11 @@ from streamer.domain import N_DEPTHS
 from viewer.colormaps import species_name
 from viewer.history import ColumnSeries
 
-CSV_FIELDS = (["column_id", "species", "seq", "t_s", "expected_atoms", "expected_filtered_atoms"]
-              + [f"p{d}" for d in range(N_DEPTHS)] + [f"p{d}_filtered" for d in range(N_DEPTHS)])
+CSV_FIELDS = (
+    ["column_id", "species", "seq", "t_s", "expected_atoms", "expected_filtered_atoms"]
+    + [f"p{d}" for d in range(N_DEPTHS)]
+    + [f"p{d}_filtered" for d in range(N_DEPTHS)]
+)
 
 
 def _cell(v: float) -> str:
@@ -28,11 +32,18 @@ def write_series_csv(path: str | Path, series: Iterable[ColumnSeries]) -> int:
         out.writerow(CSV_FIELDS)
         for s in series:
             for k in range(s.t_s.size):
-                out.writerow([s.column_id, species_name(s.species), int(s.seq[k]),
-                              _cell(s.t_s[k]), _cell(s.expected[k]),
-                              _cell(s.expected_filtered[k]),
-                              *map(_cell, s.probabilities[k]),
-                              *map(_cell, s.probabilities_filtered[k])])
+                out.writerow(
+                    [
+                        s.column_id,
+                        species_name(s.species),
+                        int(s.seq[k]),
+                        _cell(s.t_s[k]),
+                        _cell(s.expected[k]),
+                        _cell(s.expected_filtered[k]),
+                        *map(_cell, s.probabilities[k]),
+                        *map(_cell, s.probabilities_filtered[k]),
+                    ]
+                )
                 n += 1
     return n
 

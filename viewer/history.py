@@ -5,6 +5,7 @@ probabilities (single-frame and filtered) of every column, quantised to 1/254 in
 its expected depths (atoms). A change of a column's filtered depth (argmax) is an
 :class:`OccupancyEvent`. Thread-safe: a receiving thread appends while the GUI thread reads.
 """
+
 from __future__ import annotations
 
 import threading
@@ -59,13 +60,22 @@ def column_table(header: Mapping[str, Any]) -> dict[str, np.ndarray]:
     cols = header.get("columns") or {}
     n = len(cols.get("id", ()))
     out = {"id": np.asarray(cols.get("id", ()), dtype=np.int64)}
-    for key, dtype in (("x_px", np.float64), ("y_px", np.float64), ("species", np.int64),
-                       ("depth", np.int64), ("expected_depth", np.float64),
-                       ("confidence", np.float64), ("depth_filtered", np.int64),
-                       ("expected_filtered", np.float64)):
+    for key, dtype in (
+        ("x_px", np.float64),
+        ("y_px", np.float64),
+        ("species", np.int64),
+        ("depth", np.int64),
+        ("expected_depth", np.float64),
+        ("confidence", np.float64),
+        ("depth_filtered", np.int64),
+        ("expected_filtered", np.float64),
+    ):
         values = cols.get(key)
-        out[key] = (np.asarray(values, dtype=dtype) if values is not None and len(values) == n
-                    else np.full(n, np.nan if dtype is np.float64 else -1, dtype=dtype))
+        out[key] = (
+            np.asarray(values, dtype=dtype)
+            if values is not None and len(values) == n
+            else np.full(n, np.nan if dtype is np.float64 else -1, dtype=dtype)
+        )
     return out
 
 
@@ -114,13 +124,14 @@ class ColumnHistory:
         self._ids = np.concatenate([self._ids, np.full(pad, -1, np.int64)])
         self._species = np.concatenate([self._species, np.zeros(pad, np.int64)])
         self._last_filtered = np.concatenate([self._last_filtered, np.full(pad, -1, np.int64)])
-        self._p = np.concatenate([self._p, np.full((self.capacity, pad, N_DEPTHS), _MISSING,
-                                                   np.uint8)], axis=1)
-        self._pf = np.concatenate([self._pf, np.full((self.capacity, pad, N_DEPTHS), _MISSING,
-                                                     np.uint8)], axis=1)
+        self._p = np.concatenate(
+            [self._p, np.full((self.capacity, pad, N_DEPTHS), _MISSING, np.uint8)], axis=1
+        )
+        self._pf = np.concatenate(
+            [self._pf, np.full((self.capacity, pad, N_DEPTHS), _MISSING, np.uint8)], axis=1
+        )
         self._e = np.concatenate([self._e, np.full((self.capacity, pad), np.nan, np.float32)], 1)
-        self._ef = np.concatenate([self._ef, np.full((self.capacity, pad), np.nan, np.float32)],
-                                  1)
+        self._ef = np.concatenate([self._ef, np.full((self.capacity, pad), np.nan, np.float32)], 1)
 
     def _slots_of(self, ids: np.ndarray, species: np.ndarray) -> np.ndarray:
         if self._last_ids is not None and np.array_equal(ids, self._last_ids[0]):
@@ -159,48 +170,74 @@ class ColumnHistory:
                 return
             slots = self._slots_of(table["id"], table["species"])
             n = slots.size
-            for name, store in (("column_probabilities", self._p),
-                                ("column_probabilities_filtered", self._pf)):
+            for name, store in (
+                ("column_probabilities", self._p),
+                ("column_probabilities_filtered", self._pf),
+            ):
                 probs = arrays.get(name)
                 if probs is not None and probs.shape == (n, N_DEPTHS):
                     store[row, slots] = np.clip(np.rint(probs * _SCALE), 0, _SCALE)
             self._e[row, slots] = table["expected_depth"]
             self._ef[row, slots] = table["expected_filtered"]
-            self._record_events(slots, table, self._seq[row], self._t[row],
-                                header.get("events"))
+            self._record_events(slots, table, self._seq[row], self._t[row], header.get("events"))
 
-    def _record_events(self, slots: np.ndarray, table: dict[str, np.ndarray], seq: int,
-                       t_s: float, engine_events: list | None) -> None:
+    def _record_events(
+        self,
+        slots: np.ndarray,
+        table: dict[str, np.ndarray],
+        seq: int,
+        t_s: float,
+        engine_events: list | None,
+    ) -> None:
         """The engine's own events where the result has them (docs/CONTRACTS.md: thresholded,
         with the change point), else changes of the filtered depth (older engines)."""
         new = table["depth_filtered"]
         assert self.t0 is not None  # set by append() before it records events
         if engine_events is not None:
             for e in engine_events:
-                self.events.append(OccupancyEvent(int(e["frame"]), float(e["time_s"]) - self.t0,
-                                                  int(e["column_id"]), int(e["species"]),
-                                                  int(e["before"]), int(e["after"])))
+                self.events.append(
+                    OccupancyEvent(
+                        int(e["frame"]),
+                        float(e["time_s"]) - self.t0,
+                        int(e["column_id"]),
+                        int(e["species"]),
+                        int(e["before"]),
+                        int(e["after"]),
+                    )
+                )
             self._last_filtered[slots] = new
             return
         old = self._last_filtered[slots]
         changed = np.flatnonzero((old >= 0) & (new >= 0) & (new != old))
         for k in changed:
-            self.events.append(OccupancyEvent(int(seq), float(t_s), int(table["id"][k]),
-                                              int(table["species"][k]), int(old[k]), int(new[k])))
+            self.events.append(
+                OccupancyEvent(
+                    int(seq),
+                    float(t_s),
+                    int(table["id"][k]),
+                    int(table["species"][k]),
+                    int(old[k]),
+                    int(new[k]),
+                )
+            )
         self._last_filtered[slots] = new
 
     def ids(self) -> list[int]:
         with self._lock:
             return list(self._slot)
 
-    def recent_events(self, species: int | None = SPECIES_O, n: int = 50,
-                      until_seq: int | None = None) -> list[OccupancyEvent]:
+    def recent_events(
+        self, species: int | None = SPECIES_O, n: int = 50, until_seq: int | None = None
+    ) -> list[OccupancyEvent]:
         """The ``n`` most recent events of ``species`` (None: all) up to result ``until_seq``
         (None: the newest), newest first."""
         with self._lock:
-            events = [e for e in reversed(self.events)
-                      if (species is None or e.species == species)
-                      and (until_seq is None or e.seq <= until_seq)]
+            events = [
+                e
+                for e in reversed(self.events)
+                if (species is None or e.species == species)
+                and (until_seq is None or e.seq <= until_seq)
+            ]
         return events[:n]
 
     def series(self, column_id: int) -> ColumnSeries | None:
@@ -210,13 +247,20 @@ class ColumnHistory:
             if slot is None:
                 return None
             k = min(self.appended, self.capacity)
-            order = (np.arange(self.appended - k, self.appended) % self.capacity)
+            order = np.arange(self.appended - k, self.appended) % self.capacity
 
             def probs(store: np.ndarray) -> np.ndarray:
                 q = store[order, slot].astype(np.float32)
                 q[q == _MISSING] = np.nan
                 return q / _SCALE
 
-            return ColumnSeries(int(column_id), int(self._species[slot]), self._t[order].copy(),
-                                self._seq[order].copy(), probs(self._p), probs(self._pf),
-                                self._e[order, slot].copy(), self._ef[order, slot].copy())
+            return ColumnSeries(
+                int(column_id),
+                int(self._species[slot]),
+                self._t[order].copy(),
+                self._seq[order].copy(),
+                probs(self._p),
+                probs(self._pf),
+                self._e[order, slot].copy(),
+                self._ef[order, slot].copy(),
+            )

@@ -5,6 +5,7 @@ Images are ``ImageItem(axisOrder='row-major', autoLevels=False)`` with explicit 
 LUTs of at most 256 entries; each pixel's centre sits at integer coordinates, so a column at
 (x_px, y_px) from the result table is drawn exactly there (origin: centre of the top-left pixel).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,14 @@ def auto_levels(image: np.ndarray) -> tuple[float, float]:
 class ColorBar(pg.PlotItem):
     """A vertical colour bar: the LUT as an image spanning ``levels``, labelled on the right."""
 
-    def __init__(self, lut: np.ndarray, levels: tuple[float, float], label: str,
-                 ticks: list[tuple[float, str]] | None = None, discrete: bool = False):
+    def __init__(
+        self,
+        lut: np.ndarray,
+        levels: tuple[float, float],
+        label: str,
+        ticks: list[tuple[float, str]] | None = None,
+        discrete: bool = False,
+    ):
         super().__init__()
         self.discrete = discrete
         self.setMouseEnabled(x=False, y=False)
@@ -94,12 +101,29 @@ class ImagePanels(pg.GraphicsLayoutWidget):
         self.conf_lut = continuous_lut(confidence_cmap)
         self.depth_lut = depth_lut()
         self.frame_bar = ColorBar(self.frame_lut, self.frame_levels, "counts")
-        self.depth_bar = ColorBar(self.depth_lut, (0, N_DEPTHS - 1), "atoms",
-                                  ticks=[(d, str(d)) for d in range(N_DEPTHS)], discrete=True)
-        self.conf_bar = ColorBar(self.conf_lut, (0.0, 1.0), "confidence",
-                                 ticks=[(v, f"{v:.1f}") for v in np.linspace(0, 1, 6)])
-        for col, item in enumerate((self.frame_plot, self.frame_bar, self.depth_plot,
-                                    self.depth_bar, self.conf_plot, self.conf_bar)):
+        self.depth_bar = ColorBar(
+            self.depth_lut,
+            (0, N_DEPTHS - 1),
+            "atoms",
+            ticks=[(d, str(d)) for d in range(N_DEPTHS)],
+            discrete=True,
+        )
+        self.conf_bar = ColorBar(
+            self.conf_lut,
+            (0.0, 1.0),
+            "confidence",
+            ticks=[(v, f"{v:.1f}") for v in np.linspace(0, 1, 6)],
+        )
+        for col, item in enumerate(
+            (
+                self.frame_plot,
+                self.frame_bar,
+                self.depth_plot,
+                self.depth_bar,
+                self.conf_plot,
+                self.conf_bar,
+            )
+        ):
             self.addItem(item, row=0, col=col)
         for plot in (self.depth_plot, self.conf_plot):
             plot.setXLink(self.frame_plot)
@@ -107,14 +131,16 @@ class ImagePanels(pg.GraphicsLayoutWidget):
         # column overlay on the raw frame: one scatter per species (uniform pens: cheap setData)
         self.overlays: list[tuple[int, pg.ScatterPlotItem]] = []
         for code, (_, colour) in SPECIES.items():
-            scatter = pg.ScatterPlotItem(size=6, pen=pg.mkPen(colour, width=1), brush=None,
-                                         pxMode=True)
+            scatter = pg.ScatterPlotItem(
+                size=6, pen=pg.mkPen(colour, width=1), brush=None, pxMode=True
+            )
             self.frame_plot.addItem(scatter)
             self.overlays.append((code, scatter))
         self.pin_markers: list[pg.ScatterPlotItem] = []
         for plot in (self.frame_plot, self.depth_plot, self.conf_plot):
-            marker = pg.ScatterPlotItem(size=16, pen=pg.mkPen("w", width=2), brush=None,
-                                        symbol="s", pxMode=True)
+            marker = pg.ScatterPlotItem(
+                size=16, pen=pg.mkPen("w", width=2), brush=None, symbol="s", pxMode=True
+            )
             plot.addItem(marker)
             self.pin_markers.append(marker)
         self.pin_labels: list[tuple[pg.PlotItem, pg.TextItem]] = []
@@ -128,8 +154,9 @@ class ImagePanels(pg.GraphicsLayoutWidget):
         """Show the whole image when its shape changes."""
         if shape != self.shape:
             self.shape = shape
-            self.frame_plot.setRange(xRange=(-0.5, shape[1] - 0.5),
-                                     yRange=(-0.5, shape[0] - 0.5), padding=0)
+            self.frame_plot.setRange(
+                xRange=(-0.5, shape[1] - 0.5), yRange=(-0.5, shape[0] - 0.5), padding=0
+            )
 
     @staticmethod
     def _show(item: pg.ImageItem, data: np.ndarray, levels, lut: np.ndarray) -> None:
@@ -189,8 +216,9 @@ class ImagePanels(pg.GraphicsLayoutWidget):
     def set_columns(self, header: dict) -> None:
         """Overlay the result's columns; redrawn only when a position moved by >= 1/4 px."""
         table = column_table(header)
-        key = np.concatenate([np.rint(4 * table["x_px"]), np.rint(4 * table["y_px"]),
-                              table["species"]])
+        key = np.concatenate(
+            [np.rint(4 * table["x_px"]), np.rint(4 * table["y_px"]), table["species"]]
+        )
         if self._overlay_key is not None and np.array_equal(key, self._overlay_key):
             return
         self._overlay_key = key
@@ -238,7 +266,8 @@ class ImagePanels(pg.GraphicsLayoutWidget):
 
     def widget_pos(self, x_px: float, y_px: float, view: str = "depth") -> QtCore.QPoint:
         """Widget coordinates of image point (x_px, y_px) in ``view`` (frame|depth|confidence)."""
-        plot = {"frame": self.frame_plot, "depth": self.depth_plot,
-                "confidence": self.conf_plot}[view]
+        plot = {"frame": self.frame_plot, "depth": self.depth_plot, "confidence": self.conf_plot}[
+            view
+        ]
         scene = plot.getViewBox().mapViewToScene(QtCore.QPointF(x_px, y_px))
         return self.mapFromScene(scene)

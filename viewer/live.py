@@ -6,6 +6,7 @@ message, appends every result's column table to a :class:`~viewer.history.Column
 which takes them from a timer. It never blocks the publishers: PUB/SUB drops what a slow viewer
 cannot take.
 """
+
 from __future__ import annotations
 
 import threading
@@ -69,8 +70,12 @@ class LiveFeed:
     result and its frame; :meth:`stats` the counters. Call :meth:`start`, then :meth:`stop`.
     """
 
-    def __init__(self, results: Sequence[str], frames: Sequence[str] = (),
-                 history: ColumnHistory | None = None):
+    def __init__(
+        self,
+        results: Sequence[str],
+        frames: Sequence[str] = (),
+        history: ColumnHistory | None = None,
+    ):
         self.results_endpoints = list(results)
         self.frames_endpoints = list(frames)
         self.history = history if history is not None else ColumnHistory()
@@ -101,16 +106,21 @@ class LiveFeed:
 
     def _run(self) -> None:
         # one SUB socket connected to every endpoint; results and frames are told apart by kind
-        sub = Subscriber(self.results_endpoints + self.frames_endpoints,
-                         topics=("result", "frame", "heartbeat", "eos"), name="viewer")
+        sub = Subscriber(
+            self.results_endpoints + self.frames_endpoints,
+            topics=("result", "frame", "heartbeat", "eos"),
+            name="viewer",
+        )
         try:
             while not self._stop.is_set():
                 if sub.socket.poll(POLL_MS):
                     self._take_in(sub.drain(limit=64))
                 with self._lock:
-                    self._counters = {"results_lost": sub.sequences["result"].lost,
-                                      "frames_lost": sub.sequences["frame"].lost,
-                                      "malformed": sub.malformed.total}
+                    self._counters = {
+                        "results_lost": sub.sequences["result"].lost,
+                        "frames_lost": sub.sequences["frame"].lost,
+                        "malformed": sub.malformed.total,
+                    }
         finally:
             sub.close()
 
@@ -168,4 +178,5 @@ class LiveFeed:
                 model_id=str(head.get("model_id", "")),
                 idle_s=now - (last if last is not None else self._started),
                 ever_received=last is not None,
-                malformed=self._counters["malformed"])
+                malformed=self._counters["malformed"],
+            )

@@ -1,5 +1,6 @@
 """Start and stop a ``segdepth record`` subprocess from the viewer (the recorder is its own
 process, so recording never depends on the viewer staying up)."""
+
 from __future__ import annotations
 
 import signal

@@ -12,6 +12,7 @@ shows its frames; a file whose writer is still running is opened in SWMR mode.
 Each row is turned into the same :class:`streamer.protocol.Message` a live result would be, so
 the display code does not know where its data came from.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,15 @@ from streamer.session_file import open_for_reading
 from viewer.history import ColumnHistory
 
 #: per-row column series copied into the result header's ``columns`` table.
-_TABLE_SERIES = ("x_px", "y_px", "depth", "expected_depth", "confidence", "depth_filtered",
-                 "expected_filtered")
+_TABLE_SERIES = (
+    "x_px",
+    "y_px",
+    "depth",
+    "expected_depth",
+    "confidence",
+    "depth_filtered",
+    "expected_filtered",
+)
 _PROBABILITIES = ("column_probabilities", "column_probabilities_filtered")
 _MAPS = ("depth", "confidence", "species")
 _NO_RESULT_U1 = 255
@@ -55,12 +63,17 @@ class SessionReader:
         f = self.file
         self.frames = f["frames"] if "frames" in f and f["frames"].ndim == 3 else None
         res = f.get("results")
-        self.maps = {n: res[n] for n in _MAPS
-                     if isinstance(res, h5py.Group) and n in res and res[n].ndim == 3}
+        self.maps = {
+            n: res[n]
+            for n in _MAPS
+            if isinstance(res, h5py.Group) and n in res and res[n].ndim == 3
+        }
         if self.frames is None and "depth" not in self.maps:
             f.close()
-            raise ValueError(f"{self.path} is not a session file: neither a (T, H, W) 'frames' "
-                             f"nor a 'results/depth' dataset")
+            raise ValueError(
+                f"{self.path} is not a session file: neither a (T, H, W) 'frames' "
+                f"nor a 'results/depth' dataset"
+            )
         first = self.frames if self.frames is not None else self.maps["depth"]
         self.n_rows = int(first.shape[0])
         self.shape = tuple(first.shape[1:])
@@ -83,16 +96,18 @@ class SessionReader:
         f = self.file[group] if group else self.file
         out: np.ndarray = np.full(self.n_rows, fill, dtype=dtype)
         if name in f and f[name].ndim == 1:
-            data = f[name][:self.n_rows]
-            out[:len(data)] = data
+            data = f[name][: self.n_rows]
+            out[: len(data)] = data
         return out
 
     def _has_result(self) -> np.ndarray:
         if "results" in self.file and "has_result" in self.file["results"]:
             return self._row_series("has_result", np.uint8, 0, "results").astype(bool)
         if "depth" in self.maps:  # no flag: a row has a result where the map was written
-            return np.array([self.maps["depth"][k, 0, 0] != _NO_RESULT_U1
-                             for k in range(self.n_rows)], dtype=bool)
+            return np.array(
+                [self.maps["depth"][k, 0, 0] != _NO_RESULT_U1 for k in range(self.n_rows)],
+                dtype=bool,
+            )
         return np.zeros(self.n_rows, dtype=bool)
 
     def _read_columns(self) -> dict[str, np.ndarray]:
@@ -101,11 +116,12 @@ class SessionReader:
             return {}
         out = {"id": cols["id"][:].astype(np.int64)}
         c = out["id"].size
-        out["species"] = (cols["species"][:c].astype(np.int64) if "species" in cols
-                          else np.zeros(c, np.int64))
+        out["species"] = (
+            cols["species"][:c].astype(np.int64) if "species" in cols else np.zeros(c, np.int64)
+        )
         for name in (*_TABLE_SERIES, *_PROBABILITIES):
             if name in cols and cols[name].shape[:1] and cols[name].ndim >= 2:
-                data = cols[name][:self.n_rows, :c]
+                data = cols[name][: self.n_rows, :c]
                 if data.shape[:2] == (self.n_rows, c):
                     out[name] = data
         return out
@@ -123,13 +139,18 @@ class SessionReader:
         if not self.has_columns:
             return {}, {}
         present = np.isfinite(cols["x_px"][k]) & np.isfinite(cols["y_px"][k])
-        table: dict[str, list] = {"id": cols["id"][present].tolist(),
-                                  "species": cols["species"][present].tolist()}
+        table: dict[str, list] = {
+            "id": cols["id"][present].tolist(),
+            "species": cols["species"][present].tolist(),
+        }
         for name in _TABLE_SERIES:
             if name in cols:
                 table[name] = cols[name][k][present].tolist()
-        arrays = {name: np.nan_to_num(cols[name][k][present]).astype(np.float32)
-                  for name in _PROBABILITIES if name in cols}
+        arrays = {
+            name: np.nan_to_num(cols[name][k][present]).astype(np.float32)
+            for name in _PROBABILITIES
+            if name in cols
+        }
         return table, arrays
 
     def result(self, k: int) -> Message | None:
@@ -141,8 +162,12 @@ class SessionReader:
         res = self.file.get("results")
 
         def value(name: str, default: Any) -> Any:
-            if isinstance(res, h5py.Group) and name in res and res[name].shape[:1] \
-                    and res[name].shape[0] > k:
+            if (
+                isinstance(res, h5py.Group)
+                and name in res
+                and res[name].shape[:1]
+                and res[name].shape[0] > k
+            ):
                 v = res[name][k]
                 return _text(v) if isinstance(v, (bytes, np.bytes_)) else v.tolist()
             return default
@@ -150,14 +175,22 @@ class SessionReader:
         table, arrays = self._column_table(k)
         for name, dset in self.maps.items():
             arrays[name] = np.asarray(dset[k])
-        head = {"kind": "result", "session": self.session_id, "seq": int(self.sequence[k]),
-                "frame_seq": int(self.sequence[k]), "t_acq": float(self.timestamps_s[k]),
-                "source": _text(self.file.attrs.get("source", "file")),
-                "model_id": value("model_id", ""), "backend": value("backend", ""),
-                "latency_ms": value("latency_ms", math.nan), "skipped": value("skipped", 0),
-                "ood_score": value("ood_score", math.nan),
-                "ood_warning": value("ood_warning", -1) == 1,
-                "pixel_size_pm": self.pixel_size_pm, "columns": table}
+        head = {
+            "kind": "result",
+            "session": self.session_id,
+            "seq": int(self.sequence[k]),
+            "frame_seq": int(self.sequence[k]),
+            "t_acq": float(self.timestamps_s[k]),
+            "source": _text(self.file.attrs.get("source", "file")),
+            "model_id": value("model_id", ""),
+            "backend": value("backend", ""),
+            "latency_ms": value("latency_ms", math.nan),
+            "skipped": value("skipped", 0),
+            "ood_score": value("ood_score", math.nan),
+            "ood_warning": value("ood_warning", -1) == 1,
+            "pixel_size_pm": self.pixel_size_pm,
+            "columns": table,
+        }
         return Message(head, arrays)
 
     def fill_history(self, history: ColumnHistory) -> None:
@@ -167,8 +200,12 @@ class SessionReader:
             return
         for k in np.flatnonzero(self.has_result):
             table, arrays = self._column_table(int(k))
-            head = {"session": self.session_id, "seq": int(self.sequence[k]),
-                    "t_acq": float(self.timestamps_s[k]), "columns": table}
+            head = {
+                "session": self.session_id,
+                "seq": int(self.sequence[k]),
+                "t_acq": float(self.timestamps_s[k]),
+                "columns": table,
+            }
             history.append(head, arrays)
 
     def close(self) -> None:

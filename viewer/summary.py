@@ -1,5 +1,6 @@
 """Summary of all oxygen columns: current occupancy (histogram of filtered depths, totals) and
 the recent occupancy events (the engine's, docs/CONTRACTS.md "Result message")."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,12 @@ class OxygenSummary(QtWidgets.QWidget):
         self.histogram.setMouseEnabled(x=False, y=False)
         self.histogram.setMenuEnabled(False)
         self.histogram.getAxis("bottom").setTicks([[(d, str(d)) for d in range(N_DEPTHS)]])
-        self.bars = pg.BarGraphItem(x=np.arange(N_DEPTHS), height=np.zeros(N_DEPTHS), width=0.8,
-                                    brushes=[pg.mkBrush(c) for c in DEPTH_COLOURS])
+        self.bars = pg.BarGraphItem(
+            x=np.arange(N_DEPTHS),
+            height=np.zeros(N_DEPTHS),
+            width=0.8,
+            brushes=[pg.mkBrush(c) for c in DEPTH_COLOURS],
+        )
         self.histogram.addItem(self.bars)
         self.histogram.setXRange(-0.6, N_DEPTHS - 0.4, padding=0)
         self.histogram.setMinimumHeight(120)
@@ -43,21 +48,23 @@ class OxygenSummary(QtWidgets.QWidget):
         layout.setStretch(4, 2)
         self._last_event_key: tuple | None = None
 
-    def update_from(self, table: dict[str, np.ndarray], history: ColumnHistory,
-                    until_seq: int | None = None) -> None:
+    def update_from(
+        self, table: dict[str, np.ndarray], history: ColumnHistory, until_seq: int | None = None
+    ) -> None:
         """Show ``table``'s O columns and the events up to result ``until_seq`` (None: all)."""
         o = table["species"] == SPECIES_O
         filtered = table["depth_filtered"][o]
-        counts = np.bincount(filtered[(filtered >= 0) & (filtered < N_DEPTHS)],
-                             minlength=N_DEPTHS)
+        counts = np.bincount(filtered[(filtered >= 0) & (filtered < N_DEPTHS)], minlength=N_DEPTHS)
         self.bars.setOpts(height=counts)
         self.histogram.setYRange(0, max(1, counts.max()) * 1.1, padding=0)
         expected = table["expected_filtered"][o]
         expected = expected[np.isfinite(expected)]
         if o.any():
-            self.totals.setText(f"{int(o.sum())} columns; {expected.sum():.1f} O atoms "
-                                f"(filtered); mean {expected.mean() if expected.size else 0:.2f} "
-                                f"atoms per column")
+            self.totals.setText(
+                f"{int(o.sum())} columns; {expected.sum():.1f} O atoms "
+                f"(filtered); mean {expected.mean() if expected.size else 0:.2f} "
+                f"atoms per column"
+            )
         else:
             self.totals.setText("no oxygen columns in the shown result")
         events = history.recent_events(SPECIES_O, MAX_EVENTS_SHOWN, until_seq)
@@ -66,5 +73,9 @@ class OxygenSummary(QtWidgets.QWidget):
             return
         self._last_event_key = key
         self.events.clear()
-        self.events.addItems([f"{e.t_s:7.2f} s  #{e.column_id:<5} {e.old:>2} \u2192 {e.new:<2} "
-                              f"(frame {e.seq})" for e in events])
+        self.events.addItems(
+            [
+                f"{e.t_s:7.2f} s  #{e.column_id:<5} {e.old:>2} \u2192 {e.new:<2} (frame {e.seq})"
+                for e in events
+            ]
+        )

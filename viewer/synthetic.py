@@ -5,6 +5,7 @@ oxygen columns that lose and regain an atom now and then.
 ``K`` states are precomputed (maps and tables), so producing a message costs only encoding and
 a 100 Hz publisher stays cheap at 1024².
 """
+
 from __future__ import annotations
 
 import time
@@ -38,7 +39,7 @@ class SyntheticScene:
         rng = np.random.default_rng(c.seed)
         h, w = c.shape
         s = c.spacing_px
-        ys, xs = np.mgrid[s // 2:h - s // 4:s, s // 2:w - s // 4:s]
+        ys, xs = np.mgrid[s // 2 : h - s // 4 : s, s // 2 : w - s // 4 : s]
         ce = np.stack([xs.ravel(), ys.ravel()], 1).astype(float)
         o = ce + [s / 2, s / 4]
         o = o[(o[:, 0] < w - 4) & (o[:, 1] < h - 4)]
@@ -84,28 +85,60 @@ class SyntheticScene:
     def state(self, seq: int) -> int:
         return (seq // self.config.hold) % self.config.states
 
-    def result_parts(self, seq: int, session: str = "synthetic", latency_ms: float = 5.0,
-                     t_acq: float | None = None) -> list:
+    def result_parts(
+        self,
+        seq: int,
+        session: str = "synthetic",
+        latency_ms: float = 5.0,
+        t_acq: float | None = None,
+    ) -> list:
         """Encoded result ``seq`` (header with the column table, maps, probabilities)."""
         k = self.state(seq)
         probs = self.probabilities[k]
         filtered = self.probabilities[(k - 1) % self.config.states] * 0.3 + probs * 0.7
         depths = np.arange(N_DEPTHS, dtype=np.float32)
-        table = {"id": self.ids.tolist(), "x_px": self.x_px.tolist(),
-                 "y_px": self.y_px.tolist(), "species": self.species.tolist(),
-                 "depth": probs.argmax(1).tolist(), "expected_depth": (probs @ depths).tolist(),
-                 "confidence": probs.max(1).tolist(),
-                 "depth_filtered": filtered.argmax(1).tolist(),
-                 "expected_filtered": (filtered @ depths).tolist()}
-        head = make_header("result", session=session, seq=seq, source="synthetic",
-                           t_acq=time.time() if t_acq is None else t_acq, model_id="synthetic",
-                           backend="none", batch_size=1, latency_ms=latency_ms, frame_seq=seq,
-                           skipped=0, pixel_size_pm=self.config.pixel_size_pm, columns=table)
-        return encode(head, {**self.maps[k], "column_probabilities": probs,
-                             "column_probabilities_filtered": filtered.astype(np.float32)})
+        table = {
+            "id": self.ids.tolist(),
+            "x_px": self.x_px.tolist(),
+            "y_px": self.y_px.tolist(),
+            "species": self.species.tolist(),
+            "depth": probs.argmax(1).tolist(),
+            "expected_depth": (probs @ depths).tolist(),
+            "confidence": probs.max(1).tolist(),
+            "depth_filtered": filtered.argmax(1).tolist(),
+            "expected_filtered": (filtered @ depths).tolist(),
+        }
+        head = make_header(
+            "result",
+            session=session,
+            seq=seq,
+            source="synthetic",
+            t_acq=time.time() if t_acq is None else t_acq,
+            model_id="synthetic",
+            backend="none",
+            batch_size=1,
+            latency_ms=latency_ms,
+            frame_seq=seq,
+            skipped=0,
+            pixel_size_pm=self.config.pixel_size_pm,
+            columns=table,
+        )
+        return encode(
+            head,
+            {
+                **self.maps[k],
+                "column_probabilities": probs,
+                "column_probabilities_filtered": filtered.astype(np.float32),
+            },
+        )
 
-    def frame_parts(self, seq: int, session: str = "synthetic",
-                    t_acq: float | None = None) -> list:
-        return encode_frame(self.frames[seq % len(self.frames)], session=session, seq=seq,
-                            source="synthetic", pixel_size_pm=self.config.pixel_size_pm,
-                            t_acq=t_acq, mode="live")
+    def frame_parts(self, seq: int, session: str = "synthetic", t_acq: float | None = None) -> list:
+        return encode_frame(
+            self.frames[seq % len(self.frames)],
+            session=session,
+            seq=seq,
+            source="synthetic",
+            pixel_size_pm=self.config.pixel_size_pm,
+            t_acq=t_acq,
+            mode="live",
+        )

@@ -5,6 +5,7 @@ file (:class:`~viewer.session_reader.SessionReader`, with a time slider).
 Widgets are updated only on the GUI thread, from a QTimer at ``refresh_hz`` (at most 30 Hz),
 with the newest result; the receiving thread never touches them.
 """
+
 from __future__ import annotations
 
 import time
@@ -58,22 +59,23 @@ class ViewerConfig:
     def __post_init__(self) -> None:
         for name in ("refresh_hz", "plots_hz"):
             if not 0 < getattr(self, name) <= MAX_REFRESH_HZ:
-                raise ValueError(f"{name} must be in (0, {MAX_REFRESH_HZ:g}], "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name} must be in (0, {MAX_REFRESH_HZ:g}], got {getattr(self, name)}"
+                )
         for name in (self.frame_cmap, self.confidence_cmap):
             if name not in COLORMAPS:
-                raise ValueError(f"unknown colormap {name!r}; choose one of "
-                                 f"{', '.join(COLORMAPS)}")
+                raise ValueError(f"unknown colormap {name!r}; choose one of {', '.join(COLORMAPS)}")
 
 
-def nearest_column(table: dict[str, np.ndarray], x: float, y: float,
-                   radius_px: float) -> int | None:
+def nearest_column(
+    table: dict[str, np.ndarray], x: float, y: float, radius_px: float
+) -> int | None:
     """Index (row of ``table``) of the column nearest (x, y) within ``radius_px``, or None."""
     if table["id"].size == 0:
         return None
     d2 = (table["x_px"] - x) ** 2 + (table["y_px"] - y) ** 2
     k = int(np.nanargmin(d2)) if np.isfinite(d2).any() else None
-    return k if k is not None and d2[k] <= radius_px ** 2 else None
+    return k if k is not None and d2[k] <= radius_px**2 else None
 
 
 class ViewerWindow(QtWidgets.QMainWindow):
@@ -118,22 +120,30 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.pause_action.setShortcut("Space")
         self.pause_action.toggled.connect(self.set_paused)
         bar.addSeparator()
-        self._action(bar, "Auto contrast", self.images.auto_levels,
-                     "Set the raw frame's display levels from the frame shown now (0.5-99.5 "
-                     "percentile); they stay fixed afterwards")
-        self.frame_cmap = self._combo(bar, "Frame", self.config.frame_cmap,
-                                      self.images.set_frame_colormap)
-        self.conf_cmap = self._combo(bar, "Confidence", self.config.confidence_cmap,
-                                     self.images.set_confidence_colormap)
-        self.columns_action = self._action(bar, "Columns", None,
-                                           "Show detected columns (yellow: Ce, magenta: O)")
+        self._action(
+            bar,
+            "Auto contrast",
+            self.images.auto_levels,
+            "Set the raw frame's display levels from the frame shown now (0.5-99.5 "
+            "percentile); they stay fixed afterwards",
+        )
+        self.frame_cmap = self._combo(
+            bar, "Frame", self.config.frame_cmap, self.images.set_frame_colormap
+        )
+        self.conf_cmap = self._combo(
+            bar, "Confidence", self.config.confidence_cmap, self.images.set_confidence_colormap
+        )
+        self.columns_action = self._action(
+            bar, "Columns", None, "Show detected columns (yellow: Ce, magenta: O)"
+        )
         self.columns_action.setCheckable(True)
         self.columns_action.setChecked(True)
         self.columns_action.toggled.connect(self.images.show_columns)
         self._action(bar, "Clear pins", self.clear_pins)
         bar.addSeparator()
-        self.record_action = self._action(bar, "Record", None,
-                                          "Start / stop a `segdepth record` process")
+        self.record_action = self._action(
+            bar, "Record", None, "Start / stop a `segdepth record` process"
+        )
         self.record_action.setCheckable(True)
         self.record_action.toggled.connect(self._toggle_recording)
         self._action(bar, "Export CSV…", self._ask_export_csv)
@@ -145,8 +155,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
         assert bar is not None
         return bar
 
-    def _action(self, bar: QtWidgets.QToolBar, text: str, slot=None,
-                tip: str | None = None) -> QtGui.QAction:
+    def _action(
+        self, bar: QtWidgets.QToolBar, text: str, slot=None, tip: str | None = None
+    ) -> QtGui.QAction:
         """A toolbar button (``slot`` called when it is clicked)."""
         action = QtGui.QAction(text, self)
         if slot is not None:
@@ -196,8 +207,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.setCentralWidget(central)
         self.status = QtWidgets.QLabel("not connected")
         self._status_bar().addWidget(self.status, 1)
-        self.summary.events.setFont(QtGui.QFontDatabase.systemFont(
-            QtGui.QFontDatabase.SystemFont.FixedFont))
+        self.summary.events.setFont(
+            QtGui.QFontDatabase.systemFont(QtGui.QFontDatabase.SystemFont.FixedFont)
+        )
 
     # --- sources -------------------------------------------------------------------------
     def connect_live(self) -> None:
@@ -302,15 +314,18 @@ class ViewerWindow(QtWidgets.QMainWindow):
         """Pin (or unpin) the column nearest image point (x, y) px; its id, or None."""
         k = nearest_column(self.table, x, y, self.config.pick_radius_px)
         if k is None:
-            self._status_bar().showMessage(f"no column within {self.config.pick_radius_px:g} px "
-                                         f"of ({x:.0f}, {y:.0f})", 4000)
+            self._status_bar().showMessage(
+                f"no column within {self.config.pick_radius_px:g} px of ({x:.0f}, {y:.0f})", 4000
+            )
             return None
         cid = int(self.table["id"][k])
         pinned = self.pins.toggle(cid)
         self.refresh_plots()
         self._status_bar().showMessage(
             f"{'pinned' if pinned else 'unpinned'} column #{cid} "
-            f"({species_name(self.table['species'][k])})", 4000)
+            f"({species_name(self.table['species'][k])})",
+            4000,
+        )
         return cid
 
     def clear_pins(self) -> None:
@@ -347,7 +362,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
             verb = "since" if s.ever_received else "from"
             self._set_status(
                 f"{prefix}No data {verb} {where} for {s.idle_s:.0f} s — is the engine running "
-                f"(segdepth serve / demo)? Still listening…", alarm=True)
+                f"(segdepth serve / demo)? Still listening…",
+                alarm=True,
+            )
             return
         warning = self._ood_warning()
         if warning:
@@ -362,16 +379,19 @@ class ViewerWindow(QtWidgets.QMainWindow):
             f"{prefix}{s.results_per_s:.1f} results/s · {s.frames_per_s:.1f} frames/s · "
             f"engine latency {latency} · lost: engine {s.engine_skipped}, viewer "
             f"{s.results_lost} results, {s.frames_lost} frames · backend {s.backend or '–'} · "
-            f"model {s.model_id or '–'}{rec}")
+            f"model {s.model_id or '–'}{rec}"
+        )
 
     def _ood_warning(self) -> str:
         """The alarm text when the shown result lies outside what the model knows, else ''."""
         head = self.result.header if self.result is not None else {}
         if not head.get("ood_warning"):
             return ""
-        return (f"WARNING: this frame lies outside what the model knows (OOD score "
-                f"{float(head.get('ood_score', float('nan'))):.2f}): depths are unreliable — "
-                f"check optics, orientation and dose")
+        return (
+            f"WARNING: this frame lies outside what the model knows (OOD score "
+            f"{float(head.get('ood_score', float('nan'))):.2f}): depths are unreliable — "
+            f"check optics, orientation and dose"
+        )
 
     def _show_session_status(self, k: int, result: Message | None) -> None:
         reader = self.session
@@ -381,9 +401,11 @@ class ViewerWindow(QtWidgets.QMainWindow):
             text += " · no engine result for this frame"
         else:
             h = result.header
-            text += (f" · backend {h.get('backend') or '–'} · model "
-                     f"{h.get('model_id') or '–'}"
-                     f" · latency {h.get('latency_ms', float('nan')):.1f} ms")
+            text += (
+                f" · backend {h.get('backend') or '–'} · model "
+                f"{h.get('model_id') or '–'}"
+                f" · latency {h.get('latency_ms', float('nan')):.1f} ms"
+            )
         warning = self._ood_warning() if result is not None else ""
         self._set_status(f"{text} · {warning}" if warning else text, alarm=bool(warning))
 
@@ -399,8 +421,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
             self._status_bar().showMessage(f"recording to {path}", 5000)
         elif not on and self.recorder.process is not None:
             code = self.recorder.stop()
-            self._status_bar().showMessage(f"recording stopped ({self.recorder.path}, exit code "
-                                         f"{code})", 8000)
+            self._status_bar().showMessage(
+                f"recording stopped ({self.recorder.path}, exit code {code})", 8000
+            )
 
     def export_csv(self, path: str | Path) -> int:
         """Write the pinned columns' time series; the number of lines written."""
@@ -412,22 +435,25 @@ class ViewerWindow(QtWidgets.QMainWindow):
         save_png(self, path)
 
     def _ask_export_csv(self) -> None:
-        path, _ = QtWidgets.QFileDialog.getSaveFileName(self, "Export pinned columns",
-                                                        "columns.csv", "CSV (*.csv)")
+        path, _ = QtWidgets.QFileDialog.getSaveFileName(
+            self, "Export pinned columns", "columns.csv", "CSV (*.csv)"
+        )
         if path:
             n = self.export_csv(path)
             self._status_bar().showMessage(f"wrote {n} lines to {path}", 5000)
 
     def _ask_export_png(self) -> None:
-        path, _ = QtWidgets.QFileDialog.getSaveFileName(self, "Export view", "view.png",
-                                                        "PNG (*.png)")
+        path, _ = QtWidgets.QFileDialog.getSaveFileName(
+            self, "Export view", "view.png", "PNG (*.png)"
+        )
         if path:
             self.export_png(path)
             self._status_bar().showMessage(f"saved {path}", 5000)
 
     def _ask_open_session(self) -> None:
-        path, _ = QtWidgets.QFileDialog.getOpenFileName(self, "Open session", "",
-                                                        "HDF5 session (*.h5 *.hdf5)")
+        path, _ = QtWidgets.QFileDialog.getOpenFileName(
+            self, "Open session", "", "HDF5 session (*.h5 *.hdf5)"
+        )
         if path:
             try:
                 self.open_session(path)
