@@ -74,6 +74,9 @@ class Backend(ABC):
 
     name: ClassVar[str]
     precision: ClassVar[str]
+    #: frames per batch the engine uses unless told otherwise: on the 2-core CPU machines
+    #: batch 1 measured faster than 4 through serve (onnxruntime 512^2: 2.88 vs 2.21 frames/s)
+    preferred_batch: int = 8
 
     def __init__(self, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None):
         if max_batch < 1:
@@ -115,6 +118,7 @@ class TorchCPUBackend(Backend):
     """PyTorch eager, FP32, on the CPU: the reference every other backend is checked against."""
 
     name, precision = "torch-cpu", "fp32"
+    preferred_batch = 1
 
     def __init__(self, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None):
         super().__init__(loaded, max_batch, cache_dir)
@@ -195,6 +199,7 @@ class OnnxRuntimeBackend(Backend):
         providers = [p for p in self.providers_wanted if p in ort.get_available_providers()]
         self._session = ort.InferenceSession(str(self._graph()), options, providers=providers)
         self.providers = self._session.get_providers()
+        self.preferred_batch = 8 if "CUDAExecutionProvider" in self.providers else 1
 
     def _graph(self) -> Path:
         return export_onnx(self.loaded, self.cache_dir, half=False)

@@ -66,10 +66,12 @@ class ServeConfig:
     viewer: str | None = sockets.RESULTS_TO_VIEWER
     model: str | None = None
     backend: str = "auto"
-    max_batch: int = 8
+    #: largest batch in frames; None: the backend's preferred batch (Backend.preferred_batch:
+    #: 1 on the CPU, where batching measured slower, 8 on a GPU)
+    max_batch: int | None = None
     max_wait_ms: float = 10.0
     mode: str = "auto"
-    queue_frames: int = 0  # 0: 4 x max_batch
+    queue_frames: int = 0  # 0: 4 x max_batch (4 x 8 when max_batch is the backend's)
     receive_hwm: int = sockets.DEFAULT_HWM  # messages the frame socket may hold, beyond queue
     exit_on_eos: bool = False
     tta: bool = False  # average the 8 flips and quarter turns (8x the inference cost)
@@ -86,10 +88,14 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("auto", *sockets.MODES):
             raise ValueError(f"mode must be auto, replay or live, got {self.mode!r}")
-        if self.max_batch < 1 or self.max_wait_ms < 0 or self.pipeline_depth < 1:
+        if (
+            (self.max_batch is not None and self.max_batch < 1)
+            or self.max_wait_ms < 0
+            or (self.pipeline_depth < 1)
+        ):
             raise ValueError("max_batch and pipeline_depth must be >= 1 and max_wait_ms >= 0")
         if self.queue_frames <= 0:
-            self.queue_frames = 4 * self.max_batch
+            self.queue_frames = 4 * (self.max_batch or 8)
 
 
 @dataclass
@@ -134,7 +140,10 @@ class Server:
             if config.hmm.class_prior is not None
             else replace(config.hmm, class_prior=self.loaded.class_prior)
         )
-        self.backend = backends.create(config.backend, self.loaded, max_batch=config.max_batch)
+        self.backend = backends.create(
+            config.backend, self.loaded, max_batch=config.max_batch or 32
+        )
+        self.max_batch = config.max_batch or self.backend.preferred_batch
         self.queue = FrameQueue(config.queue_frames)
         self.stop = threading.Event()
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
@@ -437,7 +446,7 @@ class Server:
             "frames from %s, results to %s, viewers on %s",
             self.loaded.model_id,
             self.backend.name,
-            self.config.max_batch,
+            self.max_batch,
             self.config.max_wait_ms,
             self.config.mode,
             self.config.frames,
@@ -450,7 +459,7 @@ class Server:
         last_log = time.monotonic()
         while not self.stop.is_set():
             items = self.queue.take_batch(
-                self.config.max_batch, max_wait_s, max_pixels=self.config.max_batch_px
+                self.max_batch, max_wait_s, max_pixels=self.config.max_batch_px
             )
             if items and items[0].is_frame:
                 self._handoff(self._infer(items))
@@ -489,6 +498,7 @@ class Server:
             "stage_ms_per_frame": stage_ms,
             "stage_ms_per_frame_p50": stage_p50,
             "backend": self.backend.name,
+            "max_batch": self.max_batch,
             "model_id": self.loaded.model_id,
         }
 

@@ -225,3 +225,16 @@ def test_frames_beyond_the_engines_size_limit_are_refused_before_allocation(engi
     (got,) = collect(results, until_eos=False, n=1)
     assert got.header["frame_seq"] == 1
     assert server.input.malformed.as_dict().get("shape") == 1
+
+
+def test_without_max_batch_the_engine_uses_its_backends_preferred_batch(engine):
+    """torch-cpu (like onnxruntime on the CPU) prefers batch 1: batching measured slower on the
+    CPU, so a burst of frames is served one by one unless --max-batch says otherwise."""
+    src, results, server = engine("replay", max_wait_ms=50)
+    assert server.max_batch == server.backend.preferred_batch == 1
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        src.send(frame_msg(i, rng, mode="replay"))
+    got = collect(results, until_eos=False, n=4)
+    assert [m.header["batch_size"] for m in got] == [1, 1, 1, 1]
+    assert server.stats()["max_batch"] == 1
