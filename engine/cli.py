@@ -353,7 +353,14 @@ def _serve_endpoints(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_batching(p: argparse.ArgumentParser) -> None:
-    config_option(p, "--max-batch", SERVE, type=positive_int, help="largest batch in frames")
+    config_option(
+        p,
+        "--max-batch",
+        SERVE,
+        type=positive_int,
+        help="largest batch in frames; unset: the backend's preferred batch (1 on the CPU, "
+        "where batching measured slower; 8 on a GPU)",
+    )
     config_option(
         p,
         "--max-wait-ms",

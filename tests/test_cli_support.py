@@ -42,11 +42,11 @@ def test_help_shows_the_dataclass_default_once():
 
     p = argparse.ArgumentParser(formatter_class=HelpFormatter)
     config_option(p, "--jump-decay", HMMConfig, type=float, help="ratio")
-    config_option(p, "--max-batch", "engine.serve:ServeConfig", type=int, help="frames")
+    config_option(p, "--max-wait-ms", "engine.serve:ServeConfig", type=float, help="ms")
     text = " ".join(p.format_help().split())
     assert f"ratio (default: {HMMConfig().jump_decay})" in text
-    assert "frames (default: 8)" in text
-    assert p.parse_args([]).max_batch is None  # the dataclass's own default applies
+    assert "ms (default: 10.0)" in text
+    assert p.parse_args([]).max_wait_ms is None  # the dataclass's own default applies
 
 
 def _run(handler, capsys, **args):
