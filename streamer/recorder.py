@@ -358,8 +358,9 @@ class Recorder:
         due = force or any(inp.pending_ack >= max(1, inp.credit // 2) for inp in inputs)
         flushed = self.writer is None or self.writer.flush(force=due)
         for inp in inputs:
-            if flushed:
-                inp.ack()
+            last = self._handled.get(id(inp))  # never beyond what was written or refused
+            if flushed and last is not None:
+                inp.ack(upto=last)
             inp.service()
 
     # --- main loop -----------------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_reader_rejects_a_file_that_is_not_a_session(tmp_path):
     with pytest.raises(ValueError, match="not a session file"):
         SessionReader(tmp_path / "x.h5")
     (tmp_path / "t.h5").write_text("not hdf5")
-    with pytest.raises(ValueError, match="not an HDF5 file"):
+    with pytest.raises(ValueError, match="t.h5 is not an HDF5 session file"):
         SessionReader(tmp_path / "t.h5")
     with pytest.raises(FileNotFoundError):
         SessionReader(tmp_path / "missing.h5")
