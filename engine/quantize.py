@@ -2,8 +2,8 @@
 
 Weights are quantized per output channel (int8), activations per tensor (uint8), in the
 QOperator form (QLinearConv), with ``reduce_range`` (7-bit weights): on AVX2 machines without
-VNNI, onnxruntime's u8s8 kernels add pairs of products in 16 bits, which saturate with full-range
-weights; on the robustness suite that saturation cost up to 2.8 points of column accuracy.
+VNNI, onnxruntime's u8s8 kernels add pairs of products in 16 bits, which can saturate with
+full-range weights (onnxruntime's own advice for such machines).
 Activation ranges are calibrated on simulated frames like the training set's: faceted particles
 from a small exit-wave library (:mod:`sim_source.wave_library`) under microscopes, angles and
 doses drawn from the training ranges (:mod:`training.library_data`), plus axis-aligned
