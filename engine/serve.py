@@ -184,7 +184,8 @@ class Server:
         self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self.stage_frames: dict[str, int] = dict.fromkeys(STAGES, 0)
         self.stage_recent_ms: dict[str, deque[float]] = {k: deque(maxlen=1000) for k in STAGES}
-        self._stage_lock = threading.Lock()  # stages write these (and latencies_ms); stats() reads
+        # stages write these (and latencies_ms, rejected); stats() reads them
+        self._stage_lock = threading.Lock()
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
         self._publisher = threading.Thread(target=self._publish_loop, name="publish", daemon=True)
 
@@ -245,7 +246,8 @@ class Server:
                 reason,
                 detail,
             )
-        self.rejected[reason] += 1
+        with self._stage_lock:  # stats() copies the counter from another thread
+            self.rejected[reason] += 1
 
     def _clock(self, stage: str, since: float, frames: int) -> float:
         now = time.perf_counter()
@@ -481,6 +483,7 @@ class Server:
             stage_p50 = {
                 k: float(np.median(v)) if v else None for k, v in self.stage_recent_ms.items()
             }
+            rejected = dict(self.rejected)
         busy_s = (
             self._last_publish - self._first_receipt
             if self._first_receipt is not None and self._last_publish is not None
@@ -491,7 +494,7 @@ class Server:
             "skipped": self.queue.skipped,
             "busy_s": busy_s,
             "throughput_frames_per_s": self.counts["results_sent"] / busy_s if busy_s > 0 else None,
-            "rejected": dict(self.rejected),
+            "rejected": rejected,
             "input": self.input.stats(),
             "latency_ms_p50": float(np.percentile(lat, 50)),
             "latency_ms_p99": float(np.percentile(lat, 99)),
