@@ -34,13 +34,13 @@ import numpy as np
 
 from engine import backends
 from engine.model_io import load
+from sim_source.hrtem import make_grid
 from streamer import sockets
 from streamer.cli_support import machine_info, write_json
 from streamer.protocol import encode_control, encode_frame
 
 #: the paper's in-situ series: 0.13 s per frame
 CAMERA_RATE_FPS = 1 / 0.13
-PIXEL_SIZE_PM = 5.3
 
 
 @dataclass
@@ -154,7 +154,7 @@ def run_backend(cfg: E2EConfig, backend: str, clean: np.ndarray, workdir: Path) 
             session="bench-e2e",
             seq=seq,
             source="bench",
-            pixel_size_pm=PIXEL_SIZE_PM,
+            pixel_size_pm=make_grid(side).pixel_size_pm,
             dose_e_per_px=cfg.dose,
             mode="replay",
             t_acq=seq / cfg.rate_fps,
