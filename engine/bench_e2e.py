@@ -61,11 +61,9 @@ class E2EConfig:
 
 def simulated_frames(size: int, seed: int) -> np.ndarray:
     """Four clean simulated frames (4, size, size), vacuum = 1 (one slab, four defoci)."""
-    from sim_source.dataset import DatasetConfig, simulate_group
+    from sim_source.dataset import DatasetConfig, clean_images
 
-    return np.stack(
-        [r.image for r in simulate_group(DatasetConfig(count=4, size=size, seed=seed), 0)]
-    )
+    return clean_images(DatasetConfig(count=4, size=size, seed=seed))
 
 
 class _Results:

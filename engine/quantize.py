@@ -78,11 +78,10 @@ def _particle_frames(cfg: CalibrationConfig, cache_dir: Path) -> np.ndarray:
 def calibration_frames(cfg: CalibrationConfig, cache_dir: Path) -> np.ndarray:
     """Dose-normalised noisy frames (N, 1, size, size) float32: particle views, then slabs at
     four defoci per structure (deterministic in ``cfg``)."""
-    from sim_source.dataset import DatasetConfig, simulate_group
+    from sim_source.dataset import DatasetConfig, clean_images
     from sim_source.noise import add_poisson_noise
 
-    slabs = DatasetConfig(count=cfg.slab_frames, size=cfg.size, seed=cfg.seed)
-    clean = [r.image for g in range(slabs.n_groups) for r in simulate_group(slabs, g)]
+    clean = list(clean_images(DatasetConfig(count=cfg.slab_frames, size=cfg.size, seed=cfg.seed)))
     if cfg.structures and cfg.library_frames:
         clean = [*_particle_frames(cfg, cache_dir), *clean]
     rng = np.random.default_rng(cfg.seed)

@@ -223,6 +223,13 @@ def run_inline(cfg: DatasetConfig, groups: list[int]) -> Iterator[list[ImageReco
         yield simulate_group(cfg, g)
 
 
+def clean_images(cfg: DatasetConfig) -> np.ndarray:
+    """The clean images (count, size, size) float32 of ``cfg``, vacuum = 1, in memory (no
+    file): calibration and benchmark frames."""
+    groups = run_inline(cfg, list(range(cfg.n_groups)))
+    return np.stack([r.image for records in groups for r in records])
+
+
 def run_dask(client, task: Callable = simulate_group) -> Callable:
     """``task(cfg, index)`` for every index as tasks on a ``distributed`` client (default: the
     structure groups of a dataset); results yielded as they finish."""
