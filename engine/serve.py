@@ -302,16 +302,15 @@ class Server:
         self._clock("infer", t, len(batch.items))
         return batch
 
-    def _handoff(self, batch: _Batch) -> bool:
-        """Queue a batch for the publish stage (waits while it is ``pipeline_depth`` behind);
-        False when stopped first."""
+    def _handoff(self, batch: _Batch) -> None:
+        """Queue a batch for the publish stage (waits while it is ``pipeline_depth`` behind;
+        dropped when the engine stops first)."""
         while not self.stop.is_set():
             try:
                 self._predicted.put(batch, timeout=0.1)
-                return True
+                return
             except queue.Full:
                 continue
-        return False
 
     def _publish_loop(self) -> None:
         """Publish stage: results of predicted batches, eos forwarded, frames acknowledged to
