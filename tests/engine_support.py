@@ -1,4 +1,5 @@
-"""Helpers shared by the engine, e2e and demo tests (no tests here): a random model file."""
+"""Helpers shared by the engine, e2e, fault and demo tests (no tests here): a random model
+file, session files, child processes and the command lines of the pipeline's processes."""
 
 from __future__ import annotations
 
@@ -72,6 +73,49 @@ class ProcessGroup:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def serve_argv(cmd: list[str], ep: dict[str, str], model: Path, *extra: str) -> list[str]:
+    """``segdepth serve`` in replay mode on the torch CPU backend, frames from ``ep["engine"]``
+    and results to ``ep["results"]``, no viewer, leaving at the session's eos."""
+    return [
+        *cmd,
+        "serve",
+        *("--frames", ep["engine"], "--results", ep["results"], "--viewer", "none"),
+        *("--model", str(model), "--backend", "torch-cpu", "--mode", "replay", "--exit-on-eos"),
+        *extra,
+    ]
+
+
+def record_argv(cmd: list[str], out: Path, frames: str, results: str, *extra: str) -> list[str]:
+    """``segdepth record`` of raw frames from ``frames`` and results from ``results``
+    (an endpoint or ``none``) into ``out``."""
+    return [*cmd, "record", "--out", str(out), "--frames", frames, "--results", results, *extra]
+
+
+def replay_argv(
+    cmd: list[str], session: Path, engine: str, recorder: str, *extra: str
+) -> list[str]:
+    """``segdepth replay`` of ``session`` to ``engine`` and ``recorder`` (either may be
+    ``none``), no viewer."""
+    return [
+        *cmd,
+        "replay",
+        str(session),
+        *("--to-engine", engine, "--to-recorder", recorder, "--to-viewer", "none", *extra),
+    ]
+
+
+def results_recorded(path: Path) -> int:
+    """Frames of a recording (read while it is being written) that hold a result; 0 before
+    the file or its results group exists."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r", swmr=True) as f:
+            return int(f["results/has_result"][:].sum())
+    except (OSError, KeyError):  # not created yet
+        return 0
 
 
 def write_synthetic_session(

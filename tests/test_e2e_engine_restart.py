@@ -6,19 +6,19 @@ import time
 import h5py
 import numpy as np
 import pytest
-from engine_support import ProcessGroup, save_random_model, write_session
+from engine_support import (
+    ProcessGroup,
+    record_argv,
+    replay_argv,
+    results_recorded,
+    save_random_model,
+    serve_argv,
+    write_session,
+)
 
 # the source is slower than the engine, so few frames are in flight when it is killed and
 # the replay is still sending when the new engine starts
 T, SIDE, RATE_HZ = 80, 64, 8.0
-
-
-def results_recorded(path) -> int:
-    try:
-        with h5py.File(path, "r", swmr=True) as f:
-            return int(f["results/has_result"][:].sum())
-    except (OSError, KeyError):  # not created yet
-        return 0
 
 
 @pytest.mark.slow
@@ -30,58 +30,23 @@ def test_engine_killed_and_restarted(tmp_path, segdepth_cmd, endpoint_factory):
     )
     recording = tmp_path / "recording.h5"
     ep = {k: endpoint_factory() for k in ("engine", "recorder", "results")}
-    serve = [
-        *segdepth_cmd,
-        "serve",
-        "--frames",
-        ep["engine"],
-        "--results",
-        ep["results"],
-        "--viewer",
-        "none",
-        "--model",
-        str(model),
-        "--backend",
-        "torch-cpu",
-        "--mode",
-        "replay",
-        "--exit-on-eos",
-    ]
+    serve = serve_argv(segdepth_cmd, ep, model)
     procs = ProcessGroup(tmp_path)
     try:
         procs.start(
             "recorder",
-            [
-                *segdepth_cmd,
-                "record",
-                "--out",
-                str(recording),
-                "--frames",
-                ep["recorder"],
-                "--results",
-                ep["results"],
-                "--grace-s",
-                "30",
-            ],
+            record_argv(segdepth_cmd, recording, ep["recorder"], ep["results"], "--grace-s", "30"),
         )
         procs.start("engine", serve)
         procs.start(
             "replay",
-            [
-                *segdepth_cmd,
-                "replay",
-                str(session),
-                "--to-engine",
+            replay_argv(
+                segdepth_cmd,
+                session,
                 ep["engine"],
-                "--to-recorder",
                 ep["recorder"],
-                "--to-viewer",
-                "none",
-                "--mode",
-                "replay",
-                "--rate",
-                str(RATE_HZ),
-            ],
+                *("--mode", "replay", "--rate", str(RATE_HZ)),
+            ),
         )
         deadline = time.monotonic() + 120
         while results_recorded(recording) < 8:

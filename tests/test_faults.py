@@ -19,7 +19,15 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from engine_support import ProcessGroup, save_random_model, write_session
+from engine_support import (
+    ProcessGroup,
+    record_argv,
+    replay_argv,
+    results_recorded,
+    save_random_model,
+    serve_argv,
+    write_session,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from link_support import RawLink
@@ -88,25 +96,7 @@ def test_engine_survives_every_wire_probe(tmp_path, segdepth_cmd, endpoint_facto
     try:
         procs.start(
             "engine",
-            [
-                *segdepth_cmd,
-                "serve",
-                "--frames",
-                ep["frames"],
-                "--results",
-                ep["results"],
-                "--viewer",
-                "none",
-                "--model",
-                str(model),
-                "--backend",
-                "torch-cpu",
-                "--mode",
-                "replay",
-                "--exit-on-eos",
-                "--stats",
-                str(stats),
-            ],
+            serve_argv(segdepth_cmd, {**ep, "engine": ep["frames"]}, model, "--stats", str(stats)),
         )
         results = Input(ep["results"])
         probe.wait_for_reader(60)
@@ -233,14 +223,6 @@ def rows(path) -> list[int]:
         return []
 
 
-def results_in(path) -> int:
-    try:
-        with h5py.File(path, "r", swmr=True) as f:
-            return int(f["results/has_result"][:].sum())
-    except (OSError, KeyError):
-        return 0
-
-
 @pytest.mark.slow
 def test_recorder_and_engine_killed_and_restarted_lose_no_frame(
     tmp_path, segdepth_cmd, endpoint_factory
@@ -256,39 +238,10 @@ def test_recorder_and_engine_killed_and_restarted_lose_no_frame(
     )
     out = tmp_path / "rec.h5"
     ep = {k: endpoint_factory() for k in ("engine", "recorder", "results")}
-    serve = [
-        *segdepth_cmd,
-        "serve",
-        "--frames",
-        ep["engine"],
-        "--results",
-        ep["results"],
-        "--viewer",
-        "none",
-        "--model",
-        str(model),
-        "--backend",
-        "torch-cpu",
-        "--mode",
-        "replay",
-        "--exit-on-eos",
-        "--max-batch",
-        "16",
-    ]
-    record = [
-        *segdepth_cmd,
-        "record",
-        "--out",
-        str(out),
-        "--frames",
-        ep["recorder"],
-        "--results",
-        ep["results"],
-        "--grace-s",
-        "20",
-        "--flush-s",
-        "0.2",
-    ]
+    serve = serve_argv(segdepth_cmd, ep, model, "--max-batch", "16")
+    record = record_argv(
+        segdepth_cmd, out, ep["recorder"], ep["results"], "--grace-s", "20", "--flush-s", "0.2"
+    )
     procs = ProcessGroup(tmp_path)
 
     def wait_until(check, what):
@@ -302,27 +255,22 @@ def test_recorder_and_engine_killed_and_restarted_lose_no_frame(
         procs.start("engine", serve)
         procs.start(
             "replay",
-            [
-                *segdepth_cmd,
-                "replay",
-                str(session),
-                "--to-engine",
+            replay_argv(
+                segdepth_cmd,
+                session,
                 ep["engine"],
-                "--to-recorder",
                 ep["recorder"],
-                "--to-viewer",
-                "none",
                 "--mode",
                 "replay",
                 "--max-rate",
-            ],
+            ),
         )
         wait_until(lambda: len(rows(out)) >= 200, "first recorder")
         procs.procs["recorder"].kill()
         procs.procs["recorder"].wait(10)
         procs.start("recorder2", record)
         second = tmp_path / "rec.1.h5"
-        wait_until(lambda: results_in(second) >= 50, "second recorder")
+        wait_until(lambda: results_recorded(second) >= 50, "second recorder")
         procs.procs["engine"].kill()
         procs.procs["engine"].wait(10)
         procs.start("engine2", serve)
@@ -385,20 +333,7 @@ def test_disk_full_stops_cleanly_with_every_row_valid(
     out = small_disk(mib) / "rec.h5"
     fep = endpoint_factory()
     proc = subprocess.Popen(
-        [
-            *segdepth_cmd,
-            "record",
-            "--out",
-            str(out),
-            "--frames",
-            fep,
-            "--results",
-            "none",
-            "--min-free-mib",
-            "16",
-            "--flush-s",
-            "0",
-        ],
+        record_argv(segdepth_cmd, out, fep, "none", "--min-free-mib", "16", "--flush-s", "0"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -431,18 +366,7 @@ def test_recover_makes_a_killed_recording_open_with_plain_h5py(
     out = tmp_path / "killed.h5"
     fep = endpoint_factory()
     proc = subprocess.Popen(
-        [
-            *segdepth_cmd,
-            "record",
-            "--out",
-            str(out),
-            "--frames",
-            fep,
-            "--results",
-            "none",
-            "--flush-s",
-            "0",
-        ],
+        record_argv(segdepth_cmd, out, fep, "none", "--flush-s", "0"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -470,7 +394,7 @@ def test_foreign_eos_and_foreign_session_are_refused_and_counted(
     fep, rep = endpoint_factory(), endpoint_factory()
     out = tmp_path / "rec.h5"
     proc = subprocess.Popen(
-        [*segdepth_cmd, "record", "--out", str(out), "--frames", fep, "--results", rep],
+        record_argv(segdepth_cmd, out, fep, rep),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -521,23 +445,11 @@ def test_an_intruding_reader_is_refused_and_takes_nothing(tmp_path, segdepth_cmd
     try:
         procs.start(
             "recorder",
-            [*segdepth_cmd, "record", "--out", str(out), "--frames", rep, "--results", "none"],
+            record_argv(segdepth_cmd, out, rep, "none"),
         )
         procs.start(
             "replay",
-            [
-                *segdepth_cmd,
-                "replay",
-                str(session),
-                "--to-engine",
-                "none",
-                "--to-recorder",
-                rep,
-                "--to-viewer",
-                "none",
-                "--rate",
-                "40",
-            ],
+            replay_argv(segdepth_cmd, session, "none", rep, "--rate", "40"),
         )
         deadline = time.monotonic() + 60
         while not rows(out) and time.monotonic() < deadline:
@@ -748,26 +660,12 @@ def test_sigstop_in_live_mode_sender_drops_equal_receiver_losses(
     try:
         procs.start(
             "recorder",
-            [*segdepth_cmd, "record", "--out", str(out), "--frames", rep, "--results", "none"],
+            record_argv(segdepth_cmd, out, rep, "none"),
         )
         time.sleep(1.0)
         procs.start(
             "replay",
-            [
-                *segdepth_cmd,
-                "replay",
-                str(session),
-                "--to-engine",
-                "none",
-                "--to-recorder",
-                rep,
-                "--to-viewer",
-                "none",
-                "--mode",
-                "live",
-                "--rate",
-                "150",
-            ],
+            replay_argv(segdepth_cmd, session, "none", rep, "--mode", "live", "--rate", "150"),
         )
         deadline = time.monotonic() + 60
         while len(rows(out)) < 20:
