@@ -192,3 +192,15 @@ def test_tta_in_the_engine_matches_training_tta(loaded, frames):
     np.testing.assert_allclose(out.depth_prob, ref.probabilities, atol=2e-6)
     # a random model is nearly uniform, so the TTA average moves probabilities by ~1e-4
     assert np.abs(out.depth_prob - backend.infer(square).depth_prob).max() > 2e-5
+
+
+def test_channel_max_is_numpys_argmax_and_max_ties_included():
+    rng = np.random.default_rng(3)
+    prob = rng.random((2, 11, 33, 17)).astype(np.float32)
+    prob[:, 4] = prob[:, 7] = 2.0  # a tie everywhere: the first channel wins, as in argmax
+    prob[0, 9, :5] = 3.0
+    index, best = backends.channel_max(prob)
+    assert index.dtype == np.uint8 and best.dtype == np.float32
+    assert (index == prob.argmax(axis=1)).all() and (best == prob.max(axis=1)).all()
+    depth, confidence, species = backends.Prediction(prob, prob[:, :3]).maps()
+    assert (depth == index).all() and (species == prob[:, :3].argmax(axis=1)).all()
