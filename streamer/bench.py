@@ -224,7 +224,12 @@ def measure_recorder(
     try:
         summary = Recorder(
             RecorderConfig(
-                out=str(out), frames=endpoint, results=None, compress=compress, min_free_mib=256
+                out=str(out),
+                frames=endpoint,
+                results=None,
+                compress=compress,
+                min_free_mib=256,
+                overwrite=True,  # a scratch file per round
             )
         ).run()
         _fsync(out)

@@ -49,6 +49,7 @@ def record_config(args: argparse.Namespace):
                 "grace_s",
                 "min_free_mib",
                 "hwm",
+                "overwrite",
             ),
             **results,
         },
@@ -256,6 +257,14 @@ def _add_record(commands) -> None:
         help="stop cleanly when less than this is free on the disk, MiB",
     )
     config_option(rec, "--hwm", RECORDER, type=positive_int, help="messages queued per input")
+    config_option(
+        rec,
+        "--overwrite",
+        RECORDER,
+        action="store_true",
+        help="replace a finished recording at --out (refused otherwise; an unfinished one "
+        "is recovered and continued in NAME.1.h5 beside it)",
+    )
     security.add_options(rec)
     rec.set_defaults(func=_record)
 

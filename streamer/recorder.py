@@ -74,6 +74,9 @@ class RecorderConfig:
     #: results kept while waiting for their frame (each holds its maps: ~6 MB at 1024^2);
     #: beyond, the oldest is dropped and counted.
     max_pending_results: int = 64
+    #: replace a complete recording found at ``out`` (otherwise it is refused; an unfinished
+    #: one is always recovered and continued beside it).
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not self.min_free_mib >= MIN_RESERVE_MIB:
@@ -92,6 +95,11 @@ class RecorderConfig:
             raise PermissionError(
                 f"cannot record to {self.out}: the folder {folder} is not "
                 f"writable (choose another --out)"
+            )
+        if Path(self.out).exists() and not self.overwrite and not needs_recovery(self.out):
+            raise FileExistsError(
+                f"{self.out} already holds a finished file; choose another --out, or pass "
+                f"--overwrite to replace it"
             )
 
 

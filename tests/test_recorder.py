@@ -229,6 +229,26 @@ def test_sigint_stops_with_a_summary_and_a_complete_file(tmp_path, endpoint_fact
     assert "frames" in text and "SIGINT" in text
     with h5py.File(out, "r") as f:
         assert f.attrs["complete"] == 1 and f["frames"].shape[0] == 10
+    # a second recording at the same --out is refused in one line: the finished file stays
+    again = [*segdepth_cmd, "record", "--out", str(out), "--frames", fep, "--results", "none"]
+    refused = subprocess.run(again, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert str(out) in refused.stderr and "--overwrite" in refused.stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["complete"] == 1 and f["frames"].shape[0] == 10
+    # ... unless the user says so
+    proc = subprocess.Popen(
+        [*again, "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    with Output(fep) as frames:
+        for seq in range(3):
+            assert frames.send(frame_parts(seq, session="second"), timeout_s=20)
+        assert frames.flush(timeout_s=20)  # acknowledged: on disk
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, text
+    with h5py.File(out, "r") as f:
+        assert f["frames"].shape[0] == 3 and f.attrs["session_id"] == "second"
 
 
 def test_source_crash_and_restart_is_picked_up(tmp_path, endpoint_factory):
