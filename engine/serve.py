@@ -164,8 +164,9 @@ class Server:
         self.latencies_ms: deque[float] = deque(maxlen=10_000)  # the latest, for stats
         self._first_receipt: float | None = None  # time.monotonic() of the first frame
         self._last_publish: float | None = None
-        # a frame is acknowledged to its source once its result is out (or it was rejected):
-        # a restarted engine gets again what a crashed one had queued (issue 11)
+        # a frame is acknowledged to its source once the recorder acknowledged its result (or
+        # it was rejected, or its result was dropped in live mode): a restarted engine gets
+        # again every frame whose result a crashed one had not delivered (issue 11)
         self.input = sockets.Input(
             config.frames,
             hwm=config.receive_hwm,
@@ -178,6 +179,9 @@ class Server:
         self.output.stop = self.stop
         self.viewer = sockets.Publisher(config.viewer) if config.viewer else None
         self._predicted: queue.Queue[_Batch] = queue.Queue(config.pipeline_depth)
+        #: (results-link seq to be acknowledged first, source message): the publish stage
+        #: acknowledges each message to its source once its reader has what came before
+        self._unsettled: deque[tuple[int, Message]] = deque()
         #: busy seconds and frames of each stage (STAGES), for stage_ms_per_frame, and the
         #: latest batches' ms per frame, for its median (session start-up, when the column
         #: reference grows, weighs on the mean only)
@@ -320,11 +324,12 @@ class Server:
             try:
                 batch = self._predicted.get(timeout=0.1)
             except queue.Empty:
+                self._settle()
                 if self.stop.is_set():
                     return
                 continue
-            if batch.kind == "rejected":  # done with them: the source may forget them
-                self.input.ack(upto=batch.items[-1].payload)
+            if batch.kind == "rejected":  # done with them once earlier results are delivered
+                self._settle_after(self.output.last_sent, batch.items[-1].payload)
                 continue
             if batch.kind == "eos":
                 self._forward_eos(batch.items[0].payload)
@@ -405,12 +410,28 @@ class Server:
             self.counts["results_sent"] += 1
         else:
             self.counts["results_dropped"] += 1
-        self.input.ack(upto=msg)
+        # live mode loses frames under load by design: its frames are done with at once
+        self._settle_after(-1 if self._is_live(msg) else self.output.last_sent, msg)
         if self.viewer is not None:
             self.viewer.send(parts)
         with self._stage_lock:
             self.latencies_ms.append(latency_ms)
         self._last_publish = time.monotonic()
+
+    def _settle_after(self, link_seq: int, msg: Message) -> None:
+        """Acknowledge ``msg`` to its source once the results link's reader acknowledged
+        everything up to ``link_seq`` (at once when it has)."""
+        self._unsettled.append((link_seq, msg))
+        self._settle()
+
+    def _settle(self) -> None:
+        """Acknowledge to the source what the results link's reader has made safe."""
+        self.output.service()
+        safe, last = self.output.acknowledged_upto, None
+        while self._unsettled and self._unsettled[0][0] <= safe:
+            last = self._unsettled.popleft()[1]
+        if last is not None:
+            self.input.ack(upto=last)
 
     def _ood_warning(self, score: float) -> bool | None:
         """True when the frame's score passes the model's warning level (meta
@@ -429,7 +450,7 @@ class Server:
             skipped=self.queue.skipped,
         )
         self.output.send(parts, timeout_s=10.0, wait=True)
-        self.input.ack(upto=msg)
+        self._settle_after(self.output.last_sent, msg)
         if self.viewer is not None:
             self.viewer.send(parts)
         self.counts["eos_forwarded"] += 1
@@ -510,6 +531,8 @@ class Server:
         self._receiver.join(timeout=2.0)
         if self._publisher.is_alive():
             self._publisher.join(timeout=10.0)
+        self.output.flush(self.output.linger_s)  # the results' reader acknowledges the rest
+        self._settle()  # ... and the source learns which frames are done with
         self.input.close()
         self.output.close()
         if self.viewer is not None:

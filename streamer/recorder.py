@@ -115,6 +115,9 @@ class RecordSummary:
     results_without_frame: int = 0
     #: frames recorded that never got their result (e.g. queued in an engine that crashed).
     frames_without_result: int = 0
+    #: results for a frame that already had one (a restarted engine answering again what
+    #: its crashed predecessor had sent); the first is kept.
+    duplicate_results: int = 0
     #: frames, results and eos of sessions other than the one recorded (refused).
     foreign: dict[str, int] = field(default_factory=dict)
     #: the session recorded, and the earlier file this one continues (after a crash).
@@ -133,6 +136,7 @@ class RecordSummary:
             ("malformed messages", sum(self.malformed.values())),
             ("results without a frame", self.results_without_frame),
             ("frames without a result", self.frames_without_result),
+            ("duplicate results (ignored)", self.duplicate_results),
             ("other sessions refused", sum(self.foreign.values())),
             ("stopped by", self.stopped_by),
             ("elapsed, s", f"{self.elapsed_s:.1f}"),
@@ -159,6 +163,7 @@ class Recorder:
         self.stop = threading.Event()
         self.writer: SessionWriter | None = None
         self._rows: dict[int, int] = {}
+        self._answered: set[int] = set()  # sequence numbers of frames with a result
         self._pending: OrderedDict[int, Message] = OrderedDict()
         self._session: str | None = None
         self._resume: tuple[str, int] | None = None  # (session, last seq) of a crashed file
@@ -271,6 +276,7 @@ class Recorder:
         result = self._pending.pop(msg.seq, None)
         if result is not None:
             self.writer.add_result(row, result)
+            self._answered.add(msg.seq)
 
     def _on_result(self, msg: Message, inp: Input) -> None:
         head = msg.header
@@ -288,10 +294,14 @@ class Recorder:
                     f"result map {name!r} {arr.shape} does not match the frames {shape}",
                 )
                 return
+        if seq in self._answered or seq in self._pending:  # resent by a restarted engine
+            self.summary.duplicate_results += 1
+            return
         row = self._rows.get(seq)
         if row is not None:
             assert self.writer is not None  # a row exists: the writer does
             self.writer.add_result(row, msg)
+            self._answered.add(seq)
             return
         self._pending[seq] = msg
         if len(self._pending) > self.config.max_pending_results:

@@ -339,6 +339,22 @@ class Output:
             )
 
     @property
+    def last_sent(self) -> int:
+        """Link sequence number of the latest message sent (-1 before the first)."""
+        return self._next - 1
+
+    @property
+    def acknowledged_upto(self) -> int:
+        """Every message up to this link sequence number was acknowledged by a reader (as of
+        the last :meth:`service`)."""
+        return self._unacked[0][0] - 1 if self._unacked else self._next - 1
+
+    def service(self) -> None:
+        """Take in the reader's acknowledgements and credit waiting on the socket (call it
+        between sends to keep :attr:`acknowledged_upto` current)."""
+        self._service()
+
+    @property
     def connected(self) -> bool:
         """Whether a reader is being served."""
         self._service()

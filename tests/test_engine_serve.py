@@ -22,10 +22,11 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture
 def engine(model_path, endpoint_factory):
-    """Start a Server thread; yield (source Output, results Input, server, start)."""
+    """Start a Server thread; yield start(mode, auto_ack=True, **ServeConfig) -> (source
+    Output, results Input, server)."""
     made = []
 
-    def start(mode, **kw):
+    def start(mode, auto_ack=True, **kw):
         cfg = ServeConfig(
             frames=endpoint_factory(),
             results=endpoint_factory(),
@@ -39,7 +40,7 @@ def engine(model_path, endpoint_factory):
         server = Server(cfg)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        results = sockets.Input(cfg.results, hwm=1000)
+        results = sockets.Input(cfg.results, hwm=1000, auto_ack=auto_ack)
         assert src.wait_for_reader(10), "the engine never said ready"
         made.append((src, results, server, thread))
         return src, results, server
@@ -238,3 +239,26 @@ def test_without_max_batch_the_engine_uses_its_backends_preferred_batch(engine):
     got = collect(results, until_eos=False, n=4)
     assert [m.header["batch_size"] for m in got] == [1, 1, 1, 1]
     assert server.stats()["max_batch"] == 1
+
+
+def test_a_frame_is_acknowledged_to_its_source_only_once_its_result_is_safe(engine):
+    """Replay mode: the source may forget a frame only after the results' reader acknowledged
+    its result, so an engine that dies with results not yet delivered gets the frames again."""
+    src, results, server = engine("replay", auto_ack=False, max_batch=1, max_wait_ms=0)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        assert src.send(frame_msg(i, rng), timeout_s=10)
+    got = collect(results, until_eos=False, n=5)
+    assert [m.seq for m in got] == list(range(5))
+    time.sleep(0.5)  # several acknowledgement rounds of the engine's input
+    src.service()
+    assert src.acknowledged_upto == -1  # the results are not safe yet: nothing is forgotten
+    results.ack(upto=got[2])
+    results.service()
+    deadline = time.monotonic() + 10
+    while src.acknowledged_upto < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        src.service()
+    assert src.acknowledged_upto == 2  # exactly the frames whose results are safe
+    results.ack()  # the rest, so that the engine closes without waiting for them
+    results.service()

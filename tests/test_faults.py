@@ -229,7 +229,7 @@ def test_recorder_and_engine_killed_and_restarted_lose_no_frame(
 ):
     """1,000 frames, lossless replay: the recorder is SIGKILLed and restarted (it recovers its
     file and continues beside it), then the engine; the union of the files holds every frame
-    and the restarted recorder counts no loss."""
+    and a result for each, and the restarted recorder counts no loss."""
     n = 1000
     model = save_random_model(tmp_path / "random.pt")
     rng = np.random.default_rng(0)
@@ -281,6 +281,7 @@ def test_recorder_and_engine_killed_and_restarted_lose_no_frame(
         procs.close()
     with h5py.File(out, "r") as f:  # recovered: plain h5py opens it
         first_rows = f["sequence"][:].tolist()
+        first_answered = f["results/has_result"][:].astype(bool)
         assert f.attrs["recovered"] == 1
     with h5py.File(second, "r") as f:
         second_rows = f["sequence"][:].tolist()
@@ -290,7 +291,13 @@ def test_recorder_and_engine_killed_and_restarted_lose_no_frame(
     assert second_rows == list(range(second_rows[0], n))
     assert set(first_rows) | set(second_rows) == set(range(n))  # 0 frames missing
     assert summary["lost"] == 0 and summary["continues"] == str(out)
-    # frames whose results died with the engine are counted, not hidden
+    # no result died with the engine: its source resent to the restarted one the frames whose
+    # results the recorder had not acknowledged, so every frame of the second file has one
+    assert answered.all(), np.flatnonzero(~answered)[:10]
+    # what a killed recorder loses: results of frames it had written but whose results were
+    # still on their way; they reach the new recorder and are counted, not written
+    first_missing = len(first_rows) - int(first_answered.sum())
+    assert summary["results_without_frame"] == first_missing <= sockets.DEFAULT_HWM
     assert summary["frames_without_result"] == len(second_rows) - int(answered.sum())
     log = procs.log("recorder2")
     assert "recovered" in log
