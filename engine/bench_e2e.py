@@ -193,7 +193,7 @@ def run_backend(cfg: E2EConfig, backend: str, clean: np.ndarray, workdir: Path) 
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
         results.close()
-        source.close(0)
+        source.close(2.0)  # the exited engine's last acknowledgement is on the socket
     stats = json.loads(stats_path.read_text())["stats"]
     stages, median = stats["stage_ms_per_frame"], stats["stage_ms_per_frame_p50"]
     frame_ms = 1e3 * span / cfg.e2e_frames
