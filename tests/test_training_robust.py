@@ -23,7 +23,7 @@ from training.library_data import (
 )
 from training.metrics import ColumnMetrics, DepthMetrics, centre_mask
 from training.model import load_model
-from training.robustness import check_disjoint, ood_scores, roc_auc
+from training.robustness import check_disjoint, ood_scores, roc_auc, suite_files, suite_rows
 from training.train import TrainConfig, train
 
 
@@ -200,6 +200,44 @@ def test_robustness_suite_cli_tiny(tmp_path, segdepth_cmd):
         assert 0 <= summary["column_exact"] <= 1 or np.isnan(summary["column_exact"])
     assert (out / "robustness.png").stat().st_size > 1000
     assert "turned 90°" in (out / "robustness.md").read_text()
+    ((_, auc),) = report["auc_outside_training"].items()
+    assert all(0 <= v <= 1 for v in auc.values())
+    assert "outside the training ranges" in (out / "robustness.md").read_text()
+
+
+def test_suite_rows_outside_training_are_those_beyond_every_training_range():
+    """A row is flagged outside (the rows the OOD score is judged on, pooled) exactly when a
+    parameter lies beyond what the robust training draws: optics, dose, film, generator."""
+    from sim_source.microscope import OpticsRanges
+    from sim_source.particle import ParticleConfig
+    from training.library_data import RenderConfig
+
+    r = OpticsRanges()
+
+    def beyond(o) -> bool:
+        return bool(
+            not r.defocus_nm[0] <= o.C10_A / 10 <= r.defocus_nm[1]
+            or o.C12_A / 10 > r.astigmatism_nm[1]
+            or o.C21_A / 10 > r.coma_nm[1]
+            or not r.C3_um[0] <= o.C3_um <= r.C3_um[1]
+            or not r.C5_mm[0] <= o.C5_mm <= r.C5_mm[1]
+            or o.focal_spread_A > r.focal_spread_A[1]
+        )
+
+    films = {f.name: f.particle for f in suite_files()}
+    for row in suite_rows():
+        expected = (
+            (row.optics is not None and beyond(row.optics))
+            or row.dose > RenderConfig().dose[1]
+            or row.file == "legacy"
+            or (
+                films[row.file] is not None
+                and films[row.file].carbon_probability > 0
+                and films[row.file].carbon_thickness_A[0] >= ParticleConfig().carbon_thickness_A[1]
+            )
+        )
+        assert row.outside == expected, row.name
+    assert sum(row.outside for row in suite_rows()) == 7
 
 
 def test_test_time_augmentation_is_equivariant():
