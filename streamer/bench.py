@@ -26,8 +26,11 @@ from streamer.sockets import free_tcp_endpoint
 N_DISTINCT = 8  # distinct frames cycled by a sender (counting-mode noise)
 #: the protocol path without the receiver's NaN/Inf scan (float frames only): shows its cost.
 PROTOCOL_NO_CHECK = "protocol, no NaN scan"
-#: the protocol path with CURVE encryption and the ZAP allow-list (streamer.security).
+#: the protocol path with CURVE encryption and the ZAP allow-list (streamer.security); an
+#: encrypted link compresses its buffers by default (streamer.protocol.compress_parts).
 PROTOCOL_CURVE = "protocol + CURVE"
+#: the same, buffers sent raw (as before compression): the cost of the cipher alone.
+PROTOCOL_CURVE_RAW = "protocol + CURVE, raw buffers"
 
 
 @dataclass
@@ -72,7 +75,13 @@ def _transport_sender(
     frames = _frames(size, dtype)
     seq = 0
     if path != "bare":
-        out = Output(endpoint, mode="replay", hwm=16, linger_s=10)
+        out = Output(
+            endpoint,
+            mode="replay",
+            hwm=16,
+            linger_s=10,
+            compress=False if path == PROTOCOL_CURVE_RAW else None,
+        )
         out.wait_for_reader(30)
         t_end = time.monotonic() + seconds
         while time.monotonic() < t_end:
@@ -159,7 +168,7 @@ def measure_transport(
 ) -> Row:
     """One measurement; ``keys`` (a key folder) is used by the CURVE path only."""
     endpoint = _endpoint(transport)
-    keys = keys if path == PROTOCOL_CURVE else None
+    keys = keys if path in (PROTOCOL_CURVE, PROTOCOL_CURVE_RAW) else None
     child = mp.get_context("spawn").Process(
         target=_transport_sender, args=(endpoint, path, size, dtype, seconds, keys)
     )
@@ -332,7 +341,7 @@ def run_transport_bench(cfg: TransportBenchConfig, json_path: str) -> list[Row]:
     rows = []
     keys = str(make_keys(Path(tempfile.mkdtemp(prefix="segdepth-bench-keys-")) / "keys").folder)
     for dtype in cfg.dtypes:
-        paths = ["bare", "protocol", PROTOCOL_CURVE]
+        paths = ["bare", "protocol", PROTOCOL_CURVE_RAW, PROTOCOL_CURVE]
         if np.dtype(dtype).kind == "f":
             paths.append(PROTOCOL_NO_CHECK)
         runs: dict[str, list[Row]] = {path: [] for path in paths}

@@ -136,9 +136,9 @@ def stop_zap(ctx: zmq.Context) -> None:
         auth.stop()
 
 
-def secure_server(sock: zmq.Socket, endpoint: str, keys: Keys | None = None) -> None:
-    """Before a bind: CURVE server with the allow-list when keys exist; else refuse a
-    non-loopback endpoint unless insecure operation was asked for."""
+def secure_server(sock: zmq.Socket, endpoint: str, keys: Keys | None = None) -> bool:
+    """Before a bind: CURVE server with the allow-list when keys exist (True); else refuse a
+    non-loopback endpoint unless insecure operation was asked for (False)."""
     keys = keys if keys is not None else keys_from_env()
     if keys is None:
         if not is_loopback(endpoint) and os.environ.get(INSECURE_ENV) != "1":
@@ -147,21 +147,24 @@ def secure_server(sock: zmq.Socket, endpoint: str, keys: Keys | None = None) -> 
                 f"machines. Make keys with `segdepth keys DIR` and pass --keys DIR to every "
                 f"program (or set {KEYS_ENV}=DIR), or pass --insecure on a private network"
             )
-        return
+        return False
     _start_zap(sock.context, keys)
     sock.curve_secretkey = keys.server_secret
     sock.curve_publickey = keys.server_public
     sock.curve_server = True
+    return True
 
 
-def secure_client(sock: zmq.Socket, keys: Keys | None = None) -> None:
-    """Before a connect: CURVE client keys when a key folder is configured."""
+def secure_client(sock: zmq.Socket, keys: Keys | None = None) -> bool:
+    """Before a connect: CURVE client keys when a key folder is configured (True: the peer
+    is authenticated by its server key)."""
     keys = keys if keys is not None else keys_from_env()
     if keys is None:
-        return
+        return False
     sock.curve_serverkey = keys.server_public
     sock.curve_publickey = keys.client_public
     sock.curve_secretkey = keys.client_secret
+    return True
 
 
 def add_options(parser) -> None:

@@ -36,6 +36,7 @@ from streamer import security, sockets
 from streamer.protocol import (
     FrameLimits,
     ProtocolError,
+    compress_parts,
     decode,
     encode,
     encode_control,
@@ -493,6 +494,14 @@ def test_curve_admits_the_allowed_key_and_refuses_an_unknown_one(
         assert out.send(frame(0), timeout_s=10)
         msg = good.recv(timeout_s=10)
         assert msg is not None and msg.seq == 0  # the right key works
+        # an encrypted link sends noisy frames compressed, and they arrive exactly
+        assert out.compress and good.allow_codec
+        counts = np.random.default_rng(1).poisson(2.5, (256, 256)).astype(np.uint16)
+        sent = encode_frame(counts, session="s", seq=1, source="t", pixel_size_pm=5.3)
+        assert len(compress_parts(sent)[2]) < counts.nbytes / 3
+        assert out.send(sent, timeout_s=10)
+        msg = good.recv(timeout_s=10)
+        assert msg is not None and (msg.arrays["frame"] == counts).all()
         good.close()
         time.sleep(0.5)  # the sender notices the reader left
         monkeypatch.setenv(security.KEYS_ENV, str(stranger))

@@ -13,6 +13,7 @@ from streamer.protocol import (
     MalformedCounter,
     ProtocolError,
     SequenceTracker,
+    compress_parts,
     decode,
     encode,
     encode_control,
@@ -216,3 +217,50 @@ def test_make_header_rejects_unknown_kind():
             make_header("frame", session="s", seq=0, source="t", pixel_size_pm=1.0),
             {"frame": np.zeros((2, 2), np.complex64)},
         )
+
+
+# --- compressed buffers (encrypted links) -----------------------------------------------------
+def _noisy(shape=(256, 256), dtype=np.uint16):
+    return np.random.default_rng(0).poisson(2.5, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.uint8])
+def test_compressed_buffers_round_trip_exactly(dtype):
+    frame = _noisy(dtype=dtype)
+    parts = compress_parts(frame_msg(frame, dose_e_per_px=2.5))
+    head = msgpack.unpackb(parts[1])
+    assert head["buffers"][0]["codec"] == "blosc" and len(parts[2]) < frame.nbytes / 2
+    msg = decode(parts, allow_codec=True)
+    assert msg.arrays["frame"].dtype == dtype and (msg.arrays["frame"] == frame).all()
+    assert not msg.arrays["frame"].flags.writeable and msg.header["dose_e_per_px"] == 2.5
+    small = compress_parts(frame_msg())  # below COMPRESS_MIN_BYTES: sent as it is
+    assert "codec" not in msgpack.unpackb(small[1])["buffers"][0]
+
+
+def _with_buffer(parts, shape=None, codec="blosc", payload=None):
+    head = msgpack.unpackb(parts[1])
+    head["buffers"][0]["codec"] = codec
+    if shape is not None:
+        head["buffers"][0]["shape"] = shape
+    return [parts[0], msgpack.packb(head), parts[2] if payload is None else payload]
+
+
+def test_compressed_buffers_are_refused_with_a_reason_when_wrong_or_not_allowed():
+    parts = compress_parts(frame_msg(_noisy()))
+    packed = bytes(parts[2])
+
+    def reason(p, **kw):
+        with pytest.raises(ProtocolError) as err:
+            decode(p, **{"allow_codec": True, **kw})
+        return err.value.reason
+
+    assert reason(parts, allow_codec=False) == "codec"  # a plain link takes raw buffers only
+    assert reason(_with_buffer(parts, codec="zip")) == "codec"
+    assert reason(_with_buffer(parts, payload=packed[:10])) == "codec"  # shorter than a header
+    assert reason(_with_buffer(parts, payload=packed[:-5])) == "codec"  # truncated
+    # a bomb: a small buffer whose header claims another (larger) array is not inflated
+    assert reason(_with_buffer(parts, shape=[512, 512])) == "codec"
+    assert reason(_with_buffer(parts, shape=[60000, 60000])) == "size"  # 7 GB: beyond limits
+    damaged = bytearray(packed)
+    damaged[100:200] = b"\xff" * 100
+    assert reason(_with_buffer(parts, payload=bytes(damaged))) == "codec"
