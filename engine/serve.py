@@ -449,8 +449,10 @@ class Server:
             frames_processed=self.counts["results_sent"],
             skipped=self.queue.skipped,
         )
-        self.output.send(parts, timeout_s=10.0, wait=True)
-        self._settle_after(self.output.last_sent, msg)
+        sent = self.output.send(parts, timeout_s=10.0, wait=True)
+        # the source's eos is done with once every result before it is safe: a recorder stops
+        # at the source's eos with all results in, and may never read the engine's own eos
+        self._settle_after(self.output.last_sent - 1 if sent else self.output.last_sent, msg)
         if self.viewer is not None:
             self.viewer.send(parts)
         self.counts["eos_forwarded"] += 1
@@ -534,7 +536,7 @@ class Server:
         self.output.flush(self.output.linger_s)  # the results' reader acknowledges the rest
         self._settle()  # ... and the source learns which frames are done with
         self.input.close()
-        self.output.close()
+        self.output.close(0)  # (waited for above)
         if self.viewer is not None:
             self.viewer.close()
 
