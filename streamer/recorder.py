@@ -174,7 +174,7 @@ class Recorder:
         self._free_estimate = 0
         self._row_bytes = 0
         #: per input, the last message handled (written, refused or counted): acknowledged
-        #: at the next flush
+        #: at the next flush; the results input's stands still while a result waits for its frame
         self._handled: dict[int, Message] = {}
 
     # --- the previous file -----------------------------------------------------------------
@@ -277,6 +277,10 @@ class Recorder:
         if result is not None:
             self.writer.add_result(row, result)
             self._answered.add(msg.seq)
+        if self._pending:  # frames come in order: a result for an earlier one has lost its frame
+            for seq in [seq for seq in self._pending if seq < msg.seq]:
+                del self._pending[seq]
+                self.summary.results_without_frame += 1
 
     def _on_result(self, msg: Message, inp: Input) -> None:
         head = msg.header
@@ -307,6 +311,12 @@ class Recorder:
         if len(self._pending) > self.config.max_pending_results:
             self._pending.popitem(last=False)
             self.summary.results_without_frame += 1
+
+    def _holds_ack(self) -> bool:
+        """A result waits for a frame still to come (not one already in a crashed file)."""
+        if self._resume is None:
+            return bool(self._pending)
+        return any(seq > self._resume[1] for seq in self._pending)
 
     def _handle(self, msg: Message, inp: Input, is_results: bool) -> None:
         self._last_news = time.monotonic()
@@ -422,7 +432,9 @@ class Recorder:
                     if inp.socket in ready:
                         for msg in inp.drain(16):  # bounded: flushes stay on time
                             self._handle(msg, inp, is_results)
-                            if not self.stop.is_set():  # written, refused or counted
+                            # written, refused or counted; a result waiting for its frame
+                            # is not acknowledged (a crash would lose it) until that is written
+                            if not self.stop.is_set() and not (is_results and self._holds_ack()):
                                 self._handled[id(inp)] = msg
                             if self.stop.is_set():
                                 break

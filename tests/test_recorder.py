@@ -143,6 +143,45 @@ def test_frames_and_results_in_any_order_are_aligned(tmp_path, endpoint_factory)
         assert cols["depth"][10, 2] == -1  # absent column
 
 
+def test_a_result_before_its_frame_is_acknowledged_only_once_written(tmp_path, endpoint_factory):
+    """A result waiting for its frame is not on disk: acknowledging it would let a recorder
+    crash lose it. Its acknowledgement waits for the frame; a result whose frame was passed
+    (lost) is counted and no longer holds the link back."""
+    fep, rep = endpoint_factory(), endpoint_factory()
+    out = tmp_path / "s.h5"
+
+    def acknowledged(output: Output, upto: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            output.service()
+            if output.acknowledged_upto >= upto:
+                return True
+            time.sleep(0.05)
+        return False
+
+    with Output(fep) as frames, Output(rep) as results:
+        rec, thread, box = start_recorder(
+            RecorderConfig(out=str(out), frames=fep, results=rep, grace_s=2, flush_interval_s=0.1)
+        )
+        assert frames.send(frame_parts(0), timeout_s=5)
+        assert results.send(result_parts(0, [1]), timeout_s=5)
+        assert acknowledged(results, results.last_sent, 5)  # written with its frame
+        for seq in (1, 2):  # before their frames
+            assert results.send(result_parts(seq, [1]), timeout_s=5)
+        assert not acknowledged(results, results.last_sent - 1, 1.0)
+        assert frames.send(frame_parts(1), timeout_s=5)
+        assert frames.send(frame_parts(3), timeout_s=5)  # frame 2 never comes
+        assert results.send(result_parts(3, [1]), timeout_s=5)
+        assert acknowledged(results, results.last_sent, 5)
+        assert frames.send(encode_control("eos", session="sess", seq=4, source="test"), timeout_s=5)
+        thread.join(timeout=20)
+    summary = box["summary"]
+    assert summary.stopped_by == "eos" and summary.results_without_frame == 1
+    with h5py.File(out, "r") as f:
+        np.testing.assert_array_equal(f["sequence"][:], [0, 1, 3])
+        assert f["results/has_result"][:].all()
+
+
 def _wait_for_frames(path: Path, n: int, timeout_s: float = 20) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
