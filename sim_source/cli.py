@@ -90,7 +90,7 @@ def session_config(args: argparse.Namespace):
 
     return SessionConfig(
         optics=_optics(args),
-        **given(args, "frames", "seed", "size", "dose_e_per_px", "frame_interval_s"),
+        **given(args, "frames", "seed", "size", "dose_e_per_px", "frame_interval_s", "thermal"),
     )
 
 
@@ -316,6 +316,14 @@ def _session_options(p: argparse.ArgumentParser) -> None:
         SESSION,
         type=positive_float,
         help="time between frames in s (0.13: the paper's K3 rate)",
+    )
+    s.add_argument(
+        "--static-lattice",
+        dest="thermal",
+        action="store_const",
+        const=False,
+        default=None,
+        help="atoms on a static lattice (default: one frozen-phonon snapshot, as in training)",
     )
 
 

@@ -153,12 +153,15 @@ def computed(lazy: Any) -> np.ndarray:
     return np.asarray(lazy.compute(scheduler="synchronous").array)
 
 
-def exit_wave(table, grid: Grid, optics: Optics = Optics()) -> np.ndarray:
+def exit_wave(
+    table, grid: Grid, optics: Optics = Optics(), displacements_A: np.ndarray | None = None
+) -> np.ndarray:
     """Complex exit wave (gx, gy) of a plane wave through the column table (Lobato potential,
-    two slices per cell, infinite projection), incident intensity 1 per pixel."""
+    two slices per cell, infinite projection), incident intensity 1 per pixel; atoms moved by
+    ``displacements_A`` (a thermal snapshot, :func:`structure.thermal_displacements`) if given."""
     import abtem
 
-    atoms = to_atoms(table, *grid.extent_A, n_cells_z=MAX_ATOMS)
+    atoms = to_atoms(table, *grid.extent_A, n_cells_z=MAX_ATOMS, displacements_A=displacements_A)
     potential = abtem.Potential(
         atoms,
         gpts=grid.gpts,

@@ -18,12 +18,13 @@ import numpy as np
 from sim_source.structure import (
     CELL_X,
     CELL_Y,
+    THERMAL_RMS_A,
     ColumnTable,
     slice_thicknesses_A,
     to_atoms,
     unit_cell_columns,
 )
-from streamer.domain import MAX_ATOMS
+from streamer.domain import MAX_ATOMS, SPECIES_CE, SPECIES_O
 
 #: in-plane facet normals (degrees from x = [1-10] toward y = [001]) of the low-index facets
 #: seen edge-on along [110]; {111} normals lie atan(1/√2) = 35.26° from [1-10].
@@ -33,9 +34,6 @@ FACET_NORMALS_DEG: dict[str, tuple[float, ...]] = {
     "100": (90.0, 270.0),
     "111": (ANGLE_111_DEG, -ANGLE_111_DEG, 180.0 - ANGLE_111_DEG, 180.0 + ANGLE_111_DEG),
 }
-#: RMS thermal displacement per axis (Å) at room temperature, from B ≈ 0.3 Å² (Ce) and
-#: 0.6 Å² (O): u = sqrt(B / 8π²).
-THERMAL_RMS_A = {1: 0.062, 2: 0.087}
 CARBON_DENSITY_PER_A3 = 0.10  # amorphous carbon, ≈ 2.0 g/cm³
 CARBON_SLICE_A = 2.0  # slice thickness through the film (Å)
 
@@ -161,7 +159,9 @@ def particle_atoms(particle: Particle, field_A: float, thermal: bool = True):
     crystal = to_atoms(particle.table, field_A, field_A)
     positions = crystal.positions
     if thermal:
-        rms = np.where(crystal.numbers == 58, THERMAL_RMS_A[1], THERMAL_RMS_A[2])
+        # drawn per atom (not per site as structure.thermal_displacements): the stored
+        # libraries were made this way, and their seeds must keep reproducing them
+        rms = np.where(crystal.numbers == 58, THERMAL_RMS_A[SPECIES_CE], THERMAL_RMS_A[SPECIES_O])
         positions = (
             positions
             + np.random.default_rng(particle.thermal_seed).normal(size=positions.shape)

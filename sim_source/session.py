@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from sim_source.hrtem import Optics, check_output_size, configure_abtem, exit_wave, image, make_grid
 from sim_source.labels import label_maps
-from sim_source.structure import StructureConfig, build_columns
+from sim_source.structure import StructureConfig, build_columns, thermal_displacements
 from streamer.domain import PAPER_DOSE_E_PER_PX
 
 TRUTH_COLUMN_DTYPE = np.dtype([("id", "<i8"), ("x_px", "<f4"), ("y_px", "<f4"), ("species", "u1")])
@@ -40,7 +40,10 @@ class SessionConfig:
     session; event k loses ``atoms_lost`` atoms (a tuple: its k-th entry, cyclically), at most
     all but one; ``permanent``: the first events never end; ``event_depth_A``: how far (Å)
     behind the outermost column of its species an event column may lie;
-    ``wedge_width_A``: thinning toward the surface over this width (Å; 0: flat)."""
+    ``wedge_width_A``: thinning toward the surface over this width (Å; 0: flat);
+    ``thermal``: atoms displaced by one frozen-phonon snapshot (RMS per species at room
+    temperature, the same for every frame, as in the training libraries) instead of sitting on
+    a static lattice."""
 
     frames: int = 120
     seed: int = 0
@@ -57,6 +60,7 @@ class SessionConfig:
     event_depth_A: float = 0.0
     wedge_width_A: float = 0.0
     optics: Optics = field(default_factory=Optics)
+    thermal: bool = True
 
     def __post_init__(self) -> None:
         check_output_size(self.size)  # before any file is written
@@ -163,8 +167,15 @@ def write_session(path: str | Path, cfg: SessionConfig, progress: bool = True) -
         raise ValueError("dose must be > 0")
     configure_abtem()
     grid, tables, truth = plan_session(cfg)
+    snapshot = (
+        thermal_displacements(
+            tables[0], int(np.random.SeedSequence([cfg.seed, 9]).generate_state(1)[0])
+        )
+        if cfg.thermal
+        else None
+    )
     clean = [
-        image(exit_wave(tab, grid, cfg.optics), grid, cfg.defocus_nm, cfg.optics)
+        image(exit_wave(tab, grid, cfg.optics, snapshot), grid, cfg.defocus_nm, cfg.optics)
         for tab in tqdm(tables, desc="states", unit="state", disable=not progress)
     ]
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 8]))

@@ -21,6 +21,9 @@ CELL_X = A_CEO2 * np.sqrt(2.0)  # Å, [1-10]
 CELL_Y = A_CEO2  # Å, [001]
 CELL_Z = A_CEO2 / np.sqrt(2.0)  # Å, [110] (one atom per column per cell)
 SHAPES: tuple[str, ...] = ("flat", "sawtooth", "stepped")
+#: RMS thermal displacement per axis (Å) at room temperature, from B ≈ 0.3 Å² (Ce) and
+#: 0.6 Å² (O): u = sqrt(B / 8π²).
+THERMAL_RMS_A = {SPECIES_CE: 0.062, SPECIES_O: 0.087}
 
 
 def unit_cell_columns() -> np.ndarray:
@@ -171,17 +174,36 @@ def slice_thicknesses_A(n_cells_z: int = MAX_ATOMS) -> tuple[float, ...]:
     return (CELL_Z / 2,) * (2 * n_cells_z)
 
 
-def to_atoms(table: ColumnTable, length_x_A: float, length_y_A: float, n_cells_z: int = MAX_ATOMS):
+def thermal_displacements(table: ColumnTable, seed: int) -> np.ndarray:
+    """A frozen-phonon snapshot: an isotropic Gaussian displacement (Å, RMS per species,
+    :data:`THERMAL_RMS_A`) for every site (column, cell), shape (n_columns, MAX_ATOMS, 3).
+    Drawn per site, not per atom, so a column that loses atoms keeps the others' positions."""
+    rms = np.where(table.species == SPECIES_CE, THERMAL_RMS_A[SPECIES_CE], THERMAL_RMS_A[SPECIES_O])
+    noise = np.random.default_rng(seed).normal(size=(len(table), table.cells.shape[1], 3))
+    return noise * rms[:, None, None]
+
+
+def to_atoms(
+    table: ColumnTable,
+    length_x_A: float,
+    length_y_A: float,
+    n_cells_z: int = MAX_ATOMS,
+    displacements_A: np.ndarray | None = None,
+):
     """ASE atoms of the column table in a (length_x, length_y, n_cells_z·c) Å cell.
 
     Atomic layers sit at z = k·c/2 + c/4 so each is centred in its slice of
-    :func:`slice_thicknesses_A` (the two layers of the cell are at z_offset 0 and c/2)."""
+    :func:`slice_thicknesses_A` (the two layers of the cell are at z_offset 0 and c/2).
+    ``displacements_A`` (n_columns, MAX_ATOMS, 3): added to each site's atom (a thermal
+    snapshot, :func:`thermal_displacements`)."""
     from ase import Atoms
 
     rows, ks = np.nonzero(table.cells)
     z = ks * CELL_Z + table.z_offset_A[rows] + CELL_Z / 4
     symbols = [SPECIES_NAME[int(s)] for s in table.species[rows]]
     positions = np.stack([table.x_A[rows], table.y_A[rows], z], axis=1)
+    if displacements_A is not None:
+        positions = positions + displacements_A[rows, ks]
     return Atoms(
         symbols=symbols,
         positions=positions,

@@ -122,3 +122,24 @@ def test_the_evaluation_session_has_a_gradient_and_events_a_constant_answer_miss
         assert np.all(col[a:b] == col[0] - e["atoms_lost"]) and np.all(col[:a] == col[0])
         assert species[e["column_id"]] == e["species"]
     assert len(tables) == len(np.unique(truth.state))
+
+
+def test_atoms_vibrate_by_default_and_a_static_lattice_is_an_option(tmp_path):
+    """One frozen-phonon snapshot (the training libraries' physics) moves the atoms, not the
+    vacuum; ``thermal=False`` (``--static-lattice``) gives the old static-lattice images."""
+    base = SessionConfig(frames=1, seed=3, size=128, dose_e_per_px=2e4, events=0)
+    assert base.thermal
+    images = {}
+    for thermal in (True, False):
+        path = tmp_path / f"t{thermal}.h5"
+        write_session(path, SessionConfig(**{**base.__dict__, "thermal": thermal}), progress=False)
+        with h5py.File(path, "r") as f:
+            images[thermal] = f["frames"][0] / base.dose_e_per_px
+            assert json.loads(f.attrs["config"])["thermal"] is thermal
+    grid, _, _ = plan_session(base)
+    vacuum_rows = int(0.3 * grid.fov_A / (grid.pixel_size_pm / 100)) - 20
+    diff = np.abs(images[True] - images[False])
+    noise = diff[:vacuum_rows].mean()  # counting noise alone (≈ 0.005 at this dose)
+    crystal = diff[vacuum_rows + 30 :].mean()  # measured 0.064
+    print(f"mean |thermal - static|: vacuum {noise:.4f}, crystal {crystal:.4f}")
+    assert crystal > 2 * max(noise, 0.004)

@@ -6,9 +6,11 @@ import pytest
 from sim_source.structure import (
     CELL_Z,
     SHAPES,
+    THERMAL_RMS_A,
     StructureConfig,
     build_columns,
     slice_thicknesses_A,
+    thermal_displacements,
     to_atoms,
     unit_cell_columns,
 )
@@ -82,3 +84,25 @@ def test_removing_atoms_changes_only_that_column():
     assert np.array_equal(out.n_atoms[others], table.n_atoms[others])
     with pytest.raises(ValueError):
         table.with_atoms_removed(i, 99)
+
+
+def test_a_thermal_snapshot_moves_each_site_by_its_species_rms_and_survives_atom_loss():
+    table, _ = _build(4, vacancy_probability=0.0)
+    snapshot = thermal_displacements(table, seed=11)
+    assert snapshot.shape == (len(table), MAX_ATOMS, 3)
+    for code in (1, 2):  # RMS per axis of each species, from its Debye-Waller factor
+        rms = np.sqrt((snapshot[table.species == code] ** 2).mean())
+        assert rms == pytest.approx(THERMAL_RMS_A[code], rel=0.05)
+    still = to_atoms(table, 40.0, 5 * 5.411)
+    moved = to_atoms(table, 40.0, 5 * 5.411, displacements_A=snapshot)
+    shift = moved.positions - still.positions
+    assert 0.03 < np.sqrt((shift**2).mean()) < 0.1
+    # an event removes atoms from one column: every other atom keeps its displaced position
+    i = int(np.flatnonzero((table.species == 2) & (table.n_atoms >= 3))[0])
+    removed = table.with_atoms_removed(i, 2)
+    after = to_atoms(removed, 40.0, 5 * 5.411, displacements_A=snapshot)
+    before_rows, after_rows = np.nonzero(table.cells)[0], np.nonzero(removed.cells)[0]
+    np.testing.assert_array_equal(
+        after.positions[after_rows != i], moved.positions[before_rows != i]
+    )
+    assert not np.array_equal(snapshot, thermal_displacements(table, seed=12))
