@@ -18,13 +18,13 @@ import numpy as np
 from sim_source.structure import (
     CELL_X,
     CELL_Y,
-    THERMAL_RMS_A,
     ColumnTable,
     slice_thicknesses_A,
+    thermal_rms_A,
     to_atoms,
     unit_cell_columns,
 )
-from streamer.domain import MAX_ATOMS, SPECIES_CE, SPECIES_O
+from streamer.domain import MAX_ATOMS
 
 #: in-plane facet normals (degrees from x = [1-10] toward y = [001]) of the low-index facets
 #: seen edge-on along [110]; {111} normals lie atan(1/√2) = 35.26° from [1-10].
@@ -161,7 +161,7 @@ def particle_atoms(particle: Particle, field_A: float, thermal: bool = True):
     if thermal:
         # drawn per atom (not per site as structure.thermal_displacements): the stored
         # libraries were made this way, and their seeds must keep reproducing them
-        rms = np.where(crystal.numbers == 58, THERMAL_RMS_A[SPECIES_CE], THERMAL_RMS_A[SPECIES_O])
+        rms = thermal_rms_A(particle.table.species[np.nonzero(particle.table.cells)[0]])
         positions = (
             positions
             + np.random.default_rng(particle.thermal_seed).normal(size=positions.shape)

@@ -174,13 +174,17 @@ def slice_thicknesses_A(n_cells_z: int = MAX_ATOMS) -> tuple[float, ...]:
     return (CELL_Z / 2,) * (2 * n_cells_z)
 
 
+def thermal_rms_A(species: np.ndarray) -> np.ndarray:
+    """RMS thermal displacement per axis (Å, :data:`THERMAL_RMS_A`) of each species code."""
+    return np.where(species == SPECIES_CE, THERMAL_RMS_A[SPECIES_CE], THERMAL_RMS_A[SPECIES_O])
+
+
 def thermal_displacements(table: ColumnTable, seed: int) -> np.ndarray:
     """A frozen-phonon snapshot: an isotropic Gaussian displacement (Å, RMS per species,
-    :data:`THERMAL_RMS_A`) for every site (column, cell), shape (n_columns, MAX_ATOMS, 3).
+    :func:`thermal_rms_A`) for every site (column, cell), shape (n_columns, MAX_ATOMS, 3).
     Drawn per site, not per atom, so a column that loses atoms keeps the others' positions."""
-    rms = np.where(table.species == SPECIES_CE, THERMAL_RMS_A[SPECIES_CE], THERMAL_RMS_A[SPECIES_O])
     noise = np.random.default_rng(seed).normal(size=(len(table), table.cells.shape[1], 3))
-    return noise * rms[:, None, None]
+    return noise * thermal_rms_A(table.species)[:, None, None]
 
 
 def to_atoms(
