@@ -7,6 +7,13 @@ are [row, col] = [x, y] with sample (i, j) at (i, j)·sampling). Everything draw
 comes from ``SeedSequence([seed, s])``, so a file is a pure function of its config and a resumed
 run writes the same bytes; ``n_complete`` counts the finished prefix. Optics, orientation,
 camera and dose are applied later (:mod:`microscope`), so every epoch sees new microscopes.
+
+A *band-limited* copy (:func:`write_band_limited`) stores instead of ``waves`` the centred
+square block ``spectrum`` (n, m, m, 2) float16 of each wave's Fourier coefficients
+(``fft2(wave, norm="forward")``, real and imaginary parts) up to ``band_limit_inv_A`` along each
+axis: about 1/40 of the size, small enough to carry to a GPU machine. :func:`read_waves` turns
+either form back into waves; the copy equals the original wherever the CTF (aperture or focal
+spread envelope) is negligible beyond the band limit.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from scipy import fft as sfft
 
 from sim_source.dataset import append_in_order
 from sim_source.hrtem import TARGET_SAMPLING_PM, computed, configure_abtem
@@ -163,6 +171,61 @@ def write_library(
     writer = LibraryWriter(path, cfg, resume)
     records = runner(cfg, list(range(writer.n_complete, cfg.count)))
     return append_in_order(writer, ([r] for r in records), cfg.count, "wave", progress, interrupted)
+
+
+def band_block(gpts: int, sampling_A: float, k_max_inv_A: float) -> int:
+    """Side m (odd) of the centred block of Fourier coefficients with |k| ≤ k_max per axis."""
+    half = int(np.floor(k_max_inv_A * gpts * sampling_A))
+    if not 0 < half < gpts // 2:
+        raise ValueError(
+            f"band limit {k_max_inv_A} 1/Å must lie inside (0, {0.5 / sampling_A:.1f}) 1/Å, "
+            "the grid's Nyquist frequency"
+        )
+    return 2 * half + 1
+
+
+def write_band_limited(src: str | Path, dst: str | Path, k_max_inv_A: float) -> int:
+    """Copy library ``src`` to ``dst`` with each wave's spectrum cut to |kx|, |ky| ≤
+    ``k_max_inv_A`` (1/Å) and stored as float16; returns the number of structures copied."""
+    with h5py.File(src, "r") as f, h5py.File(dst, "w") as g:
+        if "waves" not in f:
+            raise ValueError(f"{src} holds no full waves (already band-limited?)")
+        n, gpts = int(f.attrs["n_complete"]), f["waves"].shape[1]
+        m = band_block(gpts, float(f.attrs["sampling_A"]), k_max_inv_A)
+        spec = g.create_dataset(
+            "spectrum", (n, m, m, 2), "f2", chunks=(1, m, m, 2), compression="gzip", shuffle=True
+        )
+        spec.attrs["units"] = "fft2(wave, norm='forward'), centred block, (real, imaginary)"
+        for s in range(n):
+            block = np.fft.fftshift(np.fft.fft2(f["waves"][s], norm="forward"))
+            c = gpts // 2
+            block = block[c - m // 2 : c + m // 2 + 1, c - m // 2 : c + m // 2 + 1]
+            spec[s] = np.stack([block.real, block.imag], axis=-1).astype(np.float16)
+        cols = f["columns"][:]
+        g.create_dataset("columns", data=cols[cols["structure"] < n])
+        g.create_dataset("params", data=f["params"][:n], dtype=h5py.string_dtype())
+        g.attrs.update(dict(f.attrs))
+        g.attrs.update(dict(n_complete=n, count=n, gpts=gpts, band_limit_inv_A=k_max_inv_A))
+    return n
+
+
+def read_waves(f: h5py.File, n: int) -> np.ndarray:
+    """The first ``n`` exit waves (n, gpts, gpts) complex64 of an open library file, full or
+    band-limited (zero beyond the band limit)."""
+    if "waves" in f:
+        return f["waves"][:n]
+    gpts = int(f.attrs["gpts"])
+    spec = f["spectrum"]
+    m, c = spec.shape[1], gpts // 2
+    out = np.empty((n, gpts, gpts), np.complex64)
+    padded = np.zeros((gpts, gpts), np.complex64)
+    for s in range(n):
+        block = spec[s].astype(np.float32)
+        padded[c - m // 2 : c + m // 2 + 1, c - m // 2 : c + m // 2 + 1] = (
+            block[..., 0] + 1j * block[..., 1]
+        )
+        out[s] = sfft.ifft2(sfft.ifftshift(padded), norm="forward", workers=-1)
+    return out
 
 
 def is_library(path: str | Path) -> bool:

@@ -338,6 +338,14 @@ def _library_training_options(p: argparse.ArgumentParser) -> None:
         type=input_file,
         help="model file whose weights start the run (same architecture)",
     )
+    config_option(
+        w,
+        "--render-workers",
+        TRAIN,
+        type=positive_int,
+        help="processes rendering samples for the network (default 1; on a GPU machine "
+        "about its CPU count, since rendering then sets the pace)",
+    )
 
 
 def _add_evaluate(commands) -> None:

@@ -25,7 +25,7 @@ from sim_source.microscope import (
     view_labels,
 )
 from sim_source.structure import ColumnTable
-from sim_source.wave_library import is_library
+from sim_source.wave_library import is_library, read_waves
 from streamer.domain import MAX_ATOMS
 from training.data import LabelledSet, load_set
 from training.labels import TargetConfig, make_targets
@@ -62,7 +62,7 @@ def load_library(path: str | Path, limit: int | None = None) -> WaveLibrary:
         if n == 0:
             raise ValueError(f"{path} holds no complete structure (n_complete = 0)")
         n = min(n, limit) if limit else n
-        waves = f["waves"][:n]
+        waves = read_waves(f, n)
         cols = f["columns"][:]
         sampling, seed = float(f.attrs["sampling_A"]), int(f.attrs["seed"])
     tables = []

@@ -73,6 +73,7 @@ class TrainConfig:
     dose_range: tuple[float, float] | None = None  # λ log-uniform per sample (None: noise_lambda)
     views_per_wave: int = 4  # crops rendered per optics draw
     val_count: int = 64  # validation samples rendered from the ``val`` library
+    render_workers: int = 1  # DataLoader processes rendering library samples
     init: str | None = None  # model file whose weights start the run (warm start)
 
     def to_json(self) -> str:
@@ -350,8 +351,8 @@ def _loader(dataset, cfg: TrainConfig, dd: Dist):
         drop_last=len(dataset) >= items * dd.world,
         generator=torch.Generator().manual_seed(cfg.seed),
         collate_fn=collate_views if rendered else None,
-        # rendering (a CTF and a few crops per item) overlaps the network in one worker
-        num_workers=1 if rendered else 0,
+        # rendering (a CTF and a few crops per item) overlaps the network in worker processes
+        num_workers=cfg.render_workers if rendered else 0,
         persistent_workers=rendered,
     )
     return loader, sampler

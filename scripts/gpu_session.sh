@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One lent GPU machine, one call: the GPU benchmarks of the engine, then a warm-started training
+# run of the bundled base-16 model on band-limited exit-wave libraries.
+# Carried (ignored here): .devcarry/gpu_ceilings.py, .devcarry/{train600_b3,val_b3}.h5 (segdepth band-limit of
+# data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å) and .whl/pyzmq-*.whl (absent there).
+# Results land in $OUT: engine.json, engine_e2e.json, ceilings.log, train.log, the run's
+# config.json, metrics.jsonl and model.pt (checkpoint.pt, ~24 MB, stays behind).
+# BUDGET_S: seconds the whole script may take; training gets what the benchmarks leave, less
+# 80 s for loading and the final save (its learning-rate schedule follows that wall time).
+set -u
+T0=$(date +%s)
+OUT=${OUT:-out}
+BUDGET_S=${BUDGET_S:-570}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+if ! python3 -c "import zmq" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/ceilings.log"
+nproc
+
+if python3 -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then
+    timeout 100 python3 -m segdepth bench engine --backends torch-cuda,tensorrt \
+        --sizes 512 1024 --batches 1 8 32 --iterations 20 --max-seconds 2 \
+        --json "$OUT/engine.json" 2>&1 | tail -30
+    timeout 90 python3 -m segdepth bench engine --e2e --backends torch-cuda --sizes 512 1024 \
+        --max-batch 32 --e2e-frames 128 --json "$OUT/engine_e2e.json" 2>&1 | tail -30
+    # the shared yardstick (a copy of ../shared/tools/gpu_ceilings.py), cut short: base-16 rows
+    timeout 30 python3 .devcarry/gpu_ceilings.py >>"$OUT/ceilings.log" 2>&1
+fi
+
+RUN=/tmp/run_gpu
+LEFT=$((T0 + BUDGET_S - $(date +%s)))
+TRAIN_MIN=$(python3 -c "print(round(max(0.5, ($LEFT - 80) / 60), 2))")
+echo "training for $TRAIN_MIN min"
+timeout $((LEFT - 5)) python3 -m segdepth train \
+    --data .devcarry/train600_b3.h5 --val .devcarry/val_b3.h5 --out "$RUN" --force \
+    --init training/models/segdepth_base16.pt --base-channels 16 --max-channels 128 \
+    --dose-range 0.5 10 --views-per-wave 8 --crop 256 --batch-size 32 --lr 1e-3 \
+    --epochs 400 --patience 400 --time-limit-min "$TRAIN_MIN" --val-count 160 \
+    --render-workers "$(python3 -c "import os; print(max(1, os.cpu_count() - 2))")" --threads 2 --seed 3 --no-progress \
+    >"$OUT/train.log" 2>&1
+tail -5 "$OUT/train.log"
+for f in config.json metrics.jsonl model.pt; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
+[ -f "$OUT/model.pt" ] || { [ -f "$RUN/best.pt" ] && cp "$RUN/best.pt" "$OUT/"; }
+ls -la "$OUT"
