@@ -5,7 +5,7 @@
 # data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å) and .whl/pyzmq-*.whl (absent there).
 # Results land in $OUT: engine.json, engine_e2e.json, ceilings.log, train.log, the run's
 # config.json, metrics.jsonl and model.pt (checkpoint.pt, ~24 MB, stays behind).
-# BUDGET_S: seconds the whole script may take; training gets what the benchmarks leave, less
+# BENCH=0: training only. BUDGET_S: seconds the whole script may take; training gets what the benchmarks leave, less
 # 80 s for loading and the final save (its learning-rate schedule follows that wall time).
 set -u
 T0=$(date +%s)
@@ -20,7 +20,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/ceilings.log"
 nproc
 
-if python3 -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then
+if [ "${BENCH:-1}" = 1 ] && python3 -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then
     timeout 100 python3 -m segdepth bench engine --backends torch-cuda,tensorrt \
         --sizes 512 1024 --batches 1 8 32 --iterations 20 --max-seconds 2 \
         --json "$OUT/engine.json" 2>&1 | tail -30

@@ -4,7 +4,9 @@ structure, :mod:`wave_library`).
 
 Optics follow abTEM's polar aberration convention (Å, radians); ``C10_A`` = +10·defocus_nm as in
 :mod:`hrtem` (positive with C3 < 0 gives bright O columns). Partial coherence is abTEM's
-quasi-coherent focal-spread envelope and a soft objective aperture (None = no aperture).
+quasi-coherent focal-spread envelope and a soft objective aperture (None = no aperture). The
+CTF is abTEM's, written out in numpy (:meth:`OpticsDraw.kernel`), so that training renders
+need no abTEM (a GPU machine without it); a test holds the two equal.
 
 A *view* is a square crop of ``size`` output pixels of p = 2·sampling (the 2 × 2 binning of
 :mod:`hrtem`, done here by averaging four bilinear samples per output pixel), centred at
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import constants
 from scipy import fft as sfft
 from scipy.ndimage import gaussian_filter, map_coordinates
 from scipy.spatial import cKDTree
@@ -45,27 +48,41 @@ class OpticsDraw:
     mtf_sigma_px: float = 0.0
     voltage_kV: float = 300.0
 
-    def ctf(self, gpts: tuple[int, int], sampling_A: float):
-        """abTEM CTF on a (gpts, sampling) grid."""
-        from abtem import CTF
+    @property
+    def wavelength_A(self) -> float:
+        """Relativistic electron wavelength (Å) at ``voltage_kV``."""
+        e = self.voltage_kV * 1e3 * constants.e
+        mc2 = constants.m_e * constants.c**2
+        return constants.h * constants.c / np.sqrt(e * (e + 2 * mc2)) * 1e10
 
-        return CTF(
-            energy=self.voltage_kV * 1e3,
-            soft=True,
-            focal_spread=self.focal_spread_A,
-            semiangle_cutoff=np.inf if self.aperture_mrad is None else self.aperture_mrad,
-            aberration_coefficients={
-                "C10": self.C10_A,
-                "C12": self.C12_A,
-                "phi12": self.phi12_rad,
-                "C21": self.C21_A,
-                "phi21": self.phi21_rad,
-                "C30": self.C3_um * 1e4,
-                "C50": self.C5_mm * 1e7,
-            },
-            gpts=gpts,
-            sampling=sampling_A,
-        )
+    def kernel(self, gpts: tuple[int, int], sampling_A: float) -> np.ndarray:
+        """The CTF (gpts) complex64 in FFT order: exp(−iχ) with χ = 2π/λ·[α²/2·(C10 + C12
+        cos 2(φ−φ12)) + α³/3·C21 cos(φ−φ21) + α⁴/4·C30 + α⁶/6·C50], the quasi-coherent
+        focal-spread envelope exp(−(π·Δ·α²/(2λ))²) and a soft aperture edge one angular
+        pixel wide -- abTEM's CTF(soft=True) term for term (tests hold them equal), in numpy
+        so that images render without abTEM."""
+        lam = self.wavelength_A
+        kx = np.fft.fftfreq(gpts[0], sampling_A)
+        ky = np.fft.fftfreq(gpts[1], sampling_A)
+        alpha = np.sqrt(kx[:, None] ** 2 + ky[None] ** 2) * lam
+        phi = np.arctan2(ky[None], kx[:, None])
+        chi = (
+            alpha**2 / 2 * (self.C10_A + self.C12_A * np.cos(2 * (phi - self.phi12_rad)))
+            + alpha**3 / 3 * self.C21_A * np.cos(phi - self.phi21_rad)
+            + alpha**4 / 4 * self.C3_um * 1e4
+            + alpha**6 / 6 * self.C5_mm * 1e7
+        ) * (2 * np.pi / lam)
+        kernel = np.exp(-1j * chi)
+        if self.focal_spread_A:
+            kernel *= np.exp(-((0.5 * np.pi / lam * self.focal_spread_A * alpha**2) ** 2))
+        if self.aperture_mrad is not None:
+            step = (lam / (gpts[0] * sampling_A), lam / (gpts[1] * sampling_A))  # rad per pixel
+            edge = np.hypot(np.cos(phi) * step[0], np.sin(phi) * step[1])
+            edge[0, 0] = 1.0
+            aperture = np.clip((self.aperture_mrad * 1e-3 - alpha) / edge + 0.5, 0.0, 1.0)
+            aperture[0, 0] = 1.0
+            kernel *= aperture
+        return kernel.astype(np.complex64)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +162,7 @@ def draw_view(
 
 def intensity(wave: np.ndarray, sampling_A: float, optics: OpticsDraw) -> np.ndarray:
     """Image intensity (float32, vacuum ≈ 1) of an exit wave through the optics' CTF."""
-    kernel = optics.ctf(wave.shape, sampling_A)._evaluate_kernel()
+    kernel = optics.kernel(wave.shape, sampling_A)
     out = sfft.ifft2(sfft.fft2(wave) * kernel)
     return (out.real**2 + out.imag**2).astype(np.float32)
 

@@ -106,6 +106,38 @@ def test_on_the_fly_ctf_matches_the_dataset_path():
     assert np.abs(astigmatic - ours).max() > 1e-3
 
 
+def test_numpy_ctf_kernel_equals_abtems_for_every_kind_of_draw():
+    """OpticsDraw.kernel (no abTEM needed) against abTEM's CTF(soft=True) term for term:
+    astigmatism, coma, C3, C5, focal spread, soft aperture or none."""
+    from abtem import CTF
+
+    rng = np.random.default_rng(11)
+    draws = [OpticsRanges().draw(rng) for _ in range(24)]
+    assert any(d.aperture_mrad is None for d in draws)
+    assert any(d.aperture_mrad is not None for d in draws)
+    for o in draws:
+        reference = CTF(
+            energy=o.voltage_kV * 1e3,
+            soft=True,
+            focal_spread=o.focal_spread_A,
+            semiangle_cutoff=np.inf if o.aperture_mrad is None else o.aperture_mrad,
+            aberration_coefficients={
+                "C10": o.C10_A,
+                "C12": o.C12_A,
+                "phi12": o.phi12_rad,
+                "C21": o.C21_A,
+                "phi21": o.phi21_rad,
+                "C30": o.C3_um * 1e4,
+                "C50": o.C5_mm * 1e7,
+            },
+            gpts=(96, 120),
+            sampling=SAMPLING_A,
+        )._evaluate_kernel()
+        # abTEM evaluates χ in float32: at the grid's largest angles (χ ~ 10⁴ rad) its phase
+        # carries ~1e-4 of rounding, ours (float64) does not
+        np.testing.assert_allclose(o.kernel((96, 120), SAMPLING_A), reference, atol=1e-3)
+
+
 def test_particles_have_random_sub_cell_offsets_and_drawn_facets():
     field = 20.0
     firsts = []

@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from sim_source.microscope import OpticsDraw, intensity
 from sim_source.noise import add_poisson_noise
-from sim_source.wave_library import LibraryConfig, is_library, write_library
+from sim_source.wave_library import (
+    LibraryConfig,
+    is_library,
+    write_band_limited,
+    write_library,
+)
 from training.labels import TargetConfig
 from training.library_data import (
     MicroscopeDataset,
@@ -24,7 +30,7 @@ from training.library_data import (
 from training.metrics import ColumnMetrics, DepthMetrics, centre_mask
 from training.model import load_model
 from training.robustness import check_disjoint, ood_scores, roc_auc, suite_files, suite_rows
-from training.train import TrainConfig, train
+from training.train import Dist, TrainConfig, _loader, train
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +59,67 @@ def test_library_file_records_its_seed_and_resumes_bit_identically(libraries, tm
         assert int(a.attrs["seed"]) == 21
         np.testing.assert_array_equal(a["waves"][:], b["waves"][:])
         np.testing.assert_array_equal(a["columns"][:], b["columns"][:])
+
+
+def test_band_limited_copy_renders_the_images_of_the_full_library(
+    libraries, tmp_path, segdepth_cmd
+):
+    """`segdepth band-limit` keeps 1/40 of the bytes; images through any aperture or focal
+    spread that cuts below the limit match the full waves to float16 precision; only a
+    coherent microscope without aperture sees the cut."""
+    small = tmp_path / "band.h5"
+    subprocess.run(
+        [*segdepth_cmd, "band-limit", str(libraries[0]), str(small), "--k-max-inv-A", "3"],
+        check=True,
+        capture_output=True,
+    )
+    with h5py.File(small) as f:
+        assert "waves" not in f and f["spectrum"].shape == (3, 41, 41, 2)  # 2·⌊3·6.78⌋ + 1
+        assert float(f.attrs["band_limit_inv_A"]) == 3.0
+    full, band = load_library(libraries[0]), load_library(small)
+    assert band.waves.shape == full.waves.shape and band.sampling_A == full.sampling_A
+    for a, b in zip(full.tables, band.tables):
+        np.testing.assert_array_equal(a.x_A, b.x_A)
+        np.testing.assert_array_equal(a.n_atoms, b.n_atoms)
+    for optics in (
+        OpticsDraw(aperture_mrad=40.0),
+        OpticsDraw(focal_spread_A=30.0, aperture_mrad=None),
+    ):
+        for s in range(3):
+            diff = intensity(full.waves[s], full.sampling_A, optics) - intensity(
+                band.waves[s], band.sampling_A, optics
+            )
+            assert np.abs(diff).max() < 3e-3
+    coherent = OpticsDraw(focal_spread_A=0.0, aperture_mrad=None)
+    diff = intensity(full.waves[0], full.sampling_A, coherent) - intensity(
+        band.waves[0], band.sampling_A, coherent
+    )
+    assert np.abs(diff).max() > 0.05
+    with pytest.raises(ValueError, match="no full waves"):
+        write_band_limited(small, tmp_path / "again.h5", 3.0)
+    with pytest.raises(ValueError, match="Nyquist"):
+        write_band_limited(libraries[0], tmp_path / "wide.h5", 20.0)
+
+
+def test_render_workers_deliver_the_same_batches(libraries, tmp_path):
+    """Samples are seeded by (seed, epoch, structure): worker processes change nothing."""
+    batches = []
+    for workers in (1, 2):
+        cfg = TrainConfig(
+            data=str(libraries[0]),
+            out=str(tmp_path),
+            crop=32,
+            batch_size=4,
+            views_per_wave=2,
+            render_workers=workers,
+        )
+        ds = MicroscopeDataset(load_library(libraries[0]), cfg.render, TargetConfig(), 0)
+        loader, _ = _loader(ds, cfg, Dist())
+        assert loader.num_workers == workers
+        batches.append([b[0] for b in loader])
+    assert len(batches[0]) == len(batches[1]) == 1  # 3 structures, 2 per batch, last dropped
+    for a, b in zip(*batches):
+        torch.testing.assert_close(a, b)
 
 
 def test_every_epoch_draws_new_microscopes(libraries):
