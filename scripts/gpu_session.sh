@@ -12,13 +12,13 @@ T0=$(date +%s)
 OUT=${OUT:-out}
 BUDGET_S=${BUDGET_S:-570}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+export PYTHONUNBUFFERED=1
 if ! python3 -c "import zmq" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/ceilings.log"
-nproc
+python3 -c "import os; print(os.cpu_count(), 'CPUs')"
 
 if [ "${BENCH:-1}" = 1 ] && python3 -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then
     timeout 100 python3 -m segdepth bench engine --backends torch-cuda,tensorrt \
@@ -34,7 +34,8 @@ RUN=/tmp/run_gpu
 LEFT=$((T0 + BUDGET_S - $(date +%s)))
 TRAIN_MIN=$(python3 -c "print(round(max(0.5, ($LEFT - 80) / 60), 2))")
 echo "training for $TRAIN_MIN min"
-timeout $((LEFT - 5)) python3 -m segdepth train \
+# one thread per render worker (they are many); the main process takes --threads
+OMP_NUM_THREADS=1 timeout $((LEFT - 5)) python3 -m segdepth train \
     --data .devcarry/train600_b3.h5 --val .devcarry/val_b3.h5 --out "$RUN" --force \
     --init training/models/segdepth_base16.pt --base-channels 16 --max-channels 128 \
     --dose-range 0.5 10 --views-per-wave 8 --crop 256 --batch-size 32 --lr 1e-3 \

@@ -230,7 +230,7 @@ def _add_band_limit(commands) -> None:
         "--k-max-inv-A",
         type=positive_float,
         default=3.0,
-        help="band limit per axis in 1/Å (default 3.0, 59 mrad at 300 kV)",
+        help="band limit per axis in 1/Å (3.0 is 59 mrad at 300 kV)",
     )
     p.set_defaults(func=_band_limit)
 

@@ -116,3 +116,44 @@ def test_help_texts_state_no_default_of_their_own():
 )
 def test_list_options_take_both_forms(argv):
     assert _parse(*argv).sizes == [512, 1024]
+
+
+def test_every_numeric_train_option_reaches_the_config():
+    """A `train` option that is parsed but never copied into TrainConfig is silently ignored
+    (as --render-workers once was on a GPU machine): set each to a non-default value."""
+    import dataclasses
+
+    from training import cli
+    from training.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = next(
+        sub
+        for a in build_parser()._actions
+        if isinstance(a, argparse._SubParsersAction)
+        for name, sub in a.choices.items()
+        if name == "train"
+    )
+    numeric = [
+        a
+        for a in train._actions
+        if a.dest in fields
+        and a.dest != "crop"  # 0 means whole images: tested in the training tests
+        and a.nargs is None
+        and (a.type in (int, float) or getattr(a.type, "__name__", "") == "positive_int")
+    ]
+    assert {"render_workers", "views_per_wave", "val_count", "epochs"} <= {a.dest for a in numeric}
+    base = TrainConfig(data=EXISTING, out="nowhere/run")
+    for action in numeric:
+        value = 3 if action.type is not float else 0.375
+        args = _parse(
+            "train",
+            "--data",
+            EXISTING,
+            "--out",
+            "nowhere/run",
+            action.option_strings[0],
+            str(value),
+        )
+        got = getattr(cli.train_config(args), action.dest)
+        assert got == value != getattr(base, action.dest), action.option_strings[0]

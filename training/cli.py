@@ -42,6 +42,8 @@ def train_config(args: argparse.Namespace):
         cfg = TrainConfig.from_json(config_path.read_text())
         if args.epochs is not None:
             cfg.epochs = args.epochs  # extending a finished run is the one allowed change
+        if args.render_workers is not None:
+            cfg.render_workers = args.render_workers  # a machine's, not the run's, property
         return cfg
     options = given(
         args,
@@ -59,6 +61,7 @@ def train_config(args: argparse.Namespace):
         "views_per_wave",
         "val_count",
         "init",
+        "render_workers",
     )
     if args.crop is not None:
         options["crop"] = args.crop or None  # 0: whole images
@@ -243,7 +246,7 @@ def _add_train(commands) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue RUN/checkpoint.pt with RUN/config.json (--epochs may extend it)",
+        help="continue RUN/checkpoint.pt with RUN/config.json (--epochs may extend it, --render-workers change)",
     )
     p.add_argument(
         "--force",
@@ -343,8 +346,8 @@ def _library_training_options(p: argparse.ArgumentParser) -> None:
         "--render-workers",
         TRAIN,
         type=positive_int,
-        help="processes rendering samples for the network (default 1; on a GPU machine "
-        "about its CPU count, since rendering then sets the pace)",
+        help="processes rendering library samples for the network; on a GPU machine about "
+        "its CPU count, since rendering then sets the pace",
     )
 
 
