@@ -246,7 +246,8 @@ def _add_train(commands) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue RUN/checkpoint.pt with RUN/config.json (--epochs may extend it, --render-workers change)",
+        help="continue RUN/checkpoint.pt with RUN/config.json (--epochs may extend it, "
+        "--render-workers change)",
     )
     p.add_argument(
         "--force",
