@@ -20,6 +20,7 @@ output pixels (the counting detector's MTF beyond the pixel aperture).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import constants
@@ -60,32 +61,71 @@ class OpticsDraw:
         cos 2(φ−φ12)) + α³/3·C21 cos(φ−φ21) + α⁴/4·C30 + α⁶/6·C50], the quasi-coherent
         focal-spread envelope exp(−(π·Δ·α²/(2λ))²) and a soft aperture edge one angular
         pixel wide -- abTEM's CTF(soft=True) term for term (tests hold them equal), in numpy
-        so that images render without abTEM."""
+        so that images render without abTEM. The angle grid is cached per (gpts, sampling,
+        λ): a draw costs only its own arithmetic."""
         lam = self.wavelength_A
-        kx = np.fft.fftfreq(gpts[0], sampling_A)
-        ky = np.fft.fftfreq(gpts[1], sampling_A)
-        alpha = np.sqrt(kx[:, None] ** 2 + ky[None] ** 2) * lam
-        phi = np.arctan2(ky[None], kx[:, None])
-        chi = (
-            alpha**2 / 2 * (self.C10_A + self.C12_A * np.cos(2 * (phi - self.phi12_rad)))
-            + alpha**3 / 3 * self.C21_A * np.cos(phi - self.phi21_rad)
-            + alpha**4 / 4 * self.C3_um * 1e4
-            + alpha**6 / 6 * self.C5_mm * 1e7
-        ) * (2 * np.pi / lam)
-        kernel = np.exp(-1j * chi)
+        g = _angular_grid(tuple(gpts), float(sampling_A), lam)
+        c2, s2 = np.cos(2 * self.phi12_rad), np.sin(2 * self.phi12_rad)
+        c1, s1 = np.cos(self.phi21_rad), np.sin(self.phi21_rad)
+        chi = g.alpha2 * (0.5 * self.C10_A) + g.alpha2_cos2phi * (0.5 * self.C12_A * c2)
+        chi += g.alpha2_sin2phi * (0.5 * self.C12_A * s2)
+        chi += g.alpha3_cosphi * (self.C21_A * c1 / 3) + g.alpha3_sinphi * (self.C21_A * s1 / 3)
+        chi += g.alpha4 * (0.25 * self.C3_um * 1e4) + g.alpha6 * (self.C5_mm * 1e7 / 6)
+        chi *= 2 * np.pi / lam
+        amplitude = np.ones(chi.shape)
         if self.focal_spread_A:
-            kernel *= np.exp(-((0.5 * np.pi / lam * self.focal_spread_A * alpha**2) ** 2))
+            amplitude = np.exp(-((0.5 * np.pi / lam * self.focal_spread_A) ** 2) * g.alpha4)
         if self.aperture_mrad is not None:
-            step = (lam / (gpts[0] * sampling_A), lam / (gpts[1] * sampling_A))  # rad per pixel
-            edge = np.hypot(np.cos(phi) * step[0], np.sin(phi) * step[1])
-            edge[0, 0] = 1.0
-            aperture = np.clip((self.aperture_mrad * 1e-3 - alpha) / edge + 0.5, 0.0, 1.0)
+            aperture = np.clip((self.aperture_mrad * 1e-3 - g.alpha) / g.edge + 0.5, 0.0, 1.0)
             aperture[0, 0] = 1.0
-            kernel *= aperture
-        return kernel.astype(np.complex64)
+            amplitude *= aperture
+        kernel = np.empty(chi.shape, np.complex64)
+        kernel.real = amplitude * np.cos(chi)
+        kernel.imag = -amplitude * np.sin(chi)
+        return kernel
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class _AngularGrid:
+    """Scattering angle α (rad) and azimuth φ of an FFT grid, in the products the CTF uses,
+    and the soft aperture's edge width (rad) along each direction."""
+
+    alpha: np.ndarray
+    alpha2: np.ndarray
+    alpha2_cos2phi: np.ndarray
+    alpha2_sin2phi: np.ndarray
+    alpha3_cosphi: np.ndarray
+    alpha3_sinphi: np.ndarray
+    alpha4: np.ndarray
+    alpha6: np.ndarray
+    edge: np.ndarray
+
+
+@lru_cache(maxsize=4)
+def _angular_grid(gpts: tuple[int, int], sampling_A: float, wavelength_A: float) -> _AngularGrid:
+    kx = np.fft.fftfreq(gpts[0], sampling_A)
+    ky = np.fft.fftfreq(gpts[1], sampling_A)
+    alpha = np.sqrt(kx[:, None] ** 2 + ky[None] ** 2) * wavelength_A
+    phi = np.arctan2(ky[None], kx[:, None])
+    cos, sin = np.cos(phi), np.sin(phi)
+    step = (wavelength_A / (gpts[0] * sampling_A), wavelength_A / (gpts[1] * sampling_A))
+    edge = np.hypot(cos * step[0], sin * step[1])  # one angular pixel, rad
+    edge[0, 0] = 1.0
+    a2, a3 = alpha**2, alpha**3
+    return _AngularGrid(
+        alpha,
+        a2,
+        a2 * np.cos(2 * phi),
+        a2 * np.sin(2 * phi),
+        a3 * cos,
+        a3 * sin,
+        a2**2,
+        a2**3,
+        edge,
+    )
 
 
 @dataclass(frozen=True)
