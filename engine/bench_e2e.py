@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from engine import backends
@@ -57,13 +58,26 @@ class E2EConfig:
     max_batch: int | None = None  # None: serve's own default (the backend's preferred batch)
     dose: float = 20.0
     seed: int = 0
+    #: dataset files (`segdepth simulate`) whose clean images are used instead of simulating
+    #: frames here, one per frame side (a GPU machine without abTEM)
+    frames_from: list[str] = field(default_factory=list)
 
 
-def simulated_frames(size: int, seed: int) -> np.ndarray:
-    """Four clean simulated frames (4, size, size), vacuum = 1 (one slab, four defoci)."""
+def clean_frames(size: int, cfg: E2EConfig) -> np.ndarray:
+    """Four clean frames (4, size, size), vacuum = 1: the first images of the ``frames_from``
+    file of that side, else simulated here (one slab, four defoci)."""
+    if cfg.frames_from:
+        for path in cfg.frames_from:
+            with h5py.File(path, "r") as f:
+                if "images" in f and f["images"].shape[1:] == (size, size):
+                    return np.asarray(f["images"][:4], np.float32)
+        raise ValueError(
+            f"none of --frames-from {' '.join(cfg.frames_from)} holds {size}² images "
+            f"(make one: segdepth simulate --out F.h5 --count 4 --size {size})"
+        )
     from sim_source.dataset import DatasetConfig, clean_images
 
-    return clean_images(DatasetConfig(count=4, size=size, seed=seed))
+    return clean_images(DatasetConfig(count=4, size=size, seed=cfg.seed))
 
 
 class _Results:
@@ -220,7 +234,7 @@ def run_e2e(cfg: E2EConfig, json_path: Path) -> dict[str, Any]:
     loaded = load(cfg.model)
     with tempfile.TemporaryDirectory() as tmp:
         for side in cfg.sizes:
-            clean = simulated_frames(side, cfg.seed)
+            clean = clean_frames(side, cfg)
             for backend in cfg.backends:
                 reason = backends.unavailable_reason(backend)
                 refusal = None if reason else backends.BACKENDS[backend].refusal(loaded)

@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.hmm import HMMConfig
 from streamer import sockets
-from streamer.cli_support import config_option, endpoint, given, list_of, positive_int
+from streamer.cli_support import config_option, endpoint, given, input_file, list_of, positive_int
 from training.cli import suite_files_options
 
 #: backend names, fastest first (engine.backends.PREFERENCE; kept here so --help needs no torch).
@@ -206,7 +206,16 @@ def e2e_config(args: argparse.Namespace):
     return E2EConfig(
         model=args.model,
         **chosen,
-        **given(args, "sizes", "seed", "e2e_frames", "paced_frames", "rate_fps", "max_batch"),
+        **given(
+            args,
+            "sizes",
+            "seed",
+            "e2e_frames",
+            "paced_frames",
+            "rate_fps",
+            "max_batch",
+            "frames_from",
+        ),
     )
 
 
@@ -484,6 +493,14 @@ def _add_bench_engine(bench) -> None:
         help="with --e2e: camera rate of the paced phase (the paper's 0.13 s/frame)",
     )
     config_option(p, "--max-batch", E2E, type=positive_int, help="with --e2e: serve's --max-batch")
+    p.add_argument(
+        "--frames-from",
+        nargs="+",
+        type=input_file,
+        metavar="FILE",
+        help="with --e2e: the first 4 clean images of the dataset file (segdepth simulate) of "
+        "each frame side, instead of simulating them here (a GPU machine without abTEM)",
+    )
     p.set_defaults(func=_bench)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent GPU machine, one call: the GPU benchmarks of the engine, then a warm-started training
 # run of the bundled base-16 model on band-limited exit-wave libraries.
-# Carried (ignored here): .devcarry/gpu_ceilings.py, .devcarry/{train600_b3,val_b3}.h5 (segdepth band-limit of
+# Carried (ignored here): .devcarry/gpu_ceilings.py, .devcarry/{train600_b3,val_b3}.h5,
+# optionally .devcarry/e2e_<side>.h5 (frames for bench engine --e2e) (segdepth band-limit of
 # data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å) and .whl/pyzmq-*.whl (absent there).
 # Results land in $OUT: engine.json, engine_e2e.json, ceilings.log, train.log, the run's
 # config.json, metrics.jsonl and model.pt (checkpoint.pt, ~24 MB, stays behind).
@@ -24,8 +25,15 @@ if [ "${BENCH:-1}" = 1 ] && python3 -c "import torch,sys; sys.exit(not torch.cud
     timeout 100 python3 -m segdepth bench engine --backends torch-cuda,tensorrt \
         --sizes 512 1024 --batches 1 8 32 --iterations 20 --max-seconds 2 \
         --json "$OUT/engine.json" 2>&1 | tail -30
-    timeout 90 python3 -m segdepth bench engine --e2e --backends torch-cuda --sizes 512 1024 \
-        --max-batch 32 --e2e-frames 128 --json "$OUT/engine_e2e.json" 2>&1 | tail -30
+    # the GPU machine has no abTEM: the e2e frames travel as dataset files, made here with
+    # `segdepth simulate --out .devcarry/e2e_512.h5 --count 4 --size 512` (and 1024)
+    FRAMES=$(ls .devcarry/e2e_*.h5 2>/dev/null)
+    if [ -n "$FRAMES" ]; then
+        SIDES=$(for f in $FRAMES; do basename "$f" .h5 | cut -d_ -f2; done)
+        timeout 120 python3 -m segdepth bench engine --e2e --backends torch-cuda --sizes $SIDES \
+            --max-batch 32 --e2e-frames 128 --frames-from $FRAMES \
+            --json "$OUT/engine_e2e.json" 2>&1 | tail -30
+    fi
     # the shared yardstick (a copy of ../shared/tools/gpu_ceilings.py), cut short: base-16 rows
     timeout 30 python3 .devcarry/gpu_ceilings.py >>"$OUT/ceilings.log" 2>&1
 fi

@@ -34,3 +34,30 @@ def test_e2e_bench_through_a_serve_process(tmp_path, capsys):
     assert refused["status"].startswith("not offered") and "parity" in refused["status"]
     assert json.loads((tmp_path / "e2e.json").read_text())["rows"][0]["results_sent"] == 8
     assert "onnxruntime" in capsys.readouterr().out
+
+
+def test_e2e_frames_from_dataset_files_pick_the_file_of_each_side(tmp_path):
+    """Where abTEM is missing (a GPU machine), `--frames-from` gives the clean frames: the
+    first four images of the file of that side, and a clear error when no file has it."""
+    import h5py
+    import numpy as np
+    import pytest
+
+    from engine.bench_e2e import clean_frames
+    from engine.cli import e2e_config
+    from segdepth.cli import build_parser
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for side in (32, 64):
+        path = tmp_path / f"d{side}.h5"
+        with h5py.File(path, "w") as f:
+            f["images"] = rng.uniform(0.5, 1.5, (5, side, side)).astype(np.float32)
+        paths.append(str(path))
+    args = build_parser().parse_args(["bench", "engine", "--e2e", "--frames-from", *paths])
+    cfg = e2e_config(args)
+    assert cfg.frames_from == paths
+    with h5py.File(paths[1]) as f:
+        np.testing.assert_array_equal(clean_frames(64, cfg), f["images"][:4])
+    with pytest.raises(ValueError, match="holds 128² images"):
+        clean_frames(128, cfg)
