@@ -39,16 +39,28 @@ if [ "${BENCH:-1}" = 1 ] && python3 -c "import torch,sys; sys.exit(not torch.cud
 fi
 
 RUN=/tmp/run_gpu
+# render on the GPU (training/device_render.py) if a smoke test passes there, else in processes
+RENDER="--render-workers $(python3 -c "import os; print(max(1, os.cpu_count() - 2))")"
+python3 - <<'PY' && RENDER=--render-on-device
+import torch
+from training.device_render import DeviceRenderer
+from training.labels import TargetConfig
+from training.library_data import RenderConfig, load_library
+lib = load_library(".devcarry/val_b3.h5", limit=2)
+r = DeviceRenderer(lib, RenderConfig(crop=256, views_per_wave=8), TargetConfig(), 0, torch.device("cuda"))
+print("device rendering works:", [tuple(t.shape) for t in r.item(1)])
+PY
+echo "rendering: $RENDER"
 LEFT=$((T0 + BUDGET_S - $(date +%s)))
 TRAIN_MIN=$(python3 -c "print(round(max(0.5, ($LEFT - 80) / 60), 2))")
 echo "training for $TRAIN_MIN min"
-# one thread per render worker (they are many); the main process takes --threads
+# one thread per render worker (when they are many); the main process takes --threads
 OMP_NUM_THREADS=1 timeout $((LEFT - 5)) python3 -m segdepth train \
     --data .devcarry/train600_b3.h5 --val .devcarry/val_b3.h5 --out "$RUN" --force \
     --init training/models/segdepth_base16.pt --base-channels 16 --max-channels 128 \
     --dose-range 0.5 10 --views-per-wave 8 --crop 256 --batch-size 32 --lr 1e-3 \
     --epochs 400 --patience 400 --time-limit-min "$TRAIN_MIN" --val-count 160 \
-    --render-workers "$(python3 -c "import os; print(max(1, os.cpu_count() - 2))")" --threads 2 --seed 3 --no-progress \
+    $RENDER --threads 2 --seed 3 --no-progress \
     >"$OUT/train.log" 2>&1
 tail -5 "$OUT/train.log"
 for f in config.json metrics.jsonl model.pt; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done

@@ -56,25 +56,34 @@ class OpticsDraw:
         mc2 = constants.m_e * constants.c**2
         return constants.h * constants.c / np.sqrt(e * (e + 2 * mc2)) * 1e10
 
-    def kernel(self, gpts: tuple[int, int], sampling_A: float) -> np.ndarray:
-        """The CTF (gpts) complex64 in FFT order: exp(−iχ) with χ = 2π/λ·[α²/2·(C10 + C12
-        cos 2(φ−φ12)) + α³/3·C21 cos(φ−φ21) + α⁴/4·C30 + α⁶/6·C50], the quasi-coherent
-        focal-spread envelope exp(−(π·Δ·α²/(2λ))²) and a soft aperture edge one angular
-        pixel wide -- abTEM's CTF(soft=True) term for term (tests hold them equal), in numpy
-        so that images render without abTEM. The angle grid is cached per (gpts, sampling,
-        λ): a draw costs only its own arithmetic."""
-        lam = self.wavelength_A
-        g = _angular_grid(tuple(gpts), float(sampling_A), lam)
+    def chi_coefficients(self) -> np.ndarray:
+        """(7,) weights of the phase χ (rad) on the basis of :class:`AngularGrid`: χ = 2π/λ·[α²/2
+        (C10 + C12 cos 2(φ−φ12)) + α³/3·C21 cos(φ−φ21) + α⁴/4·C30 + α⁶/6·C50]."""
         c2, s2 = np.cos(2 * self.phi12_rad), np.sin(2 * self.phi12_rad)
         c1, s1 = np.cos(self.phi21_rad), np.sin(self.phi21_rad)
-        chi = g.alpha2 * (0.5 * self.C10_A) + g.alpha2_cos2phi * (0.5 * self.C12_A * c2)
-        chi += g.alpha2_sin2phi * (0.5 * self.C12_A * s2)
-        chi += g.alpha3_cosphi * (self.C21_A * c1 / 3) + g.alpha3_sinphi * (self.C21_A * s1 / 3)
-        chi += g.alpha4 * (0.25 * self.C3_um * 1e4) + g.alpha6 * (self.C5_mm * 1e7 / 6)
-        chi *= 2 * np.pi / lam
-        amplitude = np.ones(chi.shape)
-        if self.focal_spread_A:
-            amplitude = np.exp(-((0.5 * np.pi / lam * self.focal_spread_A) ** 2) * g.alpha4)
+        weights = [
+            self.C10_A / 2,
+            self.C12_A * c2 / 2,
+            self.C12_A * s2 / 2,
+            self.C21_A * c1 / 3,
+            self.C21_A * s1 / 3,
+            self.C3_um * 1e4 / 4,
+            self.C5_mm * 1e7 / 6,
+        ]
+        return np.array(weights) * (2 * np.pi / self.wavelength_A)
+
+    def envelope_coefficient(self) -> float:
+        """c of the focal-spread envelope exp(−c·α⁴), c = (π·Δ/(2λ))² (0: coherent)."""
+        return float((0.5 * np.pi / self.wavelength_A * self.focal_spread_A) ** 2)
+
+    def kernel(self, gpts: tuple[int, int], sampling_A: float) -> np.ndarray:
+        """The CTF (gpts) complex64 in FFT order: exp(−iχ) (:meth:`chi_coefficients`), the
+        quasi-coherent focal-spread envelope and a soft aperture edge one angular pixel wide
+        -- abTEM's CTF(soft=True) term for term (tests hold them equal), in numpy so that
+        images render without abTEM. The angle grid is cached: a draw costs its arithmetic."""
+        g = angular_grid(tuple(gpts), float(sampling_A), self.wavelength_A)
+        chi = np.tensordot(self.chi_coefficients(), g.basis, axes=1)
+        amplitude = np.exp(-self.envelope_coefficient() * g.basis[5])
         if self.aperture_mrad is not None:
             aperture = np.clip((self.aperture_mrad * 1e-3 - g.alpha) / g.edge + 0.5, 0.0, 1.0)
             aperture[0, 0] = 1.0
@@ -89,23 +98,19 @@ class OpticsDraw:
 
 
 @dataclass(frozen=True)
-class _AngularGrid:
-    """Scattering angle α (rad) and azimuth φ of an FFT grid, in the products the CTF uses,
-    and the soft aperture's edge width (rad) along each direction."""
+class AngularGrid:
+    """Scattering angle α (rad) of an FFT grid, the basis χ is a sum over (α², α² cos 2φ,
+    α² sin 2φ, α³ cos φ, α³ sin φ, α⁴, α⁶; (7, *gpts)) and the soft aperture's edge width
+    (rad) along each direction."""
 
     alpha: np.ndarray
-    alpha2: np.ndarray
-    alpha2_cos2phi: np.ndarray
-    alpha2_sin2phi: np.ndarray
-    alpha3_cosphi: np.ndarray
-    alpha3_sinphi: np.ndarray
-    alpha4: np.ndarray
-    alpha6: np.ndarray
+    basis: np.ndarray
     edge: np.ndarray
 
 
 @lru_cache(maxsize=4)
-def _angular_grid(gpts: tuple[int, int], sampling_A: float, wavelength_A: float) -> _AngularGrid:
+def angular_grid(gpts: tuple[int, int], sampling_A: float, wavelength_A: float) -> AngularGrid:
+    """The (cached) :class:`AngularGrid` of a gpts grid at sampling_A for wavelength_A."""
     kx = np.fft.fftfreq(gpts[0], sampling_A)
     ky = np.fft.fftfreq(gpts[1], sampling_A)
     alpha = np.sqrt(kx[:, None] ** 2 + ky[None] ** 2) * wavelength_A
@@ -115,17 +120,10 @@ def _angular_grid(gpts: tuple[int, int], sampling_A: float, wavelength_A: float)
     edge = np.hypot(cos * step[0], sin * step[1])  # one angular pixel, rad
     edge[0, 0] = 1.0
     a2, a3 = alpha**2, alpha**3
-    return _AngularGrid(
-        alpha,
-        a2,
-        a2 * np.cos(2 * phi),
-        a2 * np.sin(2 * phi),
-        a3 * cos,
-        a3 * sin,
-        a2**2,
-        a2**3,
-        edge,
+    basis = np.stack(
+        [a2, a2 * np.cos(2 * phi), a2 * np.sin(2 * phi), a3 * cos, a3 * sin, a2**2, a2**3]
     )
+    return AngularGrid(alpha, basis, edge)
 
 
 @dataclass(frozen=True)
@@ -207,7 +205,7 @@ def intensity(wave: np.ndarray, sampling_A: float, optics: OpticsDraw) -> np.nda
     return (out.real**2 + out.imag**2).astype(np.float32)
 
 
-def _view_frame(view: View, pixel_A: float) -> tuple[np.ndarray, np.ndarray]:
+def view_frame(view: View) -> tuple[np.ndarray, np.ndarray]:
     """(rotation·mirror matrix mapping local (u, v) to field (x, y), centre (x0, y0))."""
     a = np.radians(view.angle_deg)
     rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
@@ -220,7 +218,7 @@ def sample_view(image: np.ndarray, sampling_A: float, view: View) -> np.ndarray:
     """The view's crop of a simulated-grid image: each output pixel the mean of its 2 × 2
     simulated sub-pixels (bilinear), as the binning of :mod:`hrtem`."""
     pixel = sampling_A * BINNING
-    rot, centre = _view_frame(view, pixel)
+    rot, centre = view_frame(view)
     k = (np.arange(view.size) - (view.size - 1) / 2) * pixel
     sub = np.array([-pixel / 4, pixel / 4])
     u = (k[:, None, None, None] + sub[None, None, :, None]) * np.ones((1, view.size, 1, 2))
@@ -251,7 +249,7 @@ def view_labels(
     """Exact labels (disks of ``radius_A`` around each projected column, nearest column wins)
     of the view, from the column table through the view's map."""
     pixel = sampling_A * BINNING
-    rot, centre = _view_frame(view, pixel)
+    rot, centre = view_frame(view)
     present = table.n_atoms > 0
     xy = np.stack([table.x_A[present], table.y_A[present]], axis=1) - centre
     local = xy @ rot  # rot is orthogonal: (x − x0) = rot·(u, v) ⇒ (u, v) = rotᵀ·(x − x0)

@@ -19,6 +19,7 @@ from sim_source.wave_library import (
     write_band_limited,
     write_library,
 )
+from training.device_render import DeviceBatches, DeviceRenderer
 from training.labels import TargetConfig
 from training.library_data import (
     MicroscopeDataset,
@@ -120,6 +121,48 @@ def test_render_workers_deliver_the_same_batches(libraries, tmp_path):
     assert len(batches[0]) == len(batches[1]) == 1  # 3 structures, 2 per batch, last dropped
     for a, b in zip(*batches):
         torch.testing.assert_close(a, b)
+
+
+def test_rendering_on_the_device_equals_the_cpu_path(libraries, tmp_path):
+    """--render-on-device (torch, here on the CPU) renders what the DataLoader path renders:
+    same draws, images to float32 rounding, identical labels, species, weights and doses; its
+    batches take the structures in a shuffled order, each once per epoch; a run trains with it."""
+    library = load_library(libraries[0])
+    cfg = TrainConfig(
+        data=str(libraries[0]),
+        val=str(libraries[1]),
+        out=str(tmp_path / "run"),
+        crop=32,
+        batch_size=2,
+        views_per_wave=2,
+        val_count=2,
+        epochs=1,
+        threads=1,
+    )
+    cpu = MicroscopeDataset(library, cfg.render, TargetConfig(), 0)
+    device = DeviceRenderer(library, cfg.render, TargetConfig(), 0, torch.device("cpu"))
+    for epoch in (0, 1):
+        cpu.set_epoch(epoch)
+        device.set_epoch(epoch)
+        for i in range(len(library)):
+            a, b = cpu[i], device.item(i)
+            torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0)
+            for k in (1, 2, 4):
+                assert torch.equal(a[k], b[k])
+            torch.testing.assert_close(a[3], b[3], atol=1e-6, rtol=0)
+    batches = _loader(device, cfg, Dist())[0]
+    assert isinstance(batches, DeviceBatches) and len(batches) == len(library)
+    batches.generator.manual_seed(5)
+    order = torch.randperm(len(library), generator=torch.Generator().manual_seed(5)).tolist()
+    for i, batch in zip(order, batches):
+        assert torch.equal(batch[1], device.item(i)[1])
+    assert sorted(order) == list(range(len(library)))
+    model = train(TrainConfig(**{**cfg.__dict__, "render_on_device": True}), progress=False)
+    assert load_model(model)[1]["train_config"]["render_on_device"] is True
+    with pytest.raises(ValueError, match="ring_width_pm 0"):
+        DeviceRenderer(
+            library, cfg.render, TargetConfig(ring_width_pm=16.0), 0, torch.device("cpu")
+        )
 
 
 def test_every_epoch_draws_new_microscopes(libraries):

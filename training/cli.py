@@ -62,6 +62,7 @@ def train_config(args: argparse.Namespace):
         "val_count",
         "init",
         "render_workers",
+        "render_on_device",
     )
     if args.crop is not None:
         options["crop"] = args.crop or None  # 0: whole images
@@ -349,6 +350,14 @@ def _library_training_options(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         help="processes rendering library samples for the network; on a GPU machine about "
         "its CPU count, since rendering then sets the pace",
+    )
+    config_option(
+        w,
+        "--render-on-device",
+        TRAIN,
+        action="store_true",
+        help="render library samples on the training device (a GPU) in the training process "
+        "instead: the same draws and images as the CPU path (--ring-width-pm 0 only)",
     )
 
 

@@ -155,7 +155,8 @@ class MicroscopeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.library)
 
-    def __getitem__(self, i: int):
+    def draws(self, i: int) -> tuple[OpticsDraw, list[View], list[float]]:
+        """What item i of this epoch draws: one microscope, its views, a dose per view."""
         rng = np.random.default_rng([self.seed, self.epoch, i])
         r, lib = self.render, self.library
         optics = r.optics.draw(rng)
@@ -170,6 +171,11 @@ class MicroscopeDataset(torch.utils.data.Dataset):
             )
             for _ in range(r.views_per_wave)
         ]
+        return optics, views, [draw_dose(rng, r.dose) for _ in views]
+
+    def __getitem__(self, i: int):
+        optics, views, doses = self.draws(i)
+        lib = self.library
         samples = render_views(lib, i, optics, views)
         labels, weights = zip(
             *(make_targets(s.depth, s.centres, lib.pixel_size_pm, self.targets) for s in samples)
@@ -179,7 +185,7 @@ class MicroscopeDataset(torch.utils.data.Dataset):
             torch.from_numpy(np.stack(labels).astype(np.int64)),
             torch.from_numpy(np.stack([s.species for s in samples]).astype(np.int64)),
             torch.from_numpy(np.stack(weights)),
-            torch.tensor([draw_dose(rng, r.dose) for _ in samples], dtype=torch.float32),
+            torch.tensor(doses, dtype=torch.float32),
         )
 
 

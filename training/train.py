@@ -30,6 +30,7 @@ from sim_source.wave_library import is_library
 from streamer.cli_support import check_image_side, machine_info
 from streamer.domain import PAPER_DOSE_E_PER_PX
 from training.data import CropDataset, LabelledSet, file_seed, load_set, noisy
+from training.device_render import DeviceBatches, DeviceRenderer
 from training.labels import TargetConfig
 from training.library_data import (
     MicroscopeDataset,
@@ -74,6 +75,7 @@ class TrainConfig:
     views_per_wave: int = 4  # crops rendered per optics draw
     val_count: int = 64  # validation samples rendered from the ``val`` library
     render_workers: int = 1  # DataLoader processes rendering library samples
+    render_on_device: bool = False  # render library samples on the training device instead
     init: str | None = None  # model file whose weights start the run (warm start)
 
     def to_json(self) -> str:
@@ -198,10 +200,11 @@ def validate(
     return {"val_loss": loss_sum / n, **out}
 
 
-def _datasets(cfg: TrainConfig, progress: bool):
+def _datasets(cfg: TrainConfig, progress: bool, device: torch.device):
     """(training dataset, validation set, provenance for the model card): image datasets are
-    cropped and flipped; exit-wave libraries render a new microscope per sample."""
-    dataset: MicroscopeDataset | CropDataset
+    cropped and flipped; exit-wave libraries render a new microscope per sample (on
+    ``device`` with ``render_on_device``)."""
+    dataset: MicroscopeDataset | CropDataset | DeviceRenderer
     sources: list[tuple[str, str, int | None]]  # path, SHA-256, seed
     if is_library(cfg.data):
         if not cfg.val or not is_library(cfg.val):
@@ -212,12 +215,18 @@ def _datasets(cfg: TrainConfig, progress: bool):
         if val_library.seed == library.seed:
             raise ValueError(f"{cfg.val} and {cfg.data} share seed {library.seed}")
         val_set = render_set(val_library, cfg.val_count, cfg.seed + 1, cfg.render, cfg.targets)
-        dataset = MicroscopeDataset(library, cfg.render, cfg.targets, cfg.seed)
+        dataset = (
+            DeviceRenderer(library, cfg.render, cfg.targets, cfg.seed, device)
+            if cfg.render_on_device
+            else MicroscopeDataset(library, cfg.render, cfg.targets, cfg.seed)
+        )
         sources = [
             (cfg.data, library.sha256, library.seed),
             (cfg.val, val_library.sha256, val_library.seed),
         ]
     else:
+        if cfg.render_on_device:
+            raise ValueError("--render-on-device needs an exit-wave library as --data")
         train_set = load_set(cfg.data, cfg.targets, cfg.limit, progress)
         if cfg.val:
             val_set = load_set(cfg.val, cfg.targets, None, progress)
@@ -334,7 +343,12 @@ def _save_checkpoint(
 
 
 def _loader(dataset, cfg: TrainConfig, dd: Dist):
-    """(DataLoader, DistributedSampler or None) of one process."""
+    """(DataLoader, DistributedSampler or None) of one process (DeviceBatches for samples
+    rendered on the device)."""
+    if isinstance(dataset, DeviceRenderer):
+        if dd.world > 1:
+            raise ValueError("--render-on-device runs in one process (no torchrun)")
+        return DeviceBatches(dataset, cfg.batch_size // cfg.views_per_wave), None
     sampler: torch.utils.data.DistributedSampler | None = (
         torch.utils.data.distributed.DistributedSampler(dataset, seed=cfg.seed)
         if dd.world > 1
@@ -498,7 +512,7 @@ def train(
         check_image_sizes(cfg, cfg.model.size_multiple)
         _prepare_run_directory(cfg, resume, force)
     torch.manual_seed(cfg.seed)
-    dataset, val_set, provenance = _datasets(cfg, progress and dd.main)
+    dataset, val_set, provenance = _datasets(cfg, progress and dd.main, dd.device)
     model = SegDepthUNet(cfg.model).to(dd.device)
     if cfg.init and not (resume and ckpt_path.exists()):
         model.load_state_dict(load_model(cfg.init)[0].float().state_dict())
