@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One lent GPU machine, one call: the GPU benchmarks of the engine, then a warm-started training
 # run of the bundled base-16 model on band-limited exit-wave libraries.
-# Carried (ignored here): .devcarry/gpu_ceilings.py, .devcarry/{train600_b3,val_b3}.h5,
-# optionally .devcarry/e2e_<side>.h5 (frames for bench engine --e2e) (segdepth band-limit of
-# data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å) and .whl/pyzmq-*.whl (absent there).
+# Carried (ignored here; name them in the device tool's `carry`):
+#   .devcarry/gpu_ceilings.py and .devcarry/{train600_b3,val_b3}.h5 (segdepth band-limit of
+#   data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å), .whl/pyzmq-*.whl (absent there);
+#   or, in a call of its own, .devframes/e2e_<side>.h5 (frames for bench engine --e2e).
 # Results land in $OUT: engine.json, engine_e2e.json, ceilings.log, train.log, the run's
 # config.json, metrics.jsonl and model.pt (checkpoint.pt, ~24 MB, stays behind).
-# BENCH=0: training only. BUDGET_S: seconds the whole script may take; training gets what the benchmarks leave, less
-# 80 s for loading and the final save (its learning-rate schedule follows that wall time).
+# BENCH=0: training only. BUDGET_S: seconds the whole script may take; training gets what the
+# benchmarks leave, less 80 s for loading and the final save (its learning-rate schedule follows
+# that wall time).
 set -u
 T0=$(date +%s)
 OUT=${OUT:-out}
@@ -26,8 +28,9 @@ if [ "${BENCH:-1}" = 1 ] && python3 -c "import torch,sys; sys.exit(not torch.cud
         --sizes 512 1024 --batches 1 8 32 --iterations 20 --max-seconds 2 \
         --json "$OUT/engine.json" 2>&1 | tail -30
     # the GPU machine has no abTEM: the e2e frames travel as dataset files, made here with
-    # `segdepth simulate --out .devcarry/e2e_512.h5 --count 4 --size 512` (and 1024)
-    FRAMES=$(ls .devcarry/e2e_*.h5 2>/dev/null)
+    # `segdepth simulate --out .devframes/e2e_512.h5 --count 4 --size 512` (and 1024), carried in
+    # a call of their own: beside the training libraries they pass the 64 MiB limit
+    FRAMES=$(ls .devframes/e2e_*.h5 2>/dev/null)
     if [ -n "$FRAMES" ]; then
         SIDES=$(for f in $FRAMES; do basename "$f" .h5 | cut -d_ -f2; done)
         timeout 120 python3 -m segdepth bench engine --e2e --backends torch-cuda --sizes $SIDES \
