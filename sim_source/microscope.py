@@ -243,36 +243,59 @@ class ViewLabels:
     column_depth: np.ndarray
 
 
-def view_labels(
+@dataclass
+class ProjectedColumns:
+    """The columns whose label disks can reach a view: ``rc`` (m, 2) (row, col) px in the view,
+    their ``atoms`` and species ``codes``, and which lie ``inside`` the view's pixels."""
+
+    rc: np.ndarray
+    atoms: np.ndarray
+    codes: np.ndarray
+    inside: np.ndarray
+
+
+def project_columns(
     table: ColumnTable, sampling_A: float, view: View, radius_A: float = COLUMN_RADIUS_A
-) -> ViewLabels:
-    """Exact labels (disks of ``radius_A`` around each projected column, nearest column wins)
-    of the view, from the column table through the view's map."""
+) -> ProjectedColumns:
+    """The occupied columns of ``table`` through the view's map, kept where a disk of
+    ``radius_A`` around them can touch the view."""
     pixel = sampling_A * BINNING
     rot, centre = view_frame(view)
     present = table.n_atoms > 0
     xy = np.stack([table.x_A[present], table.y_A[present]], axis=1) - centre
     local = xy @ rot  # rot is orthogonal: (x − x0) = rot·(u, v) ⇒ (u, v) = rotᵀ·(x − x0)
-    rc = local / pixel + (view.size - 1) / 2
+    n = view.size
+    rc = local / pixel + (n - 1) / 2
+    near = np.all((rc > -radius_A / pixel - 1) & (rc < n + radius_A / pixel), axis=1)
+    inside = np.all((rc[near] > -0.5) & (rc[near] < n - 0.5), axis=1)
+    return ProjectedColumns(
+        rc[near], table.n_atoms[present][near], table.species[present][near], inside
+    )
+
+
+def view_labels(
+    table: ColumnTable, sampling_A: float, view: View, radius_A: float = COLUMN_RADIUS_A
+) -> ViewLabels:
+    """Exact labels (disks of ``radius_A`` around each projected column, nearest column wins)
+    of the view, from the column table through the view's map."""
+    cols = project_columns(table, sampling_A, view, radius_A)
     n = view.size
     depth = np.zeros(n * n, np.uint8)
     species = np.zeros(n * n, np.uint8)
-    near = np.all((rc > -radius_A / pixel - 1) & (rc < n + radius_A / pixel), axis=1)
-    atoms, codes = table.n_atoms[present][near], table.species[present][near]
-    if near.any():
-        rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-        dist, nearest = cKDTree(rc[near]).query(
-            np.stack([rows.ravel(), cols.ravel()], axis=1), distance_upper_bound=radius_A / pixel
+    if len(cols.rc):
+        rows, cc = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        dist, nearest = cKDTree(cols.rc).query(
+            np.stack([rows.ravel(), cc.ravel()], axis=1),
+            distance_upper_bound=radius_A / (sampling_A * BINNING),
         )
         hit = np.isfinite(dist)
-        depth[hit], species[hit] = atoms[nearest[hit]], codes[nearest[hit]]
-    inside = np.all((rc[near] > -0.5) & (rc[near] < n - 0.5), axis=1)
+        depth[hit], species[hit] = cols.atoms[nearest[hit]], cols.codes[nearest[hit]]
     return ViewLabels(
         depth.reshape(n, n),
         species.reshape(n, n),
-        rc[near][inside],
-        codes[inside].astype(np.uint8),
-        atoms[inside].astype(np.uint8),
+        cols.rc[cols.inside],
+        cols.codes[cols.inside].astype(np.uint8),
+        cols.atoms[cols.inside].astype(np.uint8),
     )
 
 

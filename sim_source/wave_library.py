@@ -184,6 +184,13 @@ def band_block(gpts: int, sampling_A: float, k_max_inv_A: float) -> int:
     return 2 * half + 1
 
 
+def _band_window(gpts: int, m: int) -> tuple[slice, slice]:
+    """The (rows, cols) slices of the centred m × m block of an fftshift-ed gpts spectrum."""
+    c = gpts // 2
+    window = slice(c - m // 2, c + m // 2 + 1)
+    return window, window
+
+
 def write_band_limited(src: str | Path, dst: str | Path, k_max_inv_A: float) -> int:
     """Copy library ``src`` to ``dst`` with each wave's spectrum cut to |kx|, |ky| ≤
     ``k_max_inv_A`` (1/Å) and stored as float16; returns the number of structures copied."""
@@ -196,10 +203,9 @@ def write_band_limited(src: str | Path, dst: str | Path, k_max_inv_A: float) -> 
             "spectrum", (n, m, m, 2), "f2", chunks=(1, m, m, 2), compression="gzip", shuffle=True
         )
         spec.attrs["units"] = "fft2(wave, norm='forward'), centred block, (real, imaginary)"
+        window = _band_window(gpts, m)
         for s in range(n):
-            block = np.fft.fftshift(np.fft.fft2(f["waves"][s], norm="forward"))
-            c = gpts // 2
-            block = block[c - m // 2 : c + m // 2 + 1, c - m // 2 : c + m // 2 + 1]
+            block = np.fft.fftshift(np.fft.fft2(f["waves"][s], norm="forward"))[window]
             spec[s] = np.stack([block.real, block.imag], axis=-1).astype(np.float16)
         cols = f["columns"][:]
         g.create_dataset("columns", data=cols[cols["structure"] < n])
@@ -216,14 +222,12 @@ def read_waves(f: h5py.File, n: int) -> np.ndarray:
         return f["waves"][:n]
     gpts = int(f.attrs["gpts"])
     spec = f["spectrum"]
-    m, c = spec.shape[1], gpts // 2
+    window = _band_window(gpts, spec.shape[1])
     out = np.empty((n, gpts, gpts), np.complex64)
     padded = np.zeros((gpts, gpts), np.complex64)
     for s in range(n):
         block = spec[s].astype(np.float32)
-        padded[c - m // 2 : c + m // 2 + 1, c - m // 2 : c + m // 2 + 1] = (
-            block[..., 0] + 1j * block[..., 1]
-        )
+        padded[window] = block[..., 0] + 1j * block[..., 1]
         out[s] = sfft.ifft2(sfft.ifftshift(padded), norm="forward", workers=-1)
     return out
 

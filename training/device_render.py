@@ -16,7 +16,7 @@ import torch
 
 from sim_source.hrtem import BINNING
 from sim_source.labels import COLUMN_RADIUS_A
-from sim_source.microscope import OpticsDraw, View, angular_grid, view_frame
+from sim_source.microscope import OpticsDraw, View, angular_grid, project_columns, view_frame
 from training.labels import TargetConfig
 from training.library_data import MicroscopeDataset, RenderConfig, WaveLibrary
 
@@ -130,36 +130,32 @@ class DeviceRenderer:
     def _labels(self, i: int, view: View):
         """(depth uint8, species uint8, loss weights float32) (c, c) of one view, as
         :func:`sim_source.microscope.view_labels` and :func:`training.labels.make_targets`."""
-        table, p, n = self.library.tables[i], self.pixel_A, view.size
-        rot, centre = view_frame(view)
-        present = table.n_atoms > 0
-        xy = np.stack([table.x_A[present], table.y_A[present]], axis=1) - centre
-        rc = (xy @ rot) / p + (n - 1) / 2
-        radius = COLUMN_RADIUS_A / p
-        near = np.all((rc > -radius - 1) & (rc < n + radius), axis=1)
-        inside = np.all((rc[near] > -0.5) & (rc[near] < n - 0.5), axis=1)
-        dev = self.device
-        pixels = torch.stack(
-            torch.meshgrid(torch.arange(n, device=dev), torch.arange(n, device=dev), indexing="ij"),
-            dim=-1,
-        ).reshape(-1, 1, 2)
+        cols = project_columns(self.library.tables[i], self.library.sampling_A, view)
+        n, dev = view.size, self.device
         depth = torch.zeros(n * n, dtype=torch.uint8, device=dev)
         species = torch.zeros(n * n, dtype=torch.uint8, device=dev)
         bg = self.targets.background_weight
         weights = torch.full((n * n,), bg, dtype=torch.float32, device=dev)
-        if near.any():
-            centres = torch.from_numpy(rc[near]).to(dev)
-            dist = (pixels - centres[None]).norm(dim=-1)  # (n², m) px
+        if len(cols.rc):
+            centres = torch.from_numpy(cols.rc).to(dev)
+            dist = (_pixel_grid(n, str(dev)) - centres[None]).norm(dim=-1)  # (n², m) px
             nearest = dist.min(dim=1)
-            hit = nearest.values < radius
-            atoms = torch.from_numpy(table.n_atoms[present][near].astype(np.uint8)).to(dev)
-            codes = torch.from_numpy(table.species[present][near].astype(np.uint8)).to(dev)
+            hit = nearest.values < COLUMN_RADIUS_A / self.pixel_A
+            atoms = torch.from_numpy(cols.atoms.astype(np.uint8)).to(dev)
+            codes = torch.from_numpy(cols.codes.astype(np.uint8)).to(dev)
             depth[hit], species[hit] = atoms[nearest.indices[hit]], codes[nearest.indices[hit]]
-            if inside.any():
-                sigma = self.targets.weight_sigma_pm / (p * 100)
-                d = dist[:, torch.from_numpy(inside).to(dev)].min(dim=1).values
+            if cols.inside.any():
+                sigma = self.targets.weight_sigma_pm / (self.pixel_A * 100)
+                d = dist[:, torch.from_numpy(cols.inside).to(dev)].min(dim=1).values
                 weights = (bg + (1 - bg) * torch.exp(-0.5 * (d / sigma) ** 2)).float()
         return depth.view(n, n), species.view(n, n), weights.view(n, n)
+
+
+@lru_cache(maxsize=4)
+def _pixel_grid(n: int, device: str) -> torch.Tensor:
+    """(n², 1, 2) (row, col) of every pixel of an n × n view, on ``device``."""
+    r = torch.arange(n, device=device)
+    return torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1).reshape(-1, 1, 2)
 
 
 class DeviceBatches:
@@ -168,7 +164,7 @@ class DeviceBatches:
     the CPU path yields them."""
 
     def __init__(self, renderer: DeviceRenderer, items: int):
-        self.renderer, self.items = renderer, max(1, items)
+        self.renderer, self.items = renderer, items
         self.generator = torch.Generator()
 
     def __len__(self) -> int:

@@ -345,18 +345,17 @@ def _save_checkpoint(
 def _loader(dataset, cfg: TrainConfig, dd: Dist):
     """(DataLoader, DistributedSampler or None) of one process (DeviceBatches for samples
     rendered on the device)."""
+    rendered = isinstance(dataset, (MicroscopeDataset, DeviceRenderer))
+    items = max(1, cfg.batch_size // (cfg.views_per_wave if rendered else 1))
     if isinstance(dataset, DeviceRenderer):
         if dd.world > 1:
             raise ValueError("--render-on-device runs in one process (no torchrun)")
-        return DeviceBatches(dataset, cfg.batch_size // cfg.views_per_wave), None
+        return DeviceBatches(dataset, items), None
     sampler: torch.utils.data.DistributedSampler | None = (
         torch.utils.data.distributed.DistributedSampler(dataset, seed=cfg.seed)
         if dd.world > 1
         else None
     )
-    rendered = isinstance(dataset, MicroscopeDataset)
-    per_item = cfg.views_per_wave if rendered else 1
-    items = max(1, cfg.batch_size // per_item)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=items,
