@@ -157,6 +157,11 @@ def test_rendering_on_the_device_equals_the_cpu_path(libraries, tmp_path):
     for i, batch in zip(order, batches):
         assert torch.equal(batch[1], device.item(i)[1])
     assert sorted(order) == list(range(len(library)))
+    # fewer structures than a batch holds: one short batch, as the DataLoader path gives
+    big = TrainConfig(**{**cfg.__dict__, "batch_size": 8})
+    short = [_loader(ds, big, Dist())[0] for ds in (cpu, device)]
+    assert len(short[0]) == len(short[1]) == 1
+    assert [len(b[1]) for b in short[1]] == [2 * len(library)]
     model = train(TrainConfig(**{**cfg.__dict__, "render_on_device": True}), progress=False)
     assert load_model(model)[1]["train_config"]["render_on_device"] is True
     with pytest.raises(ValueError, match="ring_width_pm 0"):

@@ -168,7 +168,9 @@ class DeviceBatches:
         self.generator = torch.Generator()
 
     def __len__(self) -> int:
-        return len(self.renderer) // self.items
+        """Full batches only, as the DataLoader's drop_last; one short batch when there are
+        fewer structures than a batch holds."""
+        return max(1, len(self.renderer) // self.items)
 
     def __iter__(self):
         order = torch.randperm(len(self.renderer), generator=self.generator).tolist()
