@@ -13,13 +13,13 @@ neither.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 import torch
 
+from engine.device_maps import DevicePrediction
 from engine.export import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -30,36 +30,7 @@ from engine.export import (
     tensorrt_unavailable_reason,
 )
 from engine.model_io import LoadedModel, pad_to_multiple
-
-
-@dataclass
-class Prediction:
-    """Per-pixel probabilities for a batch: depth (B, 11, H, W), species (B, 3, H, W) float32."""
-
-    depth_prob: np.ndarray
-    species_prob: np.ndarray
-
-    def maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per pixel: depth (argmax, uint8), confidence (its probability, float32) and species
-        (argmax, uint8), each (B, H, W) -- paper eqs. (4)-(5)."""
-        depth, confidence = channel_max(self.depth_prob)
-        species, _ = channel_max(self.species_prob)
-        return depth, confidence, species
-
-
-def channel_max(prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Argmax (uint8, the first on ties) and maximum over axis 1 of (B, C, H, W) maps.
-
-    One pass per channel over contiguous planes: 4x faster than torch's or numpy's reduction
-    over the channel axis on one core at 512² (2.7 vs 10.7 / 13.9 ms for 11 channels).
-    """
-    best = prob[:, 0].copy()
-    index = np.zeros(best.shape, np.uint8)
-    for k in range(1, prob.shape[1]):
-        higher = prob[:, k] > best
-        np.copyto(best, prob[:, k], where=higher)
-        index[higher] = k
-    return index, best
+from engine.prediction import Prediction
 
 
 def infer_tta(backend: Backend, frames: np.ndarray) -> Prediction:
@@ -85,20 +56,38 @@ def infer_tta(backend: Backend, frames: np.ndarray) -> Prediction:
 
 
 class Backend(ABC):
-    """One way of running the model. ``infer`` takes normalised frames (B, H, W) float32."""
+    """One way of running the model. ``infer`` takes normalised frames (B, H, W) float32.
+
+    A backend whose network writes torch tensors can leave them on its device
+    (``device_maps``: :class:`DevicePrediction`, post-processing there) or copy them to the
+    host (:class:`Prediction`); ``device_maps_default`` says which it does unless told.
+    """
 
     name: ClassVar[str]
     precision: ClassVar[str]
     #: frames per batch the engine uses unless told otherwise: on the 2-core CPU machines
     #: batch 1 measured faster than 4 through serve (onnxruntime 512^2: 2.88 vs 2.21 frames/s)
     preferred_batch: int = 8
+    #: None: outputs are host arrays (no device maps possible); else the default of device_maps
+    device_maps_default: ClassVar[bool | None] = None
 
-    def __init__(self, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch: int = 32,
+        cache_dir: Path | None = None,
+        device_maps: bool | None = None,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if device_maps and self.device_maps_default is None:
+            raise ValueError(
+                f"backend {self.name!r} returns host arrays: it cannot post-process on a device"
+            )
         self.loaded = loaded
         self.max_batch = max_batch
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.device_maps = bool(self.device_maps_default if device_maps is None else device_maps)
 
     @staticmethod
     def unavailable_reason() -> str | None:
@@ -110,8 +99,9 @@ class Backend(ABC):
         """Why this backend is not offered for ``loaded`` although it runs here, or None."""
         return None
 
-    def infer(self, frames: np.ndarray) -> Prediction:
-        """Probabilities for ``frames`` (B, H, W) (any B: split into chunks of max_batch)."""
+    def infer(self, frames: np.ndarray) -> Prediction | DevicePrediction:
+        """Probabilities for ``frames`` (B, H, W) (any B: split into chunks of max_batch), on
+        the backend's device when ``device_maps`` is set."""
         frames = np.asarray(frames, dtype=np.float32)
         if frames.ndim != 3:
             raise ValueError(f"frames must be (B, H, W), got shape {frames.shape}")
@@ -122,11 +112,21 @@ class Backend(ABC):
             d, s = self._run(chunk)
             depth.append(d[..., :h, :w])
             species.append(s[..., :h, :w])
-        return Prediction(np.concatenate(depth), np.concatenate(species))
+        if not isinstance(depth[0], torch.Tensor):
+            return Prediction(np.concatenate(depth), np.concatenate(species))
+        with torch.inference_mode():  # torch.cat copies: a CUDA graph's outputs are reused
+            on_device = DevicePrediction(
+                torch.cat(cast(list[torch.Tensor], depth)),
+                torch.cat(cast(list[torch.Tensor], species)),
+            )
+        if self.device_maps:
+            return on_device
+        return Prediction(on_device.depth_prob, on_device.species_prob)
 
     @abstractmethod
-    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(b, 1, H, W) float32, b <= max_batch -> (depth, species) float32 numpy arrays."""
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, ...]:
+        """(b, 1, H, W) float32, b <= max_batch -> (depth, species): float32 numpy arrays, or
+        tensors on the backend's device (float16 or float32)."""
 
 
 class TorchCPUBackend(Backend):
@@ -134,24 +134,26 @@ class TorchCPUBackend(Backend):
 
     name, precision = "torch-cpu", "fp32"
     preferred_batch = 1
+    #: numpy's per-channel pass (engine.prediction.channel_max) is the faster reduction here
+    device_maps_default = False
 
-    def __init__(self, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None):
-        super().__init__(loaded, max_batch, cache_dir)
+    def __init__(self, loaded: LoadedModel, max_batch: int = 32, **kw):
+        super().__init__(loaded, max_batch, **kw)
         self._head = loaded.head()
 
-    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, x: np.ndarray) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode():
-            depth, species = self._head(torch.from_numpy(x))
-        return depth.numpy(), species.numpy()
+            return tuple(self._head(torch.from_numpy(x)))
 
 
 class TorchCUDABackend(Backend):
     """PyTorch on CUDA: FP16, channels-last, a CUDA graph captured per (batch, H, W)."""
 
     name, precision = "torch-cuda", "fp16"
+    device_maps_default = True
 
-    def __init__(self, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None):
-        super().__init__(loaded, max_batch, cache_dir)
+    def __init__(self, loaded: LoadedModel, max_batch: int = 32, **kw):
+        super().__init__(loaded, max_batch, **kw)
         self._device = torch.device("cuda")
         head = loaded.head().to(self._device).half()
         # Module.to(memory_format=...) works (it forwards to every tensor) but is not in
@@ -164,6 +166,8 @@ class TorchCUDABackend(Backend):
         # one memory pool for all graphs: they never run at once, and outputs are copied out
         # right after each replay, so sharing is safe and saves a pool per batch size
         self._pool = torch.cuda.graph_pool_handle()
+        #: a pinned host buffer per input shape, and the event of its last upload
+        self._staging: dict[tuple[int, ...], tuple[torch.Tensor, torch.cuda.Event]] = {}
 
     @staticmethod
     def unavailable_reason() -> str | None:
@@ -185,11 +189,23 @@ class TorchCUDABackend(Backend):
             self._graphs[shape] = (graph, static_in, static_out)
         return self._graphs[shape]
 
-    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        graph, static_in, (depth, species) = self._graph(tuple(x.shape))
-        static_in.copy_(torch.from_numpy(x).pin_memory().to(self._device, non_blocking=True))
+    def _upload(self, x: np.ndarray, into: torch.Tensor) -> None:
+        """Copy ``x`` into the device tensor through a pinned buffer kept per shape (the
+        previous upload from it must be done before it is overwritten)."""
+        shape = tuple(x.shape)
+        if shape not in self._staging:
+            self._staging[shape] = (torch.empty(shape).pin_memory(), torch.cuda.Event())
+        pinned, uploaded = self._staging[shape]
+        uploaded.synchronize()
+        pinned.numpy()[...] = x
+        into.copy_(pinned, non_blocking=True)
+        uploaded.record()
+
+    def _run(self, x: np.ndarray) -> tuple[torch.Tensor, ...]:
+        graph, static_in, outputs = self._graph(tuple(x.shape))
+        self._upload(x, static_in)
         graph.replay()
-        return depth.float().cpu().numpy(), species.float().cpu().numpy()
+        return outputs
 
 
 class OnnxRuntimeBackend(Backend):
@@ -202,8 +218,8 @@ class OnnxRuntimeBackend(Backend):
     name, precision = "onnxruntime", "fp32"
     providers_wanted: ClassVar[tuple[str, ...]] = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
-    def __init__(self, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None):
-        super().__init__(loaded, max_batch, cache_dir)
+    def __init__(self, loaded: LoadedModel, max_batch: int = 32, **kw):
+        super().__init__(loaded, max_batch, **kw)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -255,15 +271,16 @@ class TensorRTBackend(Backend):
     """A serialized TensorRT plan (FP16), built and cached by :mod:`engine.export`."""
 
     name, precision = "tensorrt", "fp16"
+    device_maps_default = True
 
     def __init__(
         self,
         loaded: LoadedModel,
         max_batch: int = 32,
-        cache_dir: Path | None = None,
         profile: PlanProfile | None = None,
+        **kw,
     ):
-        super().__init__(loaded, max_batch, cache_dir)
+        super().__init__(loaded, max_batch, **kw)
         reason = self.unavailable_reason()
         if reason:
             raise RuntimeError(f"tensorrt backend unavailable: {reason}")
@@ -280,7 +297,7 @@ class TensorRTBackend(Backend):
     def unavailable_reason() -> str | None:
         return tensorrt_unavailable_reason()
 
-    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, x: np.ndarray) -> tuple[torch.Tensor, ...]:
         with torch.cuda.stream(self._stream):
             xt = torch.from_numpy(x).pin_memory().to("cuda", non_blocking=True)
             if not self._context.set_input_shape(INPUT_NAME, tuple(x.shape)):
@@ -297,9 +314,8 @@ class TensorRTBackend(Backend):
                 outputs.append(out)
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed")
-            depth, species = (o.cpu().numpy() for o in outputs)
         self._stream.synchronize()
-        return depth, species
+        return tuple(outputs)
 
 
 #: backends by name, fastest first: ``auto`` takes the first available and offered one.
@@ -336,7 +352,14 @@ def resolve(name: str, loaded: LoadedModel | None = None) -> str:
 
 
 def create(
-    name: str, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None
+    name: str,
+    loaded: LoadedModel,
+    max_batch: int = 32,
+    cache_dir: Path | None = None,
+    device_maps: bool | None = None,
 ) -> Backend:
-    """Instantiate backend ``name`` (or ``auto``) for ``loaded``."""
-    return BACKENDS[resolve(name, loaded)](loaded, max_batch=max_batch, cache_dir=cache_dir)
+    """Instantiate backend ``name`` (or ``auto``) for ``loaded``; ``device_maps``: keep the
+    probabilities on the backend's device (None: the backend's default)."""
+    return BACKENDS[resolve(name, loaded)](
+        loaded, max_batch=max_batch, cache_dir=cache_dir, device_maps=device_maps
+    )

@@ -6,7 +6,8 @@ early after ``max_seconds``. Reported: frames/s (frames / total time of the time
 latency of one batch call (p50, p99, ms; frames wait for the whole batch). The baseline is
 PyTorch eager FP32 on the same device (on a CPU machine that is the ``torch-cpu`` backend
 itself). Also timed: the serve loop's CPU work per frame after inference (maps, columns, drift,
-HMM, encoding), which bounds the engine's frame rate whatever the backend. Speed does not
+HMM, encoding), which bounds the engine's frame rate whatever the backend: with numpy on the
+host, and with maps, column averages and drift in torch on each device present. Speed does not
 depend on the weights: without the bundled model a randomly initialised
 default SegDepthUNet is timed. GPU backends absent here are listed as not run, with the reason.
 Each row also gives the network's arithmetic rate (frames/s x GFLOP per frame, engine.flops) and
@@ -43,15 +44,15 @@ class TorchEagerCUDAFP32(backends.Backend):
     """Baseline on a GPU machine: PyTorch eager, FP32, on CUDA (no graphs, no half precision)."""
 
     name, precision = "torch-eager-cuda-fp32", "fp32"
+    device_maps_default = False  # the maps from host copies, as before device-side maps
 
-    def __init__(self, loaded: LoadedModel, max_batch: int = 32, cache_dir: Path | None = None):
-        super().__init__(loaded, max_batch, cache_dir)
+    def __init__(self, loaded: LoadedModel, max_batch: int = 32, **kw):
+        super().__init__(loaded, max_batch, **kw)
         self._head = loaded.head().cuda()
 
-    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, x: np.ndarray) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode():
-            depth, species = self._head(torch.from_numpy(x).cuda())
-        return depth.cpu().numpy(), species.cpu().numpy()
+            return tuple(self._head(torch.from_numpy(x).cuda()))
 
 
 @dataclass
@@ -86,13 +87,15 @@ def _model(config: BenchConfig, workdir: Path) -> tuple[LoadedModel, str]:
 def time_cell(
     backend: backends.Backend, frames: np.ndarray, iterations: int, max_seconds: float
 ) -> dict[str, float]:
-    """Frames/s and batch-call latency percentiles of ``backend.infer(frames)``."""
-    backend.infer(frames)  # warm-up: graph capture, plan load, allocator
+    """Frames/s and batch-call latency percentiles of ``backend.infer(frames).maps()``: the
+    network and the per-pixel depth, confidence and species maps the engine publishes, on the
+    host (reduced on the device where the backend keeps its outputs there)."""
+    backend.infer(frames).maps()  # warm-up: graph capture, plan load, allocator
     times = []
     start = time.perf_counter()
     for _ in range(iterations):
         t0 = time.perf_counter()
-        backend.infer(frames)
+        backend.infer(frames).maps()
         times.append(time.perf_counter() - t0)
         if time.perf_counter() - start > max_seconds:
             break
@@ -105,26 +108,37 @@ def time_cell(
     }
 
 
-def time_postprocess(side: int, rng: np.random.Generator, n_frames: int = 16) -> float:
-    """ms per frame of the serve loop's CPU work after inference (depth/confidence/species
-    maps, column tracking with drift, HMM, result encoding) on random probability maps, once
-    the column reference is complete (random maps give ~5x more "columns" than a real frame)."""
+def time_postprocess(
+    side: int, rng: np.random.Generator, n_frames: int = 16, device: str | None = None
+) -> float:
+    """ms per frame of the serve loop's work after inference (depth/confidence/species maps,
+    column tracking with drift, HMM, result encoding) on random probability maps, once the
+    column reference is complete (random maps give ~5x more "columns" than a real frame).
+    ``device``: the probabilities as torch tensors there, maps, column averages and drift
+    computed there (engine.device_maps); None: numpy on the host."""
+    from engine.device_maps import DevicePrediction
     from engine.occupancy import SessionAnalysis
+    from engine.prediction import Prediction
     from streamer.protocol import encode, make_header
 
     def softmax(logits: np.ndarray) -> np.ndarray:
         e = np.exp(logits - logits.max(axis=0))
         return (e / e.sum(axis=0)).astype(np.float32)
 
-    depth = softmax(rng.normal(0, 2, (N_DEPTHS, side, side)))
-    species = softmax(rng.normal(0, 2, (N_SPECIES_CLASSES, side, side)))
+    depth = softmax(rng.normal(0, 2, (N_DEPTHS, side, side)))[None]
+    species = softmax(rng.normal(0, 2, (N_SPECIES_CLASSES, side, side)))[None]
+    pred = (
+        Prediction(depth, species)
+        if device is None
+        else DevicePrediction(*(torch.from_numpy(p).to(device) for p in (depth, species)))
+    )
     analysis = SessionAnalysis(pixel_size_pm=5.3)
     while not analysis.tracker.reference_complete:  # session start-up, not steady state
-        analysis.update(species, depth)
+        analysis.update_maps(pred.frame(0))
     t0 = time.perf_counter()
     for i in range(n_frames):
-        occ = analysis.update(species, depth)
-        d, c, sp = backends.Prediction(depth[None], species[None]).maps()
+        occ = analysis.update_maps(pred.frame(0))
+        d, c, sp = pred.maps()
         maps = {"depth": d[0], "confidence": c[0], "species": sp[0], **occ.buffers()}
         encode(
             make_header(
@@ -206,6 +220,11 @@ def run_bench(config: BenchConfig, json_path: Path) -> dict[str, Any]:
                 }
             )
     postprocess = {str(side): time_postprocess(side, rng) for side in config.sizes}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    postprocess_on_device = {
+        device: {str(side): time_postprocess(side, rng, device=device) for side in config.sizes}
+        for device in devices
+    }
     for row in rows:
         if row["status"] == "ok":
             base = next(
@@ -231,6 +250,7 @@ def run_bench(config: BenchConfig, json_path: Path) -> dict[str, Any]:
         if torch.cuda.is_available()
         else "not run on real hardware (no CUDA device here)",
         "postprocess_ms_per_frame": postprocess,
+        "postprocess_on_device_ms_per_frame": postprocess_on_device,
         "model_gflop_per_frame": {str(k): v for k, v in gflop.items()},
         "gemm_ceiling_gflops": ceiling,
         "rows": rows,
@@ -269,9 +289,14 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['gemm_ceiling_gflops']:.0f} GFLOP/s on this machine"
     )
     lines.append(
-        "serve-loop CPU work per frame after inference, steady state (ms): "
+        "serve-loop work per frame after inference, steady state (ms), numpy on the host: "
         + ", ".join(f"{side}^2 {ms:.1f}" for side, ms in report["postprocess_ms_per_frame"].items())
     )
+    for device, per_side in report.get("postprocess_on_device_ms_per_frame", {}).items():
+        lines.append(
+            f"  the same with maps, column averages and drift in torch on {device}: "
+            + ", ".join(f"{side}^2 {ms:.1f}" for side, ms in per_side.items())
+        )
     lines.append(
         f"GPU aims (frames/s, base-16): {report['gpu_aims_frames_per_s']} -- "
         f"{report['gpu_aims_status']}"

@@ -104,6 +104,7 @@ def serve_config(args: argparse.Namespace):
             "receive_hwm",
             "exit_on_eos",
             "tta",
+            "postprocess",
             "max_frame_px",
             "max_batch_px",
         ),
@@ -214,6 +215,7 @@ def e2e_config(args: argparse.Namespace):
             "paced_frames",
             "rate_fps",
             "max_batch",
+            "postprocess",
             "frames_from",
         ),
     )
@@ -320,6 +322,15 @@ def _add_serve(commands) -> None:
         SERVE,
         choices=["auto", *BACKEND_NAMES],
         help="inference backend; auto: the fastest available",
+    )
+    config_option(
+        p,
+        "--postprocess",
+        SERVE,
+        choices=["auto", "device", "host"],
+        help="where the maps, column averages and drift are computed: device (torch on the "
+        "backend's device, copying back only maps and column values; torch backends only), "
+        "host (numpy); auto: device for torch-cuda and tensorrt, host otherwise",
     )
     _serve_batching(p)
     config_option(
@@ -493,6 +504,13 @@ def _add_bench_engine(bench) -> None:
         help="with --e2e: camera rate of the paced phase (the paper's 0.13 s/frame)",
     )
     config_option(p, "--max-batch", E2E, type=positive_int, help="with --e2e: serve's --max-batch")
+    config_option(
+        p,
+        "--postprocess",
+        E2E,
+        choices=["auto", "device", "host"],
+        help="with --e2e: serve's --postprocess (where maps, column averages and drift run)",
+    )
     p.add_argument(
         "--frames-from",
         nargs="+",

@@ -96,6 +96,19 @@ def disk_offsets(radius_px: float) -> np.ndarray:
     return np.stack([dy[inside], dx[inside]], axis=1)
 
 
+def disk_pixels(
+    shape: tuple[int, ...], y_px: np.ndarray, x_px: np.ndarray, radius_px: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices (n, k) into an (H, W) plane of the pixels of a disk at each position, and
+    which of them lie inside the frame (n, k) (the others are clipped to its edge)."""
+    h, w = shape
+    offsets = disk_offsets(radius_px)
+    cy = np.rint(y_px).astype(np.int64)[:, None] + offsets[None, :, 0]
+    cx = np.rint(x_px).astype(np.int64)[:, None] + offsets[None, :, 1]
+    valid = (cy >= 0) & (cy < h) & (cx >= 0) & (cx < w)
+    return np.clip(cy, 0, h - 1) * w + np.clip(cx, 0, w - 1), valid
+
+
 def disk_average(
     maps: np.ndarray, y_px: np.ndarray, x_px: np.ndarray, radius_px: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -103,12 +116,8 @@ def disk_average(
 
     Pixels of a disk outside the frame are left out; a disk wholly outside gives a False mask.
     """
-    c, h, w = maps.shape
-    offsets = disk_offsets(radius_px)
-    cy = np.rint(y_px).astype(np.int64)[:, None] + offsets[None, :, 0]
-    cx = np.rint(x_px).astype(np.int64)[:, None] + offsets[None, :, 1]
-    valid = (cy >= 0) & (cy < h) & (cx >= 0) & (cx < w)
-    flat = np.clip(cy, 0, h - 1) * w + np.clip(cx, 0, w - 1)
+    c = maps.shape[0]
+    flat, valid = disk_pixels(maps.shape[1:], y_px, x_px, radius_px)
     values = maps.reshape(c, -1)[:, flat]  # (C, n, k)
     weight = valid.astype(maps.dtype)
     count = weight.sum(axis=1)
@@ -157,6 +166,38 @@ def find_columns(
     return np.concatenate(ys), np.concatenate(xs), np.concatenate(species)
 
 
+class FrameMaps:
+    """One frame's probability maps as the tracker reads them: species (3, H, W) and depth
+    (11, H, W), here numpy float32 arrays on the host. :class:`engine.device_maps.TorchFrameMaps`
+    reads the same from tensors on the inference device and copies back only what it must."""
+
+    def __init__(self, species_prob: np.ndarray, depth_prob: np.ndarray):
+        self._species = np.asarray(species_prob, dtype=np.float32)
+        self._depth = np.asarray(depth_prob, dtype=np.float32)
+
+    @property
+    def species_shape(self) -> tuple[int, ...]:
+        return tuple(self._species.shape)
+
+    def species_host(self) -> np.ndarray:
+        """Species probabilities (3, H, W) float32 on the host (the column reference's input)."""
+        return self._species
+
+    def registration_maps(self):
+        """P(Ce), P(O) (2, H, W), where :meth:`drift_estimator`'s estimators read them."""
+        return self._species[1:]
+
+    def drift_estimator(self, reference: np.ndarray) -> DriftEstimator:
+        """A registration against ``reference`` (2, H, W) for maps like these."""
+        return DriftEstimator(reference)
+
+    def disk_average(
+        self, y_px: np.ndarray, x_px: np.ndarray, radius_px: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Depth probabilities averaged over a disk at each position (:func:`disk_average`)."""
+        return disk_average(self._depth, y_px, x_px, radius_px)
+
+
 @dataclass
 class _Reference:
     sum: np.ndarray  # (3, H, W) sum of aligned species-probability maps, frame-0 pixels
@@ -191,33 +232,31 @@ class ColumnTracker:
 
     def update(self, species_prob: np.ndarray, depth_prob: np.ndarray) -> FrameColumns:
         """One frame's maps: species (3, H, W) and depth (11, H, W) probabilities."""
-        species_prob = np.asarray(species_prob, dtype=np.float32)
+        return self.update_maps(FrameMaps(species_prob, depth_prob))
+
+    def update_maps(self, maps: FrameMaps) -> FrameColumns:
+        """One frame's maps, on the host or on the inference device (:class:`FrameMaps`)."""
         if self._ref is None:
-            self._ref = _Reference(sum=species_prob.astype(np.float64), count=0)
+            self._ref = _Reference(sum=maps.species_host().astype(np.float64), count=0)
             self._drift = (0.0, 0.0)
         else:
-            if self._ref.sum.shape != species_prob.shape:
+            if self._ref.sum.shape != maps.species_shape:
                 raise ValueError(
-                    f"frame shape {species_prob.shape[1:]} differs from the "
+                    f"frame shape {maps.species_shape[1:]} differs from the "
                     f"session's {self._ref.sum.shape[1:]}"
                 )
             assert self._registration is not None  # made with the first reference
             self._drift = self._registration.estimate(
-                species_prob[1:],
+                maps.registration_maps(),
                 prior=self._drift,
                 search_px=self.config.drift_search_A * self._px_per_A,
             )
         if not self.reference_complete:
-            self._grow_reference(species_prob)
+            self._grow_reference(maps)
         ref = self._ref
         dy, dx = self._drift
         y, x = ref.y_px + dy, ref.x_px + dx
-        probs, inside = disk_average(
-            np.asarray(depth_prob, dtype=np.float32),
-            y,
-            x,
-            self.config.disk_radius_A * self._px_per_A,
-        )
+        probs, inside = maps.disk_average(y, x, self.config.disk_radius_A * self._px_per_A)
         probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
         return FrameColumns(
             ids=ref.ids[inside],
@@ -228,17 +267,17 @@ class ColumnTracker:
             drift_px=(float(dy), float(dx)),
         )
 
-    def _grow_reference(self, species_prob: np.ndarray) -> None:
+    def _grow_reference(self, maps: FrameMaps) -> None:
         ref = self._ref
         assert ref is not None  # update() made it
         if ref.count == 0:
             ref.count = 1
         else:
             dy, dx = self._drift
-            aligned = ndimage.shift(species_prob, (0, -dy, -dx), order=1, mode="nearest")
+            aligned = ndimage.shift(maps.species_host(), (0, -dy, -dx), order=1, mode="nearest")
             ref.sum += aligned
             ref.count += 1
-        self._registration = DriftEstimator(ref.species_maps)
+        self._registration = maps.drift_estimator(ref.species_maps)
         y, x, species = find_columns(
             (ref.sum / ref.count).astype(np.float32), self.pixel_size_pm, self.config
         )

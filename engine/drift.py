@@ -31,60 +31,82 @@ def _parabola_offset(minus: float, centre: float, plus: float) -> float:
     return float(np.clip(0.5 * (minus - plus) / denom, -0.5, 0.5))
 
 
+def hann_window(shape: tuple[int, int]) -> np.ndarray:
+    """The 2-D Hann window (H, W) float32 that both images are multiplied by."""
+    return np.outer(np.hanning(shape[0]), np.hanning(shape[1])).astype(np.float32)
+
+
 class DriftEstimator:
     """Registers images against one fixed reference, (H, W) or channels (C, H, W); its
     spectrum is computed once.
 
     Cross-correlation of the Hann-windowed, mean-free images in float32 (scipy.fft), summed
-    over channels, each divided by its reference's energy.
+    over channels, each divided by its reference's energy. Only a small window of the surface
+    around the prior is read back (:meth:`_values`), so that a subclass can keep the surface
+    where it was computed (:class:`engine.device_maps.TorchDriftEstimator`).
     """
 
     def __init__(self, reference: np.ndarray):
         reference = np.asarray(reference, dtype=np.float32)
         self.channels = reference.ndim == 3
         reference = reference if self.channels else reference[None]
-        h, w = self.shape = reference.shape[1:]
-        self._window = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
+        self.shape: tuple[int, int] = reference.shape[1:]
+        self.n_channels = len(reference)
+        self._conj_ref = self._reference_spectrum(reference)
+
+    def _reference_spectrum(self, reference: np.ndarray):
+        """conj(FFT) of the prepared (C, H, W) reference, each channel over its energy."""
+        self._window = hann_window(self.shape)
         ref = self._prepare(reference)
         energy = np.maximum((ref**2).sum(axis=(1, 2)), 1e-12)[:, None, None]
-        self._conj_ref = np.conj(fft.rfft2(ref)) / energy
+        return np.conj(fft.rfft2(ref)) / energy
 
     def _prepare(self, maps: np.ndarray) -> np.ndarray:
         return (maps - maps.mean(axis=(1, 2), keepdims=True)) * self._window
 
-    def correlation(self, image: np.ndarray) -> np.ndarray:
-        """The cross-correlation surface (H, W); zero shift at index (0, 0), peak at the drift."""
-        image = np.asarray(image, dtype=np.float32)
-        expected = ((len(self._conj_ref),) if self.channels else ()) + self.shape
-        if image.shape != expected:
-            raise ValueError(f"shapes differ: reference {expected} vs image {image.shape}")
-        image = image if self.channels else image[None]
+    def _channels(self, image):
+        """``image`` as (C, H, W) after checking its shape against the reference's."""
+        expected = ((self.n_channels,) if self.channels else ()) + self.shape
+        if tuple(image.shape) != expected:
+            raise ValueError(f"shapes differ: reference {expected} vs image {tuple(image.shape)}")
+        return image if self.channels else image[None]
+
+    def correlation(self, image) -> np.ndarray:
+        """The cross-correlation surface (H, W) on the host; zero shift at index (0, 0), peak
+        at the drift."""
+        h, w = self.shape
+        return self._values(self._surface(image), np.arange(h), np.arange(w))
+
+    def _surface(self, image):
+        """The correlation surface where this estimator computes it (here: numpy)."""
+        image = self._channels(np.asarray(image, dtype=np.float32))
         spectrum = fft.rfft2(self._prepare(image))
         return fft.irfft2((spectrum * self._conj_ref).sum(axis=0), s=self.shape)
+
+    def _values(self, surface, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """surface[rows][:, cols] as a host float32 array (len(rows), len(cols))."""
+        return np.asarray(surface[np.ix_(rows, cols)], dtype=np.float32)
 
     def estimate(
         self, image: np.ndarray, prior: tuple[float, float] = (0, 0), search_px: float = 8.0
     ) -> tuple[float, float]:
         """Drift (dy, dx) in pixels of ``image`` within ``search_px`` of ``prior`` (module
         docstring: sign)."""
-        surface = self.correlation(image)
-        h, w = surface.shape
+        surface = self._surface(image)
+        h, w = self.shape
         py, px = int(round(prior[0])), int(round(prior[1]))
         r = int(np.ceil(search_px))
-        dys = np.arange(py - r, py + r + 1)
-        dxs = np.arange(px - r, px + r + 1)
-        window = surface[np.ix_(dys % h, dxs % w)]
-        yy, xx = np.meshgrid(dys - prior[0], dxs - prior[1], indexing="ij")
-        window = np.where(yy**2 + xx**2 <= search_px**2, window, -np.inf)
+        # the search window and one more pixel each side, for the sub-pixel parabola
+        dys = np.arange(py - r - 1, py + r + 2)
+        dxs = np.arange(px - r - 1, px + r + 2)
+        values = self._values(surface, dys % h, dxs % w)
+        yy, xx = np.meshgrid(dys[1:-1] - prior[0], dxs[1:-1] - prior[1], indexing="ij")
+        window = np.where(yy**2 + xx**2 <= search_px**2, values[1:-1, 1:-1], -np.inf)
         iy, ix = np.unravel_index(int(np.argmax(window)), window.shape)
-        dy, dx = int(dys[iy]), int(dxs[ix])
-        sub_y = _parabola_offset(
-            surface[(dy - 1) % h, dx % w], surface[dy % h, dx % w], surface[(dy + 1) % h, dx % w]
-        )
-        sub_x = _parabola_offset(
-            surface[dy % h, (dx - 1) % w], surface[dy % h, dx % w], surface[dy % h, (dx + 1) % w]
-        )
-        return dy + sub_y, dx + sub_x
+        iy, ix = iy + 1, ix + 1  # in ``values``
+        sub_y = _parabola_offset(values[iy - 1, ix], values[iy, ix], values[iy + 1, ix])
+        sub_x = _parabola_offset(values[iy, ix - 1], values[iy, ix], values[iy, ix + 1])
+        return int(dys[iy]) + sub_y, int(dxs[ix]) + sub_x
 
 
 def estimate_drift(

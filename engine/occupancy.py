@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.columns import ColumnConfig, ColumnTracker, FrameColumns
+from engine.columns import ColumnConfig, ColumnTracker, FrameColumns, FrameMaps
 from engine.hmm import DepthFilter, Event, EventDetector, HMMConfig, likelihoods
 
 
@@ -74,10 +74,14 @@ class SessionAnalysis:
     ) -> Occupancy:
         """One frame (seq ``frame``, acquired at ``t_acq`` s): species (3, H, W) and depth
         (11, H, W) probability maps. Without ``t_acq`` the frame number stands for the time in s."""
+        return self.update_maps(FrameMaps(species_prob, depth_prob), frame, t_acq)
+
+    def update_maps(self, maps: FrameMaps, frame: int = 0, t_acq: float | None = None) -> Occupancy:
+        """As :meth:`update`, for maps on the host or on the inference device."""
         t = float(frame) if t_acq is None else float(t_acq)
         dt = 1.0 if self._last_t is None else t - self._last_t
         self._last_t = t
-        cols = self.tracker.update(species_prob, depth_prob)
+        cols = self.tracker.update_maps(maps)
         filtered, change = self.filter.update(cols.ids, cols.probabilities, dt)
         events = self.events.update(
             frame,

@@ -35,13 +35,14 @@ from typing import Any
 import numpy as np
 
 from engine import backends
-from engine.backends import Prediction
 from engine.batching import FrameQueue, Item
 from engine.columns import ColumnConfig
+from engine.device_maps import DevicePrediction
 from engine.hmm import HMMConfig
 from engine.model_io import load
 from engine.normalise import DoseNormaliser
 from engine.occupancy import Occupancy, SessionAnalysis
+from engine.prediction import Prediction
 from streamer import sockets
 from streamer.cli_support import install_stop_signals
 from streamer.protocol import FrameLimits, Message, encode, encode_control, make_header
@@ -55,6 +56,9 @@ MAX_SESSIONS = 4
 #: column ids of a session's analysis start at (seq of its first frame) x this, so an engine
 #: restarted mid-session (or a shape change) never reuses an id of the same session.
 COLUMN_ID_STRIDE = 100_000
+
+#: ``ServeConfig.postprocess`` -> the backends' ``device_maps`` argument
+POSTPROCESS = {"auto": None, "device": True, "host": False}
 
 
 @dataclass
@@ -75,6 +79,10 @@ class ServeConfig:
     receive_hwm: int = sockets.DEFAULT_HWM  # messages the frame socket may hold, beyond queue
     exit_on_eos: bool = False
     tta: bool = False  # average the 8 flips and quarter turns (8x the inference cost)
+    #: where maps, column averages and drift are computed: "device" (torch, on the backend's
+    #: device; only backends whose outputs are tensors), "host" (numpy), "auto" (the
+    #: backend's default: device for torch-cuda and tensorrt, host on the CPU)
+    postprocess: str = "auto"
     pipeline_depth: int = 2  # predicted batches waiting for post-processing, at most
     #: largest frame side, px, the engine accepts (larger ones are refused and counted before
     #: any allocation) and most pixels in one batch (a larger frame is served alone): together
@@ -88,6 +96,10 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("auto", *sockets.MODES):
             raise ValueError(f"mode must be auto, replay or live, got {self.mode!r}")
+        if self.postprocess not in POSTPROCESS:
+            raise ValueError(
+                f"postprocess must be one of {list(POSTPROCESS)}, got {self.postprocess!r}"
+            )
         if (
             (self.max_batch is not None and self.max_batch < 1)
             or self.max_wait_ms < 0
@@ -121,7 +133,7 @@ class _Batch:
     frames: list[np.ndarray] = field(default_factory=list)  # normalised by dose
     doses: list[float] = field(default_factory=list)
     estimated: list[bool] = field(default_factory=list)
-    pred: Prediction | None = None
+    pred: Prediction | DevicePrediction | None = None
 
 
 #: the engine's stages as reported in ``stage_ms_per_frame``
@@ -141,7 +153,10 @@ class Server:
             else replace(config.hmm, class_prior=self.loaded.class_prior)
         )
         self.backend = backends.create(
-            config.backend, self.loaded, max_batch=config.max_batch or 32
+            config.backend,
+            self.loaded,
+            max_batch=config.max_batch or 32,
+            device_maps=POSTPROCESS[config.postprocess],
         )
         self.max_batch = config.max_batch or self.backend.preferred_batch
         self.queue = FrameQueue(config.queue_frames)
@@ -348,11 +363,8 @@ class Server:
         ood = uncertainty_scores(depth, confidence)
         results = []
         for i, item in enumerate(batch.items):
-            occ = batch.states[i].analysis.update(
-                pred.species_prob[i],
-                pred.depth_prob[i],
-                item.payload.seq,
-                item.payload.header.get("t_acq"),
+            occ = batch.states[i].analysis.update_maps(
+                pred.frame(i), item.payload.seq, item.payload.header.get("t_acq")
             )
             results.append(
                 (
@@ -523,6 +535,7 @@ class Server:
             "stage_ms_per_frame": stage_ms,
             "stage_ms_per_frame_p50": stage_p50,
             "backend": self.backend.name,
+            "postprocess": "device" if self.backend.device_maps else "host",
             "max_batch": self.max_batch,
             "model_id": self.loaded.model_id,
         }

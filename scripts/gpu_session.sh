@@ -30,12 +30,16 @@ if [ "${BENCH:-1}" = 1 ] && python3 -c "import torch,sys; sys.exit(not torch.cud
     # the GPU machine has no abTEM: the e2e frames travel as dataset files, made here with
     # `segdepth simulate --out .devframes/e2e_512.h5 --count 4 --size 512` (and 1024), carried in
     # a call of their own: beside the training libraries they pass the 64 MiB limit
+    # post-processing on the GPU against the CPU reference (tests needing abTEM skip there)
+    python3 -m pytest -q -p no:cacheprovider tests/test_engine_device_maps.py 2>&1 | tail -8
     FRAMES=$(ls .devframes/e2e_*.h5 2>/dev/null)
     if [ -n "$FRAMES" ]; then
         SIDES=$(for f in $FRAMES; do basename "$f" .h5 | cut -d_ -f2; done)
-        timeout 120 python3 -m segdepth bench engine --e2e --backends torch-cuda --sizes $SIDES \
-            --max-batch 32 --e2e-frames 128 --frames-from $FRAMES \
-            --json "$OUT/engine_e2e.json" 2>&1 | tail -30
+        for POST in device host; do
+            timeout 120 python3 -m segdepth bench engine --e2e --backends torch-cuda \
+                --sizes $SIDES --max-batch 32 --e2e-frames 128 --frames-from $FRAMES \
+                --postprocess $POST --json "$OUT/engine_e2e_$POST.json" 2>&1 | tail -30
+        done
     fi
     # the shared yardstick (a copy of ../shared/tools/gpu_ceilings.py), cut short: base-16 rows
     timeout 30 python3 .devcarry/gpu_ceilings.py >>"$OUT/ceilings.log" 2>&1

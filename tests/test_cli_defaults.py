@@ -157,3 +157,13 @@ def test_every_numeric_train_option_reaches_the_config():
         )
         got = getattr(cli.train_config(args), action.dest)
         assert got == value != getattr(base, action.dest), action.option_strings[0]
+
+
+def test_postprocess_option_reaches_serve_and_the_e2e_bench():
+    from engine import cli
+
+    assert cli.serve_config(_parse("serve", "--postprocess", "device")).postprocess == "device"
+    args = _parse("bench", "engine", "--e2e", "--postprocess", "host")
+    assert cli.e2e_config(args).postprocess == "host"
+    with pytest.raises(SystemExit):
+        _parse("serve", "--postprocess", "gpu")

@@ -11,6 +11,7 @@ from engine_support import save_random_model
 from engine import backends
 from engine.cli import BACKEND_NAMES
 from engine.model_io import load
+from engine.prediction import Prediction, channel_max
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +200,8 @@ def test_channel_max_is_numpys_argmax_and_max_ties_included():
     prob = rng.random((2, 11, 33, 17)).astype(np.float32)
     prob[:, 4] = prob[:, 7] = 2.0  # a tie everywhere: the first channel wins, as in argmax
     prob[0, 9, :5] = 3.0
-    index, best = backends.channel_max(prob)
+    index, best = channel_max(prob)
     assert index.dtype == np.uint8 and best.dtype == np.float32
     assert (index == prob.argmax(axis=1)).all() and (best == prob.max(axis=1)).all()
-    depth, confidence, species = backends.Prediction(prob, prob[:, :3]).maps()
+    depth, confidence, species = Prediction(prob, prob[:, :3]).maps()
     assert (depth == index).all() and (species == prob[:, :3].argmax(axis=1)).all()

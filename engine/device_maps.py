@@ -1,0 +1,119 @@
+"""Post-processing on the inference device: the published maps, the columns' depth averages and
+the drift registration, computed from probability tensors left where the network wrote them
+(torch: CUDA on a GPU machine; the same code runs on the CPU, where the tests hold it equal to
+the host path of :mod:`engine.prediction`, :mod:`engine.columns` and :mod:`engine.drift`).
+
+What crosses back to the host per frame: the depth (uint8), confidence (float32) and species
+(uint8) maps, the columns' averaged depth probabilities (n, 11) and a (2r+3)² window of the
+drift-correlation surface (r: the search radius, px); the species maps (3, H, W) only while a
+session's column reference grows (its first ``ColumnConfig.reference_frames`` frames). Against
+copying the full float32 probabilities (14 channels: 14.7 MB per 512² frame) that is 1.5 MB.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.columns import FrameMaps, disk_pixels
+from engine.drift import DriftEstimator, hann_window
+
+
+class DevicePrediction:
+    """Per-pixel probabilities for a batch as tensors on one device: depth (B, 11, H, W),
+    species (B, 3, H, W), float16 or float32 (:class:`engine.prediction.Prediction`'s
+    interface; host copies on demand)."""
+
+    def __init__(self, depth: torch.Tensor, species: torch.Tensor):
+        self.depth, self.species = depth, species
+
+    @property
+    def depth_prob(self) -> np.ndarray:
+        """Host copy (B, 11, H, W) float32."""
+        return self.depth.float().cpu().numpy()
+
+    @property
+    def species_prob(self) -> np.ndarray:
+        """Host copy (B, 3, H, W) float32."""
+        return self.species.float().cpu().numpy()
+
+    def maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Depth (uint8), confidence (float32) and species (uint8) maps (B, H, W), reduced on
+        the device (ties: the first channel, as :func:`engine.prediction.channel_max`)."""
+        with torch.inference_mode():
+            confidence, depth = self.depth.max(dim=1)
+            species = self.species.argmax(dim=1)
+            return (
+                depth.to(torch.uint8).cpu().numpy(),
+                confidence.float().cpu().numpy(),
+                species.to(torch.uint8).cpu().numpy(),
+            )
+
+    def frame(self, i: int) -> TorchFrameMaps:
+        """Frame ``i``'s maps as the column tracker reads them, left on the device."""
+        return TorchFrameMaps(self.species[i], self.depth[i])
+
+
+class TorchFrameMaps(FrameMaps):
+    """One frame's species (3, H, W) and depth (11, H, W) probability tensors on a device."""
+
+    def __init__(self, species: torch.Tensor, depth: torch.Tensor):
+        self._species_t, self._depth_t = species, depth
+        self._species_host: np.ndarray | None = None
+
+    @property
+    def species_shape(self) -> tuple[int, ...]:
+        return tuple(self._species_t.shape)
+
+    def species_host(self) -> np.ndarray:
+        if self._species_host is None:
+            self._species_host = self._species_t.float().cpu().numpy()
+        return self._species_host
+
+    def registration_maps(self) -> torch.Tensor:
+        return self._species_t[1:]
+
+    def drift_estimator(self, reference: np.ndarray) -> TorchDriftEstimator:
+        return TorchDriftEstimator(reference, self._species_t.device)
+
+    def disk_average(
+        self, y_px: np.ndarray, x_px: np.ndarray, radius_px: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As :func:`engine.columns.disk_average`, gathered and averaged on the device."""
+        c = self._depth_t.shape[0]
+        flat, valid = disk_pixels(tuple(self._depth_t.shape[1:]), y_px, x_px, radius_px)
+        device = self._depth_t.device
+        weight = torch.from_numpy(valid.astype(np.float32)).to(device)
+        count = weight.sum(dim=1)
+        with torch.inference_mode():
+            values = self._depth_t.reshape(c, -1)[:, torch.from_numpy(flat).to(device)].float()
+            mean = (values * weight[None]).sum(dim=2) / count.clamp_min(1)[None]
+            return mean.T.cpu().numpy(), (count > 0).cpu().numpy()
+
+
+class TorchDriftEstimator(DriftEstimator):
+    """:class:`engine.drift.DriftEstimator` with the spectra and the correlation surface on a
+    torch device; only the search window around the prior is copied back."""
+
+    def __init__(self, reference: np.ndarray, device: torch.device | str):
+        self.device = torch.device(device)
+        super().__init__(reference)
+
+    def _reference_spectrum(self, reference: np.ndarray) -> torch.Tensor:
+        self._window_t = torch.from_numpy(hann_window(self.shape)).to(self.device)
+        ref = self._prepare(torch.from_numpy(reference).to(self.device))
+        energy = (ref**2).sum(dim=(1, 2)).clamp_min(1e-12)[:, None, None]
+        return torch.fft.rfft2(ref).conj() / energy
+
+    def _prepare(self, maps):
+        return (maps - maps.mean(dim=(1, 2), keepdim=True)) * self._window_t
+
+    def _surface(self, image) -> torch.Tensor:
+        image = self._channels(torch.as_tensor(image, device=self.device).float())
+        with torch.inference_mode():
+            spectrum = torch.fft.rfft2(self._prepare(image))
+            return torch.fft.irfft2((spectrum * self._conj_ref).sum(dim=0), s=self.shape)
+
+    def _values(self, surface, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        r, c = (torch.from_numpy(i).to(self.device) for i in (rows, cols))
+        return surface[r][:, c].cpu().numpy()

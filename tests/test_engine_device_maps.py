@@ -1,0 +1,213 @@
+"""Post-processing on the inference device (engine.device_maps) gives the host path's answers:
+maps, column averages and drift alone, a simulated session's column tables frame by frame, and
+the engine's results through ``serve`` over real sockets. Run on the CPU here and on CUDA too
+where a GPU is present."""
+
+import threading
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from engine import backends
+from engine.columns import disk_average
+from engine.device_maps import DevicePrediction, TorchDriftEstimator, TorchFrameMaps
+from engine.drift import DriftEstimator
+from engine.model_io import default_model_path, load
+from engine.occupancy import SessionAnalysis
+from engine.prediction import Prediction
+from engine.serve import ServeConfig, Server
+from sim_source.session import SessionConfig, write_session  # abTEM imported on use
+from streamer import sockets
+from streamer.protocol import encode_control, encode_frame
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"),
+        ],
+    ),
+]
+SESSION = SessionConfig(frames=20, seed=5, size=128, dose_e_per_px=10.0, events=2)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_maps_reduced_on_the_device_equal_the_host_maps(device, dtype):
+    rng = np.random.default_rng(0)
+    depth = softmax(rng.normal(0, 2, (2, 11, 48, 40)))
+    species = softmax(rng.normal(0, 2, (2, 3, 48, 40)))
+    depth[0, 3:5, 10, 10] = depth[0, :, 10, 10].max()  # a tie: the first channel wins
+    on_device = DevicePrediction(
+        *(torch.from_numpy(p).to(device=device, dtype=dtype) for p in (depth, species))
+    )
+    # the host path sees what a host copy of the same tensors holds (float16 -> float32)
+    host = Prediction(on_device.depth_prob, on_device.species_prob)
+    for got, want in zip(on_device.maps(), host.maps()):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert host.maps()[0][0, 10, 10] == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_column_averages_on_the_device_equal_the_host_ones_at_the_frame_edges(device):
+    rng = np.random.default_rng(1)
+    depth = softmax(rng.normal(0, 1, (1, 11, 50, 60)))[0]
+    y = np.array([0.2, 25.4, 49.6, 30.0, -20.0, 10.5])
+    x = np.array([0.4, 30.6, 59.5, -3.0, 10.0, 70.0])
+    want, want_inside = disk_average(depth, y, x, 4.2)
+    maps = TorchFrameMaps(torch.zeros(3, 50, 60), torch.from_numpy(depth).to(device))
+    got, inside = maps.disk_average(y, x, 4.2)
+    assert np.array_equal(inside, want_inside) and not inside[4]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_drift_on_the_device_equals_the_host_registration(device):
+    rng = np.random.default_rng(2)
+    reference = ndimage.gaussian_filter(rng.random((2, 96, 80)), (0, 2, 2)).astype(np.float32)
+    host, on_device = DriftEstimator(reference), TorchDriftEstimator(reference, device)
+    for shift in ([1.3, -0.6], [-2.7, 2.2], [0.4, 0.1]):
+        moved = ndimage.shift(reference, (0, *shift), order=3, mode="wrap").astype(np.float32)
+        moved += rng.normal(0, 0.01, moved.shape).astype(np.float32)
+        np.testing.assert_allclose(
+            on_device.correlation(torch.from_numpy(moved).to(device)),
+            host.correlation(moved),
+            atol=1e-5,
+        )
+        want = host.estimate(moved, prior=(0.5, 0.0), search_px=4.0)
+        got = on_device.estimate(torch.from_numpy(moved).to(device), (0.5, 0.0), 4.0)
+        assert got == pytest.approx(want, abs=1e-3)
+        assert want == pytest.approx(shift, abs=0.3)
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """A simulated session (vibrating atoms, drift, two O events) and the bundled model."""
+    pytest.importorskip("abtem", reason="the session is simulated with abTEM")
+    path = tmp_path_factory.mktemp("session") / "s.h5"
+    write_session(path, SESSION, progress=False)
+    with h5py.File(path, "r") as f:
+        frames, pixel_pm = f["frames"][:], float(f.attrs["pixel_size_pm"])
+    return frames, pixel_pm, load(default_model_path())
+
+
+def assert_same_columns(got, want):
+    """Two frames' Occupancy equal: ids, species, depths and events exactly, floats closely."""
+    g, w = got.table(), want.table()
+    for key in ("id", "species", "depth", "depth_filtered"):
+        assert g[key] == w[key], key
+    for key in ("x_px", "y_px", "expected_depth", "confidence", "expected_filtered"):
+        np.testing.assert_allclose(g[key], w[key], rtol=0, atol=1e-4, err_msg=key)
+    np.testing.assert_allclose(got.columns.drift_px, want.columns.drift_px, atol=1e-3)
+    assert [e.as_dict() for e in got.events] == [e.as_dict() for e in want.events]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_session_tracked_on_the_device_gives_the_host_tables(session, device, dtype):
+    frames, pixel_pm, loaded = session
+    backend = backends.create("torch-cpu", loaded, max_batch=4)
+    pred = backend.infer(frames / np.float32(SESSION.dose_e_per_px))
+    on_device = DevicePrediction(
+        *(
+            torch.from_numpy(p).to(device=device, dtype=dtype)
+            for p in (pred.depth_prob, pred.species_prob)
+        )
+    )
+    host = Prediction(on_device.depth_prob, on_device.species_prob)
+    a, b = SessionAnalysis(pixel_pm), SessionAnalysis(pixel_pm)
+    columns = 0
+    for i in range(len(frames)):
+        want = a.update_maps(host.frame(i), frame=i)
+        got = b.update_maps(on_device.frame(i), frame=i)
+        assert_same_columns(got, want)
+        columns += len(want.columns.ids)
+    assert columns >= 5 * len(frames)  # the model found the particle's columns
+
+
+def serve_session(frames, pixel_pm, model_path, postprocess, endpoint_factory):
+    """Every frame of ``frames`` through a Server (torch-cpu) over real sockets, replay mode;
+    the result messages in order."""
+    cfg = ServeConfig(
+        frames=endpoint_factory(),
+        results=endpoint_factory(),
+        viewer=None,
+        model=str(model_path),
+        backend="torch-cpu",
+        mode="replay",
+        max_batch=4,
+        postprocess=postprocess,
+    )
+    src = sockets.Output(cfg.frames, mode="replay", hwm=1000)
+    server = Server(cfg)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    results = sockets.Input(cfg.results, hwm=1000, auto_ack=True)
+    try:
+        assert src.wait_for_reader(10), "the engine never said ready"
+        for i, frame in enumerate(frames):
+            src.send(
+                encode_frame(
+                    frame,
+                    session="s",
+                    seq=i,
+                    source="test",
+                    pixel_size_pm=pixel_pm,
+                    t_acq=i * SESSION.frame_interval_s,  # both runs: the same time steps
+                    dose_e_per_px=SESSION.dose_e_per_px,
+                    mode="replay",
+                )
+            )
+        src.send(encode_control("eos", session="s", seq=len(frames), source="test"))
+        got = []
+        while not got or got[-1].kind != "eos":
+            msg = results.recv(timeout_s=120)
+            assert msg is not None, f"no result after {len(got)}"
+            got.append(msg)
+        return server.stats(), got[:-1]
+    finally:
+        server.stop.set()
+        thread.join(10)
+        server.close()
+        src.close(0)
+        results.close()
+
+
+def test_serve_with_device_postprocessing_publishes_the_host_results(session, endpoint_factory):
+    frames, pixel_pm, loaded = session
+    runs = {
+        mode: serve_session(frames, pixel_pm, loaded.path, mode, endpoint_factory)
+        for mode in ("host", "device")
+    }
+    assert runs["host"][0]["postprocess"] == "host"
+    assert runs["device"][0]["postprocess"] == "device"
+    host, device = runs["host"][1], runs["device"][1]
+    assert len(host) == len(device) == len(frames)
+    for h, d in zip(host, device):
+        assert h.header["frame_seq"] == d.header["frame_seq"]
+        for key in ("depth", "species"):
+            assert np.array_equal(h.arrays[key], d.arrays[key]), key
+        np.testing.assert_allclose(d.arrays["confidence"], h.arrays["confidence"], atol=1e-6)
+        for key in ("column_probabilities", "column_probabilities_filtered"):
+            np.testing.assert_allclose(d.arrays[key], h.arrays[key], atol=1e-5, err_msg=key)
+        hc, dc = h.header["columns"], d.header["columns"]
+        assert hc["id"] == dc["id"] and hc["depth_filtered"] == dc["depth_filtered"]
+        np.testing.assert_allclose(d.header["drift_px"], h.header["drift_px"], atol=1e-3)
+        assert d.header["ood_score"] == pytest.approx(h.header["ood_score"], abs=1e-6)
+        assert d.header["events"] == h.header["events"]
+
+
+def test_a_backend_with_host_outputs_refuses_device_postprocessing():
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ValueError, match="host arrays"):
+        backends.create("onnxruntime", load(default_model_path()), device_maps=True)
