@@ -55,6 +55,11 @@ def infer_tta(backend: Backend, frames: np.ndarray) -> Prediction:
     )
 
 
+def _joined(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """The batch's chunks as one tensor (the one chunk itself when there is only one)."""
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+
 class Backend(ABC):
     """One way of running the model. ``infer`` takes normalised frames (B, H, W) float32.
 
@@ -114,10 +119,9 @@ class Backend(ABC):
             species.append(s[..., :h, :w])
         if not isinstance(depth[0], torch.Tensor):
             return Prediction(np.concatenate(depth), np.concatenate(species))
-        with torch.inference_mode():  # torch.cat copies: a CUDA graph's outputs are reused
+        with torch.inference_mode():
             on_device = DevicePrediction(
-                torch.cat(cast(list[torch.Tensor], depth)),
-                torch.cat(cast(list[torch.Tensor], species)),
+                *(_joined(cast(list[torch.Tensor], p)) for p in (depth, species))
             )
         if self.device_maps:
             return on_device
@@ -205,7 +209,7 @@ class TorchCUDABackend(Backend):
         graph, static_in, outputs = self._graph(tuple(x.shape))
         self._upload(x, static_in)
         graph.replay()
-        return outputs
+        return tuple(o.clone() for o in outputs)  # the next replay overwrites the graph's own
 
 
 class OnnxRuntimeBackend(Backend):

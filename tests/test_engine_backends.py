@@ -21,10 +21,11 @@ def loaded(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def frames(loaded):
-    """Three Poisson frames (dose 20 e-/px) whose sides are NOT multiples of the model's."""
+    """Five Poisson frames (dose 20 e-/px) whose sides are NOT multiples of the model's: at
+    max_batch 2, two chunks of one shape (a CUDA graph's outputs reused) and a short one."""
     m = loaded.size_multiple
     rng = np.random.default_rng(0)
-    return (rng.poisson(20.0, (3, 2 * m + 6, 2 * m - 10)) / 20.0).astype(np.float32)
+    return (rng.poisson(20.0, (5, 2 * m + 6, 2 * m - 10)) / 20.0).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
