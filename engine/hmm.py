@@ -28,7 +28,6 @@ floor 0.05), kept so that old and new can be compared on one recording.
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,17 +138,47 @@ def _forward_step(
     return posterior / total[:, None], 1.0 - joint_stay.sum(axis=1) / total
 
 
+class ColumnRows:
+    """Row of each column id in per-column arrays: append-only, a new id gets the next row
+    (ids are unique within one call)."""
+
+    def __init__(self) -> None:
+        self._row: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each id (n,), which ids were new (n,)); new ids are given rows here."""
+        get = self._row.get
+        rows = np.fromiter((get(i, -1) for i in np.asarray(ids).tolist()), np.int64, len(ids))
+        new = rows < 0
+        for j in np.flatnonzero(new):
+            rows[j] = self._row[int(ids[j])] = len(self._row)
+        return rows, new
+
+
+def _grown(array: np.ndarray, rows: int, fill: float) -> np.ndarray:
+    """``array`` with rows of ``fill`` added up to ``rows`` rows."""
+    if len(array) >= rows:
+        return array
+    extra = np.full((rows - len(array), *array.shape[1:]), fill, array.dtype)
+    return np.concatenate([array, extra])
+
+
 class DepthFilter:
-    """Causal filter for many columns at once, keyed by column id (new ids start uniform)."""
+    """Causal filter for many columns at once, keyed by column id (new ids start uniform);
+    the beliefs of all columns are one (columns, 11) array."""
 
     def __init__(self, config: HMMConfig | None = None):
         self.config = config or HMMConfig()
         self._transitions = _Transitions(self.config)
-        self._belief: dict[int, np.ndarray] = {}
+        self.reset()
 
     def reset(self) -> None:
         """Forget every column (a new session)."""
-        self._belief.clear()
+        self._rows = ColumnRows()
+        self._belief = np.zeros((0, N_DEPTHS))
 
     def update(
         self, ids: np.ndarray, probabilities: np.ndarray, dt_s: float = 0.0
@@ -165,15 +194,12 @@ class DepthFilter:
         if len(ids) == 0:
             return np.zeros((0, N_DEPTHS), np.float32), np.zeros(0, np.float32)
         like = likelihoods(probabilities, self.config)
-        known = np.array([int(i) in self._belief for i in ids])
-        belief = np.stack(
-            [self._belief.get(int(i), np.full(N_DEPTHS, 1.0 / N_DEPTHS)) for i in ids]
-        )
-        posterior, change = _forward_step(belief, like, self._transitions(dt_s))
-        posterior[~known] = like[~known] / like[~known].sum(axis=1, keepdims=True)
-        change[~known] = 0.0
-        for i, row in zip(ids, posterior):
-            self._belief[int(i)] = row
+        rows, new = self._rows.rows(ids)
+        self._belief = _grown(self._belief, len(self._rows), 1.0 / N_DEPTHS)
+        posterior, change = _forward_step(self._belief[rows], like, self._transitions(dt_s))
+        posterior[new] = like[new] / like[new].sum(axis=1, keepdims=True)
+        change[new] = 0.0
+        self._belief[rows] = posterior
         return posterior.astype(np.float32), change.astype(np.float32)
 
 
@@ -253,12 +279,29 @@ EVENT_FIELDS = (
 
 class EventDetector:
     """Events from per-frame posteriors of many columns (module docstring). ``update`` takes
-    the frame's seq, time (s), columns, their posteriors and their likelihoods."""
+    the frame's seq, time (s), columns, their posteriors and their likelihoods. Per column it
+    keeps the last confirmed depth and a ring of its last ``event_window_frames`` log
+    likelihoods (those since its last change point count)."""
 
     def __init__(self, config: HMMConfig | None = None):
         self.config = config or HMMConfig()
-        self._confirmed: dict[int, int] = {}
-        self._history: dict[int, deque] = {}
+        w = self.config.event_window_frames
+        self._rows = ColumnRows()
+        self._confirmed = np.zeros(0, np.int64)  # -1: none yet
+        self._since = np.zeros(0, np.int64)  # frame of the column's last change point
+        self._seen = np.zeros(0, np.int64)  # frames the column was seen in
+        self._log_like = np.zeros((0, w, N_DEPTHS))
+        self._frame = np.zeros((0, w), np.int64)
+        self._time = np.zeros((0, w))
+
+    def _grow(self) -> None:
+        n = len(self._rows)
+        self._confirmed = _grown(self._confirmed, n, -1)
+        self._since = _grown(self._since, n, np.iinfo(np.int64).min)
+        self._seen = _grown(self._seen, n, 0)
+        self._log_like = _grown(self._log_like, n, 0.0)
+        self._frame = _grown(self._frame, n, 0)
+        self._time = _grown(self._time, n, 0.0)
 
     def update(
         self,
@@ -269,44 +312,49 @@ class EventDetector:
         posterior: np.ndarray,
         likelihood: np.ndarray,
     ) -> list[Event]:
+        rows, _ = self._rows.rows(ids)
+        self._grow()
+        slot = self._seen[rows] % self.config.event_window_frames
+        self._log_like[rows, slot] = np.log(likelihood)
+        self._frame[rows, slot] = int(frame)
+        self._time[rows, slot] = float(time_s)
+        self._seen[rows] += 1
+        posterior = np.asarray(posterior)
+        best = posterior.argmax(axis=1)
+        p_best = posterior[np.arange(len(best)), best]
+        sure = p_best >= self.config.event_threshold
+        before = self._confirmed[rows]
+        self._confirmed[rows[sure]] = best[sure]
         events = []
-        log_like = np.log(likelihood)
-        for cid, sp, post, ll in zip(ids, species, posterior, log_like):
-            cid = int(cid)
-            hist = self._history.setdefault(cid, deque(maxlen=self.config.event_window_frames))
-            hist.append((int(frame), float(time_s), ll))
-            best = int(np.argmax(post))
-            if post[best] < self.config.event_threshold:
-                continue
-            before = self._confirmed.get(cid)
-            self._confirmed[cid] = best
-            if before is None or before == best:
-                continue
-            start, start_s = self._change_point(hist, before, best)
+        for j in np.flatnonzero(sure & (before >= 0) & (before != best)):
+            row = rows[j]
+            start, start_s = self._change_point(row, int(before[j]), int(best[j]))
             events.append(
                 Event(
-                    cid,
-                    int(sp),
+                    int(ids[j]),
+                    int(species[j]),
                     start,
                     start_s,
-                    before,
-                    best,
-                    float(post[best]),
+                    int(before[j]),
+                    int(best[j]),
+                    float(p_best[j]),
                     int(frame),
                     int(frame) - start,
                     float(time_s) - start_s,
                 )
             )
-            while len(hist) > 1 and hist[0][0] < start:  # the next change starts from here
-                hist.popleft()
+            self._since[row] = start  # the next change starts from here
         return events
 
-    @staticmethod
-    def _change_point(hist: deque, before: int, after: int) -> tuple[int, float]:
-        """(frame, time) in ``hist`` where switching from ``before`` to ``after`` explains the
-        likelihoods best."""
-        diff = np.array([ll[after] - ll[before] for _, _, ll in hist])
+    def _change_point(self, row: int, before: int, after: int) -> tuple[int, float]:
+        """(frame, time) in the column's window where switching from ``before`` to ``after``
+        explains its likelihoods best."""
+        w = self.config.event_window_frames
+        n = min(int(self._seen[row]), w)
+        slots = (self._seen[row] - n + np.arange(n)) % w  # oldest first
+        slots = slots[self._frame[row, slots] >= self._since[row]]
+        ll = self._log_like[row, slots]
         # score of a change at j: sum of log L(after) - log L(before) from j on
-        score = np.cumsum(diff[::-1])[::-1]
+        score = np.cumsum((ll[:, after] - ll[:, before])[::-1])[::-1]
         j = int(np.argmax(score))
-        return hist[j][0], hist[j][1]
+        return int(self._frame[row, slots[j]]), float(self._time[row, slots[j]])

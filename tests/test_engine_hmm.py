@@ -1,6 +1,7 @@
 """The temporal depth model (engine.hmm) on synthetic per-frame evidence with known truth."""
 
 import math
+from collections import deque
 
 import numpy as np
 import pytest
@@ -167,3 +168,83 @@ def test_bad_input_is_rejected():
         HMMConfig(per_frame_change=1.5)
     with pytest.raises(ValueError, match="class_prior"):
         HMMConfig(class_prior=(1.0, 2.0))
+
+
+class PerColumn:
+    """The filter and event detector written one column at a time, as they were before the
+    array form (2026-11-26): each column its own belief, confirmed depth and window of log
+    likelihoods. The specification the array form must reproduce."""
+
+    def __init__(self, config):
+        self.config = config
+        self.belief, self.confirmed, self.window = {}, {}, {}
+
+    def update(self, frame, time_s, ids, species, probabilities, dt):
+        c = self.config
+        like = likelihoods(probabilities, c)
+        move = transition_matrix(c.change_probability(round(dt, 3)), c.jump_decay, c.max_jump)
+        posts, changes, events = [], [], []
+        for cid, sp, lk in zip(ids.tolist(), species.tolist(), like):
+            b = self.belief.get(cid)
+            if b is None:
+                post, change = lk / lk.sum(), 0.0
+            else:
+                post = (b @ move) * lk
+                change = 1 - (b * np.diag(move) * lk).sum() / post.sum()
+                post = post / post.sum()
+            self.belief[cid] = post
+            window = self.window.setdefault(cid, deque(maxlen=c.event_window_frames))
+            window.append((frame, time_s, np.log(lk)))
+            post32 = post.astype(np.float32)  # the filter's output, which events read
+            best = int(np.argmax(post32))
+            if post32[best] >= c.event_threshold:
+                before = self.confirmed.get(cid)
+                self.confirmed[cid] = best
+                if before is not None and before != best:
+                    diff = np.array([ll[best] - ll[before] for _, _, ll in window])
+                    j = int(np.argmax(np.cumsum(diff[::-1])[::-1]))
+                    start, start_s = window[j][0], window[j][1]
+                    events.append((cid, sp, start, start_s, before, best, frame))
+                    while len(window) > 1 and window[0][0] < start:
+                        window.popleft()
+            posts.append(post)
+            changes.append(change)
+        return np.array(posts), np.array(changes), events
+
+
+def test_many_columns_at_once_give_each_columns_own_filter_and_events():
+    """Columns seen in a changing order, leaving the view and coming back, new ids mid-way,
+    irregular frame intervals, multi-atom changes: the array form equals the per-column one."""
+    rng = np.random.default_rng(11)
+    n_cols, n_frames = 60, 90
+    truth = np.tile(rng.integers(2, 9, n_cols), (n_frames, 1))
+    for col in rng.choice(n_cols, 25, replace=False):  # changes of 1-3 atoms, some undone
+        a, b = np.sort(rng.choice(np.arange(5, n_frames), 2, replace=False))
+        truth[a:b, col] = np.clip(truth[a, col] + rng.choice([-3, -2, -1, 1, 2]), 0, 10)
+    for col in range(5):  # excursions shorter than the event window: back within 4-7 frames
+        a = 20 + 12 * col
+        truth[a : a + 4 + col % 4, col] -= 2
+    config = HMMConfig()
+    filt, det, reference = DepthFilter(config), EventDetector(config), PerColumn(config)
+    ids_all, species_all = 1000 + np.arange(n_cols), rng.integers(1, 3, n_cols)
+    time_s, n_events = 0.0, 0
+    for t in range(n_frames):
+        dt = DT * rng.uniform(0.8, 1.5)
+        time_s += dt
+        seen = rng.permutation(
+            np.flatnonzero((rng.random(n_cols) > 0.1) & (np.arange(n_cols) < 40 + t))
+        )
+        probs = np.stack([evidence([truth[t, c]], rng, strength=10.0, spread=0.2)[0] for c in seen])
+        ids, species = ids_all[seen], species_all[seen]
+        want_post, want_change, want_events = reference.update(t, time_s, ids, species, probs, dt)
+        post, change = filt.update(ids, probs, dt)
+        events = det.update(t, time_s, ids, species, post, likelihoods(probs, config))
+        np.testing.assert_allclose(post, want_post, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(change, want_change, rtol=0, atol=1e-6)
+        got = [
+            (e.column_id, e.species, e.frame, e.time_s, e.before, e.after, e.detected_frame)
+            for e in events
+        ]
+        assert got == want_events
+        n_events += len(events)
+    assert n_events >= 15  # the changes were found, so the window and change points were used
