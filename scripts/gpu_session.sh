@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# One lent GPU machine, one call: the GPU benchmarks of the engine, then a warm-started training
-# run of the bundled base-16 model on band-limited exit-wave libraries.
-# Carried (ignored here; name them in the device tool's `carry`):
-#   .devcarry/gpu_ceilings.py and .devcarry/{train600_b3,val_b3}.h5 (segdepth band-limit of
-#   data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å), .whl/pyzmq-*.whl (absent there);
-#   or, in a call of its own, .devframes/e2e_<side>.h5 (frames for bench engine --e2e).
-# Results land in $OUT: engine.json, engine_e2e.json, ceilings.log, train.log, the run's
-# config.json, metrics.jsonl and model.pt (checkpoint.pt, ~24 MB, stays behind).
-# BENCH=0: training only. BUDGET_S: seconds the whole script may take; training gets what the
-# benchmarks leave, less 80 s for loading and the final save (its learning-rate schedule follows
-# that wall time).
+# One lent GPU machine: the GPU benchmarks and checks of the engine, then a warm-started training
+# run of the bundled base-16 model on band-limited exit-wave libraries. Each step runs when what
+# it needs was carried (ignored here; name them in the device tool's `carry`):
+#   benchmarks (BENCH=1, the default): .whl/pyzmq-*.whl (absent there); .devcarry/gpu_ceilings.py
+#     (a copy of ../shared/tools/gpu_ceilings.py); .devframes/e2e_<side>.h5 (frames for
+#     bench engine --e2e, made here with `segdepth simulate --out .devframes/e2e_512.h5 --count 4
+#     --size 512` and 1024);
+#   training (TRAIN=1, the default): .devcarry/{train600_b3,val_b3}.h5 (segdepth band-limit of
+#     data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å).
+# The frames and the libraries together pass the 64 MiB a call may carry, so a lease takes two
+# calls back to back (the machine is given back after 30 s idle):
+#   1. carry [".devframes", ".whl", ".devcarry/gpu_ceilings.py"], TRAIN=0 bash scripts/gpu_session.sh
+#   2. carry [".devcarry", ".whl"], BENCH=0 BUDGET_S=<what is left> bash scripts/gpu_session.sh
+# Results land in $OUT: engine.json, engine_e2e_{device,host}.json, ceilings.log, train.log, the
+# run's config.json, metrics.jsonl and model.pt (checkpoint.pt, ~24 MB, stays behind).
+# BUDGET_S: seconds the whole script may take; training gets what the benchmarks leave, less 80 s
+# for loading and the final save (its learning-rate schedule follows that wall time).
 set -u
 T0=$(date +%s)
 OUT=${OUT:-out}
@@ -27,11 +33,9 @@ if [ "${BENCH:-1}" = 1 ] && python3 -c "import torch,sys; sys.exit(not torch.cud
     timeout 100 python3 -m segdepth bench engine --backends torch-cuda,tensorrt \
         --sizes 512 1024 --batches 1 8 32 --iterations 20 --max-seconds 2 \
         --json "$OUT/engine.json" 2>&1 | tail -30
-    # the GPU machine has no abTEM: the e2e frames travel as dataset files, made here with
-    # `segdepth simulate --out .devframes/e2e_512.h5 --count 4 --size 512` (and 1024), carried in
-    # a call of their own: beside the training libraries they pass the 64 MiB limit
     # post-processing on the GPU against the CPU reference (tests needing abTEM skip there)
-    python3 -m pytest -q -p no:cacheprovider tests/test_engine_device_maps.py 2>&1 | tail -8
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine_device_maps.py 2>&1 | tail -8
+    # the GPU machine has no abTEM: the e2e frames travel as dataset files (header above)
     FRAMES=$(ls .devframes/e2e_*.h5 2>/dev/null)
     if [ -n "$FRAMES" ]; then
         SIDES=$(for f in $FRAMES; do basename "$f" .h5 | cut -d_ -f2; done)
@@ -42,9 +46,14 @@ if [ "${BENCH:-1}" = 1 ] && python3 -c "import torch,sys; sys.exit(not torch.cud
         done
     fi
     # the shared yardstick (a copy of ../shared/tools/gpu_ceilings.py), cut short: base-16 rows
-    timeout 30 python3 .devcarry/gpu_ceilings.py >>"$OUT/ceilings.log" 2>&1
+    [ -f .devcarry/gpu_ceilings.py ] && timeout 30 python3 .devcarry/gpu_ceilings.py >>"$OUT/ceilings.log" 2>&1
 fi
 
+if [ "${TRAIN:-1}" != 1 ] || [ ! -f .devcarry/train600_b3.h5 ]; then
+    echo "no training in this call (TRAIN=${TRAIN:-1}; library carried: $(ls .devcarry/*.h5 2>/dev/null))"
+    ls -la "$OUT"
+    exit 0
+fi
 RUN=/tmp/run_gpu
 # render on the GPU (training/device_render.py) if a smoke test passes there, else in processes
 RENDER="--render-workers $(python3 -c "import os; print(max(1, os.cpu_count() - 2))")"
