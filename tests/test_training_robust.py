@@ -381,3 +381,37 @@ def test_class_prior_is_the_loss_weighted_label_frequency():
     assert prior[5] == pytest.approx(2 / 2.4) and prior[0] == pytest.approx(0.4 / 2.4)
     assert class_prior(labels, weights).min() > 0
     assert class_prior(labels, weights).sum() == pytest.approx(1)
+
+
+def test_suite_calibration_on_truth_columns_counts_missed_ones_and_on_called_columns_not():
+    """Two true columns: one read right at confidence 0.6, one missed (called background) at
+    confidence 0.9. On truth column pixels half are wrong at 0.9 and half right at 0.6, so the
+    ECE is (0.9 + 0.4) / 2; on the pixels called a column all are right at 0.6: ECE 0.4."""
+    from training.data import LabelledSet
+    from training.robustness import RowResult
+
+    truth = np.zeros((1, 48, 48), np.uint8)
+    truth[0, 2:16, 2:16] = 5
+    truth[0, 26:40, 26:40] = 3
+    depth = truth[0].copy()
+    depth[26:40, 26:40] = 0  # the second column missed
+    confidence = np.full((48, 48), 0.9, np.float32)
+    confidence[2:16, 2:16] = 0.6
+    data = LabelledSet(
+        truth.astype(np.float32),
+        truth,
+        truth,
+        truth,
+        np.ones_like(truth, np.float32),
+        [np.array([[8.5, 8.5], [32.5, 32.5]])],
+        [np.array([2, 2])],
+        5.3,
+        "",
+        "",
+    )
+    result = RowResult()
+    result.add(depth, confidence, data, 0, np.array([5, 3]))
+    summary = result.summary()
+    assert summary["ece_column_pixels"] == pytest.approx((0.9 + 0.4) / 2, abs=1e-6)
+    assert summary["ece_called_column_pixels"] == pytest.approx(0.4, abs=1e-6)
+    assert summary["column_found"] == pytest.approx(0.5)

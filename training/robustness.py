@@ -4,7 +4,8 @@ Each row of the suite steps away from the training set along one axis — in-pla
 optics at and beyond the training ranges, facet family, dose, a thick carbon film, and the
 legacy `segdepth simulate` slabs — and reports, at the row's dose: column-level accuracy
 (exact, ±1, found, false columns; training.metrics.ColumnMetrics), the paper's pixel metrics,
-the expected calibration error on truth column pixels, and a per-frame out-of-distribution
+the expected calibration error on truth column pixels and on the pixels the model calls a
+column (what a user reads off the confidence map), and a per-frame out-of-distribution
 score with its ROC AUC against the in-distribution row: :func:`ood_scores` (a frame against
 its 90° turn, two passes) and :func:`uncertainty_scores` (one pass; what the engine publishes).
 
@@ -182,15 +183,41 @@ class RowResult:
 
     pixels: DepthMetrics = field(default_factory=DepthMetrics)
     columns: ColumnMetrics = field(default_factory=ColumnMetrics)
+    #: confidence against correctness on the truth's column pixels (missed ones included)
     calibration: Calibration = field(default_factory=Calibration)
+    #: the same on the pixels the model calls a column (what a user reads off the map)
+    called_calibration: Calibration = field(default_factory=Calibration)
     ood: list[float] = field(default_factory=list)
     uncertainty: list[float] = field(default_factory=list)
+
+    def add(
+        self,
+        depth: np.ndarray,
+        confidence: np.ndarray,
+        data: LabelledSet,
+        i: int,
+        column_depths: np.ndarray,
+    ) -> None:
+        """One sample's predicted depth (H, W) and confidence (H, W) against sample ``i`` of
+        ``data`` (its true column depths ``column_depths``)."""
+        truth = data.depth[i]
+        self.pixels.update(
+            depth,
+            truth,
+            centre_mask(truth.shape, data.centres[i], data.centre_species[i], data.pixel_size_pm),
+        )
+        self.columns.update(depth, data.centres[i], column_depths, data.pixel_size_pm)
+        correct = depth == truth
+        column, called = truth > 0, depth > 0
+        self.calibration.update(confidence[column], correct[column])
+        self.called_calibration.update(confidence[called], correct[called])
 
     def summary(self) -> dict:
         return {
             **self.columns.summary(),
             **{k: v for k, v in self.pixels.summary().items() if "pixels" not in k},
             "ece_column_pixels": self.calibration.ece(),
+            "ece_called_column_pixels": self.called_calibration.ece(),
             "ood_score_mean": float(np.mean(self.ood)) if self.ood else float("nan"),
             "uncertainty_mean": (
                 float(np.mean(self.uncertainty)) if self.uncertainty else float("nan")
@@ -234,17 +261,7 @@ def evaluate_row(
         result.ood.extend(ood_scores(p.probabilities, turned[sl]))
         result.uncertainty.extend(uncertainty_scores(p.depth, p.confidence))
         for j, i in enumerate(range(sl.start, sl.stop)):
-            truth = data.depth[i]
-            result.pixels.update(
-                p.depth[j],
-                truth,
-                centre_mask(
-                    truth.shape, data.centres[i], data.centre_species[i], data.pixel_size_pm
-                ),
-            )
-            result.columns.update(p.depth[j], data.centres[i], column_depths[i], data.pixel_size_pm)
-            column = truth > 0
-            result.calibration.update(p.confidence[j][column], (p.depth[j] == truth)[column])
+            result.add(p.depth[j], p.confidence[j], data, i, column_depths[i])
     return result
 
 
@@ -379,8 +396,8 @@ def markdown_table(report: dict) -> str:
     """The suite as one Markdown table: a line per row and model."""
     lines = [
         "| row | model | exact | ±1 | found | false columns | centre acc. | ECE (columns)"
-        " | AUC turn | AUC uncertainty |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        " | ECE (called columns) | AUC turn | AUC uncertainty |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for entry in report["rows"]:
         for model_id, s in entry["models"].items():
@@ -388,7 +405,8 @@ def markdown_table(report: dict) -> str:
                 f"| {entry['row']} | {model_id} | {s['column_exact']:.3f} | "
                 f"{s['column_within_one']:.3f} | {s['column_found']:.3f} | "
                 f"{s['false_column_rate']:.3f} | {s['centre_accuracy']:.3f} | "
-                f"{s['ece_column_pixels']:.3f} | {s['ood_auc_vs_in_distribution']:.2f} | "
+                f"{s['ece_column_pixels']:.3f} | {s['ece_called_column_pixels']:.3f} | "
+                f"{s['ood_auc_vs_in_distribution']:.2f} | "
                 f"{s['uncertainty_auc_vs_in_distribution']:.2f} |"
             )
     outside = ", ".join(e["row"] for e in report["rows"] if e.get("outside_training"))
