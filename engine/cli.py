@@ -17,6 +17,8 @@ from streamer import sockets
 from streamer.cli_support import config_option, endpoint, given, input_file, list_of, positive_int
 from training.cli import suite_files_options
 
+#: where serve post-processes (engine.serve.POSTPROCESS; kept here so --help needs no torch)
+POSTPROCESS_CHOICES = ("auto", "device", "host")
 #: backend names, fastest first (engine.backends.PREFERENCE; kept here so --help needs no torch).
 BACKEND_NAMES = ("tensorrt", "torch-cuda", "onnxruntime-int8", "onnxruntime", "torch-cpu")
 SERVE = "engine.serve:ServeConfig"
@@ -327,7 +329,7 @@ def _add_serve(commands) -> None:
         p,
         "--postprocess",
         SERVE,
-        choices=["auto", "device", "host"],
+        choices=POSTPROCESS_CHOICES,
         help="where the maps, column averages and drift are computed: device (torch on the "
         "backend's device, copying back only maps and column values; torch backends only), "
         "host (numpy); auto: device for torch-cuda and tensorrt, host otherwise",
@@ -508,7 +510,7 @@ def _add_bench_engine(bench) -> None:
         p,
         "--postprocess",
         E2E,
-        choices=["auto", "device", "host"],
+        choices=POSTPROCESS_CHOICES,
         help="with --e2e: serve's --postprocess (where maps, column averages and drift run)",
     )
     p.add_argument(

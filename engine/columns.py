@@ -118,8 +118,8 @@ def disk_average(
     """
     c = maps.shape[0]
     flat, valid = disk_pixels(maps.shape[1:], y_px, x_px, radius_px)
-    # np.take and one einsum: 6x faster than fancy indexing, a product and a sum (0.66 vs
-    # 3.9 ms for 11 x 512^2 maps and 155 columns on one core)
+    # np.take and one einsum: the whole function about 1.0 ms instead of 3.9 with fancy
+    # indexing, a product and a sum (11 x 512^2 maps, 155 columns, one core)
     values = np.take(maps.reshape(c, -1), flat, axis=1)  # (C, n, k)
     weight = valid.astype(maps.dtype)
     count = weight.sum(axis=1)

@@ -160,7 +160,9 @@ def test_every_numeric_train_option_reaches_the_config():
 
 
 def test_postprocess_option_reaches_serve_and_the_e2e_bench():
-    from engine import cli
+    from engine import cli, serve
+
+    assert cli.POSTPROCESS_CHOICES == tuple(serve.POSTPROCESS)
 
     assert cli.serve_config(_parse("serve", "--postprocess", "device")).postprocess == "device"
     args = _parse("bench", "engine", "--e2e", "--postprocess", "host")

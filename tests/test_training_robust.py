@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -123,22 +124,27 @@ def test_render_workers_deliver_the_same_batches(libraries, tmp_path):
         torch.testing.assert_close(a, b)
 
 
+def tiny_library_run(libraries, tmp_path, **settings) -> TrainConfig:
+    """A one-epoch run on the tiny training and validation libraries, 32-px crops, 2 views."""
+    return TrainConfig(
+        data=str(libraries[0]),
+        val=str(libraries[1]),
+        out=str(tmp_path / "run"),
+        crop=32,
+        views_per_wave=2,
+        val_count=2,
+        epochs=1,
+        threads=1,
+        **settings,
+    )
+
+
 def test_rendering_on_the_device_equals_the_cpu_path(libraries, tmp_path):
     """--render-on-device (torch, here on the CPU) renders what the DataLoader path renders:
     same draws, images to float32 rounding, identical labels, species, weights and doses; its
     batches take the structures in a shuffled order, each once per epoch; a run trains with it."""
     library = load_library(libraries[0])
-    cfg = TrainConfig(
-        data=str(libraries[0]),
-        val=str(libraries[1]),
-        out=str(tmp_path / "run"),
-        crop=32,
-        batch_size=2,
-        views_per_wave=2,
-        val_count=2,
-        epochs=1,
-        threads=1,
-    )
+    cfg = tiny_library_run(libraries, tmp_path, batch_size=2)
     cpu = MicroscopeDataset(library, cfg.render, TargetConfig(), 0)
     device = DeviceRenderer(library, cfg.render, TargetConfig(), 0, torch.device("cpu"))
     for epoch in (0, 1):
@@ -158,11 +164,11 @@ def test_rendering_on_the_device_equals_the_cpu_path(libraries, tmp_path):
         assert torch.equal(batch[1], device.item(i)[1])
     assert sorted(order) == list(range(len(library)))
     # fewer structures than a batch holds: one short batch, as the DataLoader path gives
-    big = TrainConfig(**{**cfg.__dict__, "batch_size": 8})
+    big = replace(cfg, batch_size=8)
     short = [_loader(ds, big, Dist())[0] for ds in (cpu, device)]
     assert len(short[0]) == len(short[1]) == 1
     assert [len(b[1]) for b in short[1]] == [2 * len(library)]
-    model = train(TrainConfig(**{**cfg.__dict__, "render_on_device": True}), progress=False)
+    model = train(replace(cfg, render_on_device=True), progress=False)
     assert load_model(model)[1]["train_config"]["render_on_device"] is True
     with pytest.raises(ValueError, match="ring_width_pm 0"):
         DeviceRenderer(
@@ -195,18 +201,7 @@ def test_per_sample_dose_noise():
 
 def test_library_training_records_seeds_and_evaluation_refuses_them(libraries, tmp_path):
     train_path, val_path = libraries
-    cfg = TrainConfig(
-        data=str(train_path),
-        val=str(val_path),
-        out=str(tmp_path / "run"),
-        crop=32,
-        batch_size=4,
-        epochs=1,
-        views_per_wave=2,
-        val_count=2,
-        dose_range=(0.5, 10.0),
-        threads=1,
-    )
+    cfg = tiny_library_run(libraries, tmp_path, batch_size=4, dose_range=(0.5, 10.0))
     _, meta = load_model(train(cfg, progress=False))
     assert [d["seed"] for d in meta["data_files"]] == [21, 22]
     assert meta["dose_range"] == [0.5, 10.0]
@@ -215,9 +210,9 @@ def test_library_training_records_seeds_and_evaluation_refuses_them(libraries, t
     other = tmp_path / "other.h5"
     write_library(other, LibraryConfig(count=1, gpts=256, seed=23), progress=False)
     check_disjoint(meta, [other])  # a file of its own seed passes
-    same_seed = dict(cfg.__dict__, val=str(train_path), out=str(tmp_path / "bad"))
+    same_seed = replace(cfg, val=str(train_path), out=str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="share seed"):
-        train(TrainConfig(**same_seed), progress=False)
+        train(same_seed, progress=False)
 
 
 def test_centre_accuracy_scores_column_pixels_only():
