@@ -51,6 +51,8 @@ def train_config(args: argparse.Namespace):
         "noise_lambda",
         "epochs",
         "batch_size",
+        "accumulate",
+        "freeze_bn",
         "lr",
         "patience",
         "time_limit_min",
@@ -215,6 +217,22 @@ def _add_train(commands) -> None:
         help="random crop side in px, a multiple of 32; 0 = whole images",
     )
     config_option(p, "--batch-size", TRAIN, type=positive_int, help="images per step and process")
+    config_option(
+        p,
+        "--accumulate",
+        TRAIN,
+        type=positive_int,
+        help="batches whose gradients are summed per optimiser step (an effective batch of "
+        "--batch-size × this, e.g. a GPU run's batch on a CPU)",
+    )
+    config_option(
+        p,
+        "--freeze-bn",
+        TRAIN,
+        action="store_true",
+        help="BatchNorm layers keep the running statistics of --init and normalise with them "
+        "(for fine-tuning at small batches)",
+    )
     config_option(p, "--lr", TRAIN, type=float, help="peak Adam learning rate")
     config_option(
         p,

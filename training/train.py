@@ -60,6 +60,8 @@ class TrainConfig:
     epochs: int = 30
     crop: int | None = 128  # px; None = whole images
     batch_size: int = 8
+    accumulate: int = 1  # batches whose gradients are summed per optimiser step
+    freeze_bn: bool = False  # BatchNorm layers normalise with their running statistics, kept
     lr: float = 2e-3
     warmup: float = 0.05  # fraction of the run with a linear learning-rate warm-up
     weight_decay: float = 0.0
@@ -381,6 +383,18 @@ def _past_time_limit(cfg: TrainConfig, elapsed_s: float, dd: Dist) -> bool:
     return over
 
 
+def train_mode(net: torch.nn.Module, freeze_bn: bool) -> None:
+    """``net`` in training mode; with ``freeze_bn`` its BatchNorm layers stay in eval mode, so
+    that they normalise with (and keep) the running statistics of the run that made them while
+    their scale and shift still learn: small-batch fine-tuning of a model trained at batch 32
+    would otherwise replace those statistics with noisy ones."""
+    net.train()
+    if freeze_bn:
+        for module in net.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def _train_epoch(
     net: torch.nn.Module,
     loader,
@@ -394,9 +408,10 @@ def _train_epoch(
     """One epoch of steps (learning rate by run progress, fresh noise per step); returns (step
     losses, samples seen by this process, whether the time limit cut the epoch short)."""
     gen = torch.Generator(dd.device).manual_seed(cfg.seed * 1_000_003 + epoch * dd.world + dd.rank)
-    net.train()
+    train_mode(net, cfg.freeze_bn)
     losses: list[float] = []
     seen = 0
+    optimiser.zero_grad(set_to_none=True)
     bar = tqdm(
         loader,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -418,9 +433,10 @@ def _train_epoch(
         loss, _ = segdepth_loss(
             depth_logits, species_logits, labels, species, weights, cfg.species_weight
         )
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        (loss / cfg.accumulate).backward()
+        if (step + 1) % cfg.accumulate == 0 or step + 1 == len(loader):
+            optimiser.step()
+            optimiser.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         seen += len(clean)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
