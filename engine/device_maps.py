@@ -12,10 +12,12 @@ copying the full float32 probabilities (14 channels: 14.7 MB per 512² frame) th
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
-from engine.columns import FrameMaps, disk_pixels
+from engine.columns import FrameMaps, disk_offsets
 from engine.drift import DriftEstimator, hann_window
 
 
@@ -79,16 +81,29 @@ class TorchFrameMaps(FrameMaps):
     def disk_average(
         self, y_px: np.ndarray, x_px: np.ndarray, radius_px: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """As :func:`engine.columns.disk_average`, gathered and averaged on the device."""
-        c = self._depth_t.shape[0]
-        flat, valid = disk_pixels(tuple(self._depth_t.shape[1:]), y_px, x_px, radius_px)
+        """As :func:`engine.columns.disk_average`, with the disks' pixel indices built, gathered
+        and averaged on the device: only the rounded centres (n, 2) go up, one (n, 12) array
+        comes back."""
+        c, h, w = self._depth_t.shape
         device = self._depth_t.device
-        weight = torch.from_numpy(valid.astype(np.float32)).to(device)
-        count = weight.sum(dim=1)
+        offsets = _disk_offsets_on(float(radius_px), device)
+        centres = np.rint(np.stack([y_px, x_px], axis=1)).astype(np.int64)
         with torch.inference_mode():
-            values = self._depth_t.reshape(c, -1)[:, torch.from_numpy(flat).to(device)].float()
+            pixels = torch.from_numpy(centres).to(device)[:, None, :] + offsets[None]  # (n, k, 2)
+            cy, cx = pixels[..., 0], pixels[..., 1]
+            weight = ((cy >= 0) & (cy < h) & (cx >= 0) & (cx < w)).float()
+            flat = cy.clamp(0, h - 1) * w + cx.clamp(0, w - 1)
+            values = self._depth_t.reshape(c, -1)[:, flat].float()  # (C, n, k)
+            count = weight.sum(dim=1)
             mean = (values * weight[None]).sum(dim=2) / count.clamp_min(1)[None]
-            return mean.T.cpu().numpy(), (count > 0).cpu().numpy()
+            host = torch.cat([mean.T, count[:, None]], dim=1).cpu().numpy()
+        return host[:, :c], host[:, c] > 0
+
+
+@functools.lru_cache(maxsize=16)
+def _disk_offsets_on(radius_px: float, device: torch.device) -> torch.Tensor:
+    """:func:`engine.columns.disk_offsets` (k, 2) as a tensor on ``device``, built once."""
+    return torch.from_numpy(disk_offsets(radius_px)).to(device)
 
 
 class TorchDriftEstimator(DriftEstimator):

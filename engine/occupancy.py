@@ -30,16 +30,16 @@ class Occupancy:
         c = self.columns
         depths = np.arange(self.filtered.shape[1], dtype=np.float32)
         return {
-            "id": [int(i) for i in c.ids],
-            "x_px": [float(v) for v in c.x_px],
-            "y_px": [float(v) for v in c.y_px],
-            "species": [int(s) for s in c.species],
-            "depth": [int(d) for d in c.depth],
-            "expected_depth": [float(v) for v in c.expected_depth],
-            "confidence": [float(v) for v in c.confidence],
-            "depth_filtered": [int(d) for d in self.filtered.argmax(axis=1)],
-            "expected_filtered": [float(v) for v in self.filtered @ depths],
-            "change_probability": [float(v) for v in self.change_probability],
+            "id": _ints(c.ids),
+            "x_px": _floats(c.x_px),
+            "y_px": _floats(c.y_px),
+            "species": _ints(c.species),
+            "depth": _ints(c.depth),
+            "expected_depth": _floats(c.expected_depth),
+            "confidence": _floats(c.confidence),
+            "depth_filtered": _ints(self.filtered.argmax(axis=1)),
+            "expected_filtered": _floats(self.filtered @ depths),
+            "change_probability": _floats(self.change_probability),
         }
 
     def buffers(self) -> dict[str, np.ndarray]:
@@ -47,6 +47,16 @@ class Occupancy:
             "column_probabilities": self.columns.probabilities.astype(np.float32),
             "column_probabilities_filtered": self.filtered.astype(np.float32),
         }
+
+
+def _ints(values) -> list[int]:
+    """``values`` as a list of Python ints (ndarray.tolist: ~5x faster than a comprehension)."""
+    return np.asarray(values, dtype=np.int64).tolist()
+
+
+def _floats(values) -> list[float]:
+    """``values`` as a list of Python floats (float32 values exactly, as float64)."""
+    return np.asarray(values, dtype=np.float64).tolist()
 
 
 class SessionAnalysis:
