@@ -144,12 +144,22 @@ class ColumnRows:
 
     def __init__(self) -> None:
         self._row: dict[int, int] = {}
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (ids, rows) of the last call
 
     def __len__(self) -> int:
         return len(self._row)
 
     def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row of each id (n,), which ids were new (n,)); new ids are given rows here."""
+        ids = np.asarray(ids)
+        # a session's columns are mostly the same from frame to frame: skip the dict lookups
+        if self._last is not None and np.array_equal(ids, self._last[0]):
+            return self._last[1].copy(), np.zeros(len(ids), bool)
+        rows, new = self._lookup(ids)
+        self._last = (ids.copy(), rows.copy())
+        return rows, new
+
+    def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         get = self._row.get
         rows = np.fromiter((get(i, -1) for i in np.asarray(ids).tolist()), np.int64, len(ids))
         new = rows < 0

@@ -228,12 +228,17 @@ def test_many_columns_at_once_give_each_columns_own_filter_and_events():
     filt, det, reference = DepthFilter(config), EventDetector(config), PerColumn(config)
     ids_all, species_all = 1000 + np.arange(n_cols), rng.integers(1, 3, n_cols)
     time_s, n_events = 0.0, 0
+    previous = np.arange(0)
     for t in range(n_frames):
         dt = DT * rng.uniform(0.8, 1.5)
         time_s += dt
         seen = rng.permutation(
             np.flatnonzero((rng.random(n_cols) > 0.1) & (np.arange(n_cols) < 40 + t))
         )
+        if t % 3:  # often the previous frame's columns in the same order, as in a session
+            unseen = np.setdiff1d(np.arange(min(n_cols, 40 + t)), previous)[: t % 3 - 1]
+            seen = np.concatenate([previous, unseen]).astype(int)  # + one when t % 3 == 2
+        previous = seen
         probs = np.stack([evidence([truth[t, c]], rng, strength=10.0, spread=0.2)[0] for c in seen])
         ids, species = ids_all[seen], species_all[seen]
         want_post, want_change, want_events = reference.update(t, time_s, ids, species, probs, dt)
