@@ -33,26 +33,31 @@ from engine.model_io import LoadedModel, pad_to_multiple
 from engine.prediction import Prediction
 
 
-def infer_tta(backend: Backend, frames: np.ndarray) -> Prediction:
+def infer_tta(backend: Backend, frames: np.ndarray) -> tuple[Prediction, np.ndarray]:
     """Test-time augmentation: the backend's probabilities averaged over the 8 flips and
     quarter turns of the frames (B, H, W), each mapped back (8 passes; a backend whose plan
-    has a fixed H × W needs square frames)."""
-    from training.inference import DIHEDRAL
+    has a fixed H × W needs square frames), and the frames' turn scores (B,)
+    (:func:`training.inference.turn_scores` of the unturned and the quarter-turned pass)."""
+    from training.inference import DIHEDRAL, turn_scores
 
     depth = np.zeros((), np.float64)
     species = np.zeros((), np.float64)
+    passes = {}
     for k, flip in DIHEDRAL:
         x = np.rot90(frames[..., ::-1] if flip else frames, k, axes=(-2, -1))
         pred = backend.infer(np.ascontiguousarray(x))
         d, s = (np.rot90(p, -k, axes=(-2, -1)) for p in (pred.depth_prob, pred.species_prob))
+        if not flip and k < 2:
+            passes[k] = d
         depth, species = (
             depth + (d[..., ::-1] if flip else d),
             species + (s[..., ::-1] if flip else s),
         )
     n = len(DIHEDRAL)
-    return Prediction(
+    mean = Prediction(
         np.ascontiguousarray(depth / n, np.float32), np.ascontiguousarray(species / n, np.float32)
     )
+    return mean, turn_scores(passes[0], passes[1])
 
 
 def _joined(chunks: list[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,15 @@ from typing import Any
 
 from engine.hmm import HMMConfig
 from streamer import sockets
-from streamer.cli_support import config_option, endpoint, given, input_file, list_of, positive_int
+from streamer.cli_support import (
+    config_option,
+    endpoint,
+    given,
+    input_file,
+    list_of,
+    non_negative_int,
+    positive_int,
+)
 from training.cli import suite_files_options
 
 #: where serve post-processes (engine.serve.POSTPROCESS; kept here so --help needs no torch)
@@ -106,6 +114,7 @@ def serve_config(args: argparse.Namespace):
             "receive_hwm",
             "exit_on_eos",
             "tta",
+            "ood_check_every",
             "postprocess",
             "max_frame_px",
             "max_batch_px",
@@ -350,6 +359,15 @@ def _add_serve(commands) -> None:
         action="store_true",
         help="test-time augmentation: average the depth probabilities over the 8 "
         "flips and quarter turns of each frame (8x the inference cost)",
+    )
+    config_option(
+        p,
+        "--ood-check-every",
+        SERVE,
+        type=non_negative_int,
+        help="infer every N-th frame of a session a second time, turned by 90°, for the "
+        "out-of-distribution warning (1/N more inference; 0: never, the warning then rests "
+        "on the weaker one-pass score; with --tta every frame, at no extra cost)",
     )
     config_option(
         p,

@@ -39,6 +39,10 @@ class DevicePrediction:
         """Host copy (B, 3, H, W) float32."""
         return self.species.float().cpu().numpy()
 
+    def depth_prob_of(self, frames: list[int]) -> np.ndarray:
+        """Host copy (len(frames), 11, H, W) float32 of some of the frames only."""
+        return self.depth[frames].float().cpu().numpy()
+
     def maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Depth (uint8), confidence (float32) and species (uint8) maps (B, H, W), reduced on
         the device (ties: the first channel, as :func:`engine.prediction.channel_max`)."""

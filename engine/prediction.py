@@ -25,6 +25,10 @@ class Prediction:
         species, _ = channel_max(self.species_prob)
         return depth, confidence, species
 
+    def depth_prob_of(self, frames: list[int]) -> np.ndarray:
+        """The depth probabilities (len(frames), 11, H, W) float32 of some of the frames."""
+        return self.depth_prob[frames]
+
     def frame(self, i: int) -> FrameMaps:
         """Frame ``i``'s maps as the column tracker reads them."""
         return FrameMaps(self.species_prob[i], self.depth_prob[i])

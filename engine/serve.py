@@ -42,6 +42,7 @@ from engine.hmm import HMMConfig
 from engine.model_io import load
 from engine.normalise import DoseNormaliser
 from engine.occupancy import Occupancy, SessionAnalysis
+from engine.ood import TurnCheck, checked_scores
 from engine.prediction import Prediction
 from streamer import sockets
 from streamer.cli_support import install_stop_signals
@@ -79,6 +80,9 @@ class ServeConfig:
     receive_hwm: int = sockets.DEFAULT_HWM  # messages the frame socket may hold, beyond queue
     exit_on_eos: bool = False
     tta: bool = False  # average the 8 flips and quarter turns (8x the inference cost)
+    #: a session's frames checked out of distribution by a second, quarter-turned inference
+    #: (engine.ood): every this many frames, 0 never (1/N more inference); with tta every frame
+    ood_check_every: int = 16
     #: where maps, column averages and drift are computed: "device" (torch, on the backend's
     #: device; only backends whose outputs are tensors), "host" (numpy), "auto" (the
     #: backend's default: device for torch-cuda and tensorrt, host on the CPU)
@@ -104,8 +108,11 @@ class ServeConfig:
             (self.max_batch is not None and self.max_batch < 1)
             or self.max_wait_ms < 0
             or (self.pipeline_depth < 1)
+            or self.ood_check_every < 0
         ):
-            raise ValueError("max_batch and pipeline_depth must be >= 1 and max_wait_ms >= 0")
+            raise ValueError(
+                "max_batch and pipeline_depth must be >= 1, max_wait_ms and ood_check_every >= 0"
+            )
         if self.queue_frames <= 0:
             self.queue_frames = 4 * (self.max_batch or 8)
 
@@ -119,6 +126,7 @@ class _Session:
     analysis: SessionAnalysis
     dose: DoseNormaliser
     shape: tuple[int, ...]
+    turn: TurnCheck
 
 
 @dataclass
@@ -134,6 +142,17 @@ class _Batch:
     doses: list[float] = field(default_factory=list)
     estimated: list[bool] = field(default_factory=list)
     pred: Prediction | DevicePrediction | None = None
+    turn: np.ndarray | None = None  # (B,) turn scores, NaN for frames not checked
+
+
+@dataclass(frozen=True)
+class _OOD:
+    """A frame's out-of-distribution scores (engine.ood): its uncertainty score, its own turn
+    score (NaN: not checked) and its session's latest turn score (NaN: none yet)."""
+
+    uncertainty: float
+    turn: float
+    latest_turn: float
 
 
 #: the engine's stages as reported in ``stage_ms_per_frame``
@@ -251,6 +270,7 @@ class Server:
                 ),
                 DoseNormaliser(),
                 shape,
+                TurnCheck(self.config.ood_check_every),
             )
             self.sessions[name] = state
             while len(self.sessions) > MAX_SESSIONS:
@@ -309,17 +329,38 @@ class Server:
             return _Batch(items, kind="rejected")
         try:
             frames = np.stack(batch.frames)
-            batch.pred = (
-                backends.infer_tta(self.backend, frames)
-                if self.config.tta
-                else self.backend.infer(frames)
-            )
+            if self.config.tta:
+                batch.pred, batch.turn = backends.infer_tta(self.backend, frames)
+            else:
+                batch.pred = self.backend.infer(frames)
         except (RuntimeError, ValueError) as exc:  # e.g. a frame size the model cannot take
             for _ in batch.items:
                 self._reject("inference", f"{type(exc).__name__}: {exc}")
             return _Batch(items, kind="rejected")
+        if batch.turn is None:
+            batch.turn = self._turn_checks(batch, frames)
         self._clock("infer", t, len(batch.items))
         return batch
+
+    def _turn_checks(self, batch: _Batch, frames: np.ndarray) -> np.ndarray:
+        """Turn scores (B,) of the batch's frames due for a check (engine.ood), NaN for the
+        others and for a check the backend could not run (counted: ``ood_check_failed``)."""
+        scores = np.full(len(batch.items), np.nan)
+        due = [
+            i
+            for i, (item, state) in enumerate(zip(batch.items, batch.states))
+            if state.turn.due(item.payload.seq)
+        ]
+        if due:
+            assert batch.pred is not None
+            try:
+                scores[due] = checked_scores(
+                    self.backend.infer, frames[due], batch.pred.depth_prob_of(due)
+                )
+            except (RuntimeError, ValueError) as exc:  # e.g. a plan fixed to H x W, H != W
+                self.counts["ood_check_failed"] += len(due)
+                log.warning("turn check failed: %s: %s", type(exc).__name__, exc)
+        return scores
 
     def _handoff(self, batch: _Batch) -> None:
         """Queue a batch for the publish stage (waits while it is ``pipeline_depth`` behind;
@@ -361,8 +402,11 @@ class Server:
         assert pred is not None  # only "frames" batches reach here (_publish_loop)
         depth, confidence, species = pred.maps()
         ood = uncertainty_scores(depth, confidence)
+        turn = batch.turn if batch.turn is not None else np.full(n, np.nan)
         results = []
         for i, item in enumerate(batch.items):
+            if math.isfinite(turn[i]):
+                batch.states[i].turn.score = float(turn[i])
             occ = batch.states[i].analysis.update_maps(
                 pred.frame(i), item.payload.seq, item.payload.header.get("t_acq")
             )
@@ -379,7 +423,8 @@ class Server:
             )
         t = self._clock("postprocess", t, n)
         for i, (item, (occ, arrays)) in enumerate(zip(batch.items, results)):
-            self._publish(item, occ, arrays, batch.doses[i], batch.estimated[i], n, float(ood[i]))
+            scores = _OOD(float(ood[i]), float(turn[i]), batch.states[i].turn.score)
+            self._publish(item, occ, arrays, batch.doses[i], batch.estimated[i], n, scores)
         self._clock("publish", t, n)
 
     def _publish(
@@ -390,7 +435,7 @@ class Server:
         dose: float,
         dose_estimated: bool,
         batch_size: int,
-        ood_score: float,
+        ood: _OOD,
     ) -> None:
         msg = item.payload
         head = msg.header
@@ -413,8 +458,9 @@ class Server:
             drift_px=list(occ.columns.drift_px),
             columns=occ.table(),
             events=[e.as_dict() for e in occ.events],
-            ood_score=ood_score,
-            ood_warning=self._ood_warning(ood_score),
+            ood_score=ood.uncertainty,
+            ood_turn_score=ood.turn if math.isfinite(ood.turn) else None,
+            ood_warning=self._ood_warning(ood),
             mode="live" if self._is_live(msg) else "replay",
         )
         parts = encode(result, arrays)
@@ -445,11 +491,16 @@ class Server:
         if last is not None:
             self.input.ack(upto=last)
 
-    def _ood_warning(self, score: float) -> bool | None:
-        """True when the frame's score passes the model's warning level (meta
-        ``ood_threshold``, set from the robustness suite); None when the model has none."""
-        threshold = self.loaded.meta.get("ood_threshold")
-        return None if threshold is None else bool(score > float(threshold))
+    def _ood_warning(self, ood: _OOD) -> bool | None:
+        """Whether the frame lies outside what the model knows: the session's latest turn
+        score against the model's ``ood_turn_threshold`` where both exist, else the frame's
+        uncertainty score against ``ood_threshold`` (model meta, set from the robustness
+        suite); None when the model has no level for the score at hand."""
+        meta = self.loaded.meta
+        if meta.get("ood_turn_threshold") is not None and math.isfinite(ood.latest_turn):
+            return bool(ood.latest_turn > float(meta["ood_turn_threshold"]))
+        threshold = meta.get("ood_threshold")
+        return None if threshold is None else bool(ood.uncertainty > float(threshold))
 
     def _forward_eos(self, msg: Message) -> None:
         head = msg.header

@@ -188,6 +188,15 @@ class SessionWriter:
         self.ood = self._series(
             res, "ood_score", (), "f4", "mean 1 - confidence over column pixels", fill=np.nan
         )
+        self.ood_turn = self._series(
+            res,
+            "ood_turn_score",
+            (),
+            "f4",
+            "disagreement of the frame and its quarter-turn (total variation over column "
+            "pixels); NaN: not checked",
+            fill=np.nan,
+        )
         self.ood_warning = self._series(
             res,
             "ood_warning",
@@ -263,6 +272,7 @@ class SessionWriter:
             self.latency,
             self.drift,
             self.ood,
+            self.ood_turn,
             self.ood_warning,
             self.skipped,
             self.batch_size,
@@ -315,6 +325,7 @@ class SessionWriter:
         self.has_result[row] = 1
         self.latency[row] = _float(head, "latency_ms")
         self.ood[row] = _float(head, "ood_score")
+        self.ood_turn[row] = _float(head, "ood_turn_score")
         warning = head.get("ood_warning")
         self.ood_warning[row] = int(warning) if isinstance(warning, bool) else -1
         drift = head.get("drift_px")

@@ -184,16 +184,22 @@ def test_calibration_temperature_of_the_model_file_is_applied(tmp_path):
 def test_tta_in_the_engine_matches_training_tta(loaded, frames):
     """serve --tta: the backend's 8-fold average equals training.inference's TTA, and it is
     not the plain answer."""
-    from training.inference import predict_batches
+    from training.inference import predict_batches, turn_scores
 
     backend = backends.create("torch-cpu", loaded, max_batch=2)
     side = min(frames.shape[-2:])
     square = np.ascontiguousarray(frames[..., :side, :side])
-    out = backends.infer_tta(backend, square)
+    out, turn = backends.infer_tta(backend, square)
     ((_, ref),) = predict_batches(loaded.model, square, len(square), loaded.temperature, tta=True)
     np.testing.assert_allclose(out.depth_prob, ref.probabilities, atol=2e-6)
     # a random model is nearly uniform, so the TTA average moves probabilities by ~1e-4
-    assert np.abs(out.depth_prob - backend.infer(square).depth_prob).max() > 2e-5
+    plain = backend.infer(square).depth_prob
+    assert np.abs(out.depth_prob - plain).max() > 2e-5
+    # the turn score of its passes is the one of a separate quarter-turned inference
+    turned = backend.infer(np.ascontiguousarray(np.rot90(square, 1, axes=(1, 2)))).depth_prob
+    want = turn_scores(plain, np.rot90(turned, -1, axes=(2, 3)))
+    assert want.min() > 0
+    np.testing.assert_allclose(turn, want, rtol=1e-5)
 
 
 def test_channel_max_is_numpys_argmax_and_max_ties_included():

@@ -170,6 +170,49 @@ def test_frames_past_the_models_warning_level_are_flagged(engine):
     assert verdicts == [None, True, False]
 
 
+def test_turn_checks_score_every_nth_frame_and_set_the_warning(engine):
+    """--ood-check-every 4: frames 0 and 4 of the session are inferred a second time, turned,
+    and carry that turn score (as computed directly); the warning follows the session's latest
+    turn score against ``ood_turn_threshold``, which overrides the one-pass score's level."""
+    from training.inference import turn_scores
+
+    src, results, server = engine("replay", max_batch=2, max_wait_ms=50, ood_check_every=4)
+    server.loaded.meta["ood_threshold"] = -1.0  # the one-pass score alone would warn always
+    rng = np.random.default_rng(5)
+    frames = [frame_msg(i, rng) for i in range(6)]
+    normalised = [sockets_frame(msg) / np.float32(20.0) for msg in frames]
+    for msg in frames[:3]:
+        src.send(msg)
+    got = collect(results, until_eos=False, n=3)
+    server.loaded.meta["ood_turn_threshold"] = 2.0  # above every score: no warning
+    for msg in frames[3:]:
+        src.send(msg)
+    got += collect(results, until_eos=False, n=3)
+
+    assert [m.header["frame_seq"] for m in got] == list(range(6))
+    turn = [m.header["ood_turn_score"] for m in got]
+    assert [t is not None for t in turn] == [True, False, False, False, True, False]
+    for i in (0, 4):
+        x = normalised[i]
+        plain = server.backend.infer(x[None]).depth_prob
+        turned = server.backend.infer(np.ascontiguousarray(np.rot90(x, 1)[None])).depth_prob
+        want = turn_scores(plain, np.rot90(turned, -1, axes=(2, 3)))[0]
+        assert want > 0 and turn[i] == pytest.approx(want, rel=1e-4)
+    # no turn level in the model for frames 0-2: the one-pass level decides; then the turn's
+    assert [m.header["ood_warning"] for m in got] == [True] * 3 + [False] * 3
+    server.loaded.meta["ood_turn_threshold"] = -1.0
+    src.send(frame_msg(6, rng))  # not checked itself: the latest check (frame 4) decides
+    (last,) = collect(results, until_eos=False, n=1)
+    assert last.header["ood_turn_score"] is None and last.header["ood_warning"] is True
+
+
+def sockets_frame(parts) -> np.ndarray:
+    """The frame array of an encoded frame message."""
+    from streamer.protocol import decode
+
+    return np.asarray(decode(parts).arrays["frame"], np.float32)
+
+
 def test_inference_and_publishing_overlap_and_stage_times_are_reported(engine):
     """The pipeline: batch n+1 is inferred while batch n is post-processed and published,
     so the slower stage, not the sum, sets the pace; each stage's time per frame is reported."""

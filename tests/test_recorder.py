@@ -68,6 +68,7 @@ def result_parts(seq: int, column_ids: list[int], session="sess"):
         drift_px=[0.5, -0.25],
         columns=cols,
         ood_score=seq / 100,
+        ood_turn_score=seq / 200 if seq % 4 == 0 else None,
         ood_warning=seq >= 35,
     )
     return encode(
@@ -130,6 +131,8 @@ def test_frames_and_results_in_any_order_are_aligned(tmp_path, endpoint_factory)
         np.testing.assert_allclose(res["drift_px"][3], [0.5, -0.25])
         assert res["ood_score"][7] == pytest.approx(0.07) and np.isnan(res["ood_score"][30])
         assert list(res["ood_warning"][[7, 30, 36]]) == [0, -1, 1]
+        turn = res["ood_turn_score"][:]  # NaN: not checked, or no result
+        assert turn[8] == pytest.approx(0.04, rel=1e-6) and np.isnan(turn[[7, 30, 33]]).all()
         cols = f["columns"]
         np.testing.assert_array_equal(cols["id"][:], [10, 11, 12])
         np.testing.assert_array_equal(cols["first_row"][:], [0, 0, 20])

@@ -21,6 +21,7 @@ from sim_source.wave_library import (
     write_library,
 )
 from training.device_render import DeviceBatches, DeviceRenderer
+from training.inference import turn_scores
 from training.labels import TargetConfig
 from training.library_data import (
     MicroscopeDataset,
@@ -31,7 +32,7 @@ from training.library_data import (
 )
 from training.metrics import ColumnMetrics, DepthMetrics, centre_mask
 from training.model import load_model
-from training.robustness import check_disjoint, ood_scores, roc_auc, suite_files, suite_rows
+from training.robustness import check_disjoint, roc_auc, suite_files, suite_rows
 from training.train import Dist, TrainConfig, _loader, train
 
 
@@ -250,7 +251,7 @@ def test_ood_score_and_auc():
     probs[:, 3] = 1.0
     turned = probs.copy()
     turned[1, 3], turned[1, 4] = 0.0, 1.0  # the second frame disagrees with its turned self
-    scores = ood_scores(probs, turned)
+    scores = turn_scores(probs, turned)
     assert scores[0] == 0.0 and scores[1] == pytest.approx(1.0)
     assert roc_auc([0.1, 0.2], [0.3, 0.4]) == 1.0 and roc_auc([0.3], [0.3]) == 0.5
 

@@ -38,6 +38,7 @@ def bundle(
     robustness = json.loads(Path(robustness_path).read_text()) if robustness_path else None
     if robustness:  # the engine's out-of-distribution warning level for this model
         meta["ood_threshold"] = robustness["ood_threshold"][meta["model_id"]]
+        meta["ood_turn_threshold"] = robustness.get("ood_turn_threshold", {}).get(meta["model_id"])
     meta.update(
         temperature=report["calibration"]["temperature"],
         test={
@@ -105,6 +106,7 @@ def bundle(
         else {
             "report": str(robustness_path),
             "ood_threshold": meta["ood_threshold"],
+            "ood_turn_threshold": meta["ood_turn_threshold"],
             "rows": {r["row"]: r["models"][meta["model_id"]] for r in robustness["rows"]},
         },
         "bundled_with": machine_info(),

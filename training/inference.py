@@ -98,3 +98,16 @@ def uncertainty_scores(depth: np.ndarray, confidence: np.ndarray) -> np.ndarray:
             for d, c in zip(np.asarray(depth), np.asarray(confidence))
         ]
     )
+
+
+def turn_scores(probabilities: np.ndarray, turned: np.ndarray) -> np.ndarray:
+    """Per-frame out-of-distribution score in [0, 1] from depth probabilities (B, 11, H, W) of
+    frames and of the same frames turned by 90° (turned back): the mean total-variation distance
+    between the two over the pixels either pass calls a column. A model trained on every
+    orientation answers both the same in distribution; where it does not know the image, the
+    two disagree."""
+    tv = 0.5 * np.abs(probabilities - turned).sum(axis=1)  # (B, H, W)
+    column = (probabilities.argmax(1) > 0) | (turned.argmax(1) > 0)
+    return np.array(
+        [float(t[c].mean()) if c.any() else float(t.mean()) for t, c in zip(tv, column)]
+    )

@@ -6,8 +6,8 @@ legacy `segdepth simulate` slabs — and reports, at the row's dose: column-leve
 (exact, ±1, found, false columns; training.metrics.ColumnMetrics), the paper's pixel metrics,
 the expected calibration error on truth column pixels and on the pixels the model calls a
 column (what a user reads off the confidence map), and a per-frame out-of-distribution
-score with its ROC AUC against the in-distribution row: :func:`ood_scores` (a frame against
-its 90° turn, two passes) and :func:`uncertainty_scores` (one pass; what the engine publishes).
+score with its ROC AUC against the in-distribution row: :func:`turn_scores` (a frame against its
+90° turn, two passes: the engine's turn check) and :func:`uncertainty_scores` (one pass).
 
 The suite's test structures come from exit-wave libraries of their own seeds (built by
 :func:`build_suite` when missing), never the training libraries' (:func:`check_disjoint`).
@@ -31,7 +31,7 @@ from sim_source.noise import add_poisson_noise
 from sim_source.particle import ParticleConfig
 from streamer.domain import PAPER_DOSE_E_PER_PX
 from training.data import LabelledSet, file_seed, load_set
-from training.inference import predict_batches, uncertainty_scores
+from training.inference import predict_batches, turn_scores, uncertainty_scores
 from training.labels import TargetConfig
 from training.library_data import RenderConfig, load_library, render_set
 from training.metrics import Calibration, ColumnMetrics, DepthMetrics, centre_mask
@@ -179,7 +179,7 @@ def check_disjoint(meta: dict, paths: list[str | Path]) -> None:
 @dataclass
 class RowResult:
     """Accumulated figures of one model on one row: ``ood`` the turn-disagreement scores of
-    :func:`ood_scores`, ``uncertainty`` the engine's :func:`uncertainty_scores`, per frame."""
+    :func:`turn_scores`, ``uncertainty`` the one-pass :func:`uncertainty_scores`, per frame."""
 
     pixels: DepthMetrics = field(default_factory=DepthMetrics)
     columns: ColumnMetrics = field(default_factory=ColumnMetrics)
@@ -225,18 +225,6 @@ class RowResult:
         }
 
 
-def ood_scores(probabilities: np.ndarray, turned: np.ndarray) -> np.ndarray:
-    """Per-frame out-of-distribution score in [0, 1]: the mean total-variation distance between
-    the depth probabilities of a frame and of the frame turned by 90° (turned back), over the
-    pixels either pass calls a column. A model trained on every orientation answers both the
-    same in distribution; where it does not know the image, the two disagree."""
-    tv = 0.5 * np.abs(probabilities - turned).sum(axis=1)  # (B, H, W)
-    column = (probabilities.argmax(1) > 0) | (turned.argmax(1) > 0)
-    return np.array(
-        [float(t[c].mean()) if c.any() else float(t.mean()) for t, c in zip(tv, column)]
-    )
-
-
 def _turned_probabilities(model, noisy: np.ndarray, temperature: float) -> np.ndarray:
     turned = np.ascontiguousarray(np.rot90(noisy, 1, axes=(1, 2)))
     probs = np.concatenate(
@@ -258,7 +246,7 @@ def evaluate_row(
     result = RowResult()
     turned = _turned_probabilities(model, noisy, temperature)
     for sl, p in predict_batches(model, noisy, 8, temperature):
-        result.ood.extend(ood_scores(p.probabilities, turned[sl]))
+        result.ood.extend(turn_scores(p.probabilities, turned[sl]))
         result.uncertainty.extend(uncertainty_scores(p.depth, p.confidence))
         for j, i in enumerate(range(sl.start, sl.stop)):
             result.add(p.depth[j], p.confidence[j], data, i, column_depths[i])
@@ -381,6 +369,11 @@ def run_suite(cfg: SuiteConfig) -> dict:
         meta.get("model_id", path): float(
             np.percentile(results[(rows[0].name, path)].uncertainty, 95)
         )
+        for path, _, meta in loaded
+    }
+    # the same for the engine's turn check (engine.ood), on the suite's turn scores
+    report["ood_turn_threshold"] = {
+        meta.get("model_id", path): float(np.percentile(results[(rows[0].name, path)].ood, 95))
         for path, _, meta in loaded
     }
     report["wall_s"] = time.monotonic() - started

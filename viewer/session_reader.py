@@ -187,6 +187,7 @@ class SessionReader:
             "latency_ms": value("latency_ms", math.nan),
             "skipped": value("skipped", 0),
             "ood_score": value("ood_score", math.nan),
+            "ood_turn_score": value("ood_turn_score", math.nan),
             "ood_warning": value("ood_warning", -1) == 1,
             "pixel_size_pm": self.pixel_size_pm,
             "columns": table,

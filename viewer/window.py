@@ -8,6 +8,7 @@ with the newest result; the receiving thread never touches them.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -387,10 +388,16 @@ class ViewerWindow(QtWidgets.QMainWindow):
         head = self.result.header if self.result is not None else {}
         if not head.get("ood_warning"):
             return ""
+        turn = head.get("ood_turn_score")
+        checked = (
+            f", turn check {float(turn):.2f}"
+            if isinstance(turn, (int, float)) and math.isfinite(turn)
+            else ""
+        )
         return (
             f"WARNING: this frame lies outside what the model knows (OOD score "
-            f"{float(head.get('ood_score', float('nan'))):.2f}): depths are unreliable — "
-            f"check optics, orientation and dose"
+            f"{float(head.get('ood_score', float('nan'))):.2f}{checked}): depths are "
+            f"unreliable — check optics, orientation and dose"
         )
 
     def _show_session_status(self, k: int, result: Message | None) -> None:
