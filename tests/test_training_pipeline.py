@@ -12,10 +12,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import free_port
+from engine_support import write_synthetic_session
 
+from engine import backends
+from engine.model_io import load as load_engine_model
+from engine.ood import checked_scores
 from training.bundle import bundle
 from training.data import CropDataset, load_set
-from training.inference import predict_batches
+from training.inference import predict_batches, uncertainty_scores
 from training.labels import TargetConfig
 from training.model import SegDepthUNet, UNetConfig, load_model, save_model
 from training.train import TrainConfig, train
@@ -197,6 +201,25 @@ def test_cli_train_resume_evaluate(synthetic, tmp_path, segdepth_cmd):
     assert meta["test"]["metrics"] == report["metrics"] == record["test"]["metrics"]
     assert json.loads(shipped.with_suffix(".json").read_text())["model_id"] == meta["model_id"]
     assert record["training"]["epochs_run"] == 3 and record["training"]["wall_s"] > 0
+
+    # warning levels from in-distribution sessions: the 95th percentiles of the scores the
+    # engine itself publishes for those frames (its backend, its turn check)
+    sessions = [write_synthetic_session(tmp_path / f"s{k}.h5", 5, 64, seed=k) for k in (1, 2)]
+    bundle(run / "model.pt", report_dir / "report.json", "t", "e", shipped, None, None, sessions)
+    _, meta = load_model(shipped)
+    engine_model = load_engine_model(shipped)
+    backend = backends.create("torch-cpu", engine_model)
+    one_pass, turn = [], []
+    for path in sessions:
+        with h5py.File(path) as f:
+            x = f["frames"][:].astype(np.float32) / np.float32(f.attrs["dose_e_per_px"])
+        pred = backend.infer(x)
+        depth, confidence, _ = pred.maps()
+        one_pass.append(uncertainty_scores(depth, confidence))
+        turn.append(checked_scores(backend.infer, x, pred.depth_prob))
+    assert meta["ood_levels"]["frames"] == 10 and meta["ood_levels"]["frame_px"] == [64, 64]
+    assert meta["ood_threshold"] == pytest.approx(np.percentile(one_pass, 95), rel=1e-4)
+    assert meta["ood_turn_threshold"] == pytest.approx(np.percentile(turn, 95), rel=1e-3)
 
 
 def tiny_model_file(path):

@@ -17,6 +17,7 @@ from streamer.cli_support import machine_info
 from training.labels import TargetConfig, class_prior
 from training.library_data import load_or_render
 from training.model import bundled_model_path, load_model, save_model
+from training.ood_levels import session_levels
 
 
 def bundle(
@@ -27,20 +28,27 @@ def bundle(
     out: str | Path | None = None,
     simulate_commands: list[str] | None = None,
     robustness_path: str | Path | None = None,
+    ood_sessions: list[str] | None = None,
 ) -> dict:
-    """Write the bundled model and its record; returns the record."""
+    """Write the bundled model and its record; returns the record. The OOD warning levels
+    come from ``ood_sessions`` (in-distribution session files, :mod:`training.ood_levels`)
+    where given, else from the robustness suite."""
     out = Path(out) if out else bundled_model_path()
     model, meta = load_model(model_path)
+    model = model.half().float()  # the float16 weights it ships with, for the levels below
     report = json.loads(Path(report_path).read_text())
     if meta.get("val"):  # the prior the weighted loss taught, for the engine's temporal model
         val = load_or_render(meta["val"], TargetConfig(), None, seed=1)
         meta["class_prior"] = class_prior(val.labels, val.weights).tolist()
     robustness = json.loads(Path(robustness_path).read_text()) if robustness_path else None
-    if robustness:  # the engine's out-of-distribution warning level for this model
+    meta["temperature"] = report["calibration"]["temperature"]
+    if ood_sessions:  # the engine's out-of-distribution warning levels for this model
+        meta.update(session_levels(model, meta["temperature"], ood_sessions))
+    elif robustness:
         meta["ood_threshold"] = robustness["ood_threshold"][meta["model_id"]]
         meta["ood_turn_threshold"] = robustness.get("ood_turn_threshold", {}).get(meta["model_id"])
+        meta["ood_levels"] = {"source": "robustness suite, in-distribution row"}
     meta.update(
-        temperature=report["calibration"]["temperature"],
         test={
             "data": report["data"],
             "noise_lambda": report["noise_lambda"],
@@ -105,9 +113,10 @@ def bundle(
         if robustness is None
         else {
             "report": str(robustness_path),
-            "ood_threshold": meta["ood_threshold"],
-            "ood_turn_threshold": meta["ood_turn_threshold"],
             "rows": {r["row"]: r["models"][meta["model_id"]] for r in robustness["rows"]},
+        },
+        "ood_levels": {
+            k: meta.get(k) for k in ("ood_threshold", "ood_turn_threshold", "ood_levels")
         },
         "bundled_with": machine_info(),
     }
@@ -132,7 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         "--robustness",
         default=None,
         help="robustness.json of `segdepth evaluate --suite robustness` with this "
-        "model: its OOD warning level goes into the meta, its rows into the record",
+        "model: its rows go into the record (and its OOD warning levels into the meta "
+        "unless --ood-sessions)",
+    )
+    p.add_argument(
+        "--ood-sessions",
+        nargs="+",
+        default=None,
+        help="in-distribution session files (segdepth simulate --session) at the frame size "
+        "the engine serves: the OOD warning levels are the 95th percentiles of their frames",
     )
     args = p.parse_args(argv)
     record = bundle(
@@ -143,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         args.simulate_command,
         args.robustness,
+        args.ood_sessions,
     )
     print(json.dumps(record["test"]["metrics"], indent=2))
     return 0

@@ -100,6 +100,18 @@ def uncertainty_scores(depth: np.ndarray, confidence: np.ndarray) -> np.ndarray:
     )
 
 
+def turned_probabilities(
+    model: torch.nn.Module, frames: np.ndarray, temperature: float, batch: int = 8
+) -> np.ndarray:
+    """Depth probabilities (B, 11, H, W) of ``frames`` (B, H, W) turned by 90°, turned back:
+    the second pass of :func:`turn_scores`."""
+    turned = np.ascontiguousarray(np.rot90(frames, 1, axes=(1, 2)))
+    probs = np.concatenate(
+        [p.probabilities for _, p in predict_batches(model, turned, batch, temperature)]
+    )
+    return np.rot90(probs, -1, axes=(2, 3))
+
+
 def turn_scores(probabilities: np.ndarray, turned: np.ndarray) -> np.ndarray:
     """Per-frame out-of-distribution score in [0, 1] from depth probabilities (B, 11, H, W) of
     frames and of the same frames turned by 90° (turned back): the mean total-variation distance

@@ -31,7 +31,12 @@ from sim_source.noise import add_poisson_noise
 from sim_source.particle import ParticleConfig
 from streamer.domain import PAPER_DOSE_E_PER_PX
 from training.data import LabelledSet, file_seed, load_set
-from training.inference import predict_batches, turn_scores, uncertainty_scores
+from training.inference import (
+    predict_batches,
+    turn_scores,
+    turned_probabilities,
+    uncertainty_scores,
+)
 from training.labels import TargetConfig
 from training.library_data import RenderConfig, load_library, render_set
 from training.metrics import Calibration, ColumnMetrics, DepthMetrics, centre_mask
@@ -225,14 +230,6 @@ class RowResult:
         }
 
 
-def _turned_probabilities(model, noisy: np.ndarray, temperature: float) -> np.ndarray:
-    turned = np.ascontiguousarray(np.rot90(noisy, 1, axes=(1, 2)))
-    probs = np.concatenate(
-        [p.probabilities for _, p in predict_batches(model, turned, 8, temperature)]
-    )
-    return np.rot90(probs, -1, axes=(2, 3))
-
-
 def evaluate_row(
     model,
     temperature: float,
@@ -244,7 +241,7 @@ def evaluate_row(
     """One model on one row's clean samples at dose λ (noise from ``seed``)."""
     noisy = add_poisson_noise(data.images, dose, np.random.default_rng([seed, int(dose * 1000)]))
     result = RowResult()
-    turned = _turned_probabilities(model, noisy, temperature)
+    turned = turned_probabilities(model, noisy, temperature)
     for sl, p in predict_batches(model, noisy, 8, temperature):
         result.ood.extend(turn_scores(p.probabilities, turned[sl]))
         result.uncertainty.extend(uncertainty_scores(p.depth, p.confidence))
