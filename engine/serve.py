@@ -48,6 +48,7 @@ from streamer import sockets
 from streamer.cli_support import install_stop_signals
 from streamer.protocol import FrameLimits, Message, encode, encode_control, make_header
 from training.inference import uncertainty_scores
+from training.ood_levels import warning_level
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +461,7 @@ class Server:
             events=[e.as_dict() for e in occ.events],
             ood_score=ood.uncertainty,
             ood_turn_score=ood.turn if math.isfinite(ood.turn) else None,
-            ood_warning=self._ood_warning(ood),
+            ood_warning=self._ood_warning(ood, dose),
             mode="live" if self._is_live(msg) else "replay",
         )
         parts = encode(result, arrays)
@@ -491,16 +492,16 @@ class Server:
         if last is not None:
             self.input.ack(upto=last)
 
-    def _ood_warning(self, ood: _OOD) -> bool | None:
+    def _ood_warning(self, ood: _OOD, dose: float) -> bool | None:
         """Whether the frame lies outside what the model knows: the session's latest turn
-        score against the model's ``ood_turn_threshold`` where both exist, else the frame's
-        uncertainty score against ``ood_threshold`` (model meta, set from the robustness
-        suite); None when the model has no level for the score at hand."""
-        meta = self.loaded.meta
-        if meta.get("ood_turn_threshold") is not None and math.isfinite(ood.latest_turn):
-            return bool(ood.latest_turn > float(meta["ood_turn_threshold"]))
-        threshold = meta.get("ood_threshold")
-        return None if threshold is None else bool(ood.uncertainty > float(threshold))
+        score against the model's turn level at this dose where both exist, else the frame's
+        one-pass score against the one-pass level (training.ood_levels.warning_level); None
+        when the model has no level for the score at hand."""
+        turn_level = warning_level(self.loaded.meta, "turn", dose)
+        if turn_level is not None and math.isfinite(ood.latest_turn):
+            return bool(ood.latest_turn > turn_level)
+        level = warning_level(self.loaded.meta, "one_pass", dose)
+        return None if level is None else bool(ood.uncertainty > level)
 
     def _forward_eos(self, msg: Message) -> None:
         head = msg.header

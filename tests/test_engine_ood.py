@@ -1,6 +1,14 @@
-"""Which frames of a session the engine's turn check takes (engine.ood.TurnCheck)."""
+"""The engine's out-of-distribution checks: which frames the turn check takes
+(engine.ood.TurnCheck), the warning levels per dose and the thinning that measures them
+(training.ood_levels)."""
+
+import math
+
+import numpy as np
+import pytest
 
 from engine.ood import TurnCheck
+from training.ood_levels import thinned, warning_level
 
 
 def test_every_nth_frame_from_the_first_and_again_after_a_restart():
@@ -14,3 +22,24 @@ def test_every_nth_frame_from_the_first_and_again_after_a_restart():
 def test_zero_never_checks():
     check = TurnCheck(every=0)
     assert not any(check.due(s) for s in range(20))
+
+
+def test_levels_interpolate_in_log_dose_and_fall_back_to_a_single_level():
+    meta = {"ood_levels": {"dose_e_per_px": [1.0, 4.0], "one_pass": [0.6, 0.4], "turn": [0.2, 0.1]}}
+    assert warning_level(meta, "one_pass", 2.0) == pytest.approx(0.5)  # halfway in log dose
+    assert warning_level(meta, "turn", 0.1) == pytest.approx(0.2)  # the ends beyond them
+    assert warning_level(meta, "turn", 50.0) == pytest.approx(0.1)
+    old = {"ood_threshold": 0.61}  # a model file from before the levels per dose
+    assert warning_level(old, "one_pass", 2.0) == 0.61 and warning_level(old, "turn", 2.0) is None
+    assert warning_level({}, "one_pass", 2.0) is None
+
+
+def test_thinning_gives_poisson_counts_of_the_lower_dose():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(10.0, 200_000)
+    low = thinned(counts, 0.25, np.random.default_rng(1))
+    assert low.mean() == pytest.approx(2.5, rel=0.01)
+    assert low.var() == pytest.approx(2.5, rel=0.02)  # Poisson: variance = mean
+    assert math.isclose(float(np.mean(low == 0)), math.exp(-2.5), rel_tol=0.03)
+    with pytest.raises(ValueError, match="lower dose"):
+        thinned(counts, 1.5, rng)

@@ -204,6 +204,13 @@ def test_turn_checks_score_every_nth_frame_and_set_the_warning(engine):
     src.send(frame_msg(6, rng))  # not checked itself: the latest check (frame 4) decides
     (last,) = collect(results, until_eos=False, n=1)
     assert last.header["ood_turn_score"] is None and last.header["ood_warning"] is True
+    # levels per dose (training.ood_levels) take precedence, read at each frame's dose
+    levels = {"dose_e_per_px": [10.0, 40.0], "one_pass": [-1.0, -1.0], "turn": [-1.0, 2.0]}
+    server.loaded.meta["ood_levels"] = levels
+    src.send(frame_msg(7, rng, dose=20.0))  # turn level halfway in log dose: 0.5
+    src.send(frame_msg(8, rng, dose=5.0))  # below the measured doses: the end value, -1
+    warned = [m.header["ood_warning"] for m in collect(results, until_eos=False, n=2)]
+    assert warned == [False, True]
 
 
 def sockets_frame(parts) -> np.ndarray:

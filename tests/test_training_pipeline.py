@@ -22,6 +22,7 @@ from training.data import CropDataset, load_set
 from training.inference import predict_batches, uncertainty_scores
 from training.labels import TargetConfig
 from training.model import SegDepthUNet, UNetConfig, load_model, save_model
+from training.ood_levels import session_levels
 from training.train import TrainConfig, train
 
 PIXEL_PM = 5.3
@@ -202,10 +203,20 @@ def test_cli_train_resume_evaluate(synthetic, tmp_path, segdepth_cmd):
     assert json.loads(shipped.with_suffix(".json").read_text())["model_id"] == meta["model_id"]
     assert record["training"]["epochs_run"] == 3 and record["training"]["wall_s"] > 0
 
-    # warning levels from in-distribution sessions: the 95th percentiles of the scores the
-    # engine itself publishes for those frames (its backend, its turn check)
+    # warning levels from in-distribution sessions: at their own dose, the 95th percentiles of
+    # the scores the engine itself publishes for those frames (its backend, its turn check)
     sessions = [write_synthetic_session(tmp_path / f"s{k}.h5", 5, 64, seed=k) for k in (1, 2)]
-    bundle(run / "model.pt", report_dir / "report.json", "t", "e", shipped, None, None, sessions)
+    bundle(
+        run / "model.pt",
+        report_dir / "report.json",
+        "t",
+        "e",
+        shipped,
+        None,
+        None,
+        sessions,
+        ood_doses=(20.0, 5.0),
+    )
     _, meta = load_model(shipped)
     engine_model = load_engine_model(shipped)
     backend = backends.create("torch-cpu", engine_model)
@@ -217,9 +228,13 @@ def test_cli_train_resume_evaluate(synthetic, tmp_path, segdepth_cmd):
         depth, confidence, _ = pred.maps()
         one_pass.append(uncertainty_scores(depth, confidence))
         turn.append(checked_scores(backend.infer, x, pred.depth_prob))
-    assert meta["ood_levels"]["frames"] == 10 and meta["ood_levels"]["frame_px"] == [64, 64]
-    assert meta["ood_threshold"] == pytest.approx(np.percentile(one_pass, 95), rel=1e-4)
-    assert meta["ood_turn_threshold"] == pytest.approx(np.percentile(turn, 95), rel=1e-3)
+    levels = meta["ood_levels"]
+    assert levels["dose_e_per_px"] == [20.0, 5.0] and levels["frames_per_dose"] == 10
+    assert levels["one_pass"][0] == pytest.approx(np.percentile(one_pass, 95), rel=1e-4)
+    assert levels["turn"][0] == pytest.approx(np.percentile(turn, 95), rel=1e-3)
+    assert levels["one_pass"][1] != levels["one_pass"][0]  # thinned to 5: other frames
+    with pytest.raises(ValueError, match="lower dose"):
+        session_levels(engine_model.model, 1.0, sessions, doses=(40.0,))
 
 
 def tiny_model_file(path):

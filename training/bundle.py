@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from streamer.cli_support import machine_info
 from training.labels import TargetConfig, class_prior
 from training.library_data import load_or_render
 from training.model import bundled_model_path, load_model, save_model
-from training.ood_levels import session_levels
+from training.ood_levels import DOSES, session_levels
 
 
 def bundle(
@@ -29,10 +30,12 @@ def bundle(
     simulate_commands: list[str] | None = None,
     robustness_path: str | Path | None = None,
     ood_sessions: list[str] | None = None,
+    ood_doses: Sequence[float] = DOSES,
 ) -> dict:
     """Write the bundled model and its record; returns the record. The OOD warning levels
-    come from ``ood_sessions`` (in-distribution session files, :mod:`training.ood_levels`)
-    where given, else from the robustness suite."""
+    come from ``ood_sessions`` (in-distribution session files recorded at a dose of at least
+    every one of ``ood_doses``, :mod:`training.ood_levels`) where given, else from the
+    robustness suite."""
     out = Path(out) if out else bundled_model_path()
     model, meta = load_model(model_path)
     model = model.half().float()  # the float16 weights it ships with, for the levels below
@@ -43,11 +46,12 @@ def bundle(
     robustness = json.loads(Path(robustness_path).read_text()) if robustness_path else None
     meta["temperature"] = report["calibration"]["temperature"]
     if ood_sessions:  # the engine's out-of-distribution warning levels for this model
-        meta.update(session_levels(model, meta["temperature"], ood_sessions))
+        meta["ood_levels"] = session_levels(model, meta["temperature"], ood_sessions, ood_doses)
+        meta.pop("ood_threshold", None)  # single levels of the suite: superseded
+        meta.pop("ood_turn_threshold", None)
     elif robustness:
         meta["ood_threshold"] = robustness["ood_threshold"][meta["model_id"]]
         meta["ood_turn_threshold"] = robustness.get("ood_turn_threshold", {}).get(meta["model_id"])
-        meta["ood_levels"] = {"source": "robustness suite, in-distribution row"}
     meta.update(
         test={
             "data": report["data"],
@@ -148,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         "--ood-sessions",
         nargs="+",
         default=None,
-        help="in-distribution session files (segdepth simulate --session) at the frame size "
-        "the engine serves: the OOD warning levels are the 95th percentiles of their frames",
+        help="in-distribution session files (segdepth simulate --session --dose 10) at the "
+        "frame size the engine serves: the OOD warning levels are the 95th percentiles of "
+        "their frames' scores, thinned to each dose of the training range",
     )
     args = p.parse_args(argv)
     record = bundle(
