@@ -150,6 +150,11 @@ def pipeline_figures(
         "latency_ms": {
             f"p{q}": float(np.percentile(lat, q)) if len(lat) else None for q in (50, 90, 99)
         },
+        # an in-distribution session: warnings here are false alarms
+        "ood": {
+            "frames_warned": int((rec["ood_warning"] == 1).sum()),
+            "frames_turn_checked": int(np.isfinite(rec["ood_turn_score"]).sum()),
+        },
     }
 
 
@@ -453,6 +458,8 @@ def format_summary(s: dict[str, Any]) -> str:
         "  latency ms            "
         + ", ".join(f"{k} {v:.0f}" if v is not None else f"{k} n/a" for k, v in lat.items())
         + " (receipt -> result; a max-rate replay queues frames at the engine)",
+        f"  OOD warnings          {s['ood']['frames_warned']} frames "
+        f"({s['ood']['frames_turn_checked']} turn-checked; the session is in distribution)",
         f"  oxygen columns        {occ['matched']} of {occ['oxygen_columns']} found",
         f"  occupancy accuracy    single-frame {pct(occ['accuracy'])}, "
         f"HMM-filtered {pct(occ['accuracy_filtered'])} (mean over the O columns found)",

@@ -69,6 +69,13 @@ def load_recording(recording: Path) -> dict[str, Any]:
             "timestamps_s": f["timestamps_s"][:n],
             "has_result": f["results/has_result"][:n],
             "latency_ms": f["results/latency_ms"][:n],
+            "ood_warning": f["results/ood_warning"][:n],
+            # absent in recordings from before the turn check
+            "ood_turn_score": (
+                f["results/ood_turn_score"][:n]
+                if "ood_turn_score" in f["results"]
+                else np.full(n, np.nan, np.float32)
+            ),
             "ids": cols["id"][:],
             "species": cols["species"][:],
             "probabilities": cols["column_probabilities"][:n],

@@ -76,6 +76,8 @@ def write_recording(path, cols, depth, drift, rng):
             latency_ms=10.0 + t,
             frame_seq=t,
             columns=table,
+            ood_warning=t % 3 == 0,
+            ood_turn_score=0.1 if t % 4 == 0 else None,
         )
         maps = {
             "depth": np.zeros((SIDE, SIDE), np.uint8),
@@ -121,3 +123,5 @@ def test_pipeline_figures_count_processed_and_lost(tmp_path):
     assert fig["frames_processed"] == T and fig["frames_lost"] == 2
     assert fig["latency_ms"]["p50"] == pytest.approx(np.percentile(10.0 + np.arange(T), 50))
     assert fig["throughput_frames_per_s"] == 12.5
+    warned = len(range(0, T, 3))
+    assert fig["ood"] == {"frames_warned": warned, "frames_turn_checked": len(range(0, T, 4))}
