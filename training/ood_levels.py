@@ -137,8 +137,9 @@ def warning_rates(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.ood_levels --model M --levels-from S... --check S...``: levels from
-    in-distribution sessions, then how often they flag the frames of other sessions."""
+    """``python -m training.ood_levels --model M [--levels-from S...] --check S...``: levels
+    (the model's, or measured on in-distribution sessions), then how often they flag the
+    frames of other sessions."""
     import argparse
     import json
 
@@ -146,13 +147,23 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--model", required=True)
-    p.add_argument("--levels-from", nargs="+", required=True, help="in-distribution sessions")
+    p.add_argument(
+        "--levels-from",
+        nargs="+",
+        help="in-distribution sessions to measure levels on (default: the model's own levels)",
+    )
     p.add_argument("--check", nargs="+", required=True, help="sessions to flag or not")
     p.add_argument("--out", help="JSON file for the levels and the table")
     args = p.parse_args(argv)
     model, meta = load_model(args.model)
     temperature = float(meta.get("temperature", 1.0))
-    levels = session_levels(model, temperature, args.levels_from)
+    levels = (
+        session_levels(model, temperature, args.levels_from)
+        if args.levels_from
+        else meta.get("ood_levels")
+    )
+    if not levels or "turn" not in levels:
+        p.error(f"{args.model} has no warning levels per dose: give --levels-from")
     rows = warning_rates(model, temperature, levels, args.check)
     for d, one, turn in zip(levels["dose_e_per_px"], levels["one_pass"], levels["turn"]):
         print(f"levels at dose {d:g}: one pass {one:.4f}, turn {turn:.4f}")
