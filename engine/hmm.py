@@ -161,7 +161,7 @@ class ColumnRows:
 
     def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         get = self._row.get
-        rows = np.fromiter((get(i, -1) for i in np.asarray(ids).tolist()), np.int64, len(ids))
+        rows = np.fromiter((get(i, -1) for i in ids.tolist()), np.int64, len(ids))
         new = rows < 0
         for j in np.flatnonzero(new):
             rows[j] = self._row[int(ids[j])] = len(self._row)

@@ -403,7 +403,8 @@ class Server:
         assert pred is not None  # only "frames" batches reach here (_publish_loop)
         depth, confidence, species = pred.maps()
         ood = uncertainty_scores(depth, confidence)
-        turn = batch.turn if batch.turn is not None else np.full(n, np.nan)
+        turn = batch.turn
+        assert turn is not None  # set by the inference stage with the prediction
         results = []
         for i, item in enumerate(batch.items):
             if math.isfinite(turn[i]):

@@ -29,7 +29,7 @@ def test_levels_interpolate_in_log_dose_and_fall_back_to_a_single_level():
     assert warning_level(meta, "one_pass", 2.0) == pytest.approx(0.5)  # halfway in log dose
     assert warning_level(meta, "turn", 0.1) == pytest.approx(0.2)  # the ends beyond them
     assert warning_level(meta, "turn", 50.0) == pytest.approx(0.1)
-    old = {"ood_threshold": 0.61}  # a model file from before the levels per dose
+    old = {"ood_threshold": 0.61}  # a model file from before the levels per dose: no turn level
     assert warning_level(old, "one_pass", 2.0) == 0.61 and warning_level(old, "turn", 2.0) is None
     assert warning_level({}, "one_pass", 2.0) is None
 

@@ -173,7 +173,7 @@ def test_frames_past_the_models_warning_level_are_flagged(engine):
 def test_turn_checks_score_every_nth_frame_and_set_the_warning(engine):
     """--ood-check-every 4: frames 0 and 4 of the session are inferred a second time, turned,
     and carry that turn score (as computed directly); the warning follows the session's latest
-    turn score against ``ood_turn_threshold``, which overrides the one-pass score's level."""
+    turn score against the model's turn level, which overrides the one-pass score's level."""
     from training.inference import turn_scores
 
     src, results, server = engine("replay", max_batch=2, max_wait_ms=50, ood_check_every=4)
@@ -184,7 +184,8 @@ def test_turn_checks_score_every_nth_frame_and_set_the_warning(engine):
     for msg in frames[:3]:
         src.send(msg)
     got = collect(results, until_eos=False, n=3)
-    server.loaded.meta["ood_turn_threshold"] = 2.0  # above every score: no warning
+    # levels of one dose hold at every dose: turn above every score, no warning; one pass -1
+    server.loaded.meta["ood_levels"] = {"dose_e_per_px": [20.0], "one_pass": [-1.0], "turn": [2.0]}
     for msg in frames[3:]:
         src.send(msg)
     got += collect(results, until_eos=False, n=3)
@@ -200,7 +201,7 @@ def test_turn_checks_score_every_nth_frame_and_set_the_warning(engine):
         assert want > 0 and turn[i] == pytest.approx(want, rel=1e-4)
     # no turn level in the model for frames 0-2: the one-pass level decides; then the turn's
     assert [m.header["ood_warning"] for m in got] == [True] * 3 + [False] * 3
-    server.loaded.meta["ood_turn_threshold"] = -1.0
+    server.loaded.meta["ood_levels"]["turn"] = [-1.0]
     src.send(frame_msg(6, rng))  # not checked itself: the latest check (frame 4) decides
     (last,) = collect(results, until_eos=False, n=1)
     assert last.header["ood_turn_score"] is None and last.header["ood_warning"] is True

@@ -47,11 +47,9 @@ def bundle(
     meta["temperature"] = report["calibration"]["temperature"]
     if ood_sessions:  # the engine's out-of-distribution warning levels for this model
         meta["ood_levels"] = session_levels(model, meta["temperature"], ood_sessions, ood_doses)
-        meta.pop("ood_threshold", None)  # single levels of the suite: superseded
-        meta.pop("ood_turn_threshold", None)
+        meta.pop("ood_threshold", None)  # the suite's single one-pass level: superseded
     elif robustness:
         meta["ood_threshold"] = robustness["ood_threshold"][meta["model_id"]]
-        meta["ood_turn_threshold"] = robustness.get("ood_turn_threshold", {}).get(meta["model_id"])
     meta.update(
         test={
             "data": report["data"],
@@ -119,9 +117,7 @@ def bundle(
             "report": str(robustness_path),
             "rows": {r["row"]: r["models"][meta["model_id"]] for r in robustness["rows"]},
         },
-        "ood_levels": {
-            k: meta.get(k) for k in ("ood_threshold", "ood_turn_threshold", "ood_levels")
-        },
+        "ood_levels": {k: meta.get(k) for k in ("ood_threshold", "ood_levels")},
         "bundled_with": machine_info(),
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))

@@ -98,14 +98,14 @@ def session_levels(
 
 def warning_level(meta: dict, kind: str, dose: float) -> float | None:
     """The model's warning level for score ``kind`` ("one_pass" or "turn") at ``dose``: its
-    ``ood_levels`` interpolated in log dose (the end values beyond the measured doses), else
-    the single level of older model files (``ood_threshold`` / ``ood_turn_threshold``, from
-    the robustness suite), else None."""
+    ``ood_levels`` interpolated in log dose (the end values beyond the measured doses), else,
+    for the one-pass score, the single level of older model files (``ood_threshold``, from the
+    robustness suite's crops), else None."""
     levels = meta.get("ood_levels") or {}
     if levels.get(kind):
         doses = np.log(np.asarray(levels["dose_e_per_px"], np.float64))
         return float(np.interp(np.log(max(dose, 1e-9)), doses, levels[kind]))
-    single = meta.get({"one_pass": "ood_threshold", "turn": "ood_turn_threshold"}[kind])
+    single = meta.get("ood_threshold") if kind == "one_pass" else None
     return None if single is None else float(single)
 
 

@@ -368,11 +368,6 @@ def run_suite(cfg: SuiteConfig) -> dict:
         )
         for path, _, meta in loaded
     }
-    # the same for the engine's turn check (engine.ood), on the suite's turn scores
-    report["ood_turn_threshold"] = {
-        meta.get("model_id", path): float(np.percentile(results[(rows[0].name, path)].ood, 95))
-        for path, _, meta in loaded
-    }
     report["wall_s"] = time.monotonic() - started
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
