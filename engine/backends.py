@@ -109,6 +109,11 @@ class Backend(ABC):
         """Why this backend is not offered for ``loaded`` although it runs here, or None."""
         return None
 
+    def warm(self, shape: tuple[int, int]) -> None:
+        """Make ready for frames of ``shape`` (H, W) px before the first one is timed (the CUDA
+        backend captures its graphs here); nothing for the others."""
+        return None
+
     def infer(self, frames: np.ndarray) -> Prediction | DevicePrediction:
         """Probabilities for ``frames`` (B, H, W) (any B: split into chunks of max_batch), on
         the backend's device when ``device_maps`` is set."""
@@ -155,8 +160,17 @@ class TorchCPUBackend(Backend):
             return tuple(self._head(torch.from_numpy(x)))
 
 
+def graph_batch(b: int, max_batch: int) -> int:
+    """The batch a graph is captured for that runs ``b`` frames: the next power of two, at most
+    ``max_batch`` (so a shape needs log2(max_batch) + 1 graphs, not max_batch)."""
+    if not 1 <= b <= max_batch:
+        raise ValueError(f"batch {b} outside 1..{max_batch}")
+    return min(1 << (b - 1).bit_length(), max_batch)
+
+
 class TorchCUDABackend(Backend):
-    """PyTorch on CUDA: FP16, channels-last, a CUDA graph captured per (batch, H, W)."""
+    """PyTorch on CUDA: FP16, channels-last, a CUDA graph captured per (batch, H, W), the batch
+    padded up to a power of two (:func:`graph_batch`)."""
 
     name, precision = "torch-cuda", "fp16"
     device_maps_default = True
@@ -210,11 +224,22 @@ class TorchCUDABackend(Backend):
         into.copy_(pinned, non_blocking=True)
         uploaded.record()
 
+    def warm(self, shape: tuple[int, int]) -> None:
+        """Capture the graphs of every padded batch for frames of ``shape`` (H, W) px."""
+        h, w = (-(-side // self.loaded.size_multiple) * self.loaded.size_multiple for side in shape)
+        for b in sorted({graph_batch(n, self.max_batch) for n in range(1, self.max_batch + 1)}):
+            self._graph((b, 1, h, w))
+
     def _run(self, x: np.ndarray) -> tuple[torch.Tensor, ...]:
+        b = len(x)
+        padded = graph_batch(b, self.max_batch)
+        if padded != b:
+            x = np.concatenate([x, np.zeros((padded - b, *x.shape[1:]), x.dtype)])
         graph, static_in, outputs = self._graph(tuple(x.shape))
         self._upload(x, static_in)
         graph.replay()
-        return tuple(o.clone() for o in outputs)  # the next replay overwrites the graph's own
+        # the next replay overwrites the graph's own outputs: copy the real frames' out
+        return tuple(o[:b].clone() for o in outputs)
 
 
 class OnnxRuntimeBackend(Backend):

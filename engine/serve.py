@@ -251,6 +251,14 @@ class Server:
                 return
 
     # -- inference ---------------------------------------------------------------------------
+    def _warm(self, shape: tuple[int, ...]) -> None:
+        """Ready the backend for a new session's frame shape (CUDA graphs for every batch), so
+        that no capture stalls the session later; a failure is left to inference to report."""
+        try:
+            self.backend.warm((int(shape[0]), int(shape[1])))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            log.warning("backend warm-up for %s failed: %s: %s", shape, type(exc).__name__, exc)
+
     def _session(self, msg: Message) -> _Session:
         name, shape = msg.header["session"], msg.arrays["frame"].shape
         state = self.sessions.get(name)
@@ -274,6 +282,7 @@ class Server:
                 TurnCheck(self.config.ood_check_every),
             )
             self.sessions[name] = state
+            self._warm(shape)
             while len(self.sessions) > MAX_SESSIONS:
                 self.sessions.popitem(last=False)
         self.sessions.move_to_end(name)

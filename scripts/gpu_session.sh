@@ -12,7 +12,8 @@
 # calls back to back (the machine is given back after 30 s idle):
 #   1. carry [".devframes", ".whl", ".devcarry/gpu_ceilings.py"], TRAIN=0 bash scripts/gpu_session.sh
 #   2. carry [".devcarry", ".whl"], BENCH=0 BUDGET_S=<what is left> bash scripts/gpu_session.sh
-# Results land in $OUT: engine.json, engine_e2e_{device,host}.json, ceilings.log, train.log, the
+# Results land in $OUT: session.log (all that was printed, gpu_ceilings.py's output too),
+# engine.json, engine_e2e_{device,host}.json, train.log, the
 # run's config.json, metrics.jsonl and model.pt (checkpoint.pt, ~24 MB, stays behind).
 # BUDGET_S: seconds the whole script may take; training gets what the benchmarks leave, less 80 s
 # for loading and the final save (its learning-rate schedule follows that wall time).
@@ -21,12 +22,14 @@ T0=$(date +%s)
 OUT=${OUT:-out}
 BUDGET_S=${BUDGET_S:-570}
 mkdir -p "$OUT"
+# everything printed goes to $OUT/session.log too (a call brings back 8 files at most)
+exec > >(tee -a "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import zmq" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/ceilings.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import os; print(os.cpu_count(), 'CPUs')"
 
 if [ "${BENCH:-1}" = 1 ] && python3 -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then
@@ -46,7 +49,7 @@ if [ "${BENCH:-1}" = 1 ] && python3 -c "import torch,sys; sys.exit(not torch.cud
         done
     fi
     # the shared yardstick (a copy of ../shared/tools/gpu_ceilings.py), cut short: base-16 rows
-    [ -f .devcarry/gpu_ceilings.py ] && timeout 30 python3 .devcarry/gpu_ceilings.py >>"$OUT/ceilings.log" 2>&1
+    [ -f .devcarry/gpu_ceilings.py ] && timeout 30 python3 .devcarry/gpu_ceilings.py 2>&1
 fi
 
 if [ "${TRAIN:-1}" != 1 ] || [ ! -f .devcarry/train600_b3.h5 ]; then

@@ -212,3 +212,30 @@ def test_channel_max_is_numpys_argmax_and_max_ties_included():
     assert (index == prob.argmax(axis=1)).all() and (best == prob.max(axis=1)).all()
     depth, confidence, species = Prediction(prob, prob[:, :3]).maps()
     assert (depth == index).all() and (species == prob[:, :3].argmax(axis=1)).all()
+
+
+def test_graph_batches_are_powers_of_two_capped_at_max_batch():
+    """The CUDA backend captures one graph per padded batch: 6 for max_batch 32, not 32."""
+    sizes = [backends.graph_batch(b, 32) for b in range(1, 33)]
+    assert sorted(set(sizes)) == [1, 2, 4, 8, 16, 32]
+    assert all(b <= g < 2 * b for b, g in zip(range(1, 33), sizes))
+    assert [backends.graph_batch(b, 24) for b in (16, 17, 24)] == [16, 24, 24]
+    for bad in (0, 33):
+        with pytest.raises(ValueError, match="outside"):
+            backends.graph_batch(bad, 32)
+
+
+def test_cuda_padded_batches_match_torch_cpu_and_warm_captures_each_once(loaded, frames, reference):
+    """Five frames at max_batch 8 run as a batch of 8 (three zero frames), the answers sliced
+    back; warm() captured that graph beforehand, so inference adds none."""
+    reason = backends.unavailable_reason("torch-cuda")
+    if reason:
+        pytest.skip(f"torch-cuda unavailable here: {reason}")
+    backend = backends.create("torch-cuda", loaded, max_batch=8)
+    backend.warm(frames.shape[1:])
+    captured = set(backend._graphs)
+    assert sorted(s[0] for s in captured) == [1, 2, 4, 8]
+    out = backend.infer(frames)
+    assert set(backend._graphs) == captured
+    assert out.depth_prob.shape == reference.depth_prob.shape
+    assert (out.depth_prob.argmax(1) == reference.depth_prob.argmax(1)).mean() >= 0.995

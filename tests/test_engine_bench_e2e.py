@@ -61,3 +61,20 @@ def test_e2e_frames_from_dataset_files_pick_the_file_of_each_side(tmp_path):
         np.testing.assert_array_equal(clean_frames(64, cfg), f["images"][:4])
     with pytest.raises(ValueError, match="holds 128² images"):
         clean_frames(128, cfg)
+
+
+def test_noisy_frames_are_poisson_counts_of_each_clean_frame_in_turn():
+    """The bench's frames are drawn before timing: Poisson counts at the dose, one clean frame
+    after another, each draw new (a frame cycle long enough that no two sends repeat soon)."""
+    import numpy as np
+
+    from engine.bench_e2e import noisy_frames
+
+    clean = np.stack([np.full((64, 64), v, np.float32) for v in (0.5, 1.0, 2.0)])
+    pool = noisy_frames(clean, 20.0, 6, np.random.default_rng(0))
+    assert pool.shape == (6, 64, 64) and pool.dtype == np.uint16
+    means = pool.reshape(6, -1).mean(axis=1)
+    np.testing.assert_allclose(means, [10, 20, 40, 10, 20, 40], rtol=0.05)
+    variances = pool.reshape(6, -1).astype(float).var(axis=1)
+    np.testing.assert_allclose(variances, means, rtol=0.15)  # Poisson: variance = mean
+    assert not np.array_equal(pool[0], pool[3])

@@ -313,3 +313,31 @@ def test_a_frame_is_acknowledged_to_its_source_only_once_its_result_is_safe(engi
     assert src.acknowledged_upto == 2  # exactly the frames whose results are safe
     results.ack()  # the rest, so that the engine closes without waiting for them
     results.service()
+
+
+def test_the_backend_is_warmed_once_per_new_session_or_frame_shape(engine, monkeypatch):
+    """serve readies the backend (CUDA graphs) when a session starts or changes frame shape,
+    not on every frame."""
+    from engine import backends
+
+    warmed = []
+    monkeypatch.setattr(backends.TorchCPUBackend, "warm", lambda self, shape: warmed.append(shape))
+    src, results, _ = engine("replay", max_batch=1, max_wait_ms=0)
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        src.send(frame_msg(i, rng, mode="replay"))
+    src.send(frame_msg(3, rng, session="s2", mode="replay"))
+    small = rng.poisson(20.0, (SIDE // 2, SIDE // 2)).astype(np.uint16)
+    src.send(
+        encode_frame(
+            small,
+            session="s1",
+            seq=4,
+            source="test",
+            pixel_size_pm=5.3,
+            dose_e_per_px=20.0,
+            mode="replay",
+        )
+    )
+    assert len(collect(results, until_eos=False, n=5)) == 5
+    assert warmed == [(SIDE, SIDE), (SIDE, SIDE), (SIDE // 2, SIDE // 2)]
