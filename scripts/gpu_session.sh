@@ -4,14 +4,14 @@
 # it needs was carried (ignored here; name them in the device tool's `carry`):
 #   benchmarks (BENCH=1, the default): .whl/pyzmq-*.whl (absent there); .devcarry/gpu_ceilings.py
 #     (a copy of ../shared/tools/gpu_ceilings.py); .devframes/e2e_<side>.h5 (frames for
-#     bench engine --e2e, made here with `segdepth simulate --out .devframes/e2e_512.h5 --count 4
-#     --size 512` and 1024);
+#     bench engine --e2e: `segdepth simulate --out F.h5 --count 4 --size 512` (and 1024), of
+#     which only the images travel, rounded to float16 and gzipped: 1.1 and 4.5 MB);
 #   training (TRAIN=1, the default): .devcarry/{train600_b3,val_b3}.h5 (segdepth band-limit of
 #     data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å).
-# The frames and the libraries together pass the 64 MiB a call may carry, so a lease takes two
-# calls back to back (the machine is given back after 30 s idle):
-#   1. carry [".devframes", ".whl", ".devcarry/gpu_ceilings.py"], TRAIN=0 bash scripts/gpu_session.sh
-#   2. carry [".devcarry", ".whl"], BENCH=0 BUDGET_S=<what is left> bash scripts/gpu_session.sh
+# One call does both (2026-11-26, H100: BUDGET_S=585, 537 s of which 5.3 min training at ~340
+# samples/s, rendered on the GPU): carry [".devframes", ".devcarry", ".whl"]. The working tree
+# travels too and all of it must stay under 64 MiB: check `du` first, and move
+# training/models/previous/ out of the tree for the call if it does not fit.
 # Results land in $OUT: session.log (all that was printed, gpu_ceilings.py's output too),
 # engine.json, engine_e2e_{device,host}.json, train.log, the
 # run's config.json, metrics.jsonl and model.pt (checkpoint.pt, ~24 MB, stays behind).
