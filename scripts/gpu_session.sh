@@ -5,7 +5,9 @@
 #   benchmarks (BENCH=1, the default): .whl/pyzmq-*.whl (absent there); .devcarry/gpu_ceilings.py
 #     (a copy of ../shared/tools/gpu_ceilings.py); .devframes/e2e_<side>.h5 (frames for
 #     bench engine --e2e: `segdepth simulate --out F.h5 --count 4 --size 512` (and 1024), of
-#     which only the images travel, rounded to float16 and gzipped: 1.1 and 4.5 MB);
+#     which only the images travel, rounded to float16 and gzipped: 1.1 and 4.5 MB, made with
+#     h5py: f.create_dataset("images", data=im[:4].astype("f2").astype("f4"), compression="gzip",
+#     compression_opts=9, shuffle=True));
 #   training (TRAIN=1, the default): .devcarry/{train600_b3,val_b3}.h5 (segdepth band-limit of
 #     data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å).
 # One call does both (2026-11-26, H100: BUDGET_S=585, 537 s of which 5.3 min training at ~340
