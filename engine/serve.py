@@ -256,7 +256,7 @@ class Server:
         that no capture stalls the session later; a failure is left to inference to report."""
         try:
             self.backend.warm((int(shape[0]), int(shape[1])))
-        except (RuntimeError, ValueError, IndexError) as exc:
+        except (RuntimeError, ValueError) as exc:
             log.warning("backend warm-up for %s failed: %s: %s", shape, type(exc).__name__, exc)
 
     def _session(self, msg: Message) -> _Session:

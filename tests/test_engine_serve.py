@@ -54,8 +54,8 @@ def engine(model_path, endpoint_factory):
         results.close()
 
 
-def frame_msg(i, rng, session="s1", dose=20.0, send_dose=True, **kw):
-    counts = rng.poisson(dose, (SIDE, SIDE)).astype(np.uint16)
+def frame_msg(i, rng, session="s1", dose=20.0, send_dose=True, shape=(SIDE, SIDE), **kw):
+    counts = rng.poisson(dose, shape).astype(np.uint16)
     extra = {"dose_e_per_px": dose} if send_dose else {}
     return encode_frame(
         counts, session=session, seq=i, source="test", pixel_size_pm=5.3, **extra, **kw
@@ -261,18 +261,7 @@ def test_frames_beyond_the_engines_size_limit_are_refused_before_allocation(engi
     socket (its buffer is never read into an array), and the engine serves the next one."""
     src, results, server = engine("replay", max_batch=1, max_wait_ms=0, max_frame_px=SIDE)
     rng = np.random.default_rng(4)
-    big = rng.poisson(20.0, (SIDE + 32, SIDE)).astype(np.uint16)
-    src.send(
-        encode_frame(
-            big,
-            session="s1",
-            seq=0,
-            source="test",
-            pixel_size_pm=5.3,
-            dose_e_per_px=20.0,
-            mode="replay",
-        )
-    )
+    src.send(frame_msg(0, rng, shape=(SIDE + 32, SIDE), mode="replay"))
     src.send(frame_msg(1, rng, mode="replay"))
     (got,) = collect(results, until_eos=False, n=1)
     assert got.header["frame_seq"] == 1
@@ -327,17 +316,6 @@ def test_the_backend_is_warmed_once_per_new_session_or_frame_shape(engine, monke
     for i in range(3):
         src.send(frame_msg(i, rng, mode="replay"))
     src.send(frame_msg(3, rng, session="s2", mode="replay"))
-    small = rng.poisson(20.0, (SIDE // 2, SIDE // 2)).astype(np.uint16)
-    src.send(
-        encode_frame(
-            small,
-            session="s1",
-            seq=4,
-            source="test",
-            pixel_size_pm=5.3,
-            dose_e_per_px=20.0,
-            mode="replay",
-        )
-    )
+    src.send(frame_msg(4, rng, shape=(SIDE // 2, SIDE // 2), mode="replay"))
     assert len(collect(results, until_eos=False, n=5)) == 5
     assert warmed == [(SIDE, SIDE), (SIDE, SIDE), (SIDE // 2, SIDE // 2)]

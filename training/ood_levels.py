@@ -9,7 +9,7 @@ live frames with are therefore taken on simulated in-distribution sessions (`seg
 --session`) at the frame size served, at each dose of :data:`DOSES`: the given percentile of
 their per-frame scores. A session recorded at dose D serves every dose d <= D: its counts are
 thinned (each count kept with probability d / D), which gives exactly Poisson counts at d.
-The engine interpolates the levels in log dose (:func:`engine.ood.warning_level`).
+The engine interpolates the levels in log dose (:func:`warning_level`).
 """
 
 from __future__ import annotations
