@@ -49,15 +49,28 @@ class DevicePrediction:
         with torch.inference_mode():
             confidence, depth = self.depth.max(dim=1)
             species = self.species.argmax(dim=1)
-            return (
-                depth.to(torch.uint8).cpu().numpy(),
-                confidence.float().cpu().numpy(),
-                species.to(torch.uint8).cpu().numpy(),
+            depth_u8, confidence_f32, species_u8 = to_host(
+                depth.to(torch.uint8), confidence.float(), species.to(torch.uint8)
             )
+            return depth_u8, confidence_f32, species_u8
 
     def frame(self, i: int) -> TorchFrameMaps:
         """Frame ``i``'s maps as the column tracker reads them, left on the device."""
         return TorchFrameMaps(self.species[i], self.depth[i])
+
+
+def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Host copies of ``tensors`` (all on one device). From a CUDA device they go into
+    page-locked memory, issued together and waited for once: pageable copies of a batch's
+    1024² maps ran at ~1.5 GB/s on an H100 (``scripts/profile_post.py``), 4 of the 7.4 ms per
+    frame of post-processing."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.cpu().numpy() for t in tensors]
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, t in zip(hosts, tensors):
+        host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [host.numpy() for host in hosts]
 
 
 class TorchFrameMaps(FrameMaps):

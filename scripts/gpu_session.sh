@@ -2,14 +2,15 @@
 # One lent GPU machine: the GPU benchmarks and checks of the engine, then a warm-started training
 # run of the bundled base-16 model on band-limited exit-wave libraries. Each step runs when what
 # it needs was carried (ignored here; name them in the device tool's `carry`):
-#   benchmarks (BENCH=1, the default): .whl/pyzmq-*.whl (absent there); .devcarry/gpu_ceilings.py
+#   benchmarks (BENCH=1, the default; BENCH=e2e: only bench engine --e2e with device
+#     post-processing; BENCH=0: none): .whl/pyzmq-*.whl (absent there); .devcarry/gpu_ceilings.py
 #     (a copy of ../shared/tools/gpu_ceilings.py); .devframes/e2e_<side>.h5 (frames for
 #     bench engine --e2e: `segdepth simulate --out F.h5 --count 4 --size 512` (and 1024), of
 #     which only the images travel, rounded to float16 and gzipped: 1.1 and 4.5 MB, made with
 #     h5py: f.create_dataset("images", data=im[:4].astype("f2").astype("f4"), compression="gzip",
 #     compression_opts=9, shuffle=True));
-#   training (TRAIN=1, the default): .devcarry/{train600_b3,val_b3}.h5 (segdepth band-limit of
-#     data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å).
+#   training (TRAIN=1, the default; SEED: train's --seed, 3 unless set): .devcarry/{train600_b3,
+#     val_b3}.h5 (segdepth band-limit of data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å).
 # One call does both (2026-11-26, H100: BUDGET_S=585, 537 s of which 5.3 min training at ~340
 # samples/s, rendered on the GPU): carry [".devframes", ".devcarry", ".whl"]. The working tree
 # travels too and all of it must stay under 64 MiB: check `du` first, and move
@@ -34,22 +35,33 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import os; print(os.cpu_count(), 'CPUs')"
 
-if [ "${BENCH:-1}" = 1 ] && python3 -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then
+HAS_CUDA=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
+if [ "${BENCH:-1}" = 1 ] && [ "$HAS_CUDA" = 1 ]; then
     timeout 100 python3 -m segdepth bench engine --backends torch-cuda,tensorrt \
         --sizes 512 1024 --batches 1 8 32 --iterations 20 --max-seconds 2 \
         --json "$OUT/engine.json" 2>&1 | tail -30
     # post-processing on the GPU against the CPU reference (tests needing abTEM skip there)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine_device_maps.py 2>&1 | tail -8
-    # the GPU machine has no abTEM: the e2e frames travel as dataset files (header above)
-    FRAMES=$(ls .devframes/e2e_*.h5 2>/dev/null)
-    if [ -n "$FRAMES" ]; then
-        SIDES=$(for f in $FRAMES; do basename "$f" .h5 | cut -d_ -f2; done)
-        for POST in device host; do
-            timeout 120 python3 -m segdepth bench engine --e2e --backends torch-cuda \
-                --sizes $SIDES --max-batch 32 --e2e-frames 128 --frames-from $FRAMES \
-                --postprocess $POST --json "$OUT/engine_e2e_$POST.json" 2>&1 | tail -30
-        done
-    fi
+fi
+# bench engine --e2e through serve (BENCH=1: device and host post-processing; BENCH=e2e: device
+# only), then scripts/profile_post.py. The GPU machine has no abTEM: the e2e frames travel as
+# dataset files (header above)
+FRAMES=$(ls .devframes/e2e_*.h5 2>/dev/null)
+if [ "${BENCH:-1}" != 0 ] && [ "$HAS_CUDA" = 1 ] && [ -n "$FRAMES" ]; then
+    SIDES=$(for f in $FRAMES; do basename "$f" .h5 | cut -d_ -f2; done)
+    POSTS="device host"; [ "${BENCH:-1}" = e2e ] && POSTS=device
+    for POST in $POSTS; do
+        timeout 120 python3 -m segdepth bench engine --e2e --backends torch-cuda \
+            --sizes $SIDES --max-batch 32 --e2e-frames 128 --frames-from $FRAMES \
+            --postprocess $POST --json "$OUT/engine_e2e_$POST.json" 2>&1 | tail -30
+    done
+    # where device post-processing spends its time per frame (cProfile, into session.log)
+    for f in $FRAMES; do
+        timeout 60 python3 scripts/profile_post.py --backend torch-cuda --frames-from "$f" \
+            --size "$(basename "$f" .h5 | cut -d_ -f2)" --frames 96 --batch 32 --top 20 2>&1
+    done
+fi
+if [ "${BENCH:-1}" = 1 ] && [ "$HAS_CUDA" = 1 ]; then
     # the shared yardstick (a copy of ../shared/tools/gpu_ceilings.py), cut short: base-16 rows
     [ -f .devcarry/gpu_ceilings.py ] && timeout 30 python3 .devcarry/gpu_ceilings.py 2>&1
 fi
@@ -81,7 +93,7 @@ OMP_NUM_THREADS=1 timeout $((LEFT - 5)) python3 -m segdepth train \
     --init training/models/segdepth_base16.pt --base-channels 16 --max-channels 128 \
     --dose-range 0.5 10 --views-per-wave 8 --crop 256 --batch-size 32 --lr 1e-3 \
     --epochs 400 --patience 400 --time-limit-min "$TRAIN_MIN" --val-count 160 \
-    $RENDER --threads 2 --seed 3 --no-progress \
+    $RENDER --threads 2 --seed "${SEED:-3}" --no-progress \
     >"$OUT/train.log" 2>&1
 tail -5 "$OUT/train.log"
 for f in config.json metrics.jsonl model.pt; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
