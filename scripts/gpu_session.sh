@@ -57,7 +57,9 @@ if [ "${BENCH:-1}" != 0 ] && [ "$HAS_CUDA" = 1 ] && [ -n "$FRAMES" ]; then
     done
     # where device post-processing spends its time per frame (cProfile, into session.log)
     for f in $FRAMES; do
-        timeout 60 python3 scripts/profile_post.py --backend torch-cuda --frames-from "$f" \
+        # the project is not installed there: the repository root on the path
+        PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout 60 python3 scripts/profile_post.py \
+            --backend torch-cuda --frames-from "$f" \
             --size "$(basename "$f" .h5 | cut -d_ -f2)" --frames 96 --batch 32 --top 20 2>&1
     done
 fi

@@ -5,9 +5,11 @@ then per frame ``SessionAnalysis.update_maps``, the result table and buffers) on
 series of noisy frames, and prints the stage's ms per frame while the column reference grows
 (the first ``ColumnConfig.reference_frames``) and after, and, profiled by cProfile after it,
 the functions that took the most time. With a CUDA backend the waits for the GPU show up in
-the calls that copy to the host (``Tensor.cpu``). Inference itself is outside the profile.
+the calls that copy to the host or wait for it (``Tensor.cpu``, ``Stream.synchronize``).
+Inference itself is outside the profile.
 
-    python scripts/profile_post.py --backend torch-cuda --frames-from .devframes/e2e_512.h5
+    PYTHONPATH=. python3 scripts/profile_post.py --backend torch-cuda \
+        --frames-from .devframes/e2e_512.h5        # a GPU machine without the project installed
     python scripts/profile_post.py --backend torch-cpu --size 256 --frames 16   # here
 """
 
