@@ -27,6 +27,7 @@ from scipy import ndimage
 from engine import backends, model_io
 from engine.bench_e2e import E2EConfig, clean_frames, noisy_frames
 from engine.occupancy import SessionAnalysis
+from sim_source.hrtem import make_grid
 from training.inference import uncertainty_scores
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # inference done: the profile holds post-processing alone
 
-    analysis = SessionAnalysis(pixel_size_pm=5.3)
+    analysis = SessionAnalysis(pixel_size_pm=make_grid(args.size).pixel_size_pm)
     profile = cProfile.Profile()
     spent = {"reference": [0.0, 0], "steady": [0.0, 0]}  # s, frames
     columns = 0
