@@ -43,16 +43,36 @@ class DevicePrediction:
         """Host copy (len(frames), 11, H, W) float32 of some of the frames only."""
         return self.depth[frames].float().cpu().numpy()
 
+    @functools.cached_property
+    def _depth_max(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per pixel the largest depth probability and its channel (B, H, W), on the device."""
+        with torch.inference_mode():
+            confidence, depth = self.depth.max(dim=1)
+        return confidence, depth
+
     def maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Depth (uint8), confidence (float32) and species (uint8) maps (B, H, W), reduced on
         the device (ties: the first channel, as :func:`engine.prediction.channel_max`)."""
+        confidence, depth = self._depth_max
         with torch.inference_mode():
-            confidence, depth = self.depth.max(dim=1)
             species = self.species.argmax(dim=1)
             depth_u8, confidence_f32, species_u8 = to_host(
                 depth.to(torch.uint8), confidence.float(), species.to(torch.uint8)
             )
             return depth_u8, confidence_f32, species_u8
+
+    def uncertainty_scores(self) -> np.ndarray:
+        """The one-pass OOD score per frame (B,) float64, as
+        :func:`training.inference.uncertainty_scores` of :meth:`maps` (to float32 rounding),
+        reduced on the device: only B numbers come back."""
+        confidence, depth = self._depth_max
+        with torch.inference_mode():
+            c = confidence.float()
+            called = depth > 0
+            n = called.sum(dim=(1, 2))
+            mean_called = (c * called).sum(dim=(1, 2)) / n.clamp_min(1)
+            scores = torch.where(n > 0, 1 - mean_called, 1 - c.mean(dim=(1, 2)))
+            return scores.double().cpu().numpy()
 
     def frame(self, i: int) -> TorchFrameMaps:
         """Frame ``i``'s maps as the column tracker reads them, left on the device."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine.columns import FrameMaps
+from training.inference import uncertainty_scores
 
 
 @dataclass
@@ -17,13 +18,24 @@ class Prediction:
 
     depth_prob: np.ndarray
     species_prob: np.ndarray
+    _maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per pixel: depth (argmax, uint8), confidence (its probability, float32) and species
-        (argmax, uint8), each (B, H, W) -- paper eqs. (4)-(5)."""
-        depth, confidence = channel_max(self.depth_prob)
-        species, _ = channel_max(self.species_prob)
-        return depth, confidence, species
+        (argmax, uint8), each (B, H, W) -- paper eqs. (4)-(5). Computed once per prediction."""
+        if self._maps is None:
+            depth, confidence = channel_max(self.depth_prob)
+            species, _ = channel_max(self.species_prob)
+            self._maps = depth, confidence, species
+        return self._maps
+
+    def uncertainty_scores(self) -> np.ndarray:
+        """The one-pass OOD score per frame (B,) of :meth:`maps`
+        (:func:`training.inference.uncertainty_scores`)."""
+        depth, confidence, _ = self.maps()
+        return uncertainty_scores(depth, confidence)
 
     def depth_prob_of(self, frames: list[int]) -> np.ndarray:
         """The depth probabilities (len(frames), 11, H, W) float32 of some of the frames."""

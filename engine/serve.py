@@ -47,7 +47,6 @@ from engine.prediction import Prediction
 from streamer import sockets
 from streamer.cli_support import install_stop_signals
 from streamer.protocol import FrameLimits, Message, encode, encode_control, make_header
-from training.inference import uncertainty_scores
 from training.ood_levels import warning_level
 
 log = logging.getLogger(__name__)
@@ -411,7 +410,7 @@ class Server:
         pred = batch.pred
         assert pred is not None  # only "frames" batches reach here (_publish_loop)
         depth, confidence, species = pred.maps()
-        ood = uncertainty_scores(depth, confidence)
+        ood = pred.uncertainty_scores()
         turn = batch.turn
         assert turn is not None  # set by the inference stage with the prediction
         results = []

@@ -28,7 +28,6 @@ from engine import backends, model_io
 from engine.bench_e2e import E2EConfig, clean_frames, noisy_frames
 from engine.occupancy import SessionAnalysis
 from sim_source.hrtem import make_grid
-from training.inference import uncertainty_scores
 
 
 def drifting(clean: np.ndarray, count: int, dose: float, seed: int) -> np.ndarray:
@@ -76,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         if phase == "steady":
             profile.enable()
-        depth, confidence, _ = pred.maps()
-        uncertainty_scores(depth, confidence)
+        depth, _, _ = pred.maps()
+        pred.uncertainty_scores()
         for i in range(len(depth)):
             occ = analysis.update_maps(pred.frame(i), k * args.batch + i)
             occ.table()

@@ -22,6 +22,7 @@ from engine.serve import ServeConfig, Server
 from sim_source.session import SessionConfig, write_session  # abTEM imported on use
 from streamer import sockets
 from streamer.protocol import encode_control, encode_frame
+from training.inference import uncertainty_scores
 
 DEVICES = [
     "cpu",
@@ -56,6 +57,23 @@ def test_maps_reduced_on_the_device_equal_the_host_maps(device, dtype):
     for got, want in zip(on_device.maps(), host.maps()):
         assert got.dtype == want.dtype and np.array_equal(got, want)
     assert host.maps()[0][0, 10, 10] == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_pass_scores_reduced_on_the_device_equal_the_host_ones(device, dtype):
+    rng = np.random.default_rng(1)
+    depth = softmax(rng.normal(0, 2, (3, 11, 48, 40)))
+    depth[2, 0] = 2.0  # frame 2: background everywhere, the score falls back to the mean
+    species = softmax(rng.normal(0, 2, (3, 3, 48, 40)))
+    on_device = DevicePrediction(
+        *(torch.from_numpy(p).to(device=device, dtype=dtype) for p in (depth, species))
+    )
+    host = Prediction(on_device.depth_prob, on_device.species_prob)
+    want = uncertainty_scores(*host.maps()[:2])
+    assert (host.maps()[0][2] == 0).all() and (host.maps()[0][:2] > 0).any()
+    np.testing.assert_allclose(on_device.uncertainty_scores(), want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(host.uncertainty_scores(), want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
