@@ -39,9 +39,17 @@ class DevicePrediction:
         """Host copy (B, 3, H, W) float32."""
         return self.species.float().cpu().numpy()
 
-    def depth_prob_of(self, frames: list[int]) -> np.ndarray:
-        """Host copy (len(frames), 11, H, W) float32 of some of the frames only."""
-        return self.depth[frames].float().cpu().numpy()
+    def turn_scores(self, frames: list[int], turned: DevicePrediction) -> np.ndarray:
+        """The turn check's score (len(frames),) float64 of frames ``frames`` against
+        ``turned`` (the same frames turned by 90°), as
+        :func:`training.inference.turn_scores` (to float32 rounding), on the device: the two
+        (n, 11, H, W) probabilities stay there (at 1024² a pageable copy of each took ~30 ms)."""
+        with torch.inference_mode():
+            p = self.depth[frames].float()
+            q = torch.rot90(turned.depth.float(), -1, dims=(2, 3))
+            tv = 0.5 * (p - q).abs().sum(dim=1)
+            column = (p.argmax(dim=1) > 0) | (q.argmax(dim=1) > 0)
+            return _masked_means(tv, column)
 
     @functools.cached_property
     def _depth_max(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,16 +75,19 @@ class DevicePrediction:
         reduced on the device: only B numbers come back."""
         confidence, depth = self._depth_max
         with torch.inference_mode():
-            c = confidence.float()
-            called = depth > 0
-            n = called.sum(dim=(1, 2))
-            mean_called = (c * called).sum(dim=(1, 2)) / n.clamp_min(1)
-            scores = torch.where(n > 0, 1 - mean_called, 1 - c.mean(dim=(1, 2)))
-            return scores.double().cpu().numpy()
+            return 1 - _masked_means(confidence.float(), depth > 0)
 
     def frame(self, i: int) -> TorchFrameMaps:
         """Frame ``i``'s maps as the column tracker reads them, left on the device."""
         return TorchFrameMaps(self.species[i], self.depth[i])
+
+
+def _masked_means(values: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """Per frame the mean of ``values`` (B, H, W) over the pixels in ``mask`` (B, H, W), or
+    over all pixels where the mask is empty: (B,) float64 on the host."""
+    n = mask.sum(dim=(1, 2))
+    masked = (values * mask).sum(dim=(1, 2)) / n.clamp_min(1)
+    return torch.where(n > 0, masked, values.mean(dim=(1, 2))).double().cpu().numpy()
 
 
 def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:

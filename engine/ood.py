@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from training.inference import turn_scores
+if TYPE_CHECKING:
+    from engine.device_maps import DevicePrediction
+    from engine.prediction import Prediction
 
 
 @dataclass
@@ -40,8 +43,11 @@ class TurnCheck:
         return False
 
 
-def checked_scores(infer, frames: np.ndarray, depth_prob: np.ndarray) -> np.ndarray:
-    """Turn scores (B,) of normalised ``frames`` (B, H, W) whose depth probabilities
-    (B, 11, H, W) are ``depth_prob``: ``infer`` (a backend's) runs on the turned frames."""
-    turned = infer(np.ascontiguousarray(np.rot90(frames, 1, axes=(1, 2))))
-    return turn_scores(depth_prob, np.rot90(turned.depth_prob, -1, axes=(2, 3)))
+def checked_scores(
+    infer, frames: np.ndarray, pred: Prediction | DevicePrediction, due: list[int]
+) -> np.ndarray:
+    """Turn scores (len(due),) of frames ``due`` of the normalised ``frames`` (B, H, W), whose
+    prediction is ``pred``: ``infer`` (a backend's) runs on those frames turned by 90°, and the
+    score is computed where the probabilities lie (host or inference device)."""
+    turned = infer(np.ascontiguousarray(np.rot90(frames[due], 1, axes=(1, 2))))
+    return pred.turn_scores(due, turned)

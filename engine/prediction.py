@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.columns import FrameMaps
-from training.inference import uncertainty_scores
+from training.inference import turn_scores, uncertainty_scores
 
 
 @dataclass
@@ -37,9 +37,12 @@ class Prediction:
         depth, confidence, _ = self.maps()
         return uncertainty_scores(depth, confidence)
 
-    def depth_prob_of(self, frames: list[int]) -> np.ndarray:
-        """The depth probabilities (len(frames), 11, H, W) float32 of some of the frames."""
-        return self.depth_prob[frames]
+    def turn_scores(self, frames: list[int], turned: Prediction) -> np.ndarray:
+        """The turn check's score (len(frames),) of frames ``frames`` of this batch against
+        ``turned``, the prediction of the same frames turned by 90°
+        (:func:`training.inference.turn_scores`)."""
+        back = np.rot90(turned.depth_prob, -1, axes=(2, 3))
+        return turn_scores(self.depth_prob[frames], back)
 
     def frame(self, i: int) -> FrameMaps:
         """Frame ``i``'s maps as the column tracker reads them."""

@@ -363,9 +363,7 @@ class Server:
         if due:
             assert batch.pred is not None
             try:
-                scores[due] = checked_scores(
-                    self.backend.infer, frames[due], batch.pred.depth_prob_of(due)
-                )
+                scores[due] = checked_scores(self.backend.infer, frames, batch.pred, due)
             except (RuntimeError, ValueError) as exc:  # e.g. a plan fixed to H x W, H != W
                 self.counts["ood_check_failed"] += len(due)
                 log.warning("turn check failed: %s: %s", type(exc).__name__, exc)

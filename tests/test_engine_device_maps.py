@@ -22,7 +22,7 @@ from engine.serve import ServeConfig, Server
 from sim_source.session import SessionConfig, write_session  # abTEM imported on use
 from streamer import sockets
 from streamer.protocol import encode_control, encode_frame
-from training.inference import uncertainty_scores
+from training.inference import turn_scores, uncertainty_scores
 
 DEVICES = [
     "cpu",
@@ -74,6 +74,31 @@ def test_one_pass_scores_reduced_on_the_device_equal_the_host_ones(device, dtype
     assert (host.maps()[0][2] == 0).all() and (host.maps()[0][:2] > 0).any()
     np.testing.assert_allclose(on_device.uncertainty_scores(), want, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(host.uncertainty_scores(), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_turn_scores_on_the_device_equal_the_host_ones(device, dtype):
+    rng = np.random.default_rng(2)
+    depth = softmax(rng.normal(0, 2, (3, 11, 40, 40)))
+    turned = softmax(rng.normal(0, 2, (2, 11, 40, 40)))
+    depth[2, 0], turned[1, 0] = 2.0, 2.0  # frame 2 and its turn: no column, all pixels count
+    species = softmax(rng.normal(0, 2, (3, 3, 40, 40)))
+
+    def pair(d, s):
+        on_device = DevicePrediction(
+            *(torch.from_numpy(p).to(device=device, dtype=dtype) for p in (d, s))
+        )
+        return on_device, Prediction(on_device.depth_prob, on_device.species_prob)
+
+    pred, host = pair(depth, species)
+    turned_pred, turned_host = pair(turned, species[:2])
+    due = [0, 2]
+    want = host.turn_scores(due, turned_host)
+    back = np.rot90(turned_host.depth_prob, -1, axes=(2, 3))
+    np.testing.assert_array_equal(want, turn_scores(host.depth_prob[due], back))
+    assert want[0] != want[1]
+    np.testing.assert_allclose(pred.turn_scores(due, turned_pred), want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -222,7 +247,12 @@ def test_serve_with_device_postprocessing_publishes_the_host_results(session, en
         assert hc["id"] == dc["id"] and hc["depth_filtered"] == dc["depth_filtered"]
         np.testing.assert_allclose(d.header["drift_px"], h.header["drift_px"], atol=1e-3)
         assert d.header["ood_score"] == pytest.approx(h.header["ood_score"], abs=1e-6)
+        if h.header["ood_turn_score"] is None:
+            assert d.header["ood_turn_score"] is None
+        else:
+            assert d.header["ood_turn_score"] == pytest.approx(h.header["ood_turn_score"], abs=1e-5)
         assert_same_events(d.header["events"], h.header["events"])
+    assert any(h.header["ood_turn_score"] is not None for h in host)  # a turn check ran
 
 
 def assert_same_events(got: list[dict], want: list[dict]) -> None:

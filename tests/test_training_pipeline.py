@@ -227,7 +227,7 @@ def test_cli_train_resume_evaluate(synthetic, tmp_path, segdepth_cmd):
         pred = backend.infer(x)
         depth, confidence, _ = pred.maps()
         one_pass.append(uncertainty_scores(depth, confidence))
-        turn.append(checked_scores(backend.infer, x, pred.depth_prob))
+        turn.append(checked_scores(backend.infer, x, pred, list(range(len(x)))))
     levels = meta["ood_levels"]
     assert levels["dose_e_per_px"] == [20.0, 5.0] and levels["frames_per_dose"] == 10
     assert levels["one_pass"][0] == pytest.approx(np.percentile(one_pass, 95), rel=1e-4)
