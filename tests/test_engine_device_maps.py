@@ -42,6 +42,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def device_and_host(depth, species, device, dtype) -> tuple[DevicePrediction, Prediction]:
+    """Probabilities (B, 11, H, W) and (B, 3, H, W) as a prediction on ``device`` in ``dtype``,
+    and the host prediction of what a host copy of those tensors holds (float16 -> float32)."""
+    on_device = DevicePrediction(
+        *(torch.from_numpy(p).to(device=device, dtype=dtype) for p in (depth, species))
+    )
+    return on_device, Prediction(on_device.depth_prob, on_device.species_prob)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_maps_reduced_on_the_device_equal_the_host_maps(device, dtype):
@@ -49,11 +58,7 @@ def test_maps_reduced_on_the_device_equal_the_host_maps(device, dtype):
     depth = softmax(rng.normal(0, 2, (2, 11, 48, 40)))
     species = softmax(rng.normal(0, 2, (2, 3, 48, 40)))
     depth[0, 3:5, 10, 10] = depth[0, :, 10, 10].max()  # a tie: the first channel wins
-    on_device = DevicePrediction(
-        *(torch.from_numpy(p).to(device=device, dtype=dtype) for p in (depth, species))
-    )
-    # the host path sees what a host copy of the same tensors holds (float16 -> float32)
-    host = Prediction(on_device.depth_prob, on_device.species_prob)
+    on_device, host = device_and_host(depth, species, device, dtype)
     for got, want in zip(on_device.maps(), host.maps()):
         assert got.dtype == want.dtype and np.array_equal(got, want)
     assert host.maps()[0][0, 10, 10] == 3
@@ -66,10 +71,7 @@ def test_one_pass_scores_reduced_on_the_device_equal_the_host_ones(device, dtype
     depth = softmax(rng.normal(0, 2, (3, 11, 48, 40)))
     depth[2, 0] = 2.0  # frame 2: background everywhere, the score falls back to the mean
     species = softmax(rng.normal(0, 2, (3, 3, 48, 40)))
-    on_device = DevicePrediction(
-        *(torch.from_numpy(p).to(device=device, dtype=dtype) for p in (depth, species))
-    )
-    host = Prediction(on_device.depth_prob, on_device.species_prob)
+    on_device, host = device_and_host(depth, species, device, dtype)
     want = uncertainty_scores(*host.maps()[:2])
     assert (host.maps()[0][2] == 0).all() and (host.maps()[0][:2] > 0).any()
     np.testing.assert_allclose(on_device.uncertainty_scores(), want, rtol=0, atol=1e-6)
@@ -84,15 +86,8 @@ def test_turn_scores_on_the_device_equal_the_host_ones(device, dtype):
     turned = softmax(rng.normal(0, 2, (2, 11, 40, 40)))
     depth[2, 0], turned[1, 0] = 2.0, 2.0  # frame 2 and its turn: no column, all pixels count
     species = softmax(rng.normal(0, 2, (3, 3, 40, 40)))
-
-    def pair(d, s):
-        on_device = DevicePrediction(
-            *(torch.from_numpy(p).to(device=device, dtype=dtype) for p in (d, s))
-        )
-        return on_device, Prediction(on_device.depth_prob, on_device.species_prob)
-
-    pred, host = pair(depth, species)
-    turned_pred, turned_host = pair(turned, species[:2])
+    pred, host = device_and_host(depth, species, device, dtype)
+    turned_pred, turned_host = device_and_host(turned, species[:2], device, dtype)
     due = [0, 2]
     want = host.turn_scores(due, turned_host)
     back = np.rot90(turned_host.depth_prob, -1, axes=(2, 3))
