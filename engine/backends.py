@@ -29,7 +29,7 @@ from engine.export import (
     export_onnx,
     tensorrt_unavailable_reason,
 )
-from engine.model_io import LoadedModel, pad_to_multiple
+from engine.model_io import LoadedModel, pad_to_multiple, padded_side
 from engine.prediction import Prediction
 
 
@@ -226,7 +226,7 @@ class TorchCUDABackend(Backend):
 
     def warm(self, shape: tuple[int, int]) -> None:
         """Capture the graphs of every padded batch for frames of ``shape`` (H, W) px."""
-        h, w = (-(-side // self.loaded.size_multiple) * self.loaded.size_multiple for side in shape)
+        h, w = (padded_side(side, self.loaded.size_multiple) for side in shape)
         for b in sorted({graph_batch(n, self.max_batch) for n in range(1, self.max_batch + 1)}):
             self._graph((b, 1, h, w))
 

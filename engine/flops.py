@@ -14,14 +14,14 @@ import time
 
 import torch
 
-from engine.model_io import LoadedModel
+from engine.model_io import LoadedModel, padded_side
 
 
 def model_gflop(loaded: LoadedModel, side: int) -> float:
     """GFLOP of one (side x side) frame through the network (2 FLOP per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    side = -(-side // loaded.size_multiple) * loaded.size_multiple  # as the backends pad
+    side = padded_side(side, loaded.size_multiple)  # as the backends pad
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
         loaded.model(torch.zeros(1, 1, side, side))

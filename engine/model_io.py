@@ -182,11 +182,17 @@ def class_prior_from_simulator(
     return tuple(float(v) for v in prior_from_counts(counts, floor))
 
 
+def padded_side(side: int, multiple: int) -> int:
+    """A frame side (px) rounded up to the next multiple of ``multiple``: the side the
+    backends run (:func:`pad_to_multiple`)."""
+    return -(-side // multiple) * multiple
+
+
 def pad_to_multiple(frames: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Replicate-pad (B, H, W) at the bottom/right so H and W are multiples (as
     training.model.pad_to_multiple does); return (padded, (H, W))."""
     h, w = frames.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
+    ph, pw = padded_side(h, multiple) - h, padded_side(w, multiple) - w
     if ph or pw:
         frames = np.pad(frames, ((0, 0), (0, ph), (0, pw)), mode="edge")
     return frames, (h, w)

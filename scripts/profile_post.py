@@ -33,9 +33,8 @@ from sim_source.hrtem import make_grid
 def drifting(clean: np.ndarray, count: int, dose: float, seed: int) -> np.ndarray:
     """``count`` noisy frames (count, H, W) of the first clean frame, drifting 0.3 px per frame
     along both axes (counts at ``dose`` e-/px, divided by the dose as ``serve`` does)."""
-    base = clean[:1]
     shifted = np.stack(
-        [ndimage.shift(base[0], (0.3 * i, 0.3 * i), order=1, mode="nearest") for i in range(count)]
+        [ndimage.shift(clean[0], (0.3 * i, 0.3 * i), order=1, mode="nearest") for i in range(count)]
     )
     counts = noisy_frames(shifted, dose, count, np.random.default_rng(seed))
     return counts.astype(np.float32) / np.float32(dose)
