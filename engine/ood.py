@@ -7,16 +7,21 @@ score): a model trained on every orientation answers both alike on images it kno
 one more inference per checked frame, so the engine checks every ``every``-th frame of a
 session (optics, support film and dose change slowly within one) and carries the latest
 verdict to the frames between checks; with test-time augmentation the turned pass is one of the
-eight already run, and every frame is checked.
+eight already run, and every frame is checked. The session's verdict is the median of its last
+:data:`training.ood_levels.CHECKS_PER_VERDICT` checks, so that one check past the level (one in
+twenty in distribution, by the level's definition) does not warn on its own.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from training.ood_levels import CHECKS_PER_VERDICT
 
 if TYPE_CHECKING:
     from engine.device_maps import DevicePrediction
@@ -25,12 +30,21 @@ if TYPE_CHECKING:
 
 @dataclass
 class TurnCheck:
-    """One session's turn checks: which frames are due (inference stage) and the latest
-    score (publish stage)."""
+    """One session's turn checks: which frames are due (inference stage) and the session's
+    score from the latest checks (publish stage)."""
 
     every: int  # frames between checks; 0: never
     last_seq: int | None = None  # seq of the last frame checked
-    score: float = math.nan  # the latest checked frame's score
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=CHECKS_PER_VERDICT))
+
+    def record(self, score: float) -> None:
+        """A checked frame's turn score (publish stage)."""
+        self.recent.append(score)
+
+    @property
+    def score(self) -> float:
+        """The session's turn score: the median of its last checks' (NaN: none yet)."""
+        return float(np.median(self.recent)) if self.recent else math.nan
 
     def due(self, seq: int) -> bool:
         """Whether frame ``seq`` is checked; marks it so when it is (a session's first frame

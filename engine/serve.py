@@ -148,11 +148,12 @@ class _Batch:
 @dataclass(frozen=True)
 class _OOD:
     """A frame's out-of-distribution scores (engine.ood): its uncertainty score, its own turn
-    score (NaN: not checked) and its session's latest turn score (NaN: none yet)."""
+    score (NaN: not checked) and its session's turn score (engine.ood.TurnCheck.score, the
+    median of its latest checks; NaN: none yet)."""
 
     uncertainty: float
     turn: float
-    latest_turn: float
+    session_turn: float
 
 
 #: the engine's stages as reported in ``stage_ms_per_frame``
@@ -414,7 +415,7 @@ class Server:
         results = []
         for i, item in enumerate(batch.items):
             if math.isfinite(turn[i]):
-                batch.states[i].turn.score = float(turn[i])
+                batch.states[i].turn.record(float(turn[i]))
             occ = batch.states[i].analysis.update_maps(
                 pred.frame(i), item.payload.seq, item.payload.header.get("t_acq")
             )
@@ -500,13 +501,14 @@ class Server:
             self.input.ack(upto=last)
 
     def _ood_warning(self, ood: _OOD, dose: float) -> bool | None:
-        """Whether the frame lies outside what the model knows: the session's latest turn
-        score against the model's turn level at this dose where both exist, else the frame's
-        one-pass score against the one-pass level (training.ood_levels.warning_level); None
-        when the model has no level for the score at hand."""
+        """Whether the frame lies outside what the model knows: the session's turn score (the
+        median of its latest checks) against the model's turn level at this dose where both
+        exist, else the frame's one-pass score against the one-pass level
+        (training.ood_levels.warning_level); None when the model has no level for the score
+        at hand."""
         turn_level = warning_level(self.loaded.meta, "turn", dose)
-        if turn_level is not None and math.isfinite(ood.latest_turn):
-            return bool(ood.latest_turn > turn_level)
+        if turn_level is not None and math.isfinite(ood.session_turn):
+            return bool(ood.session_turn > turn_level)
         level = warning_level(self.loaded.meta, "one_pass", dose)
         return None if level is None else bool(ood.uncertainty > level)
 

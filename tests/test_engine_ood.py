@@ -1,6 +1,6 @@
-"""The engine's out-of-distribution checks: which frames the turn check takes
-(engine.ood.TurnCheck), the warning levels per dose and the thinning that measures them
-(training.ood_levels)."""
+"""The engine's out-of-distribution checks: which frames the turn check takes and the session
+score it warns on (engine.ood.TurnCheck), the warning levels per dose and the thinning that
+measures them (training.ood_levels)."""
 
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.ood import TurnCheck
-from training.ood_levels import thinned, warning_level
+from training.ood_levels import CHECKS_PER_VERDICT, running_medians, thinned, warning_level
 
 
 def test_every_nth_frame_from_the_first_and_again_after_a_restart():
@@ -22,6 +22,28 @@ def test_every_nth_frame_from_the_first_and_again_after_a_restart():
 def test_zero_never_checks():
     check = TurnCheck(every=0)
     assert not any(check.due(s) for s in range(20))
+
+
+def test_one_check_past_the_level_does_not_warn_a_session_alone():
+    """The session score is the median of the last 3 checks: a lone high check (one in twenty
+    in distribution) stays below a level of 0.2; two in the last three pass it."""
+    assert CHECKS_PER_VERDICT == 3
+    check = TurnCheck(every=1)
+    assert math.isnan(check.score)  # no check yet: no verdict
+    seen = []
+    for score in (0.1, 0.1, 0.5, 0.1, 0.5, 0.5, 0.1):
+        check.record(score)
+        seen.append(check.score)
+    assert seen == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.5, 0.5, 0.5])
+    assert [s > 0.2 for s in seen] == [False] * 4 + [True] * 3
+    # the offline rule that ood_levels --check reports is the engine's, check for check
+    scores = np.random.default_rng(3).uniform(0, 1, 40)
+    check = TurnCheck(every=1)
+    engine_scores = []
+    for score in scores:
+        check.record(float(score))
+        engine_scores.append(check.score)
+    np.testing.assert_allclose(running_medians(scores), engine_scores)
 
 
 def test_levels_interpolate_in_log_dose_and_fall_back_to_a_single_level():

@@ -172,8 +172,9 @@ def test_frames_past_the_models_warning_level_are_flagged(engine):
 
 def test_turn_checks_score_every_nth_frame_and_set_the_warning(engine):
     """--ood-check-every 4: frames 0 and 4 of the session are inferred a second time, turned,
-    and carry that turn score (as computed directly); the warning follows the session's latest
-    turn score against the model's turn level, which overrides the one-pass score's level."""
+    and carry that turn score (as computed directly); the warning follows the session's turn
+    score (the median of its last 3 checks) against the model's turn level, which overrides the
+    one-pass score's level."""
     from training.inference import turn_scores
 
     src, results, server = engine("replay", max_batch=2, max_wait_ms=50, ood_check_every=4)
@@ -210,8 +211,13 @@ def test_turn_checks_score_every_nth_frame_and_set_the_warning(engine):
     server.loaded.meta["ood_levels"] = levels
     src.send(frame_msg(7, rng, dose=20.0))  # turn level halfway in log dose: 0.5
     src.send(frame_msg(8, rng, dose=5.0))  # below the measured doses: the end value, -1
-    warned = [m.header["ood_warning"] for m in collect(results, until_eos=False, n=2)]
-    assert warned == [False, True]
+    tail = collect(results, until_eos=False, n=2)
+    assert [m.header["ood_warning"] for m in tail] == [False, True]
+    # frames 0, 4 and 8 were checked: the session's score is their median
+    checked = [m.header["ood_turn_score"] for m in got + [last] + tail]
+    checked = [t for t in checked if t is not None]
+    assert len(checked) == 3
+    assert server.sessions["s1"].turn.score == pytest.approx(float(np.median(checked)), rel=1e-4)
 
 
 def sockets_frame(parts) -> np.ndarray:

@@ -30,6 +30,14 @@ from training.inference import (
 
 PERCENTILE = 95.0  #: in-distribution frames that stay below a level, %
 DOSES = (0.5, 1.0, 2.5, 5.0, 10.0)  #: e⁻ per vacuum pixel: the training range, log-spaced
+CHECKS_PER_VERDICT = 3  #: the engine warns on the median of a session's last this many checks
+
+
+def running_medians(scores: np.ndarray, window: int = CHECKS_PER_VERDICT) -> np.ndarray:
+    """Per score of a session's checks (in order), the median of it and up to ``window`` - 1
+    before it: the session score the engine's warning reads after each check."""
+    scores = np.asarray(scores, np.float64)
+    return np.array([np.median(scores[max(0, k - window + 1) : k + 1]) for k in range(len(scores))])
 
 
 def thinned(counts: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -112,8 +120,10 @@ def warning_level(meta: dict, kind: str, dose: float) -> float | None:
 def warning_rates(
     model: torch.nn.Module, temperature: float, levels: dict, paths: Sequence[str | Path]
 ) -> list[dict]:
-    """Per session file, at its own dose: its frames' median scores and the fraction of its
-    frames each level (interpolated at that dose) flags."""
+    """Per session file, at its own dose: its frames' median scores, the fraction of its
+    frames each level (interpolated at that dose) flags, and the fraction of frames the
+    engine's session rule would warn on were every frame checked (``flagged_turn_session``:
+    :func:`running_medians` of the turn scores against the level)."""
     meta = {"ood_levels": levels}
     rows = []
     for path in paths:
@@ -131,6 +141,7 @@ def warning_rates(
                 "turn_median": float(np.median(scores["turn"])),
                 "flagged_one_pass": float(np.mean(scores["uncertainty"] > one)),
                 "flagged_turn": float(np.mean(scores["turn"] > turn)),
+                "flagged_turn_session": float(np.mean(running_medians(scores["turn"]) > turn)),
             }
         )
     return rows
@@ -167,13 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = warning_rates(model, temperature, levels, args.check)
     for d, one, turn in zip(levels["dose_e_per_px"], levels["one_pass"], levels["turn"]):
         print(f"levels at dose {d:g}: one pass {one:.4f}, turn {turn:.4f}")
-    print("| session | dose | frames | one-pass median | flagged | turn median | flagged |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| session | dose | frames | one-pass median | flagged | turn median | flagged "
+        f"| flagged, median of {CHECKS_PER_VERDICT} |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
             f"| {Path(r['session']).stem} | {r['dose_e_per_px']:g} | {r['frames']} | "
             f"{r['uncertainty_median']:.3f} | {r['flagged_one_pass']:.2f} | "
-            f"{r['turn_median']:.3f} | {r['flagged_turn']:.2f} |"
+            f"{r['turn_median']:.3f} | {r['flagged_turn']:.2f} | {r['flagged_turn_session']:.2f} |"
         )
     if args.out:
         Path(args.out).write_text(json.dumps({"levels": levels, "sessions": rows}, indent=2))
