@@ -314,6 +314,9 @@ def test_robustness_suite_cli_tiny(tmp_path, segdepth_cmd):
     ((_, auc),) = report["auc_outside_training"].items()
     assert all(0 <= v <= 1 for v in auc.values())
     assert "outside the training ranges" in (out / "robustness.md").read_text()
+    ((_, rho),) = report["scores_against_errors"].items()
+    assert all(-1 <= v <= 1 for v in rho.values())
+    assert "rank correlation" in (out / "robustness.md").read_text()
 
 
 def test_suite_rows_outside_training_are_those_beyond_every_training_range():
@@ -411,3 +414,15 @@ def test_suite_calibration_on_truth_columns_counts_missed_ones_and_on_called_col
     assert summary["ece_column_pixels"] == pytest.approx((0.9 + 0.4) / 2, abs=1e-6)
     assert summary["ece_called_column_pixels"] == pytest.approx(0.4, abs=1e-6)
     assert summary["column_found"] == pytest.approx(0.5)
+    assert result.errors == [0.5]  # one of the two columns read wrong (missed)
+    result.add(truth[0], confidence, data, 0, np.array([5, 3]))
+    assert result.errors == [0.5, 0.0]  # per frame, not pooled
+
+
+def test_rank_correlation_of_scores_with_frame_errors():
+    from training.robustness import rank_correlation
+
+    errors = [0.1, 0.4, 0.2, float("nan"), 0.9]  # a frame without columns is left out
+    assert rank_correlation([1, 3, 2, 100, 4], errors) == pytest.approx(1.0)
+    assert rank_correlation([4, 2, 3, -5, 1], errors) == pytest.approx(-1.0)
+    assert np.isnan(rank_correlation([1, 2], [0.1, 0.2]))

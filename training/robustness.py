@@ -194,6 +194,8 @@ class RowResult:
     called_calibration: Calibration = field(default_factory=Calibration)
     ood: list[float] = field(default_factory=list)
     uncertainty: list[float] = field(default_factory=list)
+    #: per frame the fraction of its true columns whose count was read wrong (NaN: none)
+    errors: list[float] = field(default_factory=list)
 
     def add(
         self,
@@ -211,7 +213,10 @@ class RowResult:
             truth,
             centre_mask(truth.shape, data.centres[i], data.centre_species[i], data.pixel_size_pm),
         )
+        columns, exact = self.columns.columns, self.columns.exact
         self.columns.update(depth, data.centres[i], column_depths, data.pixel_size_pm)
+        n = self.columns.columns - columns
+        self.errors.append(1 - (self.columns.exact - exact) / n if n else float("nan"))
         correct = depth == truth
         column, called = truth > 0, depth > 0
         self.calibration.update(confidence[column], correct[column])
@@ -259,6 +264,18 @@ def roc_auc(negatives: list[float], positives: list[float]) -> float:
     greater = (pos[:, None] > neg[None, :]).mean()
     ties = (pos[:, None] == neg[None, :]).mean()
     return float(greater + 0.5 * ties)
+
+
+def rank_correlation(scores: list[float], errors: list[float]) -> float:
+    """Spearman's rank correlation of per-frame scores with the frames' column error rates
+    (frames without columns left out): 1 when a higher score always means more errors."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(scores, np.float64), np.asarray(errors, np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3:
+        return float("nan")
+    return float(spearmanr(x[keep], y[keep]).statistic)
 
 
 def row_data(row: Row, paths: dict[str, Path], samples: int, crop: int, seed: int):
@@ -361,6 +378,17 @@ def run_suite(cfg: SuiteConfig) -> dict:
         }
         for path, _, meta in loaded
     }
+    # whether a score tells a frame read badly from one read well, wherever the frame comes from
+    report["scores_against_errors"] = {
+        meta.get("model_id", path): {
+            score: rank_correlation(
+                [v for row in rows for v in getattr(results[(row.name, path)], score)],
+                [v for row in rows for v in results[(row.name, path)].errors],
+            )
+            for score in ("ood", "uncertainty")
+        }
+        for path, _, meta in loaded
+    }
     # the engine's warning level: 95 % of in-distribution frames stay below it
     report["ood_threshold"] = {
         meta.get("model_id", path): float(
@@ -400,6 +428,12 @@ def markdown_table(report: dict) -> str:
             f"\n{model_id}: ROC AUC of the rows outside the training ranges ({outside}) pooled "
             f"against in distribution: turn score {auc['ood']:.2f}, uncertainty score "
             f"{auc['uncertainty']:.2f}."
+        )
+    for model_id, rho in report.get("scores_against_errors", {}).items():
+        lines.append(
+            f"\n{model_id}: rank correlation (Spearman) of each frame's score with the fraction "
+            f"of its columns read wrong, all rows' frames pooled: turn score {rho['ood']:.2f}, "
+            f"uncertainty score {rho['uncertainty']:.2f}."
         )
     return "\n".join(lines) + "\n"
 
