@@ -27,6 +27,8 @@ from training.cli import suite_files_options
 
 #: where serve post-processes (engine.serve.POSTPROCESS; kept here so --help needs no torch)
 POSTPROCESS_CHOICES = ("auto", "device", "host")
+#: the scores serve's warning can read (engine.serve.OOD_WARN_ON; kept here for the same reason)
+OOD_WARN_ON_CHOICES = ("one-pass", "turn")
 #: backend names, fastest first (engine.backends.PREFERENCE; kept here so --help needs no torch).
 BACKEND_NAMES = ("tensorrt", "torch-cuda", "onnxruntime-int8", "onnxruntime", "torch-cpu")
 SERVE = "engine.serve:ServeConfig"
@@ -115,6 +117,7 @@ def serve_config(args: argparse.Namespace):
             "exit_on_eos",
             "tta",
             "ood_check_every",
+            "ood_warn_on",
             "postprocess",
             "max_frame_px",
             "max_batch_px",
@@ -366,8 +369,17 @@ def _add_serve(commands) -> None:
         SERVE,
         type=non_negative_int,
         help="infer every N-th frame of a session a second time, turned by 90°, for the "
-        "out-of-distribution warning (1/N more inference; 0: never, the warning then rests "
-        "on the weaker one-pass score; with --tta every frame, at no extra cost)",
+        "turn score (published; the warning with --ood-warn-on turn; 1/N more inference; "
+        "0: never; with --tta every frame, at no extra cost)",
+    )
+    config_option(
+        p,
+        "--ood-warn-on",
+        SERVE,
+        choices=OOD_WARN_ON_CHOICES,
+        help="the score the out-of-distribution warning reads: the frame's one-pass score "
+        "(it tracks a frame's errors better for the bundled model) or the session's turn "
+        "score (the median of its last 3 turn checks)",
     )
     config_option(
         p,

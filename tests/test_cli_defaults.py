@@ -163,8 +163,11 @@ def test_postprocess_option_reaches_serve_and_the_e2e_bench():
     from engine import cli, serve
 
     assert cli.POSTPROCESS_CHOICES == tuple(serve.POSTPROCESS)
+    assert cli.OOD_WARN_ON_CHOICES == serve.OOD_WARN_ON
 
     assert cli.serve_config(_parse("serve", "--postprocess", "device")).postprocess == "device"
+    assert cli.serve_config(_parse("serve")).ood_warn_on == "one-pass"
+    assert cli.serve_config(_parse("serve", "--ood-warn-on", "turn")).ood_warn_on == "turn"
     args = _parse("bench", "engine", "--e2e", "--postprocess", "host")
     assert cli.e2e_config(args).postprocess == "host"
     with pytest.raises(SystemExit):

@@ -171,13 +171,16 @@ def test_frames_past_the_models_warning_level_are_flagged(engine):
 
 
 def test_turn_checks_score_every_nth_frame_and_set_the_warning(engine):
-    """--ood-check-every 4: frames 0 and 4 of the session are inferred a second time, turned,
+    """--ood-check-every 4 --ood-warn-on turn: frames 0 and 4 of the session are inferred a
+    second time, turned,
     and carry that turn score (as computed directly); the warning follows the session's turn
     score (the median of its last 3 checks) against the model's turn level, which overrides the
     one-pass score's level."""
     from training.inference import turn_scores
 
-    src, results, server = engine("replay", max_batch=2, max_wait_ms=50, ood_check_every=4)
+    src, results, server = engine(
+        "replay", max_batch=2, max_wait_ms=50, ood_check_every=4, ood_warn_on="turn"
+    )
     server.loaded.meta["ood_threshold"] = -1.0  # the one-pass score alone would warn always
     rng = np.random.default_rng(5)
     frames = [frame_msg(i, rng) for i in range(6)]
@@ -218,6 +221,22 @@ def test_turn_checks_score_every_nth_frame_and_set_the_warning(engine):
     checked = [t for t in checked if t is not None]
     assert len(checked) == 3
     assert server.sessions["s1"].turn.score == pytest.approx(float(np.median(checked)), rel=1e-4)
+
+
+def test_by_default_the_warning_reads_the_one_pass_score_even_where_turn_checks_run(engine):
+    """Default --ood-warn-on one-pass: every frame is turn-checked and the model has a turn
+    level that every score passes, yet the warning follows the one-pass level alone."""
+    src, results, server = engine("replay", max_batch=1, max_wait_ms=5, ood_check_every=1)
+    rng = np.random.default_rng(4)
+    levels = {"dose_e_per_px": [20.0], "one_pass": [2.0], "turn": [-1.0]}
+    server.loaded.meta["ood_levels"] = levels
+    src.send(frame_msg(0, rng))
+    (first,) = collect(results, until_eos=False, n=1)
+    levels["one_pass"] = [-1.0]
+    src.send(frame_msg(1, rng))
+    (second,) = collect(results, until_eos=False, n=1)
+    assert first.header["ood_turn_score"] is not None  # checked, and past the turn level
+    assert [first.header["ood_warning"], second.header["ood_warning"]] == [False, True]
 
 
 def sockets_frame(parts) -> np.ndarray:

@@ -359,6 +359,10 @@ def run_suite(cfg: SuiteConfig) -> dict:
             summary["uncertainty_auc_vs_in_distribution"] = roc_auc(
                 reference.uncertainty, result.uncertainty
             )
+            summary["ood_error_correlation"] = rank_correlation(result.ood, result.errors)
+            summary["uncertainty_error_correlation"] = rank_correlation(
+                result.uncertainty, result.errors
+            )
             entry["models"][meta.get("model_id", path)] = summary
         report["rows"].append(entry)
     # how well each score tells the frames of every row outside training from in-distribution
@@ -378,12 +382,15 @@ def run_suite(cfg: SuiteConfig) -> dict:
         }
         for path, _, meta in loaded
     }
-    # whether a score tells a frame read badly from one read well, wherever the frame comes from
+    # whether a score tells a frame read badly from one read well, wherever the frame comes from;
+    # at the in-distribution row's dose only, as the engine's levels are per dose (at a lower
+    # dose both errors and scores rise, which would flatter a score)
+    same_dose = [row for row in rows if row.dose == rows[0].dose]
     report["scores_against_errors"] = {
         meta.get("model_id", path): {
             score: rank_correlation(
-                [v for row in rows for v in getattr(results[(row.name, path)], score)],
-                [v for row in rows for v in results[(row.name, path)].errors],
+                [v for row in same_dose for v in getattr(results[(row.name, path)], score)],
+                [v for row in same_dose for v in results[(row.name, path)].errors],
             )
             for score in ("ood", "uncertainty")
         }
@@ -429,11 +436,12 @@ def markdown_table(report: dict) -> str:
             f"against in distribution: turn score {auc['ood']:.2f}, uncertainty score "
             f"{auc['uncertainty']:.2f}."
         )
+    dose = report["rows"][0]["dose"] if report["rows"] else float("nan")
     for model_id, rho in report.get("scores_against_errors", {}).items():
         lines.append(
             f"\n{model_id}: rank correlation (Spearman) of each frame's score with the fraction "
-            f"of its columns read wrong, all rows' frames pooled: turn score {rho['ood']:.2f}, "
-            f"uncertainty score {rho['uncertainty']:.2f}."
+            f"of its columns read wrong, the frames of all rows at λ = {dose:g} pooled: turn "
+            f"score {rho['ood']:.2f}, uncertainty score {rho['uncertainty']:.2f}."
         )
     return "\n".join(lines) + "\n"
 
