@@ -1,13 +1,14 @@
 """The engine's out-of-distribution checks.
 
 Every frame gets the one-pass uncertainty score (:func:`training.inference.uncertainty_scores`,
-free but weak). A *turn check* infers a frame a second time, turned by 90°, and scores how much
-the two answers disagree (:func:`training.inference.turn_scores`, the robustness suite's "turn"
-score): a model trained on every orientation answers both alike on images it knows. It costs
-one more inference per checked frame, so the engine checks every ``every``-th frame of a
-session (optics, support film and dose change slowly within one) and carries the latest
-verdict to the frames between checks; with test-time augmentation the turned pass is one of the
-eight already run, and every frame is checked. The session's verdict is the median of its last
+free; what the warning reads by default, ``ServeConfig.ood_warn_on``). A *turn check* infers a
+frame a second time, turned by 90°, and scores how much the two answers disagree
+(:func:`training.inference.turn_scores`, the robustness suite's "turn" score): a model trained
+on every orientation answers both alike on images it knows. It costs one more inference per
+checked frame, so the engine checks every ``every``-th frame of a session (optics, support film
+and dose change slowly within one) and carries the latest verdict to the frames between checks;
+with test-time augmentation the turned pass is one of the eight already run, and every frame is
+checked. The session's verdict is the median of its last
 :data:`training.ood_levels.CHECKS_PER_VERDICT` checks, so that one check past the level (one in
 twenty in distribution, by the level's definition) does not warn on its own.
 """
