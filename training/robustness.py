@@ -278,6 +278,12 @@ def rank_correlation(scores: list[float], errors: list[float]) -> float:
     return float(spearmanr(x[keep], y[keep]).statistic)
 
 
+def pooled(results: dict, rows: list[Row], path: str, name: str) -> list[float]:
+    """The per-frame values ``name`` ("ood", "uncertainty", "errors") of one model's
+    :class:`RowResult` on each of ``rows``, in row order."""
+    return [v for row in rows for v in getattr(results[(row.name, path)], name)]
+
+
 def row_data(row: Row, paths: dict[str, Path], samples: int, crop: int, seed: int):
     """(clean labelled set, per-sample true column depths) of a row."""
     targets = TargetConfig()
@@ -371,12 +377,7 @@ def run_suite(cfg: SuiteConfig) -> dict:
         meta.get("model_id", path): {
             score: roc_auc(
                 getattr(results[(rows[0].name, path)], score),
-                [
-                    v
-                    for row in rows
-                    if row.outside
-                    for v in getattr(results[(row.name, path)], score)
-                ],
+                pooled(results, [row for row in rows if row.outside], path, score),
             )
             for score in ("ood", "uncertainty")
         }
@@ -389,8 +390,8 @@ def run_suite(cfg: SuiteConfig) -> dict:
     report["scores_against_errors"] = {
         meta.get("model_id", path): {
             score: rank_correlation(
-                [v for row in same_dose for v in getattr(results[(row.name, path)], score)],
-                [v for row in same_dose for v in results[(row.name, path)].errors],
+                pooled(results, same_dose, path, score),
+                pooled(results, same_dose, path, "errors"),
             )
             for score in ("ood", "uncertainty")
         }
