@@ -78,6 +78,8 @@ class Backend(ABC):
     #: frames per batch the engine uses unless told otherwise: on the 2-core CPU machines
     #: batch 1 measured faster than 4 through serve (onnxruntime 512^2: 2.88 vs 2.21 frames/s)
     preferred_batch: int = 8
+    #: whether the network runs on a GPU (there the engine has time for turn checks by default)
+    on_gpu: bool = True
     #: None: outputs are host arrays (no device maps possible); else the default of device_maps
     device_maps_default: ClassVar[bool | None] = None
 
@@ -148,6 +150,7 @@ class TorchCPUBackend(Backend):
 
     name, precision = "torch-cpu", "fp32"
     preferred_batch = 1
+    on_gpu = False
     #: numpy's per-channel pass (engine.prediction.channel_max) is the faster reduction here
     device_maps_default = False
 
@@ -264,7 +267,8 @@ class OnnxRuntimeBackend(Backend):
         providers = [p for p in self.providers_wanted if p in ort.get_available_providers()]
         self._session = ort.InferenceSession(str(self._graph()), options, providers=providers)
         self.providers = self._session.get_providers()
-        self.preferred_batch = 8 if "CUDAExecutionProvider" in self.providers else 1
+        self.on_gpu = "CUDAExecutionProvider" in self.providers
+        self.preferred_batch = 8 if self.on_gpu else 1
 
     def _graph(self) -> Path:
         return export_onnx(self.loaded, self.cache_dir, half=False)

@@ -370,7 +370,9 @@ def _add_serve(commands) -> None:
         type=non_negative_int,
         help="infer every N-th frame of a session a second time, turned by 90°, for the "
         "turn score (published; the warning with --ood-warn-on turn; 1/N more inference; "
-        "0: never; with --tta every frame, at no extra cost)",
+        "0: never; with --tta every frame, at no extra cost); when not given: every 16th on a "
+        "GPU or with --ood-warn-on turn, never on the CPU, where each check costs a whole "
+        "inference",
     )
     config_option(
         p,

@@ -42,7 +42,7 @@ from engine.hmm import HMMConfig
 from engine.model_io import load
 from engine.normalise import DoseNormaliser
 from engine.occupancy import Occupancy, SessionAnalysis
-from engine.ood import TurnCheck, checked_scores
+from engine.ood import TurnCheck, checked_scores, default_check_every
 from engine.prediction import Prediction
 from streamer import sockets
 from streamer.cli_support import install_stop_signals
@@ -82,8 +82,10 @@ class ServeConfig:
     exit_on_eos: bool = False
     tta: bool = False  # average the 8 flips and quarter turns (8x the inference cost)
     #: a session's frames checked out of distribution by a second, quarter-turned inference
-    #: (engine.ood): every this many frames, 0 never (1/N more inference); with tta every frame
-    ood_check_every: int = 16
+    #: (engine.ood): every this many frames, 0 never (1/N more inference); with tta every frame.
+    #: None: engine.ood.default_check_every (off on a CPU backend, which cannot keep up with the
+    #: camera, unless the warning reads the turn score)
+    ood_check_every: int | None = None
     #: the score the warning reads: "one-pass" (the frame's own, against the model's one-pass
     #: level: it tracks a frame's column errors better, rank correlation 0.67 against the turn
     #: score's 0.54 on the robustness suite at λ = 2.5, and warned on no in-distribution
@@ -117,7 +119,7 @@ class ServeConfig:
             (self.max_batch is not None and self.max_batch < 1)
             or self.max_wait_ms < 0
             or (self.pipeline_depth < 1)
-            or self.ood_check_every < 0
+            or (self.ood_check_every is not None and self.ood_check_every < 0)
         ):
             raise ValueError(
                 "max_batch and pipeline_depth must be >= 1, max_wait_ms and ood_check_every >= 0"
@@ -188,6 +190,11 @@ class Server:
             device_maps=POSTPROCESS[config.postprocess],
         )
         self.max_batch = config.max_batch or self.backend.preferred_batch
+        self.ood_check_every = (
+            default_check_every(self.backend.on_gpu, config.ood_warn_on)
+            if config.ood_check_every is None
+            else config.ood_check_every
+        )
         self.queue = FrameQueue(config.queue_frames)
         self.stop = threading.Event()
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
@@ -288,7 +295,7 @@ class Server:
                 ),
                 DoseNormaliser(),
                 shape,
-                TurnCheck(self.config.ood_check_every),
+                TurnCheck(self.ood_check_every),
             )
             self.sessions[name] = state
             self._warm(shape)
@@ -608,6 +615,7 @@ class Server:
             "backend": self.backend.name,
             "postprocess": "device" if self.backend.device_maps else "host",
             "max_batch": self.max_batch,
+            "ood_check_every": self.ood_check_every,
             "model_id": self.loaded.model_id,
         }
 

@@ -185,6 +185,7 @@ def serve_session(frames, pixel_pm, model_path, postprocess, endpoint_factory):
         mode="replay",
         max_batch=4,
         postprocess=postprocess,
+        ood_check_every=16,  # the turn check runs here too (off by default on the CPU)
     )
     src = sockets.Output(cfg.frames, mode="replay", hwm=1000)
     server = Server(cfg)

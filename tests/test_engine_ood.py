@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from engine.ood import TurnCheck
+from engine.ood import TURN_CHECK_EVERY, TurnCheck, default_check_every
 from training.ood_levels import CHECKS_PER_VERDICT, running_medians, thinned, warning_level
 
 
@@ -22,6 +22,13 @@ def test_every_nth_frame_from_the_first_and_again_after_a_restart():
 def test_zero_never_checks():
     check = TurnCheck(every=0)
     assert not any(check.due(s) for s in range(20))
+
+
+def test_turn_checks_by_default_on_a_gpu_or_when_the_warning_reads_them():
+    assert default_check_every(on_gpu=True, warn_on="one-pass") == TURN_CHECK_EVERY
+    assert default_check_every(on_gpu=True, warn_on="turn") == TURN_CHECK_EVERY
+    assert default_check_every(on_gpu=False, warn_on="turn") == TURN_CHECK_EVERY
+    assert default_check_every(on_gpu=False, warn_on="one-pass") == 0
 
 
 def test_one_check_past_the_level_does_not_warn_a_session_alone():

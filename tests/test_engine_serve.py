@@ -293,6 +293,24 @@ def test_frames_beyond_the_engines_size_limit_are_refused_before_allocation(engi
     assert server.input.malformed.as_dict().get("shape") == 1
 
 
+@pytest.mark.parametrize("warn_on, checked", [("one-pass", False), ("turn", True)])
+def test_on_the_cpu_turn_checks_run_by_default_only_when_the_warning_reads_them(
+    engine, warn_on, checked
+):
+    """Without --ood-check-every a CPU backend (below camera rate) spends no inference on turn
+    checks unless the warning reads the turn score: a session's first frame is then checked,
+    and so is every 16th after it."""
+    src, results, server = engine("replay", max_batch=1, max_wait_ms=5, ood_warn_on=warn_on)
+    assert not server.backend.on_gpu
+    rng = np.random.default_rng(2)
+    for i in range(17):
+        src.send(frame_msg(i, rng))
+    got = collect(results, until_eos=False, n=17)
+    turn = [m.header["ood_turn_score"] is not None for m in got]
+    assert turn == [checked] + [False] * 15 + [checked]
+    assert server.stats()["ood_check_every"] == (16 if checked else 0)
+
+
 def test_without_max_batch_the_engine_uses_its_backends_preferred_batch(engine):
     """torch-cpu (like onnxruntime on the CPU) prefers batch 1: batching measured slower on the
     CPU, so a burst of frames is served one by one unless --max-batch says otherwise."""
