@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from engine.columns import ColumnConfig, ColumnTracker, disk_average, disk_offsets
+from engine.columns import ColumnConfig, ColumnTracker, disk_average, disk_offsets, shift_back
 from engine.drift import DriftEstimator, estimate_drift
 from engine.occupancy import SessionAnalysis
 from streamer.domain import SPECIES_CE, SPECIES_O, px_per_angstrom
@@ -78,6 +78,22 @@ def test_disk_average_leaves_out_pixels_outside_the_frame():
     # disk at the right edge: 18 of its 29 pixels are in the frame, 7 of those in column 19
     assert len(disk_offsets(3)) == 29
     assert mean[1, 1] == pytest.approx(7 / 18)
+
+
+@pytest.mark.parametrize(
+    "dy, dx", [(0.3, -1.7), (-5.25, 3.5), (2.0, -3.0), (-0.999, 0.001), (0.0, 0.0), (500, -500)]
+)
+def test_shifting_maps_back_equals_scipys_linear_shift(dy, dx):
+    """The reference's alignment (bilinear, edge values beyond the frame) equals
+    ndimage.shift(order=1, mode="nearest") to float32 rounding, for sub-pixel, whole-pixel
+    and beyond-the-frame shifts, on a non-square frame."""
+    from scipy import ndimage
+
+    maps = np.random.default_rng(3).random((3, 40, 56)).astype(np.float32)
+    want = ndimage.shift(maps, (0, -dy, -dx), order=1, mode="nearest")
+    got = shift_back(maps, dy, dx)
+    assert got.dtype == np.float32 and got.shape == maps.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
 def test_tracker_keeps_ids_through_drift_and_follows_a_vacancy():
