@@ -226,6 +226,7 @@ def e2e_config(args: argparse.Namespace):
             "sizes",
             "seed",
             "e2e_frames",
+            "warmup",
             "paced_frames",
             "rate_fps",
             "max_batch",
@@ -522,6 +523,15 @@ def _add_bench_engine(bench) -> None:
     )
     config_option(
         p, "--e2e-frames", E2E, type=positive_int, help="with --e2e: frames timed at max rate"
+    )
+    config_option(
+        p,
+        "--warmup",
+        E2E,
+        type=non_negative_int,
+        help="with --e2e: frames whose results are awaited before the timed burst (model "
+        "load, graph builds); 8 or more also leaves the session's column reference, grown "
+        "over its first 8 frames on the host, out of the timing",
     )
     config_option(
         p,

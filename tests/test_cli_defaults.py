@@ -170,5 +170,9 @@ def test_postprocess_option_reaches_serve_and_the_e2e_bench():
     assert cli.serve_config(_parse("serve", "--ood-warn-on", "turn")).ood_warn_on == "turn"
     args = _parse("bench", "engine", "--e2e", "--postprocess", "host")
     assert cli.e2e_config(args).postprocess == "host"
+    assert cli.serve_config(_parse("serve")).ood_check_every is None  # the backend decides
+    assert cli.serve_config(_parse("serve", "--ood-check-every", "4")).ood_check_every == 4
+    e2e = cli.e2e_config(_parse("bench", "engine", "--e2e", "--warmup", "8"))
+    assert e2e.warmup == 8 != cli.e2e_config(_parse("bench", "engine", "--e2e")).warmup
     with pytest.raises(SystemExit):
         _parse("serve", "--postprocess", "gpu")
