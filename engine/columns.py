@@ -16,6 +16,7 @@ vector averaged over a disk there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -222,6 +223,17 @@ class FrameMaps:
         """Depth probabilities averaged over a disk at each position (:func:`disk_average`)."""
         return disk_average(self._depth, y_px, x_px, radius_px)
 
+    @staticmethod
+    def disk_averages(
+        frames: Sequence[FrameMaps],
+        y_px: Sequence[np.ndarray],
+        x_px: Sequence[np.ndarray],
+        radius_px: float,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`disk_average` of each of ``frames`` at its own positions (here frame by
+        frame; :class:`engine.device_maps.TorchFrameMaps` reads them back together)."""
+        return [f.disk_average(y, x, radius_px) for f, y, x in zip(frames, y_px, x_px)]
+
 
 @dataclass
 class _Reference:
@@ -265,31 +277,79 @@ class ColumnTracker:
             self._ref = _Reference(sum=maps.species_host().astype(np.float64), count=0)
             self._drift = (0.0, 0.0)
         else:
-            if self._ref.sum.shape != maps.species_shape:
-                raise ValueError(
-                    f"frame shape {maps.species_shape[1:]} differs from the "
-                    f"session's {self._ref.sum.shape[1:]}"
-                )
+            self._check_shape(maps)
             assert self._registration is not None  # made with the first reference
             self._drift = self._registration.estimate(
-                maps.registration_maps(),
-                prior=self._drift,
-                search_px=self.config.drift_search_A * self._px_per_A,
+                maps.registration_maps(), prior=self._drift, search_px=self._search_px
             )
         if not self.reference_complete:
             self._grow_reference(maps)
         ref = self._ref
         dy, dx = self._drift
         y, x = ref.y_px + dy, ref.x_px + dx
-        probs, inside = maps.disk_average(y, x, self.config.disk_radius_A * self._px_per_A)
+        return self._columns(y, x, maps.disk_average(y, x, self._radius_px), self._drift)
+
+    def update_series(self, frames: Sequence[FrameMaps]) -> list[FrameColumns]:
+        """Consecutive frames of the session: :meth:`update_maps` of each in turn, with the
+        same answers, but once the reference is complete the frames' drifts are estimated
+        together (:meth:`engine.drift.DriftEstimator.estimate_series`) and their columns'
+        averages read together (:meth:`FrameMaps.disk_averages`): on the inference device two
+        copies to the host for the lot instead of two per frame."""
+        out, k = [], 0
+        while k < len(frames) and not self.reference_complete:
+            out.append(self.update_maps(frames[k]))
+            k += 1
+        rest = frames[k:]
+        if not rest:
+            return out
+        for maps in rest:
+            self._check_shape(maps)
+        assert self._ref is not None and self._registration is not None  # reference complete
+        drifts = self._registration.estimate_series(
+            [maps.registration_maps() for maps in rest],
+            prior=self._drift,
+            search_px=self._search_px,
+        )
+        self._drift = drifts[-1]
+        ys = [self._ref.y_px + dy for dy, _ in drifts]
+        xs = [self._ref.x_px + dx for _, dx in drifts]
+        averages = type(rest[0]).disk_averages(rest, ys, xs, self._radius_px)
+        return out + [self._columns(*c) for c in zip(ys, xs, averages, drifts)]
+
+    @property
+    def _search_px(self) -> float:
+        return self.config.drift_search_A * self._px_per_A
+
+    @property
+    def _radius_px(self) -> float:
+        return self.config.disk_radius_A * self._px_per_A
+
+    def _check_shape(self, maps: FrameMaps) -> None:
+        assert self._ref is not None
+        if self._ref.sum.shape != maps.species_shape:
+            raise ValueError(
+                f"frame shape {maps.species_shape[1:]} differs from the "
+                f"session's {self._ref.sum.shape[1:]}"
+            )
+
+    def _columns(
+        self,
+        y: np.ndarray,
+        x: np.ndarray,
+        average: tuple[np.ndarray, np.ndarray],
+        drift: tuple[float, float],
+    ) -> FrameColumns:
+        """The frame's columns from the reference's at (y, x) and their disk averages."""
+        assert self._ref is not None
+        probs, inside = average
         probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
         return FrameColumns(
-            ids=ref.ids[inside],
+            ids=self._ref.ids[inside],
             x_px=x[inside],
             y_px=y[inside],
-            species=ref.species[inside],
+            species=self._ref.species[inside],
             probabilities=probs[inside],
-            drift_px=(float(dy), float(dx)),
+            drift_px=(float(drift[0]), float(drift[1])),
         )
 
     def _grow_reference(self, maps: FrameMaps) -> None:

@@ -4,21 +4,25 @@ the drift registration, computed from probability tensors left where the network
 the host path of :mod:`engine.prediction`, :mod:`engine.columns` and :mod:`engine.drift`).
 
 What crosses back to the host per frame: the depth (uint8), confidence (float32) and species
-(uint8) maps, the columns' averaged depth probabilities (n, 11) and a (2r+3)² window of the
-drift-correlation surface (r: the search radius, px); the species maps (3, H, W) only while a
-session's column reference grows (its first ``ColumnConfig.reference_frames`` frames). Against
-copying the full float32 probabilities (14 channels: 14.7 MB per 512² frame) that is 1.5 MB.
+(uint8) maps, the columns' averaged depth probabilities (n, 11) and a window of the
+drift-correlation surface ((2(r + 8) + 3)² around the batch's first prior; r: the search
+radius, px); the species maps (3, H, W) only while a session's column reference grows (its
+first ``ColumnConfig.reference_frames`` frames). Against copying the full float32
+probabilities (14 channels: 14.7 MB per 512² frame) that is 1.5 MB. Once the reference is
+complete, a batch's frames of one session wait for the device twice in all (drift windows,
+then column averages: :meth:`engine.columns.ColumnTracker.update_series`), not twice each.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from engine.columns import FrameMaps, disk_offsets
-from engine.drift import DriftEstimator, hann_window
+from engine.drift import DriftEstimator, hann_window, refined_peak, search_shifts
 
 
 class DevicePrediction:
@@ -132,6 +136,26 @@ class TorchFrameMaps(FrameMaps):
         """As :func:`engine.columns.disk_average`, with the disks' pixel indices built, gathered
         and averaged on the device: only the rounded centres (n, 2) go up, one (n, 12) array
         comes back."""
+        return _split(self._disk_means(y_px, x_px, radius_px).cpu().numpy())
+
+    @staticmethod
+    def disk_averages(
+        frames: Sequence[FrameMaps],
+        y_px: Sequence[np.ndarray],
+        x_px: Sequence[np.ndarray],
+        radius_px: float,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`disk_average` of each frame at its own positions (the same number of
+        positions in each), computed on the device and copied back in one go."""
+        means = []
+        for frame, y, x in zip(frames, y_px, x_px):
+            assert isinstance(frame, TorchFrameMaps)
+            means.append(frame._disk_means(y, x, radius_px))
+        return [_split(m) for m in torch.stack(means).cpu().numpy()]
+
+    def _disk_means(self, y_px: np.ndarray, x_px: np.ndarray, radius_px: float) -> torch.Tensor:
+        """(n, C + 1) on the device: each disk's mean depth probabilities and its pixel count
+        inside the frame."""
         c, h, w = self._depth_t.shape
         device = self._depth_t.device
         offsets = _disk_offsets_on(float(radius_px), device)
@@ -144,14 +168,22 @@ class TorchFrameMaps(FrameMaps):
             values = self._depth_t.reshape(c, -1)[:, flat].float()  # (C, n, k)
             count = weight.sum(dim=1)
             mean = (values * weight[None]).sum(dim=2) / count.clamp_min(1)[None]
-            host = torch.cat([mean.T, count[:, None]], dim=1).cpu().numpy()
-        return host[:, :c], host[:, c] > 0
+            return torch.cat([mean.T, count[:, None]], dim=1)
+
+
+def _split(means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, C + 1) disk means and counts -> ((n, C) means, (n,) inside the frame)."""
+    return means[:, :-1], means[:, -1] > 0
 
 
 @functools.lru_cache(maxsize=16)
 def _disk_offsets_on(radius_px: float, device: torch.device) -> torch.Tensor:
     """:func:`engine.columns.disk_offsets` (k, 2) as a tensor on ``device``, built once."""
     return torch.from_numpy(disk_offsets(radius_px)).to(device)
+
+
+#: px of drift since a batch's first prior that its one shared copy of the drift windows covers
+SERIES_SLACK_PX = 8
 
 
 class TorchDriftEstimator(DriftEstimator):
@@ -169,7 +201,8 @@ class TorchDriftEstimator(DriftEstimator):
         return torch.fft.rfft2(ref).conj() / energy
 
     def _prepare(self, maps):
-        return (maps - maps.mean(dim=(1, 2), keepdim=True)) * self._window_t
+        """Mean-free and windowed maps (..., H, W)."""
+        return (maps - maps.mean(dim=(-2, -1), keepdim=True)) * self._window_t
 
     def _surface(self, image) -> torch.Tensor:
         image = self._channels(torch.as_tensor(image, device=self.device).float())
@@ -179,4 +212,35 @@ class TorchDriftEstimator(DriftEstimator):
 
     def _values(self, surface, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         r, c = (torch.from_numpy(i).to(self.device) for i in (rows, cols))
-        return surface[r][:, c].cpu().numpy()
+        return surface[..., r, :][..., c].cpu().numpy()
+
+    def estimate_series(
+        self, images: list, prior: tuple[float, float] = (0, 0), search_px: float = 8.0
+    ) -> list[tuple[float, float]]:
+        """As :meth:`DriftEstimator.estimate_series`, with one copy to the host for the whole
+        series: the surfaces of all images are computed together, and a window of the search
+        radius plus :data:`SERIES_SLACK_PX` around ``prior`` comes back for each; a frame whose
+        search leaves that window (drifted more than the slack since the first prior) reads
+        its own."""
+        if len(images) < 2:
+            return super().estimate_series(images, prior, search_px)
+        h, w = self.shape
+        with torch.inference_mode():
+            stack = torch.stack(
+                [self._channels(torch.as_tensor(i, device=self.device).float()) for i in images]
+            )
+            spectra = torch.fft.rfft2(self._prepare(stack))
+            surfaces = torch.fft.irfft2((spectra * self._conj_ref).sum(dim=1), s=self.shape)
+        wide_y, wide_x = search_shifts(prior, search_px + SERIES_SLACK_PX)
+        windows = self._values(surfaces, wide_y % h, wide_x % w)  # (B, rows, cols)
+        drifts = []
+        for k, surface in enumerate(surfaces):
+            dys, dxs = search_shifts(prior, search_px)
+            rows, cols = dys - wide_y[0], dxs - wide_x[0]
+            if rows[0] >= 0 and rows[-1] < len(wide_y) and cols[0] >= 0 and cols[-1] < len(wide_x):
+                values = windows[k][np.ix_(rows, cols)]
+            else:
+                values = self._values(surface, dys % h, dxs % w)
+            prior = refined_peak(values, dys, dxs, prior, search_px)
+            drifts.append(prior)
+        return drifts

@@ -93,20 +93,47 @@ class DriftEstimator:
         """Drift (dy, dx) in pixels of ``image`` within ``search_px`` of ``prior`` (module
         docstring: sign)."""
         surface = self._surface(image)
+        dys, dxs = search_shifts(prior, search_px)
         h, w = self.shape
-        py, px = int(round(prior[0])), int(round(prior[1]))
-        r = int(np.ceil(search_px))
-        # the search window and one more pixel each side, for the sub-pixel parabola
-        dys = np.arange(py - r - 1, py + r + 2)
-        dxs = np.arange(px - r - 1, px + r + 2)
-        values = self._values(surface, dys % h, dxs % w)
-        yy, xx = np.meshgrid(dys[1:-1] - prior[0], dxs[1:-1] - prior[1], indexing="ij")
-        window = np.where(yy**2 + xx**2 <= search_px**2, values[1:-1, 1:-1], -np.inf)
-        iy, ix = np.unravel_index(int(np.argmax(window)), window.shape)
-        iy, ix = iy + 1, ix + 1  # in ``values``
-        sub_y = _parabola_offset(values[iy - 1, ix], values[iy, ix], values[iy + 1, ix])
-        sub_x = _parabola_offset(values[iy, ix - 1], values[iy, ix], values[iy, ix + 1])
-        return int(dys[iy]) + sub_y, int(dxs[ix]) + sub_x
+        return refined_peak(self._values(surface, dys % h, dxs % w), dys, dxs, prior, search_px)
+
+    def estimate_series(
+        self, images: list, prior: tuple[float, float] = (0, 0), search_px: float = 8.0
+    ) -> list[tuple[float, float]]:
+        """Drifts of consecutive ``images``, each searched around the one before it (the first
+        around ``prior``): :meth:`estimate` frame by frame. A subclass may compute them
+        together (:class:`engine.device_maps.TorchDriftEstimator`), with the same answers."""
+        drifts = []
+        for image in images:
+            prior = self.estimate(image, prior, search_px)
+            drifts.append(prior)
+        return drifts
+
+
+def search_shifts(prior: tuple[float, float], search_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """The integer shifts (rows, cols) searched around ``prior``: the search window and one more
+    pixel each side, for the sub-pixel parabola (unwrapped: may be negative)."""
+    py, px = int(round(prior[0])), int(round(prior[1]))
+    r = int(np.ceil(search_px))
+    return np.arange(py - r - 1, py + r + 2), np.arange(px - r - 1, px + r + 2)
+
+
+def refined_peak(
+    values: np.ndarray,
+    dys: np.ndarray,
+    dxs: np.ndarray,
+    prior: tuple[float, float],
+    search_px: float,
+) -> tuple[float, float]:
+    """The correlation maximum within ``search_px`` of ``prior`` among ``values`` (the surface
+    at shifts ``dys`` x ``dxs``), refined by a parabola along each axis."""
+    yy, xx = np.meshgrid(dys[1:-1] - prior[0], dxs[1:-1] - prior[1], indexing="ij")
+    window = np.where(yy**2 + xx**2 <= search_px**2, values[1:-1, 1:-1], -np.inf)
+    iy, ix = np.unravel_index(int(np.argmax(window)), window.shape)
+    iy, ix = iy + 1, ix + 1  # in ``values``
+    sub_y = _parabola_offset(values[iy - 1, ix], values[iy, ix], values[iy + 1, ix])
+    sub_x = _parabola_offset(values[iy, ix - 1], values[iy, ix], values[iy, ix + 1])
+    return int(dys[iy]) + sub_y, int(dxs[ix]) + sub_x
 
 
 def estimate_drift(

@@ -6,6 +6,7 @@ or backends, so the same code serves the live engine, a replay and the tests.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,10 +89,22 @@ class SessionAnalysis:
 
     def update_maps(self, maps: FrameMaps, frame: int = 0, t_acq: float | None = None) -> Occupancy:
         """As :meth:`update`, for maps on the host or on the inference device."""
+        return self._occupancy(self.tracker.update_maps(maps), frame, t_acq)
+
+    def update_series(
+        self, maps: Sequence[FrameMaps], frames: Sequence[int], t_acq: Sequence[float | None]
+    ) -> list[Occupancy]:
+        """Consecutive frames of the session (seqs ``frames``, acquired at ``t_acq``): the same
+        as :meth:`update_maps` of each in turn, with the column tracking done for the lot
+        (:meth:`engine.columns.ColumnTracker.update_series`: fewer waits for the device)."""
+        columns = self.tracker.update_series(maps)
+        return [self._occupancy(c, f, t) for c, f, t in zip(columns, frames, t_acq)]
+
+    def _occupancy(self, cols: FrameColumns, frame: int, t_acq: float | None) -> Occupancy:
+        """Filter and events of one frame's columns."""
         t = float(frame) if t_acq is None else float(t_acq)
         dt = 1.0 if self._last_t is None else t - self._last_t
         self._last_t = t
-        cols = self.tracker.update_maps(maps)
         filtered, change = self.filter.update(cols.ids, cols.probabilities, dt)
         events = self.events.update(
             frame,

@@ -30,7 +30,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -165,6 +165,28 @@ class _OOD:
     uncertainty: float
     turn: float
     session_turn: float
+
+
+def _analysed(batch: _Batch, pred: Prediction | DevicePrediction) -> list[Occupancy]:
+    """Each frame's column occupancy, in batch order: the frames of one session state are
+    analysed together, in their order (:meth:`SessionAnalysis.update_series`; a batch holds
+    one session's frames, :mod:`engine.batching`, but each frame carries its own state)."""
+    by_session: dict[int, list[int]] = {}
+    for i, state in enumerate(batch.states):
+        by_session.setdefault(id(state), []).append(i)
+    out: list[Occupancy | None] = [None] * len(batch.items)
+    for frames in by_session.values():
+        analysis = batch.states[frames[0]].analysis
+        payloads = [batch.items[i].payload for i in frames]
+        series = analysis.update_series(
+            [pred.frame(i) for i in frames],
+            [msg.seq for msg in payloads],
+            [msg.header.get("t_acq") for msg in payloads],
+        )
+        for i, occ in zip(frames, series):
+            out[i] = occ
+    assert all(occ is not None for occ in out)  # every frame belongs to one session
+    return cast(list[Occupancy], out)
 
 
 #: the engine's stages as reported in ``stage_ms_per_frame``
@@ -428,24 +450,22 @@ class Server:
         ood = pred.uncertainty_scores()
         turn = batch.turn
         assert turn is not None  # set by the inference stage with the prediction
-        results = []
-        for i, item in enumerate(batch.items):
+        for i in range(n):
             if math.isfinite(turn[i]):
                 batch.states[i].turn.record(float(turn[i]))
-            occ = batch.states[i].analysis.update_maps(
-                pred.frame(i), item.payload.seq, item.payload.header.get("t_acq")
+        occupancy = _analysed(batch, pred)
+        results = [
+            (
+                occ,
+                {
+                    "depth": depth[i],
+                    "confidence": confidence[i],
+                    "species": species[i],
+                    **occ.buffers(),
+                },
             )
-            results.append(
-                (
-                    occ,
-                    {
-                        "depth": depth[i],
-                        "confidence": confidence[i],
-                        "species": species[i],
-                        **occ.buffers(),
-                    },
-                )
-            )
+            for i, occ in enumerate(occupancy)
+        ]
         t = self._clock("postprocess", t, n)
         for i, (item, (occ, arrays)) in enumerate(zip(batch.items, results)):
             scores = _OOD(float(ood[i]), float(turn[i]), batch.states[i].turn.score)

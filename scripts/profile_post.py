@@ -1,11 +1,12 @@
 """Where the engine's post-processing spends its time per frame, on any backend.
 
 Runs what ``serve``'s publish stage runs on each batch (``Prediction.maps``, the one-pass score,
-then per frame ``SessionAnalysis.update_maps``, the result table and buffers) on a drifting
-series of noisy frames, and prints the stage's ms per frame while the column reference grows
-(the first ``ColumnConfig.reference_frames``) and after, and, profiled by cProfile after it,
-the functions that took the most time. With a CUDA backend the waits for the GPU show up in
-the calls that copy to the host or wait for it (``Tensor.cpu``, ``Stream.synchronize``).
+then ``SessionAnalysis.update_series`` of the batch's frames, each frame's result table and
+buffers) on a drifting series of noisy frames, and prints the stage's ms per frame while the
+column reference grows (the first ``ColumnConfig.reference_frames``) and after, and,
+profiled by cProfile after it, the functions that took the most time. With a CUDA backend the
+waits for the GPU show up in the calls that copy to the host or wait for it (``Tensor.cpu``,
+``Stream.synchronize``).
 Inference itself is outside the profile.
 
     PYTHONPATH=. python3 scripts/profile_post.py --backend torch-cuda \
@@ -76,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             profile.enable()
         depth, _, _ = pred.maps()
         pred.uncertainty_scores()
-        for i in range(len(depth)):
-            occ = analysis.update_maps(pred.frame(i), k * args.batch + i)
+        seqs = [k * args.batch + i for i in range(len(depth))]
+        series = analysis.update_series(
+            [pred.frame(i) for i in range(len(depth))], seqs, [None] * len(seqs)
+        )
+        for occ in series:
             occ.table()
             occ.buffers()
             columns = len(occ.columns.ids)

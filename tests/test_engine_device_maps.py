@@ -164,13 +164,52 @@ def test_a_session_tracked_on_the_device_gives_the_host_tables(session, device, 
     )
     host = Prediction(on_device.depth_prob, on_device.species_prob)
     a, b = SessionAnalysis(pixel_pm), SessionAnalysis(pixel_pm)
-    columns = 0
+    columns, wanted = 0, []
     for i in range(len(frames)):
         want = a.update_maps(host.frame(i), frame=i)
         got = b.update_maps(on_device.frame(i), frame=i)
         assert_same_columns(got, want)
         columns += len(want.columns.ids)
+        wanted.append(want)
     assert columns >= 5 * len(frames)  # the model found the particle's columns
+    # the engine's way: a batch's frames of one session together; series of 5 frames, the
+    # second one across the end of the column reference (its first 8 frames)
+    c = SessionAnalysis(pixel_pm)
+    series = []
+    for start in range(0, len(frames), 5):
+        chunk = range(start, min(start + 5, len(frames)))
+        series += c.update_series([on_device.frame(i) for i in chunk], list(chunk), [None] * 5)
+    assert len(series) == len(frames)
+    assert c.tracker._drift == pytest.approx(a.tracker._drift, abs=1e-3)  # the next prior
+    for got, want in zip(series, wanted):
+        assert_same_columns(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_drifts_of_a_series_on_the_device_share_one_window_and_equal_frame_by_frame(
+    device, monkeypatch
+):
+    """TorchDriftEstimator.estimate_series reads one window for a whole series and gives the
+    host's frame-by-frame answers; frames that drifted past the window's slack read their own."""
+    rng = np.random.default_rng(3)
+    reference = ndimage.gaussian_filter(rng.random((2, 128, 112)), (0, 3, 3)).astype(np.float32)
+    steps = [(0.4, -0.3)] * 4 + [(6.0, 5.0)] * 3 + [(0.2, 0.1)] * 3  # then past the slack
+    images, drift = [], np.zeros(2)
+    for step in steps:
+        drift = drift + step
+        moved = ndimage.shift(reference, (0, *drift), order=3, mode="wrap")
+        images.append((moved + rng.normal(0, 0.01, moved.shape)).astype(np.float32))
+    host, on_device = DriftEstimator(reference), TorchDriftEstimator(reference, device)
+    reads = []
+    values = on_device._values
+    monkeypatch.setattr(
+        on_device, "_values", lambda s, r, c: reads.append(s.ndim) or values(s, r, c)
+    )
+    want = host.estimate_series(images, prior=(0.0, 0.0), search_px=10.0)
+    got = on_device.estimate_series([torch.from_numpy(i).to(device) for i in images], (0, 0), 10.0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(want, np.cumsum(steps, axis=0), atol=0.5)  # Hann-window bias
+    assert reads[0] == 3 and 1 < len(reads) < len(images)  # one shared read, some of their own
 
 
 def serve_session(frames, pixel_pm, model_path, postprocess, endpoint_factory):
@@ -249,6 +288,15 @@ def test_serve_with_device_postprocessing_publishes_the_host_results(session, en
             assert d.header["ood_turn_score"] == pytest.approx(h.header["ood_turn_score"], abs=1e-5)
         assert_same_events(d.header["events"], h.header["events"])
     assert any(h.header["ood_turn_score"] is not None for h in host)  # a turn check ran
+    # frames after the column reference were tracked in series (update_series) on the device
+    assert max(d.header["batch_size"] for d in device[8:]) > 1
+    # and each published frame carries its own frame's answer, as tracked one by one
+    pred = backends.create("torch-cpu", loaded).infer(frames / np.float32(SESSION.dose_e_per_px))
+    alone = SessionAnalysis(pixel_pm)
+    for i, h in enumerate(host):
+        want = alone.update_maps(pred.frame(i), i, i * SESSION.frame_interval_s)
+        assert h.header["columns"]["id"] == want.table()["id"]
+        np.testing.assert_allclose(h.header["drift_px"], want.columns.drift_px, atol=1e-3)
 
 
 def assert_same_events(got: list[dict], want: list[dict]) -> None:
