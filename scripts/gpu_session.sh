@@ -18,7 +18,8 @@
 # travels too and all of it must stay under 64 MiB: check `du` first, and move
 # training/models/previous/ out of the tree for the call if it does not fit.
 # Results land in $OUT: session.log (all that was printed, gpu_ceilings.py's output too),
-# engine.json, engine_e2e_{device,host}.json, train.log, the
+# engine.json, engine_e2e_{device,host}.json (BENCH=e2e: engine_e2e_device{,_steady}.json),
+# train.log, the
 # run's config.json, metrics.jsonl and model.pt (checkpoint.pt, ~24 MB, stays behind).
 # BUDGET_S: seconds the whole script may take; training gets what the benchmarks leave, less 80 s
 # for loading and the final save (its learning-rate schedule follows that wall time).
@@ -42,6 +43,8 @@ if [ "${BENCH:-1}" = 1 ] && [ "$HAS_CUDA" = 1 ]; then
     timeout 100 python3 -m segdepth bench engine --backends torch-cuda,tensorrt \
         --sizes 512 1024 --batches 1 8 32 --iterations 20 --max-seconds 2 \
         --json "$OUT/engine.json" 2>&1 | tail -30
+fi
+if [ "${BENCH:-1}" != 0 ] && [ "$HAS_CUDA" = 1 ]; then
     # post-processing on the GPU against the CPU reference (tests needing abTEM skip there)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine_device_maps.py 2>&1 | tail -8
 fi
@@ -57,6 +60,11 @@ if [ "${BENCH:-1}" != 0 ] && [ "$HAS_CUDA" = 1 ] && [ -n "$FRAMES" ]; then
             --sizes $SIDES --max-batch 32 --e2e-frames 128 --frames-from $FRAMES \
             --postprocess $POST --json "$OUT/engine_e2e_$POST.json" 2>&1 | tail -30
     done
+    # the steady state alone: the session's column reference (first 8 frames) out of the timing
+    [ "${BENCH:-1}" = e2e ] && timeout 120 python3 -m segdepth bench engine --e2e \
+        --backends torch-cuda --sizes $SIDES --max-batch 32 --e2e-frames 128 --warmup 8 \
+        --frames-from $FRAMES --postprocess device --json "$OUT/engine_e2e_device_steady.json" \
+        2>&1 | tail -30
     # where device post-processing spends its time per frame (cProfile, into session.log)
     for f in $FRAMES; do
         # the project is not installed there: the repository root on the path
