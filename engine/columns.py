@@ -146,8 +146,8 @@ def _axis_lerp(maps: np.ndarray, axis: int, shift: float) -> np.ndarray:
 def shift_back(maps: np.ndarray, dy: float, dx: float) -> np.ndarray:
     """Maps (C, H, W) whose content moved by (dy, dx) px, moved back: out[y, x] = maps[y + dy,
     x + dx], bilinear, edge values beyond the frame. Equals ``ndimage.shift(maps, (0, -dy,
-    -dx), order=1, mode="nearest")`` to float32 rounding, about 20 times faster (separable:
-    two gathers and two blends instead of a general spline per pixel)."""
+    -dx), order=1, mode="nearest")`` to float32 rounding, about 8 times faster (3 × 512²:
+    7 against 59 ms; separable: two gathers and two blends instead of a spline per pixel)."""
     return _axis_lerp(_axis_lerp(maps, 1, dy), 2, dx)
 
 
