@@ -30,7 +30,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -165,28 +165,6 @@ class _OOD:
     uncertainty: float
     turn: float
     session_turn: float
-
-
-def _analysed(batch: _Batch, pred: Prediction | DevicePrediction) -> list[Occupancy]:
-    """Each frame's column occupancy, in batch order: the frames of one session state are
-    analysed together, in their order (:meth:`SessionAnalysis.update_series`; a batch holds
-    one session's frames, :mod:`engine.batching`, but each frame carries its own state)."""
-    by_session: dict[int, list[int]] = {}
-    for i, state in enumerate(batch.states):
-        by_session.setdefault(id(state), []).append(i)
-    out: list[Occupancy | None] = [None] * len(batch.items)
-    for frames in by_session.values():
-        analysis = batch.states[frames[0]].analysis
-        payloads = [batch.items[i].payload for i in frames]
-        series = analysis.update_series(
-            [pred.frame(i) for i in frames],
-            [msg.seq for msg in payloads],
-            [msg.header.get("t_acq") for msg in payloads],
-        )
-        for i, occ in zip(frames, series):
-            out[i] = occ
-    assert all(occ is not None for occ in out)  # every frame belongs to one session
-    return cast(list[Occupancy], out)
 
 
 #: the engine's stages as reported in ``stage_ms_per_frame``
@@ -453,7 +431,15 @@ class Server:
         for i in range(n):
             if math.isfinite(turn[i]):
                 batch.states[i].turn.record(float(turn[i]))
-        occupancy = _analysed(batch, pred)
+        # one session's frames (engine.batching keys a batch by session and shape), tracked
+        # together: on the inference device two waits for the lot, not two per frame
+        analysis = batch.states[0].analysis
+        assert all(state.analysis is analysis for state in batch.states)
+        occupancy = analysis.update_series(
+            [pred.frame(i) for i in range(n)],
+            [item.payload.seq for item in batch.items],
+            [item.payload.header.get("t_acq") for item in batch.items],
+        )
         results = [
             (
                 occ,
