@@ -1,20 +1,23 @@
 """Inference backends behind one interface: frames in, depth and species probabilities out.
 
 ``tensorrt`` (serialized FP16 plan, optimisation profile over batch), ``torch-cuda`` (FP16,
-channels-last, one CUDA graph replayed per batch size and frame shape), ``onnxruntime-int8``
+channels-last, one CUDA graph replayed per batch size and frame shape), ``torch-cpu-bf16``
+(bfloat16 on a CPU with AMX or AVX512-BF16, compiled by TorchInductor), ``onnxruntime-int8``
 (the statically quantized graph of :mod:`engine.quantize`, CPU), ``onnxruntime`` (the FP32 ONNX
 graph; CUDA provider when present, else CPU) and ``torch-cpu`` (eager FP32, the reference).
 :func:`unavailable_reason` says why a backend cannot run here and :meth:`Backend.refusal` why
-it is not offered for a given model (INT8 without a passing parity record); ``auto`` picks the
+it is not offered for a given model (BF16 or INT8 without a passing parity record,
+:mod:`engine.parity`); ``auto`` picks the
 first backend in :data:`PREFERENCE` (fastest first, see ``segdepth bench engine``) that is
 neither.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -31,6 +34,8 @@ from engine.export import (
 )
 from engine.model_io import LoadedModel, pad_to_multiple, padded_side
 from engine.prediction import Prediction
+
+log = logging.getLogger(__name__)
 
 
 def infer_tta(backend: Backend, frames: np.ndarray) -> tuple[Prediction, np.ndarray]:
@@ -107,9 +112,20 @@ class Backend(ABC):
         return None
 
     @staticmethod
-    def refusal(loaded: LoadedModel) -> str | None:
-        """Why this backend is not offered for ``loaded`` although it runs here, or None."""
+    def parity_form() -> dict[str, Any] | None:
+        """What this backend's parity record must have been measured on, for a backend that is
+        offered only with a passing record (:mod:`engine.parity`); None for the others."""
         return None
+
+    @classmethod
+    def refusal(cls, loaded: LoadedModel) -> str | None:
+        """Why this backend is not offered for ``loaded`` although it runs here, or None."""
+        form = cls.parity_form()
+        if form is None:
+            return None
+        from engine.parity import refusal
+
+        return refusal(loaded, cls.precision, form)
 
     def warm(self, shape: tuple[int, int]) -> None:
         """Make ready for frames of ``shape`` (H, W) px before the first one is timed (the CUDA
@@ -153,10 +169,12 @@ class TorchCPUBackend(Backend):
     on_gpu = False
     #: numpy's per-channel pass (engine.prediction.channel_max) is the faster reduction here
     device_maps_default = False
+    #: the network in bfloat16 (engine.model_io.ProbabilityHead)
+    bf16: ClassVar[bool] = False
 
     def __init__(self, loaded: LoadedModel, max_batch: int = 32, **kw):
         super().__init__(loaded, max_batch, **kw)
-        self._head = loaded.head()
+        self._head = loaded.head(bf16=self.bf16)
 
     def _run(self, x: np.ndarray) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode():
@@ -169,6 +187,77 @@ def graph_batch(b: int, max_batch: int) -> int:
     if not 1 <= b <= max_batch:
         raise ValueError(f"batch {b} outside 1..{max_batch}")
     return min(1 << (b - 1).bit_length(), max_batch)
+
+
+def native_bf16_reason() -> str | None:
+    """Why this CPU has no native bfloat16 arithmetic (AMX tiles or AVX512-BF16), or None.
+    Without it oneDNN emulates BF16, measured about 200x slower than FP32 on an AVX2 EPYC."""
+    if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
+        return None
+    return "this CPU has neither AMX nor AVX512-BF16 (BF16 would be emulated, far slower)"
+
+
+class TorchCPUBF16Backend(TorchCPUBackend):
+    """PyTorch on the CPU, autocast to bfloat16, channels-last, on oneDNN's AMX / AVX512-BF16
+    kernels (:class:`engine.model_io.ProbabilityHead`), compiled by TorchInductor with frozen
+    weights (it fuses the casts, padding, concatenation, upsampling and ReLUs that eager mode
+    runs as separate passes over memory) for each frame shape on first use, one frame
+    at a time (batch 1 measured fastest on the CPU). Offered only on a CPU with native BF16 and
+    for a model whose BF16 parity record passes (:mod:`engine.parity`).
+
+    ``compile``: False runs eager (the same arithmetic in other kernels: slower, no compile
+    time); a compilation that fails (no C++ compiler) falls back to eager with a warning.
+    """
+
+    name, precision = "torch-cpu-bf16", "bf16"
+    bf16 = True
+
+    def __init__(self, loaded: LoadedModel, max_batch: int = 32, compile: bool = True, **kw):
+        super().__init__(loaded, max_batch, **kw)
+        self._net: torch.nn.Module = self._head
+        if compile:
+            # freezing: weights become constants, so their casts to bfloat16 fold away
+            self._net = cast(
+                torch.nn.Module,
+                torch.compile(self._head, dynamic=False, options={"freezing": True}),
+            )
+        self.compiled = compile
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        return native_bf16_reason()
+
+    @staticmethod
+    def parity_form() -> dict[str, Any]:
+        return {
+            "network": "autocast bfloat16, channels-last",
+            "softmax": "float32",
+            "compiled": True,
+        }
+
+    def warm(self, shape: tuple[int, int]) -> None:
+        """Compile for frames of ``shape`` (H, W) px (TorchInductor: tens of seconds the first
+        time on 2 cores, seconds when its on-disk cache has the graph)."""
+        h, w = (padded_side(side, self.loaded.size_multiple) for side in shape)
+        self._run(np.zeros((1, 1, h, w), np.float32))
+
+    def _run(self, x: np.ndarray) -> tuple[torch.Tensor, ...]:
+        # a copy has the strides of a fresh array: the batch's (b, 1, H, W) view has stride 0
+        # along its channel axis, which would fail the compiled graph's guard and recompile
+        outputs = [self._frame(torch.from_numpy(np.array(x[i : i + 1]))) for i in range(len(x))]
+        return tuple(_joined(list(o)) for o in zip(*outputs))
+
+    def _frame(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            if self._net is self._head:
+                return self._head(x)
+            try:
+                return self._net(x)
+            except Exception as exc:  # inductor needs a C++ compiler and may fail on odd hosts
+                log.warning("torch.compile failed (%s): running BF16 eager", exc)
+                self._net = self._head
+                self.compiled = False
+                return self._head(x)
 
 
 class TorchCUDABackend(Backend):
@@ -299,10 +388,10 @@ class OnnxRuntimeInt8Backend(OnnxRuntimeBackend):
         return int8_graph(self.loaded, self.cache_dir)
 
     @staticmethod
-    def refusal(loaded: LoadedModel) -> str | None:
-        from engine.quantize import parity_refusal
+    def parity_form() -> dict[str, Any]:
+        from engine.quantize import int8_form
 
-        return parity_refusal(loaded)
+        return int8_form()
 
 
 class TensorRTBackend(Backend):
@@ -360,6 +449,7 @@ class TensorRTBackend(Backend):
 PREFERENCE: tuple[type[Backend], ...] = (
     TensorRTBackend,
     TorchCUDABackend,
+    TorchCPUBF16Backend,
     OnnxRuntimeInt8Backend,
     OnnxRuntimeBackend,
     TorchCPUBackend,
@@ -374,18 +464,27 @@ def unavailable_reason(name: str) -> str | None:
     return BACKENDS[name].unavailable_reason()
 
 
-def resolve(name: str, loaded: LoadedModel | None = None) -> str:
+def resolve(name: str, loaded: LoadedModel | None = None, ignore_parity: bool = False) -> str:
     """``auto`` -> the fastest backend that runs here (and, given ``loaded``, is offered for
-    that model); any other name is checked the same way."""
+    that model); any other name is checked the same way, except that ``ignore_parity`` runs a
+    backend named explicitly although ``loaded``'s parity record refuses it (with a warning;
+    ``auto`` never picks a refused backend)."""
     if name == "auto":
         return next(
             cls.name
             for cls in PREFERENCE
             if cls.unavailable_reason() is None and (loaded is None or cls.refusal(loaded) is None)
         )
-    reason = unavailable_reason(name) or (BACKENDS[name].refusal(loaded) if loaded else None)
+    reason = unavailable_reason(name)
     if reason:
         raise RuntimeError(f"backend {name!r} is unavailable here: {reason}")
+    refusal = BACKENDS[name].refusal(loaded) if loaded else None
+    if refusal and not ignore_parity:
+        raise RuntimeError(
+            f"backend {name!r} is unavailable here: {refusal} (--ignore-parity runs it anyway)"
+        )
+    if refusal:
+        log.warning("backend %s is not offered for this model, run anyway: %s", name, refusal)
     return name
 
 
@@ -395,9 +494,11 @@ def create(
     max_batch: int = 32,
     cache_dir: Path | None = None,
     device_maps: bool | None = None,
+    ignore_parity: bool = False,
 ) -> Backend:
-    """Instantiate backend ``name`` (or ``auto``) for ``loaded``; ``device_maps``: keep the
-    probabilities on the backend's device (None: the backend's default)."""
-    return BACKENDS[resolve(name, loaded)](
+    """Instantiate backend ``name`` (or ``auto``) for ``loaded`` (:func:`resolve`);
+    ``device_maps``: keep the probabilities on the backend's device (None: the backend's
+    default)."""
+    return BACKENDS[resolve(name, loaded, ignore_parity)](
         loaded, max_batch=max_batch, cache_dir=cache_dir, device_maps=device_maps
     )

@@ -197,7 +197,12 @@ def run_bench(config: BenchConfig, json_path: Path) -> dict[str, Any]:
                 rows.append({"backend": cls.name, "status": f"not run on real hardware: {reason}"})
         made: dict[str, backends.Backend] = {}
         gflop = {side: model_gflop(loaded, side) for side in config.sizes}
-        ceiling = gemm_ceiling_gflops(device="cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # each path against the dense matrix product of its own precision where one is measured
+        # here (BF16 on the CPU: AMX / AVX512-BF16), else against FP32's
+        ceilings = {"fp32": gemm_ceiling_gflops(device=device)}
+        if any(c.precision == "bf16" for c, _, _ in cells):
+            ceilings["bf16"] = gemm_ceiling_gflops(device=device, dtype=torch.bfloat16)
         for cls, side, batch in tqdm(cells, desc="bench engine", unit="cell"):
             if cls.name not in made:
                 made[cls.name] = cls(
@@ -205,6 +210,7 @@ def run_bench(config: BenchConfig, json_path: Path) -> dict[str, Any]:
                 )
             frames = (rng.poisson(DOSE, (batch, side, side)) / DOSE).astype(np.float32)
             cell = time_cell(made[cls.name], frames, config.iterations, config.max_seconds)
+            ceiling = cls.precision if cls.precision in ceilings else "fp32"
             rows.append(
                 {
                     "backend": cls.name,
@@ -216,7 +222,10 @@ def run_bench(config: BenchConfig, json_path: Path) -> dict[str, Any]:
                     "offered": cls.refusal(loaded) is None,
                     **cell,
                     "gflop_per_s": cell["frames_per_s"] * gflop[side],
-                    "fraction_of_gemm_ceiling": cell["frames_per_s"] * gflop[side] / ceiling,
+                    "ceiling": ceiling,
+                    "fraction_of_gemm_ceiling": cell["frames_per_s"]
+                    * gflop[side]
+                    / ceilings[ceiling],
                 }
             )
     postprocess = {str(side): time_postprocess(side, rng) for side in config.sizes}
@@ -252,7 +261,8 @@ def run_bench(config: BenchConfig, json_path: Path) -> dict[str, Any]:
         "postprocess_ms_per_frame": postprocess,
         "postprocess_on_device_ms_per_frame": postprocess_on_device,
         "model_gflop_per_frame": {str(k): v for k, v in gflop.items()},
-        "gemm_ceiling_gflops": ceiling,
+        "gemm_ceiling_gflops": ceilings["fp32"],
+        "gemm_ceiling_gflops_bf16": ceilings.get("bf16"),
         "rows": rows,
     }
     print(format_table(report))
@@ -287,6 +297,11 @@ def format_table(report: dict[str, Any]) -> str:
         f"model: {', '.join(f'{k}^2 {v:.1f}' for k, v in gflop.items())}"
         f" GFLOP/frame; ceiling: dense FP32 matrix product "
         f"{report['gemm_ceiling_gflops']:.0f} GFLOP/s on this machine"
+        + (
+            f" (BF16 {report['gemm_ceiling_gflops_bf16']:.0f}: the bf16 rows' ceiling)"
+            if report.get("gemm_ceiling_gflops_bf16")
+            else ""
+        )
     )
     lines.append(
         "serve-loop work per frame after inference, steady state (ms), numpy on the host: "

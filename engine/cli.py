@@ -30,7 +30,14 @@ POSTPROCESS_CHOICES = ("auto", "device", "host")
 #: the scores serve's warning can read (engine.serve.OOD_WARN_ON; kept here for the same reason)
 OOD_WARN_ON_CHOICES = ("one-pass", "turn")
 #: backend names, fastest first (engine.backends.PREFERENCE; kept here so --help needs no torch).
-BACKEND_NAMES = ("tensorrt", "torch-cuda", "onnxruntime-int8", "onnxruntime", "torch-cpu")
+BACKEND_NAMES = (
+    "tensorrt",
+    "torch-cuda",
+    "torch-cpu-bf16",
+    "onnxruntime-int8",
+    "onnxruntime",
+    "torch-cpu",
+)
 SERVE = "engine.serve:ServeConfig"
 PROFILE = "engine.export:PlanProfile"
 BENCH = "engine.bench:BenchConfig"
@@ -121,6 +128,7 @@ def serve_config(args: argparse.Namespace):
             "postprocess",
             "max_frame_px",
             "max_batch_px",
+            "ignore_parity",
         ),
     )
 
@@ -232,6 +240,7 @@ def e2e_config(args: argparse.Namespace):
             "max_batch",
             "postprocess",
             "frames_from",
+            "ignore_parity",
         ),
     )
 
@@ -336,8 +345,9 @@ def _add_serve(commands) -> None:
         "--backend",
         SERVE,
         choices=["auto", *BACKEND_NAMES],
-        help="inference backend; auto: the fastest available",
+        help="inference backend; auto: the fastest available and offered for the model",
     )
+    _ignore_parity_option(p, SERVE)
     config_option(
         p,
         "--postprocess",
@@ -397,6 +407,18 @@ def _add_serve(commands) -> None:
         help="write counters, latency percentiles and the config as JSON here on exit",
     )
     p.set_defaults(func=_serve)
+
+
+def _ignore_parity_option(p: argparse.ArgumentParser, config: str) -> None:
+    config_option(
+        p,
+        "--ignore-parity",
+        config,
+        action="store_true",
+        help="run an INT8 or BF16 backend named with --backend although the model's parity "
+        "record (segdepth bench parity) does not offer it: logged, and the serve statistics "
+        "say why it was not offered; auto never picks such a backend",
+    )
 
 
 def _serve_endpoints(p: argparse.ArgumentParser) -> None:
@@ -555,6 +577,7 @@ def _add_bench_engine(bench) -> None:
         choices=POSTPROCESS_CHOICES,
         help="with --e2e: serve's --postprocess (where maps, column averages and drift run)",
     )
+    _ignore_parity_option(p, E2E)
     p.add_argument(
         "--frames-from",
         nargs="+",
@@ -569,22 +592,28 @@ def _add_bench_engine(bench) -> None:
 def _add_bench_parity(bench) -> None:
     p = bench.add_parser(
         "parity",
-        help="INT8 against FP32 on the robustness suite: is INT8 offered?",
+        help="INT8 or BF16 against FP32 on the robustness suite: is the candidate offered?",
         description="Column-level accuracy of the candidate backend (default INT8) against "
         "the FP32 onnxruntime graph on every robustness-suite row, same frames. "
-        "Writes <model>.int8.json beside the model; the INT8 backend is offered "
-        "only when no row's column-exact accuracy moves by more than 0.5 points "
+        "Writes <model>.<precision>.json (int8, bf16) beside the model; the candidate is "
+        "offered only when no row's column-exact accuracy moves by more than 0.5 points "
         "(exit code 1 when it does).",
     )
     _model_option(p)
     config_option(
-        p, "--candidate", PARITY, choices=["onnxruntime-int8"], help="backend checked against FP32"
+        p,
+        "--candidate",
+        PARITY,
+        choices=["onnxruntime-int8", "torch-cpu-bf16"],
+        help="backend checked against FP32",
     )
     config_option(p, "--samples", PARITY, type=positive_int, help="frames per row")
     config_option(p, "--crop", PARITY, type=positive_int, help="frame side in px")
     suite_files_options(p, PARITY, dir_field="suite_dir")
     p.add_argument(
-        "--out", default=None, help="record path (default: beside the model, <stem>.int8.json)"
+        "--out",
+        default=None,
+        help="record path (default: beside the model, <stem>.<precision>.json)",
     )
     p.set_defaults(func=_parity)
 

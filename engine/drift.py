@@ -21,6 +21,7 @@ image.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import fft
 
 
@@ -134,6 +135,71 @@ def refined_peak(
     sub_y = _parabola_offset(values[iy - 1, ix], values[iy, ix], values[iy + 1, ix])
     sub_x = _parabola_offset(values[iy, ix - 1], values[iy, ix], values[iy, ix + 1])
     return int(dys[iy]) + sub_y, int(dxs[ix]) + sub_x
+
+
+#: px of drift since a batch's first prior that its one shared copy of the drift windows covers
+SERIES_SLACK_PX = 8
+
+
+class TorchDriftEstimator(DriftEstimator):
+    """:class:`DriftEstimator` with the spectra and the correlation surface on a torch device
+    (the engine's registration: on the host its "cpu", whose FFTs (MKL) measured 2.6x faster
+    than scipy's at 2 x 512^2); only the search window around the prior is copied back."""
+
+    def __init__(self, reference: np.ndarray, device: torch.device | str):
+        self.device = torch.device(device)
+        super().__init__(reference)
+
+    def _reference_spectrum(self, reference: np.ndarray) -> torch.Tensor:
+        self._window_t = torch.from_numpy(hann_window(self.shape)).to(self.device)
+        ref = self._prepare(torch.from_numpy(reference).to(self.device))
+        energy = (ref**2).sum(dim=(1, 2)).clamp_min(1e-12)[:, None, None]
+        return torch.fft.rfft2(ref).conj() / energy
+
+    def _prepare(self, maps):
+        """Mean-free and windowed maps (..., H, W)."""
+        return (maps - maps.mean(dim=(-2, -1), keepdim=True)) * self._window_t
+
+    def _surface(self, image) -> torch.Tensor:
+        image = self._channels(torch.as_tensor(image, device=self.device).float())
+        with torch.inference_mode():
+            spectrum = torch.fft.rfft2(self._prepare(image))
+            return torch.fft.irfft2((spectrum * self._conj_ref).sum(dim=0), s=self.shape)
+
+    def _values(self, surface, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        r, c = (torch.from_numpy(i).to(self.device) for i in (rows, cols))
+        return surface[..., r, :][..., c].cpu().numpy()
+
+    def estimate_series(
+        self, images: list, prior: tuple[float, float] = (0, 0), search_px: float = 8.0
+    ) -> list[tuple[float, float]]:
+        """As :meth:`DriftEstimator.estimate_series`, with one copy to the host for the whole
+        series: the surfaces of all images are computed together, and a window of the search
+        radius plus :data:`SERIES_SLACK_PX` around ``prior`` comes back for each; a frame whose
+        search leaves that window (drifted more than the slack since the first prior) reads
+        its own."""
+        if len(images) < 2:
+            return super().estimate_series(images, prior, search_px)
+        h, w = self.shape
+        with torch.inference_mode():
+            stack = torch.stack(
+                [self._channels(torch.as_tensor(i, device=self.device).float()) for i in images]
+            )
+            spectra = torch.fft.rfft2(self._prepare(stack))
+            surfaces = torch.fft.irfft2((spectra * self._conj_ref).sum(dim=1), s=self.shape)
+        wide_y, wide_x = search_shifts(prior, search_px + SERIES_SLACK_PX)
+        windows = self._values(surfaces, wide_y % h, wide_x % w)  # (B, rows, cols)
+        drifts = []
+        for k, surface in enumerate(surfaces):
+            dys, dxs = search_shifts(prior, search_px)
+            rows, cols = dys - wide_y[0], dxs - wide_x[0]
+            if rows[0] >= 0 and rows[-1] < len(wide_y) and cols[0] >= 0 and cols[-1] < len(wide_x):
+                values = windows[k][np.ix_(rows, cols)]
+            else:
+                values = self._values(surface, dys % h, dxs % w)
+            prior = refined_peak(values, dys, dxs, prior, search_px)
+            drifts.append(prior)
+        return drifts
 
 
 def estimate_drift(

@@ -28,11 +28,13 @@ def model_gflop(loaded: LoadedModel, side: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def gemm_ceiling_gflops(n: int = 2048, seconds: float = 1.0, device: str = "cpu") -> float:
-    """Sustained FP32 GFLOP/s of (n x n) @ (n x n) products on ``device`` (best of the calls
-    in about ``seconds``)."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def gemm_ceiling_gflops(
+    n: int = 2048, seconds: float = 1.0, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> float:
+    """Sustained GFLOP/s of (n x n) @ (n x n) products in ``dtype`` on ``device`` (best of the
+    calls in about ``seconds``)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -1,12 +1,13 @@
-"""``segdepth bench parity``: an engine backend against FP32 on the robustness suite.
+"""``segdepth bench parity``: a reduced-precision backend against FP32 on the robustness suite.
 
 Each suite row (training.robustness: orientations, optics, facets, doses, carbon film, legacy
 slabs) is evaluated twice through the engine's own backends -- the FP32 onnxruntime graph and
-the candidate (default: INT8) -- with the same noisy frames, and the column-level accuracies are
-compared. The record, written beside the model as ``<stem>.int8.json``, is what
-:func:`engine.quantize.parity_refusal` reads: INT8 is offered only when no row moves by more
-than :data:`engine.quantize.PARITY_BOUND_POINTS` percentage points. (Heavy imports sit in the
-functions, so that the CLI reads :class:`ParityConfig` without torch.)
+the candidate (INT8 or BF16) -- with the same noisy frames, and the column-level accuracies are
+compared. The record, written beside the model as ``<stem>.<precision>.json``, is what
+:func:`refusal` reads: the candidate is offered only when no row moves by more than
+:data:`PARITY_BOUND_POINTS` percentage points, and only for the model file and the form of the
+candidate (its :meth:`engine.backends.Backend.parity_form`) the record was measured on.
+(Heavy imports sit in the functions, so that the CLI reads :class:`ParityConfig` without torch.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,36 @@ log = logging.getLogger(__name__)
 
 #: the figures compared per row (training.metrics.ColumnMetrics), in [0, 1]
 COMPARED = ("column_exact", "column_within_one", "column_found")
+#: largest drop (or rise) of column-level exact accuracy against FP32, in percentage points,
+#: on any robustness-suite row, for a reduced-precision backend to be offered (issue #13)
+PARITY_BOUND_POINTS = 0.5
+
+
+def record_path(model_path: Path, precision: str) -> Path:
+    """Where a model's parity record for ``precision`` lies: beside it,
+    ``<stem>.<precision>.json``."""
+    return Path(model_path).with_suffix(f".{precision}.json")
+
+
+def refusal(loaded, precision: str, form: dict[str, Any]) -> str | None:
+    """Why the ``precision`` backend is not offered for ``loaded`` (no record, another model's
+    or another ``form``'s, or a failed check), or None when its parity record passes."""
+    path = record_path(loaded.path, precision)
+    label = precision.upper()
+    fix = f"run `segdepth bench parity --model {loaded.path}`"
+    if not path.is_file():
+        return f"no {label} parity record for this model ({path}): {fix}"
+    record: dict[str, Any] = json.loads(path.read_text())
+    if record.get("model_sha256") != loaded.sha256:
+        return f"{path} was measured on another model file: {fix}"
+    if record.get("form") != form:
+        return f"{path} was measured on another form of the {label} backend: {fix}"
+    if not record.get("passed"):
+        return (
+            f"{label} changed column accuracy by {record.get('max_abs_diff_points')} points "
+            f"on the robustness suite (bound {PARITY_BOUND_POINTS}; {path})"
+        )
+    return None
 
 
 def as_network(backend):
@@ -60,15 +91,13 @@ class ParityConfig:
     scale: float = default_of(SuiteConfig, "scale")
     gpts: int = default_of(SuiteConfig, "gpts")
     seed: int = 0
-    out: str | None = None  # default: beside the model (engine.quantize.parity_path)
+    out: str | None = None  # default: beside the model (engine.parity.record_path)
 
 
 def run_parity(cfg: ParityConfig) -> dict[str, Any]:
     """Evaluate FP32 and the candidate on every suite row; write and return the record."""
     from engine import backends
-    from engine.export import EXPORT_VERSION
     from engine.model_io import load
-    from engine.quantize import PARITY_BOUND_POINTS, CalibrationConfig, parity_path
     from training.robustness import build_suite, check_disjoint, evaluate_row, row_data, suite_rows
 
     started = time.monotonic()
@@ -77,6 +106,7 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
     check_disjoint(loaded.meta, list(paths.values()))
     cache = Path(cfg.suite_dir) / "engine_cache"
     # the candidate is built directly: its own refusal (no record yet) is what this writes
+    candidate = backends.BACKENDS[cfg.candidate]
     nets = {
         name: as_network(backends.BACKENDS[name](loaded, max_batch=8, cache_dir=cache))
         for name in ("onnxruntime", cfg.candidate)
@@ -122,8 +152,7 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
         "model_id": loaded.model_id,
         "model_sha256": loaded.sha256,
         "candidate": cfg.candidate,
-        "calibration": asdict(CalibrationConfig()),
-        "export_version": EXPORT_VERSION,
+        "form": candidate.parity_form(),
         "config": asdict(cfg),
         "bound_points": PARITY_BOUND_POINTS,
         "max_abs_diff_points": worst,
@@ -131,7 +160,7 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
         "rows": rows,
         "wall_s": time.monotonic() - started,
     }
-    out = Path(cfg.out) if cfg.out else parity_path(loaded.path)
+    out = Path(cfg.out) if cfg.out else record_path(loaded.path, candidate.precision)
     out.write_text(json.dumps(record, indent=2))
     print(format_parity(record))
     print(f"wrote {out}")

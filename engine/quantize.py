@@ -13,7 +13,8 @@ graph are cached beside the FP32 export, named by model hash and calibration set
 
 An INT8 graph is only *offered* for a model whose parity record
 (``<model>.int8.json``, written by ``segdepth bench parity``) shows that its column-level
-accuracy stays within :data:`PARITY_BOUND_POINTS` of FP32 on every row of the robustness suite.
+accuracy stays within :data:`engine.parity.PARITY_BOUND_POINTS` of FP32 on every row of the
+robustness suite.
 """
 
 from __future__ import annotations
@@ -31,10 +32,6 @@ from engine.export import EXPORT_VERSION, INPUT_NAME, export_onnx
 from engine.model_io import LoadedModel
 
 log = logging.getLogger(__name__)
-
-#: largest drop (or rise) of column-level exact accuracy against FP32, in percentage points,
-#: on any robustness-suite row, for an INT8 graph to be offered (issue #13).
-PARITY_BOUND_POINTS = 0.5
 
 
 @dataclass(frozen=True)
@@ -140,28 +137,7 @@ def int8_graph(
     return path
 
 
-def parity_path(model_path: Path) -> Path:
-    """Where a model's INT8 parity record lies: beside it, ``<stem>.int8.json``."""
-    return Path(model_path).with_suffix(".int8.json")
-
-
-def parity_refusal(loaded: LoadedModel) -> str | None:
-    """Why INT8 is not offered for ``loaded`` (no record, another model's, or a failed check),
-    or None when its parity record passes."""
-    path = parity_path(loaded.path)
-    fix = f"run `segdepth bench parity --model {loaded.path}`"
-    if not path.is_file():
-        return f"no INT8 parity record for this model ({path}): {fix}"
-    record: dict[str, Any] = json.loads(path.read_text())
-    if record.get("model_sha256") != loaded.sha256:
-        return f"{path} was measured on another model file: {fix}"
-    if record.get("export_version") != EXPORT_VERSION or record.get("calibration") != asdict(
-        CalibrationConfig()
-    ):
-        return f"{path} was measured on another form of the INT8 graph: {fix}"
-    if not record.get("passed"):
-        return (
-            f"INT8 changed column accuracy by {record.get('max_abs_diff_points')} points "
-            f"on the robustness suite (bound {PARITY_BOUND_POINTS}; {path})"
-        )
-    return None
+def int8_form() -> dict[str, Any]:
+    """What an INT8 parity record must have been measured on (:mod:`engine.parity`): this
+    export version and this calibration."""
+    return {"export_version": EXPORT_VERSION, "calibration": asdict(CalibrationConfig())}

@@ -103,6 +103,9 @@ class ServeConfig:
     #: batch (1.0 GB resident for one 1024^2 frame, 3.2 GB for one 2048^2 frame)
     max_frame_px: int = 2048
     max_batch_px: int = 4 * 1024 * 1024
+    #: run a reduced-precision backend named explicitly although the model's parity record
+    #: refuses it (engine.parity; logged, and reported as ``backend_refusal`` in the stats)
+    ignore_parity: bool = False
     columns: ColumnConfig = field(default_factory=ColumnConfig)
     hmm: HMMConfig = field(default_factory=HMMConfig)
 
@@ -188,7 +191,10 @@ class Server:
             self.loaded,
             max_batch=config.max_batch or 32,
             device_maps=POSTPROCESS[config.postprocess],
+            ignore_parity=config.ignore_parity,
         )
+        #: why the backend runs although not offered for this model (--ignore-parity), or None
+        self.backend_refusal = type(self.backend).refusal(self.loaded)
         self.max_batch = config.max_batch or self.backend.preferred_batch
         self.ood_check_every = (
             default_check_every(self.backend.on_gpu, config.ood_warn_on)
@@ -619,6 +625,7 @@ class Server:
             "stage_ms_per_frame": stage_ms,
             "stage_ms_per_frame_p50": stage_p50,
             "backend": self.backend.name,
+            "backend_refusal": self.backend_refusal,
             "postprocess": "device" if self.backend.device_maps else "host",
             "max_batch": self.max_batch,
             "ood_check_every": self.ood_check_every,

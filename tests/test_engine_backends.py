@@ -1,5 +1,6 @@
-"""Every backend present agrees with torch-cpu FP32 (INT8: tests/test_engine_int8.py, on a
-trained model, within its own bound); export to ONNX; TensorRT skips cleanly."""
+"""Every backend present agrees with torch-cpu FP32 (INT8 and BF16: tests/test_engine_int8.py and
+tests/test_engine_bf16.py, on a trained model, within their own bounds); export to ONNX; TensorRT
+skips cleanly."""
 
 import json
 import subprocess
@@ -45,7 +46,9 @@ def test_reference_shapes_and_probabilities(reference, frames):
     assert np.allclose(reference.species_prob.sum(axis=1), 1, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", [n for n in BACKEND_NAMES if n != "onnxruntime-int8"])
+@pytest.mark.parametrize(
+    "name", [n for n in BACKEND_NAMES if n not in ("onnxruntime-int8", "torch-cpu-bf16")]
+)
 def test_backend_matches_torch_cpu_fp32(name, loaded, frames, reference, tmp_path):
     reason = backends.unavailable_reason(name)
     if reason:

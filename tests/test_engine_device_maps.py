@@ -13,8 +13,8 @@ from scipy import ndimage
 
 from engine import backends
 from engine.columns import disk_average
-from engine.device_maps import DevicePrediction, TorchDriftEstimator, TorchFrameMaps
-from engine.drift import DriftEstimator
+from engine.device_maps import DevicePrediction, TorchFrameMaps
+from engine.drift import DriftEstimator, TorchDriftEstimator
 from engine.model_io import default_model_path, load
 from engine.occupancy import SessionAnalysis
 from engine.prediction import Prediction
