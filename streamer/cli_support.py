@@ -272,12 +272,34 @@ def check_image_side(side_px: int, multiple: int, minimum: int, what: str) -> No
     raise UserError(f"{what}: image sides must be {unit}, at least {minimum} px; use {choices}")
 
 
+def cpu_model() -> tuple[str | None, list[str]]:
+    """The CPU's model name and which of its instruction-set extensions matter to the engine's
+    CPU paths (AVX2, AVX-512, VNNI, BF16, AMX), from /proc/cpuinfo (None, [] elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, []
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
+        None,
+    )
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return name, [f for f in wanted if f in flags]
+
+
 def machine_info() -> dict[str, Any]:
-    """The machine a benchmark ran on: platform, CPU, core count, Python and, where torch is
-    already imported, its version, threads and CUDA device."""
+    """The machine a benchmark ran on: platform, CPU (model and the extensions that set the
+    CPU backends' speed), core count, Python and, where torch is already imported, its
+    version, threads and CUDA device."""
+    model, extensions = cpu_model()
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": model,
+        "cpu_extensions": extensions,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }

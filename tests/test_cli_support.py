@@ -87,3 +87,19 @@ def test_one_image_size_check_suggests_valid_sides():
 def test_machine_info_has_one_set_of_keys():
     info = machine_info()
     assert {"platform", "cpu", "cpus", "python"} <= set(info) and info["cpus"] >= 1
+
+
+def test_machine_info_names_the_cpu_and_the_extensions_its_backends_use():
+    """On Linux the CPU model and its relevant extensions are recorded; the extensions are the
+    ones /proc/cpuinfo lists (AVX2 at least on the x86-64 machines this project runs on)."""
+    import platform
+    from pathlib import Path
+
+    info = machine_info()
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo here")
+    assert info["cpu_model"]
+    flags = Path("/proc/cpuinfo").read_text().split()
+    assert all(f in flags for f in info["cpu_extensions"])
+    if platform.machine() == "x86_64":
+        assert "avx2" in info["cpu_extensions"]
