@@ -199,7 +199,8 @@ def native_bf16_reason() -> str | None:
 
 class TorchCPUBF16Backend(TorchCPUBackend):
     """PyTorch on the CPU, autocast to bfloat16, channels-last, on oneDNN's AMX / AVX512-BF16
-    kernels (:class:`engine.model_io.ProbabilityHead`), compiled by TorchInductor with frozen
+    kernels, the first convolution, the output heads and the softmax in float32
+    (:class:`engine.model_io.ProbabilityHead`), compiled by TorchInductor with frozen
     weights (it fuses the casts, padding, concatenation, upsampling and ReLUs that eager mode
     runs as separate passes over memory) for each frame shape on first use, one frame
     at a time (batch 1 measured fastest on the CPU). Offered only on a CPU with native BF16 and
@@ -230,7 +231,7 @@ class TorchCPUBF16Backend(TorchCPUBackend):
     @staticmethod
     def parity_form() -> dict[str, Any]:
         return {
-            "network": "autocast bfloat16, channels-last",
+            "network": "autocast bfloat16, channels-last, first convolution and heads float32",
             "softmax": "float32",
             "compiled": True,
         }

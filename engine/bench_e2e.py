@@ -64,6 +64,9 @@ class E2EConfig:
     frames_from: list[str] = field(default_factory=list)
     #: run backends the model's parity record refuses (serve --ignore-parity), to time them
     ignore_parity: bool = False
+    #: serve's --overlap: inference and post-processing at once (True), in turn (False), or
+    #: serve's default (None: at once only on a GPU)
+    overlap: bool | None = None
 
 
 def clean_frames(size: int, cfg: E2EConfig) -> np.ndarray:
@@ -158,7 +161,9 @@ def _serve_command(
         cfg.postprocess,
     ]
     batch = ["--max-batch", str(cfg.max_batch)] if cfg.max_batch else []
-    ignore = ["--ignore-parity"] if cfg.ignore_parity else []
+    ignore = (["--ignore-parity"] if cfg.ignore_parity else []) + (
+        [] if cfg.overlap is None else ["--overlap", "on" if cfg.overlap else "off"]
+    )
     return cmd + batch + ignore + (["--model", cfg.model] if cfg.model else [])
 
 
@@ -237,6 +242,7 @@ def run_backend(cfg: E2EConfig, backend: str, clean: np.ndarray, workdir: Path) 
         "not_offered": stats["backend_refusal"],  # None: offered for the model (engine.parity)
         "postprocess": stats["postprocess"],
         "max_batch": stats["max_batch"],
+        "overlap": stats["overlap"],
         "size": side,
         "frames_per_s": cfg.e2e_frames / span,
         "frame_ms": frame_ms,

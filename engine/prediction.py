@@ -49,16 +49,31 @@ class Prediction:
         return FrameMaps(self.species_prob[i], self.depth_prob[i])
 
 
+#: pixels per row band of :func:`channel_max`: a band of one channel (256 kB of float32) and
+#: the running maximum stay in the core's cache while the channels pass over them
+BAND_PX = 65536
+
+
 def channel_max(prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Argmax (uint8, the first on ties) and maximum over axis 1 of (B, C, H, W) maps.
 
-    One pass per channel over contiguous planes: 4x faster than torch's or numpy's reduction
-    over the channel axis on one core at 512² (2.7 vs 10.7 / 13.9 ms for 11 channels).
+    One pass per channel over contiguous planes, band of rows by band of rows (:data:`BAND_PX`):
+    on one core at 512² for 11 + 3 channels 2.5 ms against 4.4 for whole planes (16.2 -> 11.4 ms
+    at 1024²), which were already 4x faster than torch's or numpy's reduction over the channel
+    axis (2.7 vs 10.7 / 13.9 ms for 11 channels).
     """
-    best = prob[:, 0].copy()
-    index = np.zeros(best.shape, np.uint8)
-    for k in range(1, prob.shape[1]):
-        higher = prob[:, k] > best
-        np.copyto(best, prob[:, k], where=higher)
-        index[higher] = k
+    b, c, h, w = prob.shape
+    best = np.empty((b, h, w), prob.dtype)
+    index = np.zeros((b, h, w), np.uint8)
+    rows = max(1, BAND_PX // max(w, 1))
+    higher = np.empty((b, rows, w), bool)
+    for r0 in range(0, h, rows):
+        band, top = index[:, r0 : r0 + rows], best[:, r0 : r0 + rows]
+        above = higher[:, : top.shape[1]]
+        top[...] = prob[:, 0, r0 : r0 + rows]
+        for k in range(1, c):
+            plane = prob[:, k, r0 : r0 + rows]
+            np.greater(plane, top, out=above)
+            np.maximum(top, plane, out=top)
+            np.copyto(band, k, where=above)
     return index, best

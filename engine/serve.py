@@ -7,7 +7,9 @@ stage rather than the sum of all: the **receiver** pulls frames (streamer ``Inpu
 backend; the **publish** stage turns each prediction into maps, follows the columns of each
 session (:mod:`engine.occupancy`) and publishes one result per frame to the recorder (PUSH) and
 the viewers (PUB). At most ``pipeline_depth`` predicted batches wait between the last two, so
-inference of batch n+1 overlaps post-processing of batch n. ``eos`` travels the same queues,
+inference of batch n+1 overlaps post-processing of batch n -- on a GPU; on the CPU the two take
+turns (``overlap``), as the network's threads already take every core and a third busy thread
+slowed both. ``eos`` travels the same queues,
 so it is forwarded once every frame before it has been answered. Each stage's busy time per
 frame is in :meth:`Server.stats` (``stage_ms_per_frame``).
 
@@ -21,6 +23,7 @@ Malformed messages are counted and skipped (streamer ``Input``); a frame the eng
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +31,7 @@ import queue
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -97,6 +101,12 @@ class ServeConfig:
     #: backend's default: device for torch-cuda and tensorrt, host on the CPU)
     postprocess: str = "auto"
     pipeline_depth: int = 2  # predicted batches waiting for post-processing, at most
+    #: inference and post-processing run at the same time (True) or in turn (False). None:
+    #: at the same time only when the network runs on a GPU: on the 2-core CPU, where the
+    #: network's threads already take both cores, a third busy thread slows them (512^2
+    #: through serve, four alternating pairs of runs: BF16 10.7-13.1 frames/s in turns
+    #: against 8.1-11.5 at once, FP32 no steady difference; README "Camera rate")
+    overlap: bool | None = None
     #: largest frame side, px, the engine accepts (larger ones are refused and counted before
     #: any allocation) and most pixels in one batch (a larger frame is served alone): together
     #: they bound the engine's memory -- onnxruntime peaks at about 750 bytes per pixel of a
@@ -236,6 +246,11 @@ class Server:
         self.output.stop = self.stop
         self.viewer = sockets.Publisher(config.viewer) if config.viewer else None
         self._predicted: queue.Queue[_Batch] = queue.Queue(config.pipeline_depth)
+        self.overlap = self.backend.on_gpu if config.overlap is None else config.overlap
+        #: held by inference and by post-processing with publishing when they take turns
+        self._turns: AbstractContextManager[Any] = (
+            contextlib.nullcontext() if self.overlap else threading.Lock()
+        )
         #: (results-link seq to be acknowledged first, source message): the publish stage
         #: acknowledges each message to its source once its reader has what came before
         self._unsettled: deque[tuple[int, Message]] = deque()
@@ -361,16 +376,18 @@ class Server:
             return _Batch(items, kind="rejected")
         try:
             frames = np.stack(batch.frames)
-            if self.config.tta:
-                batch.pred, batch.turn = backends.infer_tta(self.backend, frames)
-            else:
-                batch.pred = self.backend.infer(frames)
+            with self._turns:
+                if self.config.tta:
+                    batch.pred, batch.turn = backends.infer_tta(self.backend, frames)
+                else:
+                    batch.pred = self.backend.infer(frames)
         except (RuntimeError, ValueError) as exc:  # e.g. a frame size the model cannot take
             for _ in batch.items:
                 self._reject("inference", f"{type(exc).__name__}: {exc}")
             return _Batch(items, kind="rejected")
         if batch.turn is None:
-            batch.turn = self._turn_checks(batch, frames)
+            with self._turns:
+                batch.turn = self._turn_checks(batch, frames)
         self._clock("infer", t, len(batch.items))
         return batch
 
@@ -426,6 +443,10 @@ class Server:
             self._serve_batch(batch)
 
     def _serve_batch(self, batch: _Batch) -> None:
+        with self._turns:
+            self._post_and_publish(batch)
+
+    def _post_and_publish(self, batch: _Batch) -> None:
         t = time.perf_counter()
         n = len(batch.items)
         pred = batch.pred
@@ -628,6 +649,7 @@ class Server:
             "backend_refusal": self.backend_refusal,
             "postprocess": "device" if self.backend.device_maps else "host",
             "max_batch": self.max_batch,
+            "overlap": self.overlap,
             "ood_check_every": self.ood_check_every,
             "model_id": self.loaded.model_id,
         }

@@ -215,6 +215,11 @@ def test_channel_max_is_numpys_argmax_and_max_ties_included():
     assert (index == prob.argmax(axis=1)).all() and (best == prob.max(axis=1)).all()
     depth, confidence, species = Prediction(prob, prob[:, :3]).maps()
     assert (depth == index).all() and (species == prob[:, :3].argmax(axis=1)).all()
+    # frames of several bands of rows (engine.prediction.BAND_PX), the last one short
+    wide = rng.random((2, 11, 300, 500)).astype(np.float32)
+    wide[:, 6, 120:140] = wide[:, 2, 120:140] = 1.5  # ties across the first band's edge
+    index, best = channel_max(wide)
+    assert (index == wide.argmax(axis=1)).all() and (best == wide.max(axis=1)).all()
 
 
 def test_graph_batches_are_powers_of_two_capped_at_max_batch():

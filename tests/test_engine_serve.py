@@ -246,10 +246,15 @@ def sockets_frame(parts) -> np.ndarray:
     return np.asarray(decode(parts).arrays["frame"], np.float32)
 
 
-def test_inference_and_publishing_overlap_and_stage_times_are_reported(engine):
-    """The pipeline: batch n+1 is inferred while batch n is post-processed and published,
-    so the slower stage, not the sum, sets the pace; each stage's time per frame is reported."""
-    src, results, server = engine("replay", max_batch=1, max_wait_ms=0)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_inference_and_publishing_overlap_or_take_turns_and_stage_times_are_reported(
+    engine, overlap
+):
+    """With overlap, batch n+1 is inferred while batch n is post-processed and published, so
+    the slower stage, not the sum, sets the pace; without (the CPU default), the two never run
+    at once; each stage's time per frame is reported either way."""
+    src, results, server = engine("replay", max_batch=1, max_wait_ms=0, overlap=overlap)
+    assert server.stats()["overlap"] is overlap
     spans: dict[str, list[tuple[float, float]]] = {"infer": [], "publish": []}
 
     def timed(name, fn):
@@ -263,7 +268,7 @@ def test_inference_and_publishing_overlap_and_stage_times_are_reported(engine):
         return run
 
     server.backend.infer = timed("infer", server.backend.infer)
-    server._serve_batch = timed("publish", server._serve_batch)
+    server._post_and_publish = timed("publish", server._post_and_publish)
     rng = np.random.default_rng(3)
     n = 6
     for i in range(n):
@@ -275,10 +280,18 @@ def test_inference_and_publishing_overlap_and_stage_times_are_reported(engine):
     overlapping = sum(
         1 for a0, a1 in spans["infer"] for b0, b1 in spans["publish"] if a0 < b1 and b0 < a1
     )
-    assert overlapping >= n - 2  # a sequential loop would give 0
+    if overlap:
+        assert overlapping >= n - 2  # a sequential loop would give 0
+    else:
+        assert overlapping == 0 and len(spans["publish"]) == n
     stages = server.stats()["stage_ms_per_frame"]
     assert set(stages) == {"prepare", "infer", "postprocess", "publish"}
     assert stages["infer"] >= 150 and all(v is not None and v >= 0 for v in stages.values())
+
+
+def test_on_the_cpu_inference_and_post_processing_take_turns_by_default(engine):
+    _, _, server = engine("replay")
+    assert server.backend.on_gpu is False and server.stats()["overlap"] is False
 
 
 def test_frames_beyond_the_engines_size_limit_are_refused_before_allocation(engine):
