@@ -129,9 +129,22 @@ def serve_config(args: argparse.Namespace):
             "max_frame_px",
             "max_batch_px",
             "ignore_parity",
+            "warm",
         ),
         **overlap_of(args),
     )
+
+
+def frame_shape(text: str) -> tuple[int, int]:
+    """``HxW`` (or ``N`` for N x N) in px, each >= 1."""
+    parts = text.lower().split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
+    except ValueError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"expected HxW or N (px), got {text!r}")
+    return h, w
 
 
 def overlap_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -356,6 +369,17 @@ def _add_serve(commands) -> None:
     )
     _ignore_parity_option(p, SERVE)
     _overlap_option(p, SERVE)
+    config_option(
+        p,
+        "--warm",
+        SERVE,
+        nargs="+",
+        type=frame_shape,
+        metavar="HxW",
+        help="frame shapes to ready the backend for at start-up, before the first frame "
+        "(torch-cpu-bf16 compiles each shape, about 35 s the first time on 2 cores); "
+        "otherwise a session's first frame of a new shape waits for it",
+    )
     config_option(
         p,
         "--postprocess",

@@ -107,6 +107,10 @@ class ServeConfig:
     #: through serve, four alternating pairs of runs: BF16 10.7-13.1 frames/s in turns
     #: against 8.1-11.5 at once, FP32 no steady difference; README "Camera rate")
     overlap: bool | None = None
+    #: frame shapes (H, W) px to ready the backend for before the first frame is taken (a
+    #: compiling backend, torch-cpu-bf16, takes tens of seconds per shape the first time);
+    #: otherwise each new shape is readied on its session's first frame, which then waits
+    warm: list[tuple[int, int]] = field(default_factory=list)
     #: largest frame side, px, the engine accepts (larger ones are refused and counted before
     #: any allocation) and most pixels in one batch (a larger frame is served alone): together
     #: they bound the engine's memory -- onnxruntime peaks at about 750 bytes per pixel of a
@@ -600,6 +604,9 @@ class Server:
             self.config.results,
             self.config.viewer,
         )
+        for shape in self.config.warm:
+            log.info("readying backend %s for %s frames", self.backend.name, shape)
+            self._warm(shape)
         self._receiver.start()
         self._publisher.start()
         max_wait_s = self.config.max_wait_ms / 1e3

@@ -375,3 +375,50 @@ def test_the_backend_is_warmed_once_per_new_session_or_frame_shape(engine, monke
     src.send(frame_msg(4, rng, shape=(SIDE // 2, SIDE // 2), mode="replay"))
     assert len(collect(results, until_eos=False, n=5)) == 5
     assert warmed == [(SIDE, SIDE), (SIDE, SIDE), (SIDE // 2, SIDE // 2)]
+
+
+def test_warm_readies_the_backend_for_the_given_shapes_before_the_first_frame(
+    model_path, endpoint_factory
+):
+    cfg = ServeConfig(
+        frames=endpoint_factory(),
+        results=endpoint_factory(),
+        viewer=None,
+        model=str(model_path),
+        backend="torch-cpu",
+        warm=[(48, 40), (64, 64)],
+    )
+    server = Server(cfg)
+    readied = []
+    server.backend.warm = readied.append
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(readied) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert readied == [(48, 40), (64, 64)]  # with no frame sent
+        assert server.stats()["results_sent"] == 0
+    finally:
+        server.stop.set()
+        thread.join(10)
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "text, shape", [("512x256", (512, 256)), ("1024", (1024, 1024)), ("64X48", (64, 48))]
+)
+def test_warm_shapes_parse_as_h_x_w_or_one_side(text, shape):
+    from engine.cli import frame_shape
+
+    assert frame_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["0x5", "axb", "1x2x3", "-4", ""])
+def test_bad_warm_shapes_are_refused(text):
+    import argparse
+
+    from engine.cli import frame_shape
+
+    with pytest.raises(argparse.ArgumentTypeError, match="HxW"):
+        frame_shape(text)
