@@ -378,19 +378,19 @@ class Server:
         t = self._clock("prepare", t, len(items))
         if not batch.items:
             return _Batch(items, kind="rejected")
-        try:
-            frames = np.stack(batch.frames)
-            with self._turns:
+        with self._turns:
+            t = time.perf_counter()  # a wait for post-processing's turn is not inference
+            try:
+                frames = np.stack(batch.frames)
                 if self.config.tta:
                     batch.pred, batch.turn = backends.infer_tta(self.backend, frames)
                 else:
                     batch.pred = self.backend.infer(frames)
-        except (RuntimeError, ValueError) as exc:  # e.g. a frame size the model cannot take
-            for _ in batch.items:
-                self._reject("inference", f"{type(exc).__name__}: {exc}")
-            return _Batch(items, kind="rejected")
-        if batch.turn is None:
-            with self._turns:
+            except (RuntimeError, ValueError) as exc:  # e.g. a frame size the model cannot take
+                for _ in batch.items:
+                    self._reject("inference", f"{type(exc).__name__}: {exc}")
+                return _Batch(items, kind="rejected")
+            if batch.turn is None:
                 batch.turn = self._turn_checks(batch, frames)
         self._clock("infer", t, len(batch.items))
         return batch
