@@ -461,7 +461,6 @@ def _overlap_option(p: argparse.ArgumentParser, config: str) -> None:
     p.add_argument(
         "--overlap",
         choices=list(OVERLAP),
-        type=str,
         default=None,
         help="run inference and post-processing at the same time (on) or in turn (off); "
         "auto (the default): at the same time only when the network runs on a GPU (on the "

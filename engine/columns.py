@@ -24,7 +24,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage.feature import peak_local_max
 
-from engine.drift import DriftEstimator, TorchDriftEstimator
+from engine.drift import DriftEstimator
 from streamer.domain import SPECIES_CE, SPECIES_O, px_per_angstrom
 
 #: CeO2 [110] projected distances, Å: Ce-O (a/4 along [001]), O-O (along [1-10]), and the
@@ -216,7 +216,7 @@ class FrameMaps:
     def drift_estimator(self, reference: np.ndarray) -> DriftEstimator:
         """A registration against ``reference`` (2, H, W) for maps like these (torch's FFTs on
         the CPU)."""
-        return TorchDriftEstimator(reference, "cpu")
+        return DriftEstimator(reference)
 
     def disk_average(
         self, y_px: np.ndarray, x_px: np.ndarray, radius_px: float

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from engine.columns import FrameMaps, disk_offsets
-from engine.drift import TorchDriftEstimator
+from engine.drift import DriftEstimator
 
 
 class DevicePrediction:
@@ -127,8 +127,8 @@ class TorchFrameMaps(FrameMaps):
     def registration_maps(self) -> torch.Tensor:
         return self._species_t[1:]
 
-    def drift_estimator(self, reference: np.ndarray) -> TorchDriftEstimator:
-        return TorchDriftEstimator(reference, self._species_t.device)
+    def drift_estimator(self, reference: np.ndarray) -> DriftEstimator:
+        return DriftEstimator(reference, self._species_t.device)
 
     def disk_average(
         self, y_px: np.ndarray, x_px: np.ndarray, radius_px: float

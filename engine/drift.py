@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import fft
 
 
 def _parabola_offset(minus: float, centre: float, plus: float) -> float:
@@ -37,33 +36,37 @@ def hann_window(shape: tuple[int, int]) -> np.ndarray:
     return np.outer(np.hanning(shape[0]), np.hanning(shape[1])).astype(np.float32)
 
 
+#: px of drift since a batch's first prior that its one shared copy of the drift windows covers
+SERIES_SLACK_PX = 8
+
+
 class DriftEstimator:
     """Registers images against one fixed reference, (H, W) or channels (C, H, W); its
     spectrum is computed once.
 
-    Cross-correlation of the Hann-windowed, mean-free images in float32 (scipy.fft), summed
-    over channels, each divided by its reference's energy. Only a small window of the surface
-    around the prior is read back (:meth:`_values`), so that a subclass can keep the surface
-    where it was computed (:class:`engine.device_maps.TorchDriftEstimator`).
+    Cross-correlation of the Hann-windowed, mean-free images in float32, summed over channels,
+    each divided by its reference's energy, with torch's FFTs on ``device`` ("cpu" on the host,
+    where MKL's measured 2.6x faster than scipy's at 2 x 512^2; the inference device for
+    :class:`engine.device_maps.TorchFrameMaps`). Only a small window of the surface around the
+    prior is copied back (:meth:`_values`).
     """
 
-    def __init__(self, reference: np.ndarray):
+    def __init__(self, reference: np.ndarray, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         reference = np.asarray(reference, dtype=np.float32)
         self.channels = reference.ndim == 3
         reference = reference if self.channels else reference[None]
         self.shape: tuple[int, int] = reference.shape[1:]
         self.n_channels = len(reference)
-        self._conj_ref = self._reference_spectrum(reference)
+        self._window = torch.from_numpy(hann_window(self.shape)).to(self.device)
+        ref = self._prepare(torch.from_numpy(np.ascontiguousarray(reference)).to(self.device))
+        energy = (ref**2).sum(dim=(1, 2)).clamp_min(1e-12)[:, None, None]
+        #: conj(FFT) of the prepared (C, H, W) reference, each channel over its energy
+        self._conj_ref = torch.fft.rfft2(ref).conj() / energy
 
-    def _reference_spectrum(self, reference: np.ndarray):
-        """conj(FFT) of the prepared (C, H, W) reference, each channel over its energy."""
-        self._window = hann_window(self.shape)
-        ref = self._prepare(reference)
-        energy = np.maximum((ref**2).sum(axis=(1, 2)), 1e-12)[:, None, None]
-        return np.conj(fft.rfft2(ref)) / energy
-
-    def _prepare(self, maps: np.ndarray) -> np.ndarray:
-        return (maps - maps.mean(axis=(1, 2), keepdims=True)) * self._window
+    def _prepare(self, maps: torch.Tensor) -> torch.Tensor:
+        """Mean-free and windowed maps (..., H, W)."""
+        return (maps - maps.mean(dim=(-2, -1), keepdim=True)) * self._window
 
     def _channels(self, image):
         """``image`` as (C, H, W) after checking its shape against the reference's."""
@@ -78,15 +81,17 @@ class DriftEstimator:
         h, w = self.shape
         return self._values(self._surface(image), np.arange(h), np.arange(w))
 
-    def _surface(self, image):
-        """The correlation surface where this estimator computes it (here: numpy)."""
-        image = self._channels(np.asarray(image, dtype=np.float32))
-        spectrum = fft.rfft2(self._prepare(image))
-        return fft.irfft2((spectrum * self._conj_ref).sum(axis=0), s=self.shape)
+    def _surface(self, image) -> torch.Tensor:
+        """The correlation surface (H, W), left on ``device``."""
+        image = self._channels(torch.as_tensor(image, device=self.device).float())
+        with torch.inference_mode():
+            spectrum = torch.fft.rfft2(self._prepare(image))
+            return torch.fft.irfft2((spectrum * self._conj_ref).sum(dim=0), s=self.shape)
 
     def _values(self, surface, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """surface[rows][:, cols] as a host float32 array (len(rows), len(cols))."""
-        return np.asarray(surface[np.ix_(rows, cols)], dtype=np.float32)
+        """surface[..., rows, :][..., cols] as a host float32 array."""
+        r, c = (torch.from_numpy(i).to(self.device) for i in (rows, cols))
+        return surface[..., r, :][..., c].cpu().numpy()
 
     def estimate(
         self, image: np.ndarray, prior: tuple[float, float] = (0, 0), search_px: float = 8.0
@@ -102,11 +107,31 @@ class DriftEstimator:
         self, images: list, prior: tuple[float, float] = (0, 0), search_px: float = 8.0
     ) -> list[tuple[float, float]]:
         """Drifts of consecutive ``images``, each searched around the one before it (the first
-        around ``prior``): :meth:`estimate` frame by frame. A subclass may compute them
-        together (:class:`engine.device_maps.TorchDriftEstimator`), with the same answers."""
+        around ``prior``), with the answers of :meth:`estimate` frame by frame but one copy to
+        the host for the whole series: the surfaces of all images are computed together, and a
+        window of the search radius plus :data:`SERIES_SLACK_PX` around ``prior`` comes back
+        for each; a frame whose search leaves that window (drifted more than the slack since
+        the first prior) reads its own."""
+        if len(images) < 2:
+            return [self.estimate(image, prior, search_px) for image in images]
+        h, w = self.shape
+        with torch.inference_mode():
+            stack = torch.stack(
+                [self._channels(torch.as_tensor(i, device=self.device).float()) for i in images]
+            )
+            spectra = torch.fft.rfft2(self._prepare(stack))
+            surfaces = torch.fft.irfft2((spectra * self._conj_ref).sum(dim=1), s=self.shape)
+        wide_y, wide_x = search_shifts(prior, search_px + SERIES_SLACK_PX)
+        windows = self._values(surfaces, wide_y % h, wide_x % w)  # (B, rows, cols)
         drifts = []
-        for image in images:
-            prior = self.estimate(image, prior, search_px)
+        for k, surface in enumerate(surfaces):
+            dys, dxs = search_shifts(prior, search_px)
+            rows, cols = dys - wide_y[0], dxs - wide_x[0]
+            if rows[0] >= 0 and rows[-1] < len(wide_y) and cols[0] >= 0 and cols[-1] < len(wide_x):
+                values = windows[k][np.ix_(rows, cols)]
+            else:
+                values = self._values(surface, dys % h, dxs % w)
+            prior = refined_peak(values, dys, dxs, prior, search_px)
             drifts.append(prior)
         return drifts
 
@@ -135,71 +160,6 @@ def refined_peak(
     sub_y = _parabola_offset(values[iy - 1, ix], values[iy, ix], values[iy + 1, ix])
     sub_x = _parabola_offset(values[iy, ix - 1], values[iy, ix], values[iy, ix + 1])
     return int(dys[iy]) + sub_y, int(dxs[ix]) + sub_x
-
-
-#: px of drift since a batch's first prior that its one shared copy of the drift windows covers
-SERIES_SLACK_PX = 8
-
-
-class TorchDriftEstimator(DriftEstimator):
-    """:class:`DriftEstimator` with the spectra and the correlation surface on a torch device
-    (the engine's registration: on the host its "cpu", whose FFTs (MKL) measured 2.6x faster
-    than scipy's at 2 x 512^2); only the search window around the prior is copied back."""
-
-    def __init__(self, reference: np.ndarray, device: torch.device | str):
-        self.device = torch.device(device)
-        super().__init__(reference)
-
-    def _reference_spectrum(self, reference: np.ndarray) -> torch.Tensor:
-        self._window_t = torch.from_numpy(hann_window(self.shape)).to(self.device)
-        ref = self._prepare(torch.from_numpy(reference).to(self.device))
-        energy = (ref**2).sum(dim=(1, 2)).clamp_min(1e-12)[:, None, None]
-        return torch.fft.rfft2(ref).conj() / energy
-
-    def _prepare(self, maps):
-        """Mean-free and windowed maps (..., H, W)."""
-        return (maps - maps.mean(dim=(-2, -1), keepdim=True)) * self._window_t
-
-    def _surface(self, image) -> torch.Tensor:
-        image = self._channels(torch.as_tensor(image, device=self.device).float())
-        with torch.inference_mode():
-            spectrum = torch.fft.rfft2(self._prepare(image))
-            return torch.fft.irfft2((spectrum * self._conj_ref).sum(dim=0), s=self.shape)
-
-    def _values(self, surface, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        r, c = (torch.from_numpy(i).to(self.device) for i in (rows, cols))
-        return surface[..., r, :][..., c].cpu().numpy()
-
-    def estimate_series(
-        self, images: list, prior: tuple[float, float] = (0, 0), search_px: float = 8.0
-    ) -> list[tuple[float, float]]:
-        """As :meth:`DriftEstimator.estimate_series`, with one copy to the host for the whole
-        series: the surfaces of all images are computed together, and a window of the search
-        radius plus :data:`SERIES_SLACK_PX` around ``prior`` comes back for each; a frame whose
-        search leaves that window (drifted more than the slack since the first prior) reads
-        its own."""
-        if len(images) < 2:
-            return super().estimate_series(images, prior, search_px)
-        h, w = self.shape
-        with torch.inference_mode():
-            stack = torch.stack(
-                [self._channels(torch.as_tensor(i, device=self.device).float()) for i in images]
-            )
-            spectra = torch.fft.rfft2(self._prepare(stack))
-            surfaces = torch.fft.irfft2((spectra * self._conj_ref).sum(dim=1), s=self.shape)
-        wide_y, wide_x = search_shifts(prior, search_px + SERIES_SLACK_PX)
-        windows = self._values(surfaces, wide_y % h, wide_x % w)  # (B, rows, cols)
-        drifts = []
-        for k, surface in enumerate(surfaces):
-            dys, dxs = search_shifts(prior, search_px)
-            rows, cols = dys - wide_y[0], dxs - wide_x[0]
-            if rows[0] >= 0 and rows[-1] < len(wide_y) and cols[0] >= 0 and cols[-1] < len(wide_x):
-                values = windows[k][np.ix_(rows, cols)]
-            else:
-                values = self._values(surface, dys % h, dxs % w)
-            prior = refined_peak(values, dys, dxs, prior, search_px)
-            drifts.append(prior)
-        return drifts
 
 
 def estimate_drift(

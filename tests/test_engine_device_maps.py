@@ -14,7 +14,7 @@ from scipy import ndimage
 from engine import backends
 from engine.columns import disk_average
 from engine.device_maps import DevicePrediction, TorchFrameMaps
-from engine.drift import DriftEstimator, TorchDriftEstimator
+from engine.drift import DriftEstimator
 from engine.model_io import default_model_path, load
 from engine.occupancy import SessionAnalysis
 from engine.prediction import Prediction
@@ -113,7 +113,7 @@ def test_column_averages_on_the_device_equal_the_host_ones_at_the_frame_edges(de
 def test_drift_on_the_device_equals_the_host_registration(device):
     rng = np.random.default_rng(2)
     reference = ndimage.gaussian_filter(rng.random((2, 96, 80)), (0, 2, 2)).astype(np.float32)
-    host, on_device = DriftEstimator(reference), TorchDriftEstimator(reference, device)
+    host, on_device = DriftEstimator(reference), DriftEstimator(reference, device)
     for shift in ([1.3, -0.6], [-2.7, 2.2], [0.4, 0.1]):
         moved = ndimage.shift(reference, (0, *shift), order=3, mode="wrap").astype(np.float32)
         moved += rng.normal(0, 0.01, moved.shape).astype(np.float32)
@@ -189,8 +189,9 @@ def test_a_session_tracked_on_the_device_gives_the_host_tables(session, device, 
 def test_drifts_of_a_series_on_the_device_share_one_window_and_equal_frame_by_frame(
     device, monkeypatch
 ):
-    """TorchDriftEstimator.estimate_series reads one window for a whole series and gives the
-    host's frame-by-frame answers; frames that drifted past the window's slack read their own."""
+    """DriftEstimator.estimate_series reads one window for a whole series and gives the
+    frame-by-frame answers of estimate; frames that drifted past the window's slack read their
+    own."""
     rng = np.random.default_rng(3)
     reference = ndimage.gaussian_filter(rng.random((2, 128, 112)), (0, 3, 3)).astype(np.float32)
     steps = [(0.4, -0.3)] * 4 + [(6.0, 5.0)] * 3 + [(0.2, 0.1)] * 3  # then past the slack
@@ -199,13 +200,16 @@ def test_drifts_of_a_series_on_the_device_share_one_window_and_equal_frame_by_fr
         drift = drift + step
         moved = ndimage.shift(reference, (0, *drift), order=3, mode="wrap")
         images.append((moved + rng.normal(0, 0.01, moved.shape)).astype(np.float32))
-    host, on_device = DriftEstimator(reference), TorchDriftEstimator(reference, device)
+    host, on_device = DriftEstimator(reference), DriftEstimator(reference, device)
     reads = []
     values = on_device._values
     monkeypatch.setattr(
         on_device, "_values", lambda s, r, c: reads.append(s.ndim) or values(s, r, c)
     )
-    want = host.estimate_series(images, prior=(0.0, 0.0), search_px=10.0)
+    want, prior = [], (0.0, 0.0)
+    for image in images:  # frame by frame
+        prior = host.estimate(image, prior, search_px=10.0)
+        want.append(prior)
     got = on_device.estimate_series([torch.from_numpy(i).to(device) for i in images], (0, 0), 10.0)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
     np.testing.assert_allclose(want, np.cumsum(steps, axis=0), atol=0.5)  # Hann-window bias
