@@ -603,8 +603,9 @@ class Input(_Receiver):
     ``accept``: the kinds expected here (others are counted as malformed, reason ``topic``);
     None accepts all. ``check_finite``: reject float buffers holding NaN/Inf. ``limits``: the
     frames accepted (others counted as malformed with their reason). ``hwm``: the credit
-    granted to the sender (messages in flight). ``auto_ack``: a message is acknowledged once
-    :meth:`recv`/:meth:`drain` returned it; with False the owner calls :meth:`ack` once the
+    granted to the sender (messages in flight). ``auto_ack``: a message is acknowledged as
+    :meth:`recv`/:meth:`drain` returns it (a reader killed before it has used the message
+    loses it); with False the owner calls :meth:`ack` once the
     messages delivered so far are safe (e.g. on disk), and the sender resends the rest to a
     restarted reader. ``allow_codec``: accept compressed buffers (default: when the link is
     CURVE-encrypted, i.e. the sender is authenticated). Counters: ``malformed``,

@@ -243,16 +243,23 @@ def test_a_sender_exiting_right_after_zero_copy_sends_delivers_everything(endpoi
     assert got == [seq % 4 for seq in range(200)]
 
 
+# acknowledges a frame only once it is printed, as serve and the recorder acknowledge only
+# what is published or on disk (auto_ack would acknowledge it on receipt, so a kill between
+# receipt and print would lose it from the printed record)
 RECEIVER_SCRIPT = """
 import sys
 from streamer.sockets import Input
-inp = Input(sys.argv[1], hwm=4)
+inp = Input(sys.argv[1], hwm=4, auto_ack=False)
 while True:
     msg = inp.recv(timeout_s=30)
     if msg is None or msg.kind == "eos":
         break
     print(msg.seq, flush=True)
+    inp.ack(msg)
 print("eos", msg.seq if msg is not None else None, flush=True)
+if msg is not None:
+    inp.ack(msg)
+inp.close()
 """
 
 
