@@ -284,7 +284,7 @@ def _parity(args: argparse.Namespace) -> int:
         ParityConfig(
             model=args.model,
             out=args.out,
-            **given(args, "candidate", "suite_dir", "samples", "crop", "scale", "gpts"),
+            **given(args, "candidate", "suite_dir", "samples", "crop", "seeds", "scale", "gpts"),
         )
     )
     return 0 if record["passed"] else 1
@@ -645,7 +645,8 @@ def _add_bench_parity(bench) -> None:
         description="Column-level accuracy of the candidate backend (default INT8) against "
         "the FP32 onnxruntime graph on every robustness-suite row, same frames. "
         "Writes <model>.<precision>.json (int8, bf16) beside the model; the candidate is "
-        "offered only when no row's column-exact accuracy moves by more than 0.5 points "
+        "offered only when no row's column-exact accuracy, pooled over the draws, moves by "
+        "more than 0.5 points "
         "(exit code 1 when it does).",
     )
     _model_option(p)
@@ -658,6 +659,14 @@ def _add_bench_parity(bench) -> None:
     )
     config_option(p, "--samples", PARITY, type=positive_int, help="frames per row")
     config_option(p, "--crop", PARITY, type=positive_int, help="frame side in px")
+    config_option(
+        p,
+        "--seeds",
+        PARITY,
+        nargs="+",
+        type=non_negative_int,
+        help="one draw of every row per seed (other frames and noise), column counts pooled",
+    )
     suite_files_options(p, PARITY, dir_field="suite_dir")
     p.add_argument(
         "--out",

@@ -19,7 +19,7 @@ true column.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -177,6 +177,12 @@ class ColumnMetrics:
             far = cKDTree(centres).query(centroids)[0] if len(centres) else np.full(n, np.inf)
             self.estimated_regions += n
             self.false_regions += int((far * pixel_size_pm / 100 > FALSE_COLUMN_DISTANCE_A).sum())
+
+    def __add__(self, other: ColumnMetrics) -> ColumnMetrics:
+        """Both sets of counts pooled (as if their images had been scored together)."""
+        return ColumnMetrics(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
 
     def summary(self) -> dict[str, float]:
         def ratio(a, b):

@@ -242,14 +242,17 @@ def evaluate_row(
     column_depths: list[np.ndarray],
     dose: float,
     seed: int,
+    scores: bool = True,
 ) -> RowResult:
-    """One model on one row's clean samples at dose λ (noise from ``seed``)."""
+    """One model on one row's clean samples at dose λ (noise from ``seed``). ``scores``: the
+    per-frame OOD and uncertainty scores too (the OOD score costs a second, turned pass)."""
     noisy = add_poisson_noise(data.images, dose, np.random.default_rng([seed, int(dose * 1000)]))
     result = RowResult()
-    turned = turned_probabilities(model, noisy, temperature)
+    turned = turned_probabilities(model, noisy, temperature) if scores else None
     for sl, p in predict_batches(model, noisy, 8, temperature):
-        result.ood.extend(turn_scores(p.probabilities, turned[sl]))
-        result.uncertainty.extend(uncertainty_scores(p.depth, p.confidence))
+        if turned is not None:
+            result.ood.extend(turn_scores(p.probabilities, turned[sl]))
+            result.uncertainty.extend(uncertainty_scores(p.depth, p.confidence))
         for j, i in enumerate(range(sl.start, sl.stop)):
             result.add(p.depth[j], p.confidence[j], data, i, column_depths[i])
     return result
