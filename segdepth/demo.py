@@ -288,8 +288,11 @@ def class_prior(config: DemoConfig) -> list[str]:
 
 
 def _engine_options(config: DemoConfig) -> list[str]:
-    """``segdepth serve`` options the demo's config sets (else the engine's defaults apply)."""
+    """``segdepth serve`` options the demo's config sets (else the engine's defaults apply); the
+    engine readies the session's frame shape before it reads (a compiling backend's first
+    frame would otherwise count tens of seconds against the throughput)."""
     return [
+        *("--warm", f"{config.size}x{config.size}"),
         *(["--backend", config.backend] if config.backend else []),
         *(["--max-batch", str(config.max_batch)] if config.max_batch else []),
     ]

@@ -68,6 +68,9 @@ def test_demo_end_to_end(tmp_path, segdepth_cmd):
     assert summary["frames_processed"] == FRAMES and summary["frames_lost"] == 0
     assert summary["engine_skipped"] == 0
     assert summary["throughput_frames_per_s"] > 0
+    # the engine readied the session's frame shape before reading (not on the first frame)
+    engine_log = (out_dir / "logs" / "engine.log").read_text()
+    assert f"readying backend torch-cpu for ({SIZE}, {SIZE}) frames" in engine_log
     assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
 
     with (
