@@ -31,6 +31,7 @@ import queue
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -268,6 +269,9 @@ class Server:
         self._stage_lock = threading.Lock()
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
         self._publisher = threading.Thread(target=self._publish_loop, name="publish", daemon=True)
+        #: reduces a host prediction's maps while the publish stage tracks its columns (with
+        #: inference and post-processing in turn, the second core is otherwise idle then)
+        self._maps_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maps")
 
     # -- receiving ---------------------------------------------------------------------------
     def _is_live(self, msg: Message) -> bool:
@@ -455,8 +459,7 @@ class Server:
         n = len(batch.items)
         pred = batch.pred
         assert pred is not None  # only "frames" batches reach here (_publish_loop)
-        depth, confidence, species = pred.maps()
-        ood = pred.uncertainty_scores()
+        maps = self._maps_worker.submit(pred.maps) if isinstance(pred, Prediction) else None
         turn = batch.turn
         assert turn is not None  # set by the inference stage with the prediction
         for i in range(n):
@@ -471,6 +474,8 @@ class Server:
             [item.payload.seq for item in batch.items],
             [item.payload.header.get("t_acq") for item in batch.items],
         )
+        depth, confidence, species = maps.result() if maps is not None else pred.maps()
+        ood = pred.uncertainty_scores()
         results = [
             (
                 occ,
@@ -667,6 +672,7 @@ class Server:
         self._receiver.join(timeout=2.0)
         if self._publisher.is_alive():
             self._publisher.join(timeout=10.0)
+        self._maps_worker.shutdown(wait=False)
         self.output.flush(self.output.linger_s)  # the results' reader acknowledges the rest
         self._settle()  # ... and the source learns which frames are done with
         self.input.close()

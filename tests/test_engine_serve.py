@@ -121,6 +121,23 @@ def test_replay_serves_every_frame_in_order_and_forwards_eos(engine):
     assert server.input.malformed.total == 2
 
 
+def test_published_maps_are_the_backends_maps_of_each_frame(engine):
+    """Depth, confidence and species as published (the maps are reduced on a worker thread
+    while the columns are tracked) equal the backend's own maps of the normalised frame."""
+    # batch 1, as below: torch's float rounding may differ between batch sizes
+    src, results, server = engine("replay", max_batch=1)
+    rng = np.random.default_rng(11)
+    frames = [frame_msg(i, rng, mode="replay") for i in range(5)]
+    for msg in frames:
+        src.send(msg)
+    got = collect(results, until_eos=False, n=len(frames))
+    assert [m.header["frame_seq"] for m in got] == list(range(len(frames)))
+    for msg, m in zip(frames, got):
+        want = server.backend.infer((sockets_frame(msg) / np.float32(20.0))[None]).maps()
+        for name, array in zip(("depth", "confidence", "species"), want):
+            np.testing.assert_array_equal(m.arrays[name], array[0], err_msg=name)
+
+
 def test_live_overload_serves_the_newest_and_counts_skipped(engine):
     # receive credit for the whole burst: the engine's own queue does the skipping here
     src, results, server = engine(
