@@ -153,6 +153,12 @@ def overlap_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from engine.host_memory import reexec_with_malloc_settings
+
+    # the process's own command again, with malloc settings that keep freed memory
+    # (engine.host_memory); not for a command run in-process (main() given its arguments)
+    if getattr(args, "command_line", None) is not None:
+        reexec_with_malloc_settings(["-m", "segdepth", *args.command_line])
     from engine.serve import serve
 
     return serve(serve_config(args), Path(args.stats) if args.stats else None)

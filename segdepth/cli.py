@@ -80,11 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a ``segdepth`` command: ``argv`` (default: this process's command line, which a
+    command may then run again in a new environment, as ``serve`` does)."""
+    own_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     for prefix, module in VIEWER_COMMANDS.items():
         if tuple(argv[: len(prefix)]) == prefix:
             return _run_viewer(module, argv[len(prefix) :])
     args = build_parser().parse_args(argv)
+    args.command_line = argv if own_command_line else None
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
