@@ -161,10 +161,9 @@ def _serve_command(
         cfg.postprocess,
     ]
     batch = ["--max-batch", str(cfg.max_batch)] if cfg.max_batch else []
-    ignore = (["--ignore-parity"] if cfg.ignore_parity else []) + (
-        [] if cfg.overlap is None else ["--overlap", "on" if cfg.overlap else "off"]
-    )
-    return cmd + batch + ignore + (["--model", cfg.model] if cfg.model else [])
+    ignore = ["--ignore-parity"] if cfg.ignore_parity else []
+    overlap = [] if cfg.overlap is None else ["--overlap", "on" if cfg.overlap else "off"]
+    return cmd + batch + ignore + overlap + (["--model", cfg.model] if cfg.model else [])
 
 
 def run_backend(cfg: E2EConfig, backend: str, clean: np.ndarray, workdir: Path) -> dict:
