@@ -2,8 +2,9 @@
 """Live K3 bridge: run inside Gatan Microscopy Suite's Python to publish the live view.
 
 GMS has no frame-complete event for the live view, so the bridge polls the live-view image and
-publishes a frame whenever its pixels changed (a strided sample is compared; a copy that changed
-while it was taken is retaken, so no torn frames go out). Frames go out in **live** mode: the
+publishes a frame whenever its pixels changed (a strided sample is compared). A copy goes out only
+once the live view has held still for ``settle_s`` after it was taken, so a copy taken while GMS
+was part-way through writing a frame is replaced by the finished frame, never sent. Frames go out in **live** mode: the
 camera never waits for a slow consumer; losses are counted as sequence gaps (docs/K3_BRIDGE.md).
 
 GMS's numpy view of a DM image has the dimensions flipped: DM (x = width, y = height) is numpy
@@ -49,6 +50,9 @@ class BridgeConfig:
     dose_e_per_px: float = math.nan
     #: take every n-th row and column for change detection.
     sample_stride: int = 7
+    #: a copy goes out only if the live view still matches it this long after it was taken, s
+    #: (below the live view's frame time; a writer stalled longer mid-frame can still tear).
+    settle_s: float = 0.005
     #: stop after this many frames (0: until stopped).
     max_frames: int = 0
     to_engine: str = "tcp://127.0.0.1:5555"
@@ -76,34 +80,42 @@ def pixel_size_pm(scale: float, unit: str, default: float = math.nan) -> float:
 
 
 class ChangeDetector:
-    """Tells new frames from the same frame seen again, by a strided pixel sample."""
+    """Tells new frames from the same frame seen again, by a strided pixel sample, and lets a
+    copy out only once the view has held still for ``settle_s`` seconds after it was taken."""
 
-    def __init__(self, stride: int = 7):
+    def __init__(self, stride: int = 7, settle_s: float = 0.0):
         self.stride = stride
-        self._last: np.ndarray | None = None
+        self.settle_s = settle_s
+        #: copies dropped because the view changed before they settled (torn or superseded).
+        self.unsettled = 0
+        self._sent: np.ndarray | None = None  # sample of the last frame sent
+        self._pending: np.ndarray | None = None  # copy waiting to settle
+        self._pending_t = 0.0
+        #: ``now`` at which the last returned copy was taken, s.
+        self.taken_s = 0.0
 
     def sample(self, view: np.ndarray) -> np.ndarray:
         return np.array(view[:: self.stride, :: self.stride], copy=True)
 
-    def new_frame(self, view: np.ndarray) -> np.ndarray | None:
-        """A copy of ``view`` if it changed since the last new frame, else None. A copy that
-        changed while it was taken (torn) is taken again."""
-        before = self.sample(view)
-        if (
-            self._last is not None
-            and before.shape == self._last.shape
-            and np.array_equal(before, self._last)
-        ):
-            return None
-        for _ in range(3):
-            frame = np.array(view, copy=True)
-            after = self.sample(view)
-            if np.array_equal(after, before):
-                self._last = after
-                return frame
-            before = after
-        return None  # the image keeps changing under us: look again at the next poll
+    def _same(self, a: np.ndarray | None, b: np.ndarray) -> bool:
+        return a is not None and a.shape == b.shape and np.array_equal(a, b)
 
+    def new_frame(self, view: np.ndarray, now: float) -> np.ndarray | None:
+        """A copy of a new frame of ``view`` once it has settled, else None; ``now`` in s."""
+        sample = self.sample(view)
+        if self._pending is not None:
+            if self._same(self._pending[:: self.stride, :: self.stride], sample):
+                if now - self._pending_t < self.settle_s:
+                    return None
+                frame, self._pending, self._sent = self._pending, None, sample
+                self.taken_s = self._pending_t
+                return frame
+            self._pending = None
+            self.unsettled += 1
+        if self._same(self._sent, sample):
+            return None
+        self._pending, self._pending_t = np.array(view, copy=True), now
+        return None
 
 def run_bridge(
     read_view: Callable[[], np.ndarray],
@@ -114,19 +126,21 @@ def run_bridge(
 ) -> int:
     """Poll ``read_view`` (the live image as numpy) and send each new frame until ``stop``;
     then send eos. Returns the number of frames published."""
-    detector = ChangeDetector(config.sample_stride)
+    detector = ChangeDetector(config.sample_stride, config.settle_s)
     dose = config.dose_e_per_px if math.isfinite(config.dose_e_per_px) else None
     n = 0
     try:
         while not stop.is_set() and not (config.max_frames and n >= config.max_frames):
-            frame = detector.new_frame(read_view())
+            frame = detector.new_frame(read_view(), time.monotonic())
             if frame is None:
                 stop.wait(config.poll_s)
                 continue
-            sender.send(frame, pixel_size_pm=pixel_pm, t_acq=time.time(), dose_e_per_px=dose)
+            t_acq = time.time() - (time.monotonic() - detector.taken_s)
+            sender.send(frame, pixel_size_pm=pixel_pm, t_acq=t_acq, dose_e_per_px=dose)
             n += 1
     finally:
         sender.end()
+        log.info("%d copies not sent: the live view changed before they settled", detector.unsettled)
     return n
 
 

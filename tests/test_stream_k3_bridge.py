@@ -34,15 +34,37 @@ def test_config_from_environment(monkeypatch):
     assert config.to_engine == "tcp://10.0.0.2:6000" and config.poll_s == 0.01
 
 
-def test_change_detector_sends_each_frame_once():
+def test_change_detector_sends_each_frame_once_after_it_settles():
     view = np.zeros((64, 64), np.uint16)
-    det = ChangeDetector(stride=7)
-    assert det.new_frame(view) is not None
-    assert det.new_frame(view) is None  # the same frame seen again
+    det = ChangeDetector(stride=7, settle_s=0.005)
+    assert det.new_frame(view, 0.0) is None  # copied, not yet settled
+    assert det.new_frame(view, 0.004) is None
+    assert det.new_frame(view, 0.006) is not None
+    assert det.new_frame(view, 0.010) is None  # the same frame seen again
     view[3, 5] = 1  # a change between sampled pixels is not seen...
+    assert det.new_frame(view, 0.020) is None
     view[7, 14] = 9  # ...one on the sample grid is
-    got = det.new_frame(view)
+    assert det.new_frame(view, 0.030) is None
+    got = det.new_frame(view, 0.040)
     assert got is not None and got[7, 14] == 9 and not np.shares_memory(got, view)
+    assert det.taken_s == 0.030
+
+
+def test_change_detector_never_sends_a_copy_of_a_half_written_frame():
+    """A writer that stalls part-way through a frame: the copy taken meanwhile holds two frames.
+    When the writer finishes, that copy is dropped and the finished frame goes out."""
+    view = np.full((64, 64), 1, np.uint16)
+    det = ChangeDetector(stride=7, settle_s=0.005)
+    det.new_frame(view, 0.0)
+    assert det.new_frame(view, 0.01) is not None
+    view[:30] = 2  # frame 2 half written; the writer stalls for 3 ms
+    assert det.new_frame(view, 0.020) is None
+    assert det.new_frame(view, 0.023) is None
+    view[30:] = 2  # the writer finishes before the torn copy settled
+    assert det.new_frame(view, 0.024) is None
+    assert det.unsettled == 1
+    got = det.new_frame(view, 0.030)
+    assert got is not None and (got == 2).all()
 
 
 def test_bridge_publishes_live_frames_without_tearing(endpoint_factory):
@@ -57,7 +79,7 @@ def test_bridge_publishes_live_frames_without_tearing(endpoint_factory):
             stop.wait(0.01)
         camera_done.set()
 
-    config = BridgeConfig(poll_s=0.001, sample_stride=5, dose_e_per_px=1.5)
+    config = BridgeConfig(poll_s=0.001, settle_s=0.003, sample_stride=5, dose_e_per_px=1.5)
     sender = FrameSender(SourceConfig(mode="live", to_engine=ep, to_viewer=None), source="k3")
     got = []
     with Input(ep) as inp:
