@@ -4,8 +4,9 @@
 GMS has no frame-complete event for the live view, so the bridge polls the live-view image and
 publishes a frame whenever its pixels changed (a strided sample is compared). A copy goes out only
 once the live view has held still for ``settle_s`` after it was taken, so a copy taken while GMS
-was part-way through writing a frame is replaced by the finished frame, never sent. Frames go out in **live** mode: the
-camera never waits for a slow consumer; losses are counted as sequence gaps (docs/K3_BRIDGE.md).
+was part-way through writing a frame is replaced by the finished frame, never sent. Frames go
+out in **live** mode: the camera never waits for a slow consumer; losses are counted as sequence
+gaps (docs/K3_BRIDGE.md).
 
 GMS's numpy view of a DM image has the dimensions flipped: DM (x = width, y = height) is numpy
 (height, width), which is what the protocol wants for (H, W) frames.
@@ -140,7 +141,7 @@ def run_bridge(
             n += 1
     finally:
         sender.end()
-        log.info("%d copies not sent: the live view changed before they settled", detector.unsettled)
+        log.info("%d copies not sent: the view changed before they settled", detector.unsettled)
     return n
 
 
