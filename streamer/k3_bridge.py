@@ -118,6 +118,7 @@ class ChangeDetector:
         self._pending, self._pending_t = np.array(view, copy=True), now
         return None
 
+
 def run_bridge(
     read_view: Callable[[], np.ndarray],
     sender: FrameSender,
