@@ -83,7 +83,9 @@ def test_crops_and_flips_keep_image_and_targets_aligned(synthetic):
     assert np.array_equal(ds[0][0].numpy(), CropDataset(data, 32, seed=1)[0][0].numpy())
 
 
-def test_model_overfits_a_tiny_set(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_model_overfits_a_tiny_set(tmp_path, precision):
+    """In bfloat16 autocast too: its convolutions run in bfloat16, its weights stay float32."""
     data = tmp_path / "tiny.h5"
     write_synthetic_set(data, n=8)
     cfg = TrainConfig(
@@ -99,8 +101,21 @@ def test_model_overfits_a_tiny_set(tmp_path):
         patience=100,
         seed=0,
         warmup=0.05,
+        precision=precision,
     )
-    train(cfg, progress=False)
+    conv_dtypes: set[torch.dtype] = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, _, out: (
+            conv_dtypes.add(out.dtype)
+            if isinstance(module, torch.nn.Conv2d) and module.training
+            else None
+        )
+    )
+    try:
+        train(cfg, progress=False)
+    finally:
+        hook.remove()
+    assert conv_dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     log = [json.loads(line) for line in metrics.splitlines()]
     assert len(log) == 30
@@ -111,6 +126,8 @@ def test_model_overfits_a_tiny_set(tmp_path):
     assert best["centre_accuracy"] > first["centre_accuracy"] + 0.3
     model, meta = load_model(tmp_path / "run" / "model.pt")
     assert meta["validation"]["epoch"] == best["epoch"] and len(meta["data_sha256"]) == 64
+    assert meta["train_config"]["precision"] == precision
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def run_cli(cmd, *args, timeout=120):

@@ -59,6 +59,7 @@ def train_config(args: argparse.Namespace):
         "val_limit",
         "limit",
         "threads",
+        "precision",
         "seed",
         "views_per_wave",
         "val_count",
@@ -259,6 +260,14 @@ def _add_train(commands) -> None:
     config_option(p, "--limit", TRAIN, type=positive_int, help="training images used (default all)")
     config_option(
         p, "--threads", TRAIN, type=positive_int, help="torch CPU threads (default torch's)"
+    )
+    config_option(
+        p,
+        "--precision",
+        TRAIN,
+        choices=["fp32", "bf16"],
+        help="fp32, or bf16: forward pass and loss under bfloat16 autocast (weights, "
+        "optimiser and validation stay float32; fast on CPUs with AMX or AVX512-BF16)",
     )
     config_option(p, "--seed", TRAIN, type=int, help="random seed")
     _library_training_options(p)

@@ -71,6 +71,7 @@ class TrainConfig:
     val_limit: int | None = None  # validation images used per epoch (None: all)
     limit: int | None = None  # training images used (None: all)
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    precision: str = "fp32"  # "bf16": forward and loss under bfloat16 autocast (see PRECISIONS)
     seed: int = 0
     # exit-wave libraries (``data``/``val`` written by `segdepth simulate --waves`):
     dose_range: tuple[float, float] | None = None  # λ log-uniform per sample (None: noise_lambda)
@@ -99,6 +100,13 @@ class TrainConfig:
         return RenderConfig(
             crop=self.crop or 128, views_per_wave=self.views_per_wave, dose=(dose[0], dose[1])
         )
+
+
+#: training precisions: the forward pass and the loss in float32, or under ``torch.autocast`` to
+#: bfloat16 (convolutions and matrix products in bfloat16, weights, gradients, the optimiser and
+#: validation in float32; AMX/AVX512-BF16 kernels on a CPU that has them, emulated and much
+#: slower on one that has not)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -411,6 +419,8 @@ def _train_epoch(
     train_mode(net, cfg.freeze_bn)
     losses: list[float] = []
     seen = 0
+    dtype = PRECISIONS[cfg.precision]
+    autocast = torch.autocast(dd.device.type, dtype=dtype or torch.float32, enabled=bool(dtype))
     optimiser.zero_grad(set_to_none=True)
     bar = tqdm(
         loader,
@@ -429,10 +439,11 @@ def _train_epoch(
             return losses, seen, True  # finish this epoch early: validate, save, stop
         clean, labels, species, weights = (t.to(dd.device) for t in batch[:4])
         dose = batch[4] if len(batch) > 4 else cfg.noise_lambda  # per sample when rendered
-        depth_logits, species_logits = net(noisy(clean, dose, gen))
-        loss, _ = segdepth_loss(
-            depth_logits, species_logits, labels, species, weights, cfg.species_weight
-        )
+        with autocast:
+            depth_logits, species_logits = net(noisy(clean, dose, gen))
+            loss, _ = segdepth_loss(
+                depth_logits, species_logits, labels, species, weights, cfg.species_weight
+            )
         (loss / cfg.accumulate).backward()
         if (step + 1) % cfg.accumulate == 0 or step + 1 == len(loader):
             optimiser.step()
