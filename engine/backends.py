@@ -34,6 +34,7 @@ from engine.export import (
 )
 from engine.model_io import LoadedModel, pad_to_multiple, padded_side
 from engine.prediction import Prediction
+from training.precision import native_bf16_reason
 
 log = logging.getLogger(__name__)
 
@@ -187,14 +188,6 @@ def graph_batch(b: int, max_batch: int) -> int:
     if not 1 <= b <= max_batch:
         raise ValueError(f"batch {b} outside 1..{max_batch}")
     return min(1 << (b - 1).bit_length(), max_batch)
-
-
-def native_bf16_reason() -> str | None:
-    """Why this CPU has no native bfloat16 arithmetic (AMX tiles or AVX512-BF16), or None.
-    Without it oneDNN emulates BF16, measured about 200x slower than FP32 on an AVX2 EPYC."""
-    if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
-        return None
-    return "this CPU has neither AMX nor AVX512-BF16 (BF16 would be emulated, far slower)"
 
 
 class TorchCPUBF16Backend(TorchCPUBackend):

@@ -17,6 +17,7 @@ from engine_support import write_synthetic_session
 from engine import backends
 from engine.model_io import load as load_engine_model
 from engine.ood import checked_scores
+from training import precision
 from training.bundle import bundle
 from training.data import CropDataset, load_set
 from training.inference import predict_batches, uncertainty_scores
@@ -342,3 +343,35 @@ def test_torchrun_two_processes_train_with_ddp(synthetic, tmp_path):
     assert meta["hardware"]["world_size"] == 2 and meta["epochs_run"] == 2
     log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]  # written once, by rank 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_a_cpu_that_runs_it_natively(tmp_path, monkeypatch, native):
+    """``auto`` resolves per machine, and the run's config and model record what it resolved
+    to; on CUDA it stays fp32; a config from before the option reads as fp32."""
+    monkeypatch.setattr(
+        precision, "native_bf16_reason", lambda: None if native else "no AMX or AVX512-BF16"
+    )
+    assert precision.resolve_precision("auto", torch.device("cuda")) == "fp32"
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        precision.resolve_precision("fp16", torch.device("cpu"))
+    data = tmp_path / "tiny.h5"
+    write_synthetic_set(data, n=2)
+    cfg = TrainConfig(
+        data=str(data),
+        val=str(data),
+        out=str(tmp_path / "run"),
+        model=UNetConfig(base_channels=4, max_channels=8),
+        epochs=1,
+        crop=None,
+        batch_size=2,
+    )
+    assert cfg.precision == "auto"
+    train(cfg, progress=False)
+    expected = "bf16" if native else "fp32"
+    saved = TrainConfig.from_json((tmp_path / "run" / "config.json").read_text())
+    assert saved.precision == expected
+    assert load_model(tmp_path / "run" / "model.pt")[1]["train_config"]["precision"] == expected
+    old = json.loads(saved.to_json())
+    del old["precision"]
+    assert TrainConfig.from_json(json.dumps(old)).precision == "fp32"

@@ -265,9 +265,9 @@ def _add_train(commands) -> None:
         p,
         "--precision",
         TRAIN,
-        choices=["fp32", "bf16"],
-        help="fp32, or bf16: forward pass and loss under bfloat16 autocast (weights, "
-        "optimiser and validation stay float32; fast on CPUs with AMX or AVX512-BF16)",
+        choices=["auto", "fp32", "bf16"],
+        help="bf16: forward pass and loss under bfloat16 autocast (weights, optimiser and "
+        "validation stay float32); auto: bf16 on a CPU with AMX or AVX512-BF16, else fp32",
     )
     config_option(p, "--seed", TRAIN, type=int, help="random seed")
     _library_training_options(p)

@@ -42,6 +42,7 @@ from training.library_data import (
 from training.loss import segdepth_loss
 from training.metrics import DepthMetrics, centre_mask
 from training.model import SegDepthUNet, UNetConfig, load_model, save_model
+from training.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ class TrainConfig:
     val_limit: int | None = None  # validation images used per epoch (None: all)
     limit: int | None = None  # training images used (None: all)
     threads: int | None = None  # torch CPU threads (None: torch's default)
-    precision: str = "fp32"  # "bf16": forward and loss under bfloat16 autocast (see PRECISIONS)
+    #: "fp32", "bf16" (forward and loss under bfloat16 autocast) or "auto" (training.precision)
+    precision: str = "auto"
     seed: int = 0
     # exit-wave libraries (``data``/``val`` written by `segdepth simulate --waves`):
     dose_range: tuple[float, float] | None = None  # λ log-uniform per sample (None: noise_lambda)
@@ -91,6 +93,7 @@ class TrainConfig:
         raw["targets"] = TargetConfig(**raw["targets"])
         if raw.get("dose_range"):
             raw["dose_range"] = tuple(raw["dose_range"])
+        raw.setdefault("precision", "fp32")  # runs from before the option trained in float32
         return cls(**raw)
 
     @property
@@ -100,13 +103,6 @@ class TrainConfig:
         return RenderConfig(
             crop=self.crop or 128, views_per_wave=self.views_per_wave, dose=(dose[0], dose[1])
         )
-
-
-#: training precisions: the forward pass and the loss in float32, or under ``torch.autocast`` to
-#: bfloat16 (convolutions and matrix products in bfloat16, weights, gradients, the optimiser and
-#: validation in float32; AMX/AVX512-BF16 kernels on a CPU that has them, emulated and much
-#: slower on one that has not)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -419,8 +415,7 @@ def _train_epoch(
     train_mode(net, cfg.freeze_bn)
     losses: list[float] = []
     seen = 0
-    dtype = PRECISIONS[cfg.precision]
-    autocast = torch.autocast(dd.device.type, dtype=dtype or torch.float32, enabled=bool(dtype))
+    mixed = autocast(cfg.precision, dd.device)
     optimiser.zero_grad(set_to_none=True)
     bar = tqdm(
         loader,
@@ -439,7 +434,7 @@ def _train_epoch(
             return losses, seen, True  # finish this epoch early: validate, save, stop
         clean, labels, species, weights = (t.to(dd.device) for t in batch[:4])
         dose = batch[4] if len(batch) > 4 else cfg.noise_lambda  # per sample when rendered
-        with autocast:
+        with mixed:
             depth_logits, species_logits = net(noisy(clean, dose, gen))
             loss, _ = segdepth_loss(
                 depth_logits, species_logits, labels, species, weights, cfg.species_weight
@@ -532,6 +527,7 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dd = setup_distributed()
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, dd.device))
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     if dd.main:
