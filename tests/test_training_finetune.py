@@ -35,7 +35,10 @@ def net() -> SegDepthUNet:
 
 
 def config(**kw) -> TrainConfig:
-    return TrainConfig(data="x.h5", out="nowhere", epochs=1, warmup=0.0, noise_lambda=50.0, **kw)
+    """Float32: these tests compare optimiser steps to float32 rounding."""
+    return TrainConfig(
+        data="x.h5", out="nowhere", epochs=1, warmup=0.0, noise_lambda=50.0, precision="fp32", **kw
+    )
 
 
 def epoch(model, loader, optimiser, cfg) -> None:
