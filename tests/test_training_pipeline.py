@@ -84,20 +84,25 @@ def test_crops_and_flips_keep_image_and_targets_aligned(synthetic):
     assert np.array_equal(ds[0][0].numpy(), CropDataset(data, 32, seed=1)[0][0].numpy())
 
 
+def tiny_run(tmp_path, n: int, **kw) -> TrainConfig:
+    """A run in tmp_path/run on n synthetic whole images (trained and validated on), batch 2."""
+    data = tmp_path / "tiny.h5"
+    write_synthetic_set(data, n=n)
+    path = str(data)
+    return TrainConfig(
+        data=path, val=path, out=str(tmp_path / "run"), crop=None, batch_size=2, **kw
+    )
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_model_overfits_a_tiny_set(tmp_path, precision):
     """In bfloat16 autocast too: its convolutions run in bfloat16, its weights stay float32."""
-    data = tmp_path / "tiny.h5"
-    write_synthetic_set(data, n=8)
-    cfg = TrainConfig(
-        data=str(data),
-        val=str(data),
-        out=str(tmp_path / "run"),
+    cfg = tiny_run(
+        tmp_path,
+        8,
         model=UNetConfig(base_channels=8, max_channels=32),
         noise_lambda=1000.0,
         epochs=30,
-        crop=None,
-        batch_size=2,
         lr=1e-2,
         patience=100,
         seed=0,
@@ -355,17 +360,7 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_runs_it_natively(tmp_path, mo
     assert precision.resolve_precision("auto", torch.device("cuda")) == "fp32"
     with pytest.raises(ValueError, match="precision 'fp16'"):
         precision.resolve_precision("fp16", torch.device("cpu"))
-    data = tmp_path / "tiny.h5"
-    write_synthetic_set(data, n=2)
-    cfg = TrainConfig(
-        data=str(data),
-        val=str(data),
-        out=str(tmp_path / "run"),
-        model=UNetConfig(base_channels=4, max_channels=8),
-        epochs=1,
-        crop=None,
-        batch_size=2,
-    )
+    cfg = tiny_run(tmp_path, 2, model=UNetConfig(base_channels=4, max_channels=8), epochs=1)
     assert cfg.precision == "auto"
     train(cfg, progress=False)
     expected = "bf16" if native else "fp32"
