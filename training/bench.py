@@ -21,6 +21,7 @@ from streamer.cli_support import check_image_side, machine_info, write_json
 from streamer.domain import PAPER_DOSE_E_PER_PX
 from training.loss import segdepth_loss
 from training.model import SegDepthUNet, UNetConfig, bundled_model_path, load_model
+from training.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,10 @@ def train_rate(
     size: int,
     device: str,
     repeats: int,
-    autocast: torch.dtype | None = None,
+    precision: str = "fp32",
 ) -> float:
     """Training samples/s: noise, forward, weighted loss, backward, Adam step at size² px
-    (forward and loss under ``autocast`` to that dtype when given)."""
+    (forward and loss in ``precision``, as ``segdepth train --precision`` runs them)."""
     model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     clean = torch.ones(1, 1, size, size, device=device)
@@ -53,7 +54,7 @@ def train_rate(
 
     def step():
         x = torch.poisson(PAPER_DOSE_E_PER_PX * clean) / PAPER_DOSE_E_PER_PX
-        with torch.autocast(device, dtype=autocast or torch.float32, enabled=bool(autocast)):
+        with autocast(precision, torch.device(device)):
             depth, species = model(x)
             loss, _ = segdepth_loss(
                 depth.float(), species.float(), labels, labels.clamp(max=2), weights
@@ -71,7 +72,7 @@ def torch_infer_rate(
     size: int,
     device: str,
     repeats: int,
-    autocast: torch.dtype | None = None,
+    precision: str = "fp32",
 ) -> float:
     model = model.to(device).eval()
     x = torch.ones(1, 1, size, size, device=device)
@@ -79,7 +80,7 @@ def torch_infer_rate(
     def run():
         with (
             torch.no_grad(),
-            torch.autocast(device, dtype=autocast or torch.float32, enabled=bool(autocast)),
+            autocast(precision, torch.device(device)),
         ):
             model(x)
 
@@ -222,8 +223,8 @@ def run_bench(cfg: BenchConfig, out: str | Path) -> dict:
             {
                 "backend": "torch-cpu BF16 autocast",
                 "size": size,
-                "train_samples_per_s": train_rate(model, size, "cpu", repeats, torch.bfloat16),
-                "infer_frames_per_s": torch_infer_rate(model, size, "cpu", repeats, torch.bfloat16),
+                "train_samples_per_s": train_rate(model, size, "cpu", repeats, "bf16"),
+                "infer_frames_per_s": torch_infer_rate(model, size, "cpu", repeats, "bf16"),
             }
         )
         try:

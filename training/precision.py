@@ -44,7 +44,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def autocast(precision: str, device: torch.device) -> torch.autocast:
-    """The autocast context of ``precision`` (:func:`resolve_precision`) on ``device``
-    (disabled for fp32)."""
-    dtype = PRECISIONS[resolve_precision(precision, device)]
+    """The autocast context of a resolved ``precision`` ("fp32" or "bf16", not "auto":
+    :func:`resolve_precision`) on ``device`` (disabled for fp32)."""
+    dtype = PRECISIONS[precision]
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -434,8 +434,9 @@ def _train_epoch(
             return losses, seen, True  # finish this epoch early: validate, save, stop
         clean, labels, species, weights = (t.to(dd.device) for t in batch[:4])
         dose = batch[4] if len(batch) > 4 else cfg.noise_lambda  # per sample when rendered
+        x = noisy(clean, dose, gen)
         with mixed:
-            depth_logits, species_logits = net(noisy(clean, dose, gen))
+            depth_logits, species_logits = net(x)
             loss, _ = segdepth_loss(
                 depth_logits, species_logits, labels, species, weights, cfg.species_weight
             )
