@@ -11,7 +11,9 @@
 #     compression_opts=9, shuffle=True));
 #   training (TRAIN=1, the default; SEED: train's --seed, 3 unless set; LR: its peak --lr, 1e-3
 #     unless set: four warm restarts at 1e-3 traded false columns for exact reads in the last,
-#     training/models/candidates/): .devcarry/{train600_b3,
+#     training/models/candidates/; BG: its --background-weight, 0.2 unless set: 0.5 cut the
+#     false columns on every suite row and found fewer columns in a CPU fine-tune,
+#     candidates/segdepth-b16-a6f4f54d8a.md): .devcarry/{train600_b3,
 #     val_b3}.h5 (segdepth band-limit of data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å).
 # One call does both (2026-11-26, H100: BUDGET_S=585, 537 s of which 5.3 min training at ~340
 # samples/s, rendered on the GPU): carry [".devframes", ".devcarry", ".whl"]. The working tree
@@ -104,6 +106,7 @@ OMP_NUM_THREADS=1 timeout $((LEFT - 5)) python3 -m segdepth train \
     --data .devcarry/train600_b3.h5 --val .devcarry/val_b3.h5 --out "$RUN" --force \
     --init training/models/segdepth_base16.pt --base-channels 16 --max-channels 128 \
     --dose-range 0.5 10 --views-per-wave 8 --crop 256 --batch-size 32 --lr "${LR:-1e-3}" \
+    --background-weight "${BG:-0.2}" \
     --epochs 400 --patience 400 --time-limit-min "$TRAIN_MIN" --val-count 160 \
     $RENDER --threads 2 --seed "${SEED:-3}" --no-progress \
     >"$OUT/train.log" 2>&1
