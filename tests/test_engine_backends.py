@@ -215,11 +215,20 @@ def test_channel_max_is_numpys_argmax_and_max_ties_included():
     assert (index == prob.argmax(axis=1)).all() and (best == prob.max(axis=1)).all()
     depth, confidence, species = Prediction(prob, prob[:, :3]).maps()
     assert (depth == index).all() and (species == prob[:, :3].argmax(axis=1)).all()
-    # frames of several bands of rows (engine.prediction.BAND_PX), the last one short
-    wide = rng.random((2, 11, 300, 500)).astype(np.float32)
-    wide[:, 6, 120:140] = wide[:, 2, 120:140] = 1.5  # ties across the first band's edge
-    index, best = channel_max(wide)
-    assert (index == wide.argmax(axis=1)).all() and (best == wide.max(axis=1)).all()
+    # a cropped (non-contiguous) float64 batch: read as float32, the same answers
+    wide = rng.random((2, 11, 300, 520))
+    wide[:, 6, 120:140] = wide[:, 2, 120:140] = 1.5
+    crop = wide[:, :, 5:290, 7:500]
+    index, best = channel_max(crop)
+    want = crop.astype(np.float32)
+    assert best.dtype == np.float32 and best.shape == (2, 285, 493)
+    assert (index == want.argmax(axis=1)).all() and (best == want.max(axis=1)).all()
+    # a NaN is the maximum (as numpy's maximum) and leaves the index where it was
+    prob[1, 5, 3, 4] = np.nan
+    index, best = channel_max(prob)
+    assert np.isnan(best[1, 3, 4]) and index[1, 3, 4] == 4  # channel 4 leads before the NaN
+    with pytest.raises(ValueError, match="channels"):
+        channel_max(np.zeros((1, 257, 2, 2), np.float32))
 
 
 def test_graph_batches_are_powers_of_two_capped_at_max_batch():
