@@ -15,8 +15,9 @@ then column averages: :meth:`engine.columns.ColumnTracker.update_series`), not t
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +33,12 @@ class DevicePrediction:
 
     def __init__(self, depth: torch.Tensor, species: torch.Tensor):
         self.depth, self.species = depth, species
+        #: on CUDA, marks on the current stream the moment the tensors are written, for work
+        #: on another stream to wait for (:func:`post_stream`); None elsewhere
+        self.written: torch.cuda.Event | None = None
+        if depth.device.type == "cuda":
+            self.written = torch.cuda.Event()
+            self.written.record()
 
     @property
     def depth_prob(self) -> np.ndarray:
@@ -84,6 +91,25 @@ class DevicePrediction:
     def frame(self, i: int) -> TorchFrameMaps:
         """Frame ``i``'s maps as the column tracker reads them, left on the device."""
         return TorchFrameMaps(self.species[i], self.depth[i])
+
+
+@contextlib.contextmanager
+def post_stream(pred: object, stream: torch.cuda.Stream | None) -> Iterator[None]:
+    """Run the block's device work on ``stream``, once ``pred``'s tensors are written: on a
+    GPU the post-processing of one batch then waits for that batch's inference alone, not
+    behind the next batch's, which the inference stage has queued on its own stream by then.
+    The block's work is finished on leaving (its tensors may be freed and reused by the
+    inference stream). Nothing happens for a host prediction or without a stream."""
+    written = getattr(pred, "written", None)
+    if stream is None or written is None:
+        yield
+        return
+    stream.wait_event(written)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        stream.synchronize()
 
 
 def _masked_means(values: torch.Tensor, mask: torch.Tensor) -> np.ndarray:

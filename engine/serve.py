@@ -38,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from engine import backends
 from engine.batching import FrameQueue, Item
 from engine.columns import ColumnConfig
-from engine.device_maps import DevicePrediction
+from engine.device_maps import DevicePrediction, post_stream
 from engine.hmm import HMMConfig
 from engine.model_io import load
 from engine.normalise import DoseNormaliser
@@ -272,6 +273,10 @@ class Server:
         #: reduces a host prediction's maps while the publish stage tracks its columns (with
         #: inference and post-processing in turn, the second core is otherwise idle then)
         self._maps_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maps")
+        #: the CUDA stream of post-processing on the device, beside the inference's own
+        #: (:func:`engine.device_maps.post_stream`); None where the maps stay on the host
+        on_cuda = self.backend.on_gpu and self.backend.device_maps and torch.cuda.is_available()
+        self._post_stream = torch.cuda.Stream() if on_cuda else None
 
     # -- receiving ---------------------------------------------------------------------------
     def _is_live(self, msg: Message) -> bool:
@@ -469,13 +474,14 @@ class Server:
         # together: on the inference device two waits for the lot, not two per frame
         analysis = batch.states[0].analysis
         assert all(state.analysis is analysis for state in batch.states)
-        occupancy = analysis.update_series(
-            [pred.frame(i) for i in range(n)],
-            [item.payload.seq for item in batch.items],
-            [item.payload.header.get("t_acq") for item in batch.items],
-        )
-        depth, confidence, species = maps.result() if maps is not None else pred.maps()
-        ood = pred.uncertainty_scores()
+        with post_stream(pred, self._post_stream):
+            occupancy = analysis.update_series(
+                [pred.frame(i) for i in range(n)],
+                [item.payload.seq for item in batch.items],
+                [item.payload.header.get("t_acq") for item in batch.items],
+            )
+            depth, confidence, species = maps.result() if maps is not None else pred.maps()
+            ood = pred.uncertainty_scores()
         results = [
             (
                 occ,

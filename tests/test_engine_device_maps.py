@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from engine import backends
 from engine.columns import disk_average
-from engine.device_maps import DevicePrediction, TorchFrameMaps
+from engine.device_maps import DevicePrediction, TorchFrameMaps, post_stream
 from engine.drift import DriftEstimator
 from engine.model_io import default_model_path, load
 from engine.occupancy import SessionAnalysis
@@ -94,6 +94,36 @@ def test_turn_scores_on_the_device_equal_the_host_ones(device, dtype):
     np.testing.assert_array_equal(want, turn_scores(host.depth_prob[due], back))
     assert want[0] != want[1]
     np.testing.assert_allclose(pred.turn_scores(due, turned_pred), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_post_stream_waits_for_its_batch_and_not_for_the_next_inference():
+    """Post-processing on its own stream reads the probabilities only once the inference
+    stream has written them (they are written after a slow kernel here: read early, the maps
+    would be all zeros), and gives the host answers while more work is queued behind."""
+    rng = np.random.default_rng(4)
+    depth = softmax(rng.normal(0, 2, (2, 11, 256, 256)))
+    species = softmax(rng.normal(0, 2, (2, 3, 256, 256)))
+    src = [torch.from_numpy(p).cuda() for p in (depth, species)]
+    probs = [torch.zeros_like(t) for t in src]
+    slow = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    for _ in range(30):  # "inference": tens of ms on the inference (current) stream
+        slow = (slow @ slow).clamp_(-1, 1)
+    for dst, t in zip(probs, src):
+        dst.copy_(t)
+    pred = DevicePrediction(*probs)
+    for _ in range(30):  # the next batch's inference, queued behind
+        slow = (slow @ slow).clamp_(-1, 1)
+    stream = torch.cuda.Stream()
+    with post_stream(pred, stream):
+        got = pred.maps()
+    want = Prediction(depth, species).maps()
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)
+    assert pred.written is not None and stream.query()
+    assert DevicePrediction(*(t.cpu() for t in src)).written is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
