@@ -7,7 +7,8 @@ stage rather than the sum of all: the **receiver** pulls frames (streamer ``Inpu
 backend; the **publish** stage turns each prediction into maps, follows the columns of each
 session (:mod:`engine.occupancy`) and publishes one result per frame to the recorder (PUSH) and
 the viewers (PUB). At most ``pipeline_depth`` predicted batches wait between the last two, so
-inference of batch n+1 overlaps post-processing of batch n -- on a GPU; on the CPU the two take
+inference of batch n+1 overlaps post-processing of batch n -- on a GPU, where the two also run
+on separate CUDA streams (:func:`engine.device_maps.post_stream`); on the CPU the two take
 turns (``overlap``), as the network's threads already take every core and a third busy thread
 slowed both. ``eos`` travels the same queues,
 so it is forwarded once every frame before it has been answered. Each stage's busy time per
