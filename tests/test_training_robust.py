@@ -417,6 +417,56 @@ def test_suite_calibration_on_truth_columns_counts_missed_ones_and_on_called_col
     assert result.errors == [0.5]  # one of the two columns read wrong (missed)
     result.add(truth[0], confidence, data, 0, np.array([5, 3]))
     assert result.errors == [0.5, 0.0]  # per frame, not pooled
+    assert result.frame_columns == [2, 2] and result.frame_exact == [1, 2]
+
+
+def _frames(columns: list[int], exact: list[int]):
+    from training.robustness import RowResult
+
+    return RowResult(frame_columns=list(columns), frame_exact=list(exact))
+
+
+def test_paired_exact_difference_tells_a_steady_gain_from_frame_to_frame_scatter():
+    from training.robustness import paired_exact_difference
+
+    rng = np.random.default_rng(0)
+    columns = [20] * 30
+    base = _frames(columns, [12] * 30)
+    # three more columns read exactly on every frame: 0.15, the interval well above zero
+    steady = paired_exact_difference(_frames(columns, [15] * 30), base, rng)
+    assert steady["difference"] == pytest.approx(0.15) and steady["frames"] == 30
+    assert steady["ci95"][0] == pytest.approx(0.15) == steady["ci95"][1]
+    # +4 on half the frames, -4 on the other half: no difference, zero inside a wide interval
+    scatter = paired_exact_difference(_frames(columns, [16, 8] * 15), base, rng)
+    low, high = scatter["ci95"]
+    assert scatter["difference"] == pytest.approx(0.0) and low < -0.03 and high > 0.03
+    # a gain of 1 column on 1 frame of 30 in 600 columns: +0.0017, zero inside the interval
+    one = paired_exact_difference(_frames(columns, [13] + [12] * 29), base, rng)
+    assert one["difference"] == pytest.approx(1 / 600) and one["ci95"][0] <= 0
+    assert paired_exact_difference(base, base, rng)["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="different frames"):
+        paired_exact_difference(_frames([20] * 29, [12] * 29), base, rng)
+
+
+def test_exact_differences_count_rows_above_and_below_zero_and_reach_the_markdown():
+    from training.robustness import exact_differences, markdown_table
+
+    rows = suite_rows()[:3]
+    columns = [10] * 20
+    results = {}
+    for row, (new, old) in zip(
+        rows, [([8] * 20, [5] * 20), ([5] * 20, [8] * 20), ([6, 4] * 10, [5] * 20)]
+    ):
+        results[(row.name, "new.pt")] = _frames(columns, new)
+        results[(row.name, "old.pt")] = _frames(columns, old)
+    (pair,) = exact_differences(results, rows, ["new.pt", "old.pt"], ["new", "old"], seed=1)
+    assert (pair["model"], pair["against"]) == ("new", "old")
+    assert (pair["higher"], pair["lower"]) == (1, 1)
+    assert pair["rows"][rows[0].name]["difference"] == pytest.approx(0.3)
+    assert exact_differences(results, rows, ["new.pt"], ["new"], seed=1) == []
+    text = markdown_table({"rows": [], "exact_differences": [pair]})
+    assert "new minus old" in text and "| +0.300 |" in text
+    assert "Above zero on 1 rows, below on 1, zero inside the interval on 1." in text
 
 
 def test_rank_correlation_of_scores_with_frame_errors():

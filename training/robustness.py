@@ -196,6 +196,10 @@ class RowResult:
     uncertainty: list[float] = field(default_factory=list)
     #: per frame the fraction of its true columns whose count was read wrong (NaN: none)
     errors: list[float] = field(default_factory=list)
+    #: per frame its true columns and how many of them were read exactly (for
+    #: :func:`paired_exact_difference`)
+    frame_columns: list[int] = field(default_factory=list)
+    frame_exact: list[int] = field(default_factory=list)
 
     def add(
         self,
@@ -217,6 +221,8 @@ class RowResult:
         self.columns.update(depth, data.centres[i], column_depths, data.pixel_size_pm)
         n = self.columns.columns - columns
         self.errors.append(1 - (self.columns.exact - exact) / n if n else float("nan"))
+        self.frame_columns.append(n)
+        self.frame_exact.append(self.columns.exact - exact)
         correct = depth == truth
         column, called = truth > 0, depth > 0
         self.calibration.update(confidence[column], correct[column])
@@ -256,6 +262,55 @@ def evaluate_row(
         for j, i in enumerate(range(sl.start, sl.stop)):
             result.add(p.depth[j], p.confidence[j], data, i, column_depths[i])
     return result
+
+
+def paired_exact_difference(
+    a: RowResult, b: RowResult, rng: np.random.Generator, draws: int = 2000
+) -> dict[str, Any]:
+    """Column exact of ``a`` minus that of ``b``, two models read on the same frames, with a
+    95 % interval from a paired bootstrap over the frames (a frame's columns share its noise,
+    optics and structure, so frames, not columns, are the independent draws)."""
+    columns, other = np.asarray(a.frame_columns), np.asarray(b.frame_columns)
+    if not np.array_equal(columns, other):
+        raise ValueError("paired difference of results on different frames")
+    gained = np.asarray(a.frame_exact) - np.asarray(b.frame_exact)
+    if columns.sum() == 0:
+        return {"difference": float("nan"), "ci95": [float("nan")] * 2, "frames": len(columns)}
+    pick = rng.integers(0, len(columns), (draws, len(columns)))
+    resampled = gained[pick].sum(axis=1) / np.maximum(columns[pick].sum(axis=1), 1)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return {
+        "difference": float(gained.sum() / columns.sum()),
+        "ci95": [float(low), float(high)],
+        "frames": len(columns),
+    }
+
+
+def exact_differences(
+    results: dict, rows: list[Row], paths: list[str], ids: list[str], seed: int
+) -> list[dict[str, Any]]:
+    """The first model's column exact against each other model's, row by row
+    (:func:`paired_exact_difference`), and on how many rows its interval lies wholly above
+    or below zero."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for path, model_id in zip(paths[1:], ids[1:]):
+        per_row = {
+            row.name: paired_exact_difference(
+                results[(row.name, paths[0])], results[(row.name, path)], rng
+            )
+            for row in rows
+        }
+        out.append(
+            {
+                "model": ids[0],
+                "against": model_id,
+                "rows": per_row,
+                "higher": sum(d["ci95"][0] > 0 for d in per_row.values()),
+                "lower": sum(d["ci95"][1] < 0 for d in per_row.values()),
+            }
+        )
+    return out
 
 
 def roc_auc(negatives: list[float], positives: list[float]) -> float:
@@ -407,6 +462,10 @@ def run_suite(cfg: SuiteConfig) -> dict:
         )
         for path, _, meta in loaded
     }
+    ids = [str(meta.get("model_id", path)) for path, _, meta in loaded]
+    report["exact_differences"] = exact_differences(
+        results, rows, [path for path, _, _ in loaded], ids, cfg.seed
+    )
     report["wall_s"] = time.monotonic() - started
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -439,6 +498,21 @@ def markdown_table(report: dict) -> str:
             f"\n{model_id}: ROC AUC of the rows outside the training ranges ({outside}) pooled "
             f"against in distribution: turn score {auc['ood']:.2f}, uncertainty score "
             f"{auc['uncertainty']:.2f}."
+        )
+    for pair in report.get("exact_differences", []):
+        lines += [
+            f"\nColumn exact of {pair['model']} minus {pair['against']}, with a 95 % interval "
+            "from a paired bootstrap over each row's frames:\n",
+            "| row | difference | 95 % interval |",
+            "| --- | --- | --- |",
+        ]
+        for name, d in pair["rows"].items():
+            low, high = d["ci95"]
+            lines.append(f"| {name} | {d['difference']:+.3f} | {low:+.3f} … {high:+.3f} |")
+        rest = len(pair["rows"]) - pair["higher"] - pair["lower"]
+        lines.append(
+            f"\nAbove zero on {pair['higher']} rows, below on {pair['lower']}, "
+            f"zero inside the interval on {rest}."
         )
     dose = report["rows"][0]["dose"] if report["rows"] else float("nan")
     for model_id, rho in report.get("scores_against_errors", {}).items():
