@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage.feature import peak_local_max
@@ -97,35 +98,63 @@ def disk_offsets(radius_px: float) -> np.ndarray:
     return np.stack([dy[inside], dx[inside]], axis=1)
 
 
-def disk_pixels(
-    shape: tuple[int, ...], y_px: np.ndarray, x_px: np.ndarray, radius_px: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices (n, k) into an (H, W) plane of the pixels of a disk at each position, and
-    which of them lie inside the frame (n, k) (the others are clipped to its edge)."""
-    h, w = shape
+def disk_rows(radius_px: float) -> np.ndarray:
+    """The pixels of :func:`disk_offsets` as runs along rows (m, 3) int64: dy, first dx, last
+    dx (a disk's pixels in a row are contiguous)."""
     offsets = disk_offsets(radius_px)
-    cy = np.rint(y_px).astype(np.int64)[:, None] + offsets[None, :, 0]
-    cx = np.rint(x_px).astype(np.int64)[:, None] + offsets[None, :, 1]
-    valid = (cy >= 0) & (cy < h) & (cx >= 0) & (cx < w)
-    return np.clip(cy, 0, h - 1) * w + np.clip(cx, 0, w - 1), valid
+    rows = np.unique(offsets[:, 0])
+    return np.array(
+        [
+            (dy, offsets[offsets[:, 0] == dy, 1].min(), offsets[offsets[:, 0] == dy, 1].max())
+            for dy in rows
+        ],
+        dtype=np.int64,
+    ).reshape(-1, 3)
+
+
+@njit(
+    "void(float32[:, :, ::1], int64[::1], int64[::1], int64[:, ::1], float64[:, ::1])",
+    nogil=True,
+    cache=True,
+)
+def _disk_sums(maps, cy, cx, rows, out):  # pragma: no cover -- compiled; via disk_average
+    """Per centre (cy, cx) the sum of each channel of ``maps`` over the disk's runs ``rows``
+    inside the frame (out[:, :C]), and how many pixels that was (out[:, C])."""
+    c, h, w = maps.shape
+    for i in range(cy.shape[0]):
+        out[i, :] = 0.0
+        for r in range(rows.shape[0]):
+            y = cy[i] + rows[r, 0]
+            x0, x1 = max(cx[i] + rows[r, 1], 0), min(cx[i] + rows[r, 2], w - 1)
+            if y < 0 or y >= h or x1 < x0:
+                continue
+            out[i, c] += x1 - x0 + 1
+            for k in range(c):
+                line = maps[k, y]
+                acc = 0.0
+                for x in range(x0, x1 + 1):
+                    acc += line[x]
+                out[i, k] += acc
 
 
 def disk_average(
     maps: np.ndarray, y_px: np.ndarray, x_px: np.ndarray, radius_px: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of ``maps`` (C, H, W) over a disk at each position: ((n, C), in-frame mask (n,)).
+    """Mean of ``maps`` (C, H, W) over a disk at each position: ((n, C) float32, in-frame mask
+    (n,)).
 
     Pixels of a disk outside the frame are left out; a disk wholly outside gives a False mask.
+    One compiled pass over the disks' row runs (numba, no GIL held): for 141 columns of
+    11 × 512² maps fresh from inference 1.6–1.8 ms per frame on the 2-core Xeon
+    (``scripts/profile_post.py``, batch 1), against 2.0–2.8 for numpy's gather (``np.take`` of
+    every disk pixel, then a weighted sum) that it replaced.
     """
-    c = maps.shape[0]
-    flat, valid = disk_pixels(maps.shape[1:], y_px, x_px, radius_px)
-    # np.take and one einsum: the whole function about 1.0 ms instead of 3.9 with fancy
-    # indexing, a product and a sum (11 x 512^2 maps, 155 columns, one core)
-    values = np.take(maps.reshape(c, -1), flat, axis=1)  # (C, n, k)
-    weight = valid.astype(maps.dtype)
-    count = weight.sum(axis=1)
-    mean = np.einsum("cnk,nk->nc", values, weight) / np.maximum(count, 1)[:, None]
-    return mean, count > 0
+    maps = np.ascontiguousarray(maps, dtype=np.float32)
+    cy, cx = (np.ascontiguousarray(np.rint(v), dtype=np.int64).reshape(-1) for v in (y_px, x_px))
+    sums = np.empty((len(cy), maps.shape[0] + 1))
+    _disk_sums(maps, cy, cx, disk_rows(radius_px), sums)
+    count = sums[:, -1]
+    return (sums[:, :-1] / np.maximum(count, 1)[:, None]).astype(np.float32), count > 0
 
 
 def _axis_lerp(maps: np.ndarray, axis: int, shift: float) -> np.ndarray:

@@ -80,6 +80,22 @@ def test_disk_average_leaves_out_pixels_outside_the_frame():
     assert mean[1, 1] == pytest.approx(7 / 18)
 
 
+def test_disk_average_equals_a_pixel_by_pixel_mean_anywhere_in_and_around_the_frame():
+    rng = np.random.default_rng(7)
+    maps = rng.random((11, 37, 53)).astype(np.float32)
+    y, x = rng.uniform(-6, 43, 200), rng.uniform(-6, 59, 200)
+    mean, inside = disk_average(maps, y, x, radius_px=4.5)
+    offsets = disk_offsets(4.5)
+    for i in range(len(y)):
+        py = (np.rint(y[i]) + offsets[:, 0]).astype(int)
+        px = (np.rint(x[i]) + offsets[:, 1]).astype(int)
+        keep = (py >= 0) & (py < 37) & (px >= 0) & (px < 53)
+        assert inside[i] == keep.any()
+        want = maps[:, py[keep], px[keep]].mean(axis=1) if keep.any() else np.zeros(11)
+        np.testing.assert_allclose(mean[i], want, rtol=0, atol=1e-6)
+    assert mean.dtype == np.float32 and (~inside).any() and inside.any()
+
+
 @pytest.mark.parametrize(
     "dy, dx", [(0.3, -1.7), (-5.25, 3.5), (2.0, -3.0), (-0.999, 0.001), (0.0, 0.0), (500, -500)]
 )
