@@ -47,4 +47,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 $VPIP install -q -e ".[viewer,test]"
+# compile the engine's numba kernels into their on-disk cache now (about 5 s once per checkout),
+# not when the engine starts on its first frames
+.venv/bin/python -c "import engine.columns, engine.prediction"
 echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'))"
