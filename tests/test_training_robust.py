@@ -448,6 +448,27 @@ def test_paired_exact_difference_tells_a_steady_gain_from_frame_to_frame_scatter
         paired_exact_difference(_frames([20] * 29, [12] * 29), base, rng)
 
 
+def test_paired_exact_difference_resamples_structures_not_their_views():
+    """Ten structures seen three times each; the new model gains 4 columns of 20 on every view
+    of half the structures and loses 4 on every view of the others. Resampled as 30 independent
+    frames the interval would be too narrow; resampled by structure it is wider."""
+    from training.robustness import paired_exact_difference
+
+    columns = [20] * 30
+    shown = [k % 10 for k in range(30)]
+    new = _frames(columns, [16 if s < 5 else 8 for s in shown])
+    old = _frames(columns, [12] * 30)
+    as_frames = paired_exact_difference(new, old, np.random.default_rng(0))
+    new.frame_structures, old.frame_structures = shown, list(shown)
+    as_structures = paired_exact_difference(new, old, np.random.default_rng(0))
+    assert as_structures["difference"] == pytest.approx(0.0) and as_structures["structures"] == 10
+    width = [d["ci95"][1] - d["ci95"][0] for d in (as_frames, as_structures)]
+    assert as_frames["structures"] == 30 and width[1] > 1.4 * width[0]
+    old.frame_structures = [k % 15 for k in range(30)]
+    with pytest.raises(ValueError, match="different frames"):
+        paired_exact_difference(new, old, np.random.default_rng(0))
+
+
 def test_exact_differences_count_rows_above_and_below_zero_and_reach_the_markdown():
     from training.robustness import exact_differences, markdown_table
 

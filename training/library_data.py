@@ -107,6 +107,8 @@ class Rendered:
     column_depth: np.ndarray
     optics: OpticsDraw
     view: View
+    #: the library's index of the structure shown
+    structure: int = -1
 
 
 def render_views(
@@ -128,6 +130,7 @@ def render_views(
                 labels.column_depth,
                 optics,
                 view,
+                index,
             )
         )
     return out

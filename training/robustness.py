@@ -200,6 +200,9 @@ class RowResult:
     #: :func:`paired_exact_difference`)
     frame_columns: list[int] = field(default_factory=list)
     frame_exact: list[int] = field(default_factory=list)
+    #: per frame the structure it shows (frames of one structure are not independent draws;
+    #: set by :func:`evaluate_row`)
+    frame_structures: list[int] = field(default_factory=list)
 
     def add(
         self,
@@ -249,9 +252,11 @@ def evaluate_row(
     dose: float,
     seed: int,
     scores: bool = True,
+    structures: list[int] | None = None,
 ) -> RowResult:
     """One model on one row's clean samples at dose λ (noise from ``seed``). ``scores``: the
-    per-frame OOD and uncertainty scores too (the OOD score costs a second, turned pass)."""
+    per-frame OOD and uncertainty scores too (the OOD score costs a second, turned pass).
+    ``structures``: the structure each sample shows (default: each its own)."""
     noisy = add_poisson_noise(data.images, dose, np.random.default_rng([seed, int(dose * 1000)]))
     result = RowResult()
     turned = turned_probabilities(model, noisy, temperature) if scores else None
@@ -261,6 +266,7 @@ def evaluate_row(
             result.uncertainty.extend(uncertainty_scores(p.depth, p.confidence))
         for j, i in enumerate(range(sl.start, sl.stop)):
             result.add(p.depth[j], p.confidence[j], data, i, column_depths[i])
+    result.frame_structures = list(range(len(data)) if structures is None else structures)
     return result
 
 
@@ -268,21 +274,27 @@ def paired_exact_difference(
     a: RowResult, b: RowResult, rng: np.random.Generator, draws: int = 2000
 ) -> dict[str, Any]:
     """Column exact of ``a`` minus that of ``b``, two models read on the same frames, with a
-    95 % interval from a paired bootstrap over the frames (a frame's columns share its noise,
-    optics and structure, so frames, not columns, are the independent draws)."""
+    95 % interval from a paired bootstrap over the structures the frames show (a frame's
+    columns share its noise, optics and structure, and the views of one structure share it:
+    structures, not columns or frames, are the independent draws)."""
     columns, other = np.asarray(a.frame_columns), np.asarray(b.frame_columns)
-    if not np.array_equal(columns, other):
+    if not np.array_equal(columns, other) or a.frame_structures != b.frame_structures:
         raise ValueError("paired difference of results on different frames")
-    gained = np.asarray(a.frame_exact) - np.asarray(b.frame_exact)
+    shown = a.frame_structures or list(range(len(columns)))  # none recorded: each its own
+    _, structure = np.unique(np.asarray(shown, np.int64), return_inverse=True)
+    gained = np.bincount(structure, np.asarray(a.frame_exact) - np.asarray(b.frame_exact))
+    columns = np.bincount(structure, columns)
+    n = len(columns)
     if columns.sum() == 0:
-        return {"difference": float("nan"), "ci95": [float("nan")] * 2, "frames": len(columns)}
-    pick = rng.integers(0, len(columns), (draws, len(columns)))
+        return {"difference": float("nan"), "ci95": [float("nan")] * 2, "structures": n}
+    pick = rng.integers(0, n, (draws, n))
     resampled = gained[pick].sum(axis=1) / np.maximum(columns[pick].sum(axis=1), 1)
     low, high = np.percentile(resampled, [2.5, 97.5])
     return {
         "difference": float(gained.sum() / columns.sum()),
         "ci95": [float(low), float(high)],
-        "frames": len(columns),
+        "structures": n,
+        "frames": len(a.frame_columns),
     }
 
 
@@ -343,7 +355,8 @@ def pooled(results: dict, rows: list[Row], path: str, name: str) -> list[float]:
 
 
 def row_data(row: Row, paths: dict[str, Path], samples: int, crop: int, seed: int):
-    """(clean labelled set, per-sample true column depths) of a row."""
+    """(clean labelled set, per-sample true column depths, per-sample structure index) of a
+    row (each legacy image is its own structure)."""
     targets = TargetConfig()
     if row.file == "legacy":
         data = load_set(paths["legacy"], targets, samples, progress=False)
@@ -352,7 +365,7 @@ def row_data(row: Row, paths: dict[str, Path], samples: int, crop: int, seed: in
         depths = [
             cols[(cols["image"] == i) & (cols["depth"] > 0)]["depth"] for i in range(len(data))
         ]
-        return data, depths
+        return data, depths, list(range(len(data)))
     library = load_library(paths[row.file])
     render = RenderConfig(
         crop=crop,
@@ -363,7 +376,7 @@ def row_data(row: Row, paths: dict[str, Path], samples: int, crop: int, seed: in
     data, rendered = render_set(
         library, samples, seed, render, targets, row.optics, with_rendered=True
     )
-    return data, [r.column_depth for r in rendered]
+    return data, [r.column_depth for r in rendered], [r.structure for r in rendered]
 
 
 @dataclass
@@ -395,10 +408,16 @@ def run_suite(cfg: SuiteConfig) -> dict:
         loaded.append((path, model, meta))
     rows, results = suite_rows(), {}
     for k, row in enumerate(rows):
-        data, depths = row_data(row, paths, cfg.samples, cfg.crop, cfg.seed + k)
+        data, depths, structures = row_data(row, paths, cfg.samples, cfg.crop, cfg.seed + k)
         for path, model, meta in loaded:
             results[(row.name, path)] = evaluate_row(
-                model, float(meta.get("temperature", 1.0)), data, depths, row.dose, cfg.seed + k
+                model,
+                float(meta.get("temperature", 1.0)),
+                data,
+                depths,
+                row.dose,
+                cfg.seed + k,
+                structures=structures,
             )
         log.info("suite row %s done (%d samples)", row.name, len(data))
     report: dict[str, Any] = {
@@ -502,7 +521,7 @@ def markdown_table(report: dict) -> str:
     for pair in report.get("exact_differences", []):
         lines += [
             f"\nColumn exact of {pair['model']} minus {pair['against']}, with a 95 % interval "
-            "from a paired bootstrap over each row's frames:\n",
+            "from a paired bootstrap over the structures of each row's frames:\n",
             "| row | difference | 95 % interval |",
             "| --- | --- | --- |",
         ]
