@@ -148,7 +148,7 @@ def _row_parity(row, k: int, paths, cfg: ParityConfig, nets: dict) -> dict[str, 
     pooled = {name: ColumnMetrics() for name in nets}
     draws, samples = [], 0
     for seed in cfg.seeds:
-        data, depths = row_data(row, paths, cfg.samples, cfg.crop, seed + k)
+        data, depths, _ = row_data(row, paths, cfg.samples, cfg.crop, seed + k)
         samples += len(data)
         draw: dict[str, Any] = {"seed": seed + k}
         for name, net in nets.items():

@@ -354,7 +354,9 @@ def pooled(results: dict, rows: list[Row], path: str, name: str) -> list[float]:
     return [v for row in rows for v in getattr(results[(row.name, path)], name)]
 
 
-def row_data(row: Row, paths: dict[str, Path], samples: int, crop: int, seed: int):
+def row_data(
+    row: Row, paths: dict[str, Path], samples: int, crop: int, seed: int
+) -> tuple[LabelledSet, list[np.ndarray], list[int]]:
     """(clean labelled set, per-sample true column depths, per-sample structure index) of a
     row (each legacy image is its own structure)."""
     targets = TargetConfig()
