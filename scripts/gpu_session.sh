@@ -16,7 +16,8 @@
 #     candidates/segdepth-b16-a6f4f54d8a.md): .devcarry/{train600_b3,
 #     val_b3}.h5 (segdepth band-limit of data/waves_train600.h5 and data/waves_val.h5 at 3 1/Å).
 # One call does both (2026-11-26, H100: BUDGET_S=585, 537 s of which 5.3 min training at ~340
-# samples/s, rendered on the GPU): carry [".devframes", ".devcarry", ".whl"]. The working tree
+# samples/s, rendered on the GPU; 2026-11-27, H200: BENCH=e2e BUDGET_S=575, 529 s of which 6.4 min
+# training at 293-363 samples/s): carry [".devframes", ".devcarry", ".whl"]. The working tree
 # travels too and all of it must stay under 64 MiB: check `du` first, and move
 # training/models/previous/ out of the tree for the call if it does not fit.
 # Results land in $OUT: session.log (all that was printed, gpu_ceilings.py's output too),
