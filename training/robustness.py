@@ -194,15 +194,20 @@ class RowResult:
     called_calibration: Calibration = field(default_factory=Calibration)
     ood: list[float] = field(default_factory=list)
     uncertainty: list[float] = field(default_factory=list)
-    #: per frame the fraction of its true columns whose count was read wrong (NaN: none)
-    errors: list[float] = field(default_factory=list)
-    #: per frame its true columns and how many of them were read exactly (for
-    #: :func:`paired_exact_difference`)
+    #: per frame its true columns and how many of them were read exactly
     frame_columns: list[int] = field(default_factory=list)
     frame_exact: list[int] = field(default_factory=list)
-    #: per frame the structure it shows (frames of one structure are not independent draws;
-    #: set by :func:`evaluate_row`)
+    #: per frame the structure it shows, where several frames show one (frames of one structure
+    #: are not independent draws; set by :func:`evaluate_row`); empty: each frame its own
     frame_structures: list[int] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[float]:
+        """Per frame the fraction of its true columns whose count was read wrong (NaN: none)."""
+        return [
+            1 - exact / n if n else float("nan")
+            for n, exact in zip(self.frame_columns, self.frame_exact)
+        ]
 
     def add(
         self,
@@ -222,9 +227,7 @@ class RowResult:
         )
         columns, exact = self.columns.columns, self.columns.exact
         self.columns.update(depth, data.centres[i], column_depths, data.pixel_size_pm)
-        n = self.columns.columns - columns
-        self.errors.append(1 - (self.columns.exact - exact) / n if n else float("nan"))
-        self.frame_columns.append(n)
+        self.frame_columns.append(self.columns.columns - columns)
         self.frame_exact.append(self.columns.exact - exact)
         correct = depth == truth
         column, called = truth > 0, depth > 0
@@ -266,7 +269,7 @@ def evaluate_row(
             result.uncertainty.extend(uncertainty_scores(p.depth, p.confidence))
         for j, i in enumerate(range(sl.start, sl.stop)):
             result.add(p.depth[j], p.confidence[j], data, i, column_depths[i])
-    result.frame_structures = list(range(len(data)) if structures is None else structures)
+    result.frame_structures = list(structures or [])
     return result
 
 
@@ -280,7 +283,7 @@ def paired_exact_difference(
     columns, other = np.asarray(a.frame_columns), np.asarray(b.frame_columns)
     if not np.array_equal(columns, other) or a.frame_structures != b.frame_structures:
         raise ValueError("paired difference of results on different frames")
-    shown = a.frame_structures or list(range(len(columns)))  # none recorded: each its own
+    shown = a.frame_structures or list(range(len(columns)))
     _, structure = np.unique(np.asarray(shown, np.int64), return_inverse=True)
     gained = np.bincount(structure, np.asarray(a.frame_exact) - np.asarray(b.frame_exact))
     columns = np.bincount(structure, columns)
