@@ -2,9 +2,11 @@
 
 ``tensorrt`` (serialized FP16 plan, optimisation profile over batch), ``torch-cuda`` (FP16,
 channels-last, one CUDA graph replayed per batch size and frame shape), ``torch-cpu-bf16``
-(bfloat16 on a CPU with AMX or AVX512-BF16, compiled by TorchInductor), ``onnxruntime-int8``
-(the statically quantized graph of :mod:`engine.quantize`, CPU), ``onnxruntime`` (the FP32 ONNX
-graph; CUDA provider when present, else CPU) and ``torch-cpu`` (eager FP32, the reference).
+(bfloat16 on a CPU with AMX or AVX512-BF16, compiled by TorchInductor), ``openvino-int8``
+(OpenVINO on the NNCF-quantized graph of :mod:`engine.openvino_graph`, CPU),
+``onnxruntime-int8`` (the statically quantized graph of :mod:`engine.quantize`, CPU),
+``openvino`` (OpenVINO on the FP32 graph, CPU), ``onnxruntime`` (the FP32 ONNX graph; CUDA
+provider when present, else CPU) and ``torch-cpu`` (eager FP32, the reference).
 :func:`unavailable_reason` says why a backend cannot run here and :meth:`Backend.refusal` why
 it is not offered for a given model (BF16 or INT8 without a passing parity record,
 :mod:`engine.parity`); ``auto`` picks the
@@ -81,6 +83,9 @@ class Backend(ABC):
 
     name: ClassVar[str]
     precision: ClassVar[str]
+    #: the suffix of a model's parity record for this backend (``<stem>.<suffix>.json``,
+    #: :func:`engine.parity.record_path`); used only where :meth:`parity_form` is not None
+    parity_record: ClassVar[str] = ""
     #: frames per batch the engine uses unless told otherwise: on the 2-core CPU machines
     #: batch 1 measured faster than 4 through serve (onnxruntime 512^2: 2.88 vs 2.21 frames/s)
     preferred_batch: int = 8
@@ -126,7 +131,7 @@ class Backend(ABC):
             return None
         from engine.parity import refusal
 
-        return refusal(loaded, cls.precision, form)
+        return refusal(loaded, cls.name, cls.parity_record, form)
 
     def warm(self, shape: tuple[int, int]) -> None:
         """Make ready for frames of ``shape`` (H, W) px before the first one is timed (the CUDA
@@ -203,7 +208,7 @@ class TorchCPUBF16Backend(TorchCPUBackend):
     time); a compilation that fails (no C++ compiler) falls back to eager with a warning.
     """
 
-    name, precision = "torch-cpu-bf16", "bf16"
+    name, precision, parity_record = "torch-cpu-bf16", "bf16", "bf16"
     bf16 = True
 
     def __init__(self, loaded: LoadedModel, max_batch: int = 32, compile: bool = True, **kw):
@@ -373,7 +378,7 @@ class OnnxRuntimeInt8Backend(OnnxRuntimeBackend):
     """ONNX Runtime on the CPU with the INT8 graph of :mod:`engine.quantize` (quantized and
     cached on first use); offered only for a model whose INT8 parity record passes."""
 
-    name, precision = "onnxruntime-int8", "int8"
+    name, precision, parity_record = "onnxruntime-int8", "int8", "int8"
     providers_wanted = ("CPUExecutionProvider",)
 
     def _graph(self) -> Path:
@@ -384,6 +389,63 @@ class OnnxRuntimeInt8Backend(OnnxRuntimeBackend):
     @staticmethod
     def parity_form() -> dict[str, Any]:
         from engine.quantize import int8_form
+
+        return int8_form()
+
+
+class OpenVINOBackend(Backend):
+    """OpenVINO on the CPU with the FP32 graph, compiled once per input shape
+    (:mod:`engine.openvino_graph`) on the cores torch sees, float32 throughout."""
+
+    name, precision = "openvino", "fp32"
+    preferred_batch = 1
+    on_gpu = False
+
+    def __init__(self, loaded: LoadedModel, max_batch: int = 32, **kw):
+        super().__init__(loaded, max_batch, **kw)
+        from engine.openvino_graph import CompiledShapes
+
+        self._shapes = CompiledShapes(self._graph(), torch.get_num_threads())
+
+    def _graph(self) -> Path:
+        return export_onnx(self.loaded, self.cache_dir, half=False)
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        from engine.openvino_graph import unavailable_reason
+
+        return unavailable_reason()
+
+    def warm(self, shape: tuple[int, int]) -> None:
+        """Compile for single frames of ``shape`` (H, W) px (about a second)."""
+        h, w = (padded_side(side, self.loaded.size_multiple) for side in shape)
+        self._run(np.zeros((1, 1, h, w), np.float32))
+
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._shapes.run(x)
+
+
+class OpenVINOInt8Backend(OpenVINOBackend):
+    """OpenVINO on the CPU with the INT8 graph of :func:`engine.openvino_graph.int8_model`
+    (quantized by NNCF and cached on first use); offered only for a model whose parity record
+    passes."""
+
+    name, precision, parity_record = "openvino-int8", "int8", "int8-openvino"
+
+    def _graph(self) -> Path:
+        from engine.openvino_graph import int8_model
+
+        return int8_model(self.loaded, self.cache_dir)
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        from engine.openvino_graph import unavailable_reason
+
+        return unavailable_reason(int8=True)
+
+    @staticmethod
+    def parity_form() -> dict[str, Any]:
+        from engine.openvino_graph import int8_form
 
         return int8_form()
 
@@ -444,7 +506,9 @@ PREFERENCE: tuple[type[Backend], ...] = (
     TensorRTBackend,
     TorchCUDABackend,
     TorchCPUBF16Backend,
+    OpenVINOInt8Backend,
     OnnxRuntimeInt8Backend,
+    OpenVINOBackend,
     OnnxRuntimeBackend,
     TorchCPUBackend,
 )

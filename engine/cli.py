@@ -34,7 +34,9 @@ BACKEND_NAMES = (
     "tensorrt",
     "torch-cuda",
     "torch-cpu-bf16",
+    "openvino-int8",
     "onnxruntime-int8",
+    "openvino",
     "onnxruntime",
     "torch-cpu",
 )
@@ -650,7 +652,8 @@ def _add_bench_parity(bench) -> None:
         help="INT8 or BF16 against FP32 on the robustness suite: is the candidate offered?",
         description="Column-level accuracy of the candidate backend (default INT8) against "
         "the FP32 onnxruntime graph on every robustness-suite row, same frames. "
-        "Writes <model>.<precision>.json (int8, bf16) beside the model; the candidate is "
+        "Writes <model>.<record>.json (int8, int8-openvino, bf16) beside the model; the "
+        "candidate is "
         "offered only when no row's column-exact accuracy, pooled over the draws, moves by "
         "more than 0.5 points "
         "(exit code 1 when it does).",
@@ -660,7 +663,7 @@ def _add_bench_parity(bench) -> None:
         p,
         "--candidate",
         PARITY,
-        choices=["onnxruntime-int8", "torch-cpu-bf16"],
+        choices=["onnxruntime-int8", "openvino-int8", "torch-cpu-bf16"],
         help="backend checked against FP32",
     )
     config_option(p, "--samples", PARITY, type=positive_int, help="frames per row")

@@ -7,10 +7,10 @@ compared. A row is drawn once per seed of :attr:`ParityConfig.seeds` (other fram
 noise; the legacy row's 16 slabs get new noise only) and its column counts are pooled over the
 draws: one draw of the legacy row scores 532 columns, so a single column read differently moves
 it by 0.19 points and the 0.5-point bound would sit inside one draw's noise. The record,
-written beside the model as ``<stem>.<precision>.json``, is what :func:`refusal` reads: the
-candidate is offered only when no row moves by more than :data:`PARITY_BOUND_POINTS`
-percentage points, and only for the model file and the form of the candidate (its
-:meth:`engine.backends.Backend.parity_form`) the record was measured on.
+written beside the model as ``<stem>.<record>.json`` (the backend's ``parity_record``), is
+what :func:`refusal` reads: the candidate is offered only when no row moves by more than
+:data:`PARITY_BOUND_POINTS` percentage points, and only for the model file and the form of
+the candidate (its :meth:`engine.backends.Backend.parity_form`) the record was measured on.
 (Heavy imports sit in the functions, so that the CLI reads :class:`ParityConfig` without torch.)
 """
 
@@ -37,18 +37,19 @@ COMPARED = ("column_exact", "column_within_one", "column_found")
 PARITY_BOUND_POINTS = 0.5
 
 
-def record_path(model_path: Path, precision: str) -> Path:
-    """Where a model's parity record for ``precision`` lies: beside it,
-    ``<stem>.<precision>.json``."""
-    return Path(model_path).with_suffix(f".{precision}.json")
+def record_path(model_path: Path, record: str) -> Path:
+    """Where a model's parity record ``record`` (a backend's ``parity_record``: "int8",
+    "int8-openvino", "bf16") lies: beside it, ``<stem>.<record>.json``."""
+    return Path(model_path).with_suffix(f".{record}.json")
 
 
-def refusal(loaded, precision: str, form: dict[str, Any]) -> str | None:
-    """Why the ``precision`` backend is not offered for ``loaded`` (no record, another model's
-    or another ``form``'s, or a failed check), or None when its parity record passes."""
-    path = record_path(loaded.path, precision)
-    label = precision.upper()
-    fix = f"run `segdepth bench parity --model {loaded.path}`"
+def refusal(loaded, candidate: str, record_name: str, form: dict[str, Any]) -> str | None:
+    """Why backend ``candidate``, whose parity record is ``record_name``, is not offered for
+    ``loaded`` (no record, another model's or another ``form``'s, or a failed check), or None
+    when its parity record passes."""
+    path = record_path(loaded.path, record_name)
+    label = record_name.upper()
+    fix = f"run `segdepth bench parity --model {loaded.path} --candidate {candidate}`"
     if not path.is_file():
         return f"no {label} parity record for this model ({path}): {fix}"
     record: dict[str, Any] = json.loads(path.read_text())
@@ -132,7 +133,7 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
         "rows": rows,
         "wall_s": time.monotonic() - started,
     }
-    out = Path(cfg.out) if cfg.out else record_path(loaded.path, candidate.precision)
+    out = Path(cfg.out) if cfg.out else record_path(loaded.path, candidate.parity_record)
     out.write_text(json.dumps(record, indent=2))
     print(format_parity(record))
     print(f"wrote {out}")

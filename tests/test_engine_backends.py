@@ -47,7 +47,8 @@ def test_reference_shapes_and_probabilities(reference, frames):
 
 
 @pytest.mark.parametrize(
-    "name", [n for n in BACKEND_NAMES if n not in ("onnxruntime-int8", "torch-cpu-bf16")]
+    "name",
+    [n for n in BACKEND_NAMES if n not in ("onnxruntime-int8", "openvino-int8", "torch-cpu-bf16")],
 )
 def test_backend_matches_torch_cpu_fp32(name, loaded, frames, reference, tmp_path):
     reason = backends.unavailable_reason(name)
