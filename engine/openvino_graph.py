@@ -30,6 +30,7 @@ passes.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -127,11 +128,16 @@ def int8_model(loaded: LoadedModel, cache_dir: Path) -> Path:
     return path
 
 
+#: compiled shapes kept at once: a source that changes frame shape often recompiles (about a
+#: second each) rather than holding one compiled graph per shape it ever sent
+MAX_SHAPES = 8
+
+
 class CompiledShapes:
     """A graph file compiled by OpenVINO once per input shape, on ``threads`` CPU threads, in
-    float32 (where not quantized)."""
+    float32 (where not quantized); the ``max_shapes`` most recently used shapes are kept."""
 
-    def __init__(self, graph: Path, threads: int):
+    def __init__(self, graph: Path, threads: int, max_shapes: int = MAX_SHAPES):
         import openvino as ov
 
         self._core = ov.Core()
@@ -141,14 +147,24 @@ class CompiledShapes:
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": "f32",
         }
-        self._requests: dict[tuple[int, ...], Any] = {}
+        self.max_shapes = max_shapes
+        self._requests: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The shapes compiled now, least recently used first."""
+        return list(self._requests)
 
     def _request(self, shape: tuple[int, ...]):
-        if shape not in self._requests:
+        if shape in self._requests:
+            self._requests.move_to_end(shape)
+        else:
             model = self._core.read_model(str(self._graph))
             model.reshape(list(shape))
             compiled = self._core.compile_model(model, "CPU", self._config)
             self._requests[shape] = compiled.create_infer_request()
+            while len(self._requests) > self.max_shapes:
+                self._requests.popitem(last=False)
         return self._requests[shape]
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

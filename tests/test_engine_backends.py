@@ -61,6 +61,31 @@ def test_backend_matches_torch_cpu_fp32(name, loaded, frames, reference, tmp_pat
     assert same_depth >= 0.995 and same_species >= 0.995
 
 
+def test_openvino_keeps_a_bounded_number_of_compiled_shapes(loaded, tmp_path):
+    """A source that keeps changing the frame shape does not grow the compiled graphs without
+    bound: the least recently used shape goes, and a shape used again is recompiled with the
+    same answers."""
+    if backends.unavailable_reason("openvino"):
+        pytest.skip(backends.unavailable_reason("openvino"))
+    backend = backends.create("openvino", loaded, max_batch=1, cache_dir=tmp_path)
+    shapes = backend._shapes
+    shapes.max_shapes = 2
+    m = loaded.size_multiple
+    rng = np.random.default_rng(1)
+    frames = {k: (rng.poisson(20.0, (1, m * k, m)) / 20.0).astype(np.float32) for k in (1, 2, 3)}
+    first = backend.infer(frames[1]).depth_prob
+    backend.infer(frames[2])
+    backend.infer(frames[1])  # used again: now the most recent
+    backend.infer(frames[3])  # evicts shape 2, the least recently used
+    assert shapes.shapes == [(1, 1, m, m), (1, 1, 3 * m, m)]
+    backend.infer(frames[2])
+    assert shapes.shapes == [(1, 1, 3 * m, m), (1, 1, 2 * m, m)]
+    shapes.max_shapes = 1
+    again = backend.infer(frames[1]).depth_prob  # recompiled after eviction
+    assert shapes.shapes == [(1, 1, m, m)]
+    assert np.array_equal(first, again)
+
+
 def test_fp16_graph_for_tensorrt_matches_fp32(loaded, frames, reference, tmp_path):
     """The FP16 ONNX graph TensorRT builds from, run here by ONNX Runtime's CPU provider."""
     import onnxruntime as ort
