@@ -6,7 +6,10 @@ the candidate (INT8 or BF16) -- with the same noisy frames, and the column-level
 compared. A row is drawn once per seed of :attr:`ParityConfig.seeds` (other frames, other
 noise; the legacy row's 16 slabs get new noise only) and its column counts are pooled over the
 draws: one draw of the legacy row scores 532 columns, so a single column read differently moves
-it by 0.19 points and the 0.5-point bound would sit inside one draw's noise. The record,
+it by 0.19 points and the 0.5-point bound would sit inside one draw's noise. Each row's
+difference also gets a 95 % interval from a paired bootstrap over the structures its frames
+show (:func:`training.robustness.paired_exact_difference`): how far it could move on other
+frames; the bound is judged on the difference itself. The record,
 written beside the model as ``<stem>.<record>.json`` (the backend's ``parity_record``), is
 what :func:`refusal` reads: the candidate is offered only when no row moves by more than
 :data:`PARITY_BOUND_POINTS` percentage points, and only for the model file and the form of
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,25 +147,32 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
 def _row_parity(row, k: int, paths, cfg: ParityConfig, nets: dict) -> dict[str, Any]:
     """One suite row: FP32 and the candidate on the same frames, one draw per seed, column
     counts pooled over the draws (each draw's own figures kept in ``draws``)."""
-    from training.metrics import ColumnMetrics
-    from training.robustness import evaluate_row, row_data
+    from training.robustness import RowResult, evaluate_row, paired_exact_difference, row_data
 
-    pooled = {name: ColumnMetrics() for name in nets}
+    pooled = {name: RowResult() for name in nets}  # the column counts and frames of all draws
     draws, samples = [], 0
     for seed in cfg.seeds:
-        data, depths, _ = row_data(row, paths, cfg.samples, cfg.crop, seed + k)
+        data, depths, structures = row_data(row, paths, cfg.samples, cfg.crop, seed + k)
         samples += len(data)
         draw: dict[str, Any] = {"seed": seed + k}
         for name, net in nets.items():
-            columns = evaluate_row(net, 1.0, data, depths, row.dose, seed + k, scores=False).columns
-            pooled[name] += columns
+            result = evaluate_row(
+                net, 1.0, data, depths, row.dose, seed + k, scores=False, structures=structures
+            )
+            _pool(pooled[name], result)
+            columns = result.columns
             draw[name] = {"columns": int(columns.columns), "exact": int(columns.exact)}
         draws.append(draw)
     fp32, candidate = (
-        {key: pooled[name].summary()[key] for key in COMPARED}
+        {key: pooled[name].columns.summary()[key] for key in COMPARED}
         for name in ("onnxruntime", cfg.candidate)
     )
     diff = 100.0 * (candidate["column_exact"] - fp32["column_exact"])
+    # how far the difference could move on other frames: a paired bootstrap over the
+    # structures shown (the views of one structure, in every draw, are not independent)
+    spread = paired_exact_difference(
+        pooled[cfg.candidate], pooled["onnxruntime"], np.random.default_rng(k)
+    )
     log.info(
         "parity row %s: column exact FP32 %.3f, %s %.3f (%+.2f points, %d columns)",
         row.name,
@@ -169,18 +180,29 @@ def _row_parity(row, k: int, paths, cfg: ParityConfig, nets: dict) -> dict[str, 
         cfg.candidate,
         candidate["column_exact"],
         diff,
-        pooled["onnxruntime"].columns,
+        pooled["onnxruntime"].columns.columns,
     )
     return {
         "row": row.name,
         "dose": row.dose,
         "samples": samples,
-        "columns": int(pooled["onnxruntime"].columns),
+        "columns": int(pooled["onnxruntime"].columns.columns),
         "fp32": fp32,
         "candidate": candidate,
         "column_exact_diff_points": diff,
+        "column_exact_diff_ci95_points": [100.0 * v for v in spread["ci95"]],
+        "structures": spread["structures"],
         "draws": draws,
     }
+
+
+def _pool(into, result) -> None:
+    """Add a draw's :class:`training.robustness.RowResult` (column counts, per-frame counts and
+    structures) to ``into``."""
+    into.columns += result.columns
+    into.frame_columns += result.frame_columns
+    into.frame_exact += result.frame_exact
+    into.frame_structures += result.frame_structures
 
 
 def format_parity(record: dict[str, Any]) -> str:
@@ -189,13 +211,14 @@ def format_parity(record: dict[str, Any]) -> str:
         f"{record['candidate']} vs FP32 onnxruntime, model {record['model_id']}: "
         f"largest change {record['max_abs_diff_points']:.2f} points (bound "
         f"{record['bound_points']}) -> {'offered' if record['passed'] else 'NOT offered'}",
-        f"{'row':<32}{'columns':>8}{'fp32':>8}{'cand.':>8}{'diff pt':>9}",
+        f"{'row':<32}{'columns':>8}{'fp32':>8}{'cand.':>8}{'diff pt':>9}   95 % interval",
     ]
     for r in record["rows"]:
+        low, high = r.get("column_exact_diff_ci95_points", (math.nan, math.nan))
         lines.append(
             f"{r['row']:<32}{r['columns']:>8}{r['fp32']['column_exact']:>8.3f}"
             f"{r['candidate']['column_exact']:>8.3f}"
-            f"{r['column_exact_diff_points']:>+9.2f}"
+            f"{r['column_exact_diff_points']:>+9.2f}   {low:+.2f} … {high:+.2f}"
         )
     mean = {
         k: np.mean([r[k]["column_exact"] for r in record["rows"]]) for k in ("fp32", "candidate")

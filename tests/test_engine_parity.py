@@ -1,6 +1,6 @@
 """``segdepth bench parity`` end to end on a tiny robustness suite: the record pools every row's
-column counts over its draws, judges the pooled difference against the bound, and is what the
-engine's refusal then reads."""
+column counts over its draws, judges the pooled difference against the bound (each with a
+bootstrap interval over the structures shown), and is what the engine's refusal then reads."""
 
 import json
 import shutil
@@ -65,6 +65,10 @@ def test_parity_cli_pools_draws_and_gates_the_backend(tmp_path, segdepth_cmd):
         assert row["column_exact_diff_points"] == pytest.approx(
             100 * (exact["onnxruntime-int8"] - exact["onnxruntime"])
         )
+        # the interval brackets the pooled difference; draws of one structure are grouped
+        low, high = row["column_exact_diff_ci95_points"]
+        assert low - 1e-9 <= row["column_exact_diff_points"] <= high + 1e-9
+        assert 1 <= row["structures"] <= 2 * 2  # at most samples x draws
     worst = max(abs(r["column_exact_diff_points"]) for r in record["rows"])
     assert record["max_abs_diff_points"] == pytest.approx(worst)
     assert record["passed"] == (worst <= PARITY_BOUND_POINTS)
