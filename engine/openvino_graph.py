@@ -3,7 +3,7 @@
 OpenVINO compiles one graph per input shape (batch, 1, H, W), with the input's shape fixed, and
 runs it on its own CPU kernels. On the project's 2-core AVX2 machine (2026-11-27, 512^2, batch 1,
 network alone, alternating runs in one process) onnxruntime FP32 ran 2.6-3.0 frames/s, OpenVINO
-FP32 3.8-4.0 and the INT8 form below 5.8-6.0 (``segdepth bench engine``; README "Camera rate
+FP32 3.8-4.0 and the INT8 form (below) 5.8-6.0 (``segdepth bench engine``; README "Camera rate
 on the CPU").
 
 The INT8 form: NNCF's post-training quantization (``MIXED`` preset: symmetric per-channel int8
@@ -141,7 +141,7 @@ class CompiledShapes:
         import openvino as ov
 
         self._core = ov.Core()
-        self._graph = Path(graph)
+        self._model = self._core.read_model(str(graph))  # read once; a copy per shape compiled
         self._config = {
             "INFERENCE_NUM_THREADS": int(threads),
             "PERFORMANCE_HINT": "LATENCY",
@@ -159,7 +159,7 @@ class CompiledShapes:
         if shape in self._requests:
             self._requests.move_to_end(shape)
         else:
-            model = self._core.read_model(str(self._graph))
+            model = self._model.clone()
             model.reshape(list(shape))
             compiled = self._core.compile_model(model, "CPU", self._config)
             self._requests[shape] = compiled.create_infer_request()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -214,7 +213,7 @@ def format_parity(record: dict[str, Any]) -> str:
         f"{'row':<32}{'columns':>8}{'fp32':>8}{'cand.':>8}{'diff pt':>9}   95 % interval",
     ]
     for r in record["rows"]:
-        low, high = r.get("column_exact_diff_ci95_points", (math.nan, math.nan))
+        low, high = r["column_exact_diff_ci95_points"]
         lines.append(
             f"{r['row']:<32}{r['columns']:>8}{r['fp32']['column_exact']:>8.3f}"
             f"{r['candidate']['column_exact']:>8.3f}"
