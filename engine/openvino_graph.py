@@ -18,8 +18,8 @@ graph, where the ONNX name belongs to the bias addition after the convolution, a
 that every name exists. The model is given a fixed input shape before it is quantized: with
 dynamic sides NNCF cannot follow the exported graph's padding arithmetic, and a trial quantized
 that way read every pixel as background. The quantized graph is saved as OpenVINO IR beside the
-FP32 export, named by model hash and calibration settings, and reshaped to each frame shape when
-compiled.
+FP32 export, named by model hash and the whole quantization form (:func:`int8_path`), and
+reshaped to each frame shape when compiled.
 
 Both compile with ``INFERENCE_PRECISION_HINT`` f32: on a CPU with AMX or AVX512-BF16, OpenVINO
 would otherwise run the float layers in bfloat16. INT8 is offered only for a model whose parity
@@ -29,6 +29,8 @@ passes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import OrderedDict
 from dataclasses import asdict
@@ -87,15 +89,22 @@ def int8_form() -> dict[str, Any]:
     }
 
 
+def int8_path(loaded: LoadedModel, cache_dir: Path) -> Path:
+    """Where the INT8 graph of ``loaded`` is cached: ``<model hash>_ov_int8_<form hash>.xml``,
+    named by all of :func:`int8_form` (export version, calibration, float32 layers), so that a
+    graph quantized in another form is never reused under this form's parity record."""
+    form = hashlib.sha256(json.dumps(int8_form(), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(cache_dir) / f"{loaded.sha256[:16]}_ov_int8_{form}.xml"
+
+
 def int8_model(loaded: LoadedModel, cache_dir: Path) -> Path:
-    """Write (or reuse) ``<hash>_ov_int8_<calibration key>_v<EXPORT_VERSION>.xml`` (and its
-    ``.bin``) in ``cache_dir``."""
+    """Write (or reuse) the INT8 graph at :func:`int8_path` (an ``.xml`` and its ``.bin``)."""
     import nncf
     import openvino as ov
 
     cfg = CalibrationConfig()
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"{loaded.sha256[:16]}_ov_int8_{cfg.key()}_v{EXPORT_VERSION}.xml"
+    path = int8_path(loaded, cache_dir)
     if path.is_file() and path.with_suffix(".bin").is_file():
         return path
     fp32 = export_onnx(loaded, cache_dir, half=False)

@@ -125,6 +125,26 @@ def _fed_by_fake_quantize(node, hops: int = 3) -> bool:
     return False
 
 
+def test_openvino_int8_cache_name_changes_with_every_part_of_its_form(
+    bundled_copy, tmp_path, monkeypatch
+):
+    """A graph quantized with other float32 layers or another calibration is never reused under
+    this form's parity record."""
+    from engine import openvino_graph
+    from engine.quantize import CalibrationConfig
+
+    first = openvino_graph.int8_path(bundled_copy, tmp_path)
+    assert first == openvino_graph.int8_path(bundled_copy, tmp_path)  # stable
+    monkeypatch.setattr(openvino_graph, "FLOAT_LAYERS", openvino_graph.FLOAT_LAYERS[:-1])
+    fewer_layers = openvino_graph.int8_path(bundled_copy, tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        openvino_graph, "CalibrationConfig", lambda: CalibrationConfig(library_frames=12)
+    )
+    other_calibration = openvino_graph.int8_path(bundled_copy, tmp_path)
+    assert len({first, fewer_layers, other_calibration}) == 3
+
+
 @pytest.mark.slow
 def test_openvino_int8_keeps_the_first_convolution_and_the_heads_in_float(bundled_copy, int8_cache):
     """The layers :data:`engine.openvino_graph.FLOAT_LAYERS` names stay unquantized in the INT8
