@@ -67,6 +67,8 @@ class E2EConfig:
     #: serve's --overlap: inference and post-processing at once (True), in turn (False), or
     #: serve's default (None: at once only on a GPU)
     overlap: bool | None = None
+    #: serve's --tta: every frame read in its 8 flips and quarter turns, averaged
+    tta: bool = False
 
 
 def clean_frames(size: int, cfg: E2EConfig) -> np.ndarray:
@@ -163,7 +165,8 @@ def _serve_command(
     batch = ["--max-batch", str(cfg.max_batch)] if cfg.max_batch else []
     ignore = ["--ignore-parity"] if cfg.ignore_parity else []
     overlap = [] if cfg.overlap is None else ["--overlap", "on" if cfg.overlap else "off"]
-    return cmd + batch + ignore + overlap + (["--model", cfg.model] if cfg.model else [])
+    tta = ["--tta"] if cfg.tta else []
+    return cmd + batch + ignore + overlap + tta + (["--model", cfg.model] if cfg.model else [])
 
 
 def run_backend(cfg: E2EConfig, backend: str, clean: np.ndarray, workdir: Path) -> dict:
@@ -242,6 +245,7 @@ def run_backend(cfg: E2EConfig, backend: str, clean: np.ndarray, workdir: Path) 
         "postprocess": stats["postprocess"],
         "max_batch": stats["max_batch"],
         "overlap": stats["overlap"],
+        "tta": stats["tta"],
         "size": side,
         "frames_per_s": cfg.e2e_frames / span,
         "frame_ms": frame_ms,
@@ -300,7 +304,8 @@ def run_e2e(cfg: E2EConfig, json_path: Path) -> dict[str, Any]:
 def format_e2e(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = [
-        f"engine end to end through `segdepth serve` over loopback TCP, batch <= "
+        f"engine end to end through `segdepth serve`"
+        f"{' --tta (8 passes a frame)' if cfg.get('tta') else ''} over loopback TCP, batch <= "
         f"{cfg['max_batch'] or 'the backend default'}, latency at {cfg['rate_fps']:.2f} "
         f"frames/s; aim >= "
         f"{CAMERA_RATE_FPS:.1f} frames/s, post-processing <= 10 % of frame time",

@@ -268,6 +268,7 @@ def e2e_config(args: argparse.Namespace):
             "postprocess",
             "frames_from",
             "ignore_parity",
+            "tta",
         ),
         **overlap_of(args),
     )
@@ -635,6 +636,13 @@ def _add_bench_engine(bench) -> None:
     )
     _ignore_parity_option(p, E2E)
     _overlap_option(p, E2E)
+    config_option(
+        p,
+        "--tta",
+        E2E,
+        action="store_true",
+        help="with --e2e: serve --tta (the 8 flips and quarter turns averaged, 8 passes a frame)",
+    )
     p.add_argument(
         "--frames-from",
         nargs="+",

@@ -670,6 +670,7 @@ class Server:
             "max_batch": self.max_batch,
             "overlap": self.overlap,
             "ood_check_every": self.ood_check_every,
+            "tta": self.config.tta,
             "model_id": self.loaded.model_id,
         }
 

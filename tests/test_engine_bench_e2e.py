@@ -23,7 +23,7 @@ def test_e2e_bench_through_a_serve_process(tmp_path, capsys):
     )
     report = run_e2e(cfg, tmp_path / "e2e.json")
     ok, missing, refused = report["rows"]
-    assert ok["backend"] == "onnxruntime" and ok["size"] == 64
+    assert ok["backend"] == "onnxruntime" and ok["size"] == 64 and ok["tta"] is False
     assert ok["results_sent"] == 1 + 4 + 3  # every frame answered through the process
     assert ok["frames_per_s"] > 0 and 0 < ok["latency_ms_p50"] <= ok["latency_ms_p99"]
     for stages in (ok["stage_ms_per_frame"], ok["stage_ms_per_frame_p50"]):
@@ -34,6 +34,24 @@ def test_e2e_bench_through_a_serve_process(tmp_path, capsys):
     assert refused["status"].startswith("not offered") and "parity" in refused["status"]
     assert json.loads((tmp_path / "e2e.json").read_text())["rows"][0]["results_sent"] == 8
     assert "onnxruntime" in capsys.readouterr().out
+
+
+def test_e2e_bench_with_test_time_augmentation_runs_serve_with_it(tmp_path, capsys):
+    """`bench engine --e2e --tta` times serve --tta: the serve process itself says it averaged
+    the 8 views, and every frame is answered."""
+    from engine.cli import e2e_config
+    from segdepth.cli import build_parser
+
+    model = save_random_model(tmp_path / "random.pt")
+    args = build_parser().parse_args(
+        ["bench", "engine", "--e2e", "--tta", "--backends", "onnxruntime", "--model", str(model)]
+    )
+    cfg = e2e_config(args)
+    assert cfg.tta and not e2e_config(build_parser().parse_args(["bench", "engine"])).tta
+    cfg.sizes, cfg.e2e_frames, cfg.paced_frames, cfg.warmup, cfg.rate_fps = [64], 3, 2, 1, 20.0
+    (row,) = run_e2e(cfg, tmp_path / "e2e.json")["rows"]
+    assert row["tta"] is True and row["results_sent"] == 1 + 3 + 2
+    assert "--tta (8 passes a frame)" in capsys.readouterr().out
 
 
 def test_e2e_frames_from_dataset_files_pick_the_file_of_each_side(tmp_path):

@@ -291,6 +291,7 @@ def test_robustness_suite_cli_tiny(tmp_path, segdepth_cmd):
             str(out),
             "--threads",
             "1",
+            "--tta",
         ],
         capture_output=True,
         text=True,
@@ -298,6 +299,12 @@ def test_robustness_suite_cli_tiny(tmp_path, segdepth_cmd):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads((out / "robustness.json").read_text())
+    # the bundled model read with test-time augmentation and plainly, the first against the second
+    augmented, plain = (m["model_id"] for m in report["models"])
+    assert [m["tta"] for m in report["models"]] == [True, False] and augmented == plain
+    (pair,) = report["exact_differences"]
+    assert (pair["model"], pair["against"]) == (f"{plain}+TTA", plain)
+    labels = {f"{plain}+TTA": True, plain: False}
     names = [r["row"] for r in report["rows"]]
     assert {
         "turned 90°",
@@ -307,16 +314,20 @@ def test_robustness_suite_cli_tiny(tmp_path, segdepth_cmd):
         "legacy simulate slabs",
     } <= set(names)
     for row in report["rows"]:
-        (summary,) = row["models"].values()
-        assert 0 <= summary["column_exact"] <= 1 or np.isnan(summary["column_exact"])
+        assert set(row["models"]) == set(labels)
+        for label, summary in row["models"].items():
+            assert 0 <= summary["column_exact"] <= 1 or np.isnan(summary["column_exact"])
+            assert np.isfinite(summary["spread_mean"]) == labels[label]
     assert (out / "robustness.png").stat().st_size > 1000
-    assert "turned 90°" in (out / "robustness.md").read_text()
-    ((_, auc),) = report["auc_outside_training"].items()
-    assert all(0 <= v <= 1 for v in auc.values())
-    assert "outside the training ranges" in (out / "robustness.md").read_text()
-    ((_, rho),) = report["scores_against_errors"].items()
-    assert all(-1 <= v <= 1 for v in rho.values())
-    assert "rank correlation" in (out / "robustness.md").read_text()
+    markdown = (out / "robustness.md").read_text()
+    assert "turned 90°" in markdown and f"| {plain}+TTA |" in markdown
+    for label, has_spread in labels.items():
+        auc = report["auc_outside_training"][label]
+        rho = report["scores_against_errors"][label]
+        assert all(0 <= auc[s] <= 1 and -1 <= rho[s] <= 1 for s in ("ood", "uncertainty"))
+        assert np.isfinite(auc["spread"]) == has_spread == np.isfinite(rho["spread"])
+    assert "outside the training ranges" in markdown and "rank correlation" in markdown
+    assert markdown.count("TTA spread score") == 2  # its AUC and its rank correlation
 
 
 def test_suite_rows_outside_training_are_those_beyond_every_training_range():
@@ -369,6 +380,37 @@ def test_test_time_augmentation_is_equivariant():
         np.testing.assert_allclose(moved.probabilities, transform(plain.probabilities), atol=1e-5)
     ((_, single),) = predict_batches(model, image)
     assert not np.allclose(single.probabilities, plain.probabilities, atol=1e-4)
+
+
+def test_tta_turn_and_spread_scores_are_those_of_its_eight_views():
+    """With test-time augmentation each frame's turn score is that of its own unturned and
+    quarter-turned passes, and its spread the views' variance about their mean over the called
+    column pixels; here each view is computed on its own, with numpy's turns, and compared."""
+    from training.inference import DIHEDRAL, forward_padded, predict_batches
+    from training.model import SegDepthUNet, UNetConfig
+
+    torch.manual_seed(1)
+    model = SegDepthUNet(UNetConfig(base_channels=4, max_channels=8, scales=3)).eval()
+    images = np.random.default_rng(1).random((2, 32, 32)).astype(np.float32) + 0.5
+    ((_, pred),) = predict_batches(model, images, temperature=0.02, tta=True)
+    views = []
+    for k, flip in DIHEDRAL:
+        x = np.rot90(images[..., ::-1] if flip else images, k, axes=(-2, -1))
+        with torch.no_grad():
+            logits, _ = forward_padded(model, torch.from_numpy(x.copy())[:, None])
+        p = np.rot90(torch.softmax(logits / 0.02, dim=1).numpy(), -k, axes=(-2, -1))
+        views.append(p[..., ::-1] if flip else p)
+    views_arr = np.stack(views)  # (8, B, 11, H, W)
+    mean = views_arr.mean(axis=0)
+    np.testing.assert_allclose(pred.probabilities, mean, atol=1e-5)
+    np.testing.assert_allclose(pred.turn, turn_scores(views[0], views[1]), atol=1e-5)
+    spread = ((views_arr - mean) ** 2).sum(axis=2).mean(axis=0)  # (B, H, W)
+    called = mean.argmax(axis=1) > 0
+    want = [s[c].mean() if c.any() else s.mean() for s, c in zip(spread, called)]
+    assert min(want) > 1e-4  # an untrained model answers its views differently
+    np.testing.assert_allclose(pred.spread, want, rtol=1e-4, atol=1e-7)
+    ((_, plain),) = predict_batches(model, images, temperature=0.02)
+    assert plain.turn is None and plain.spread is None
 
 
 def test_class_prior_is_the_loss_weighted_label_frequency():

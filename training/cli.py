@@ -121,7 +121,7 @@ def suite_config(args: argparse.Namespace):
     from training.robustness import SuiteConfig
 
     models = [args.model or str(bundled_model_path()), *args.compare]
-    options = given(args, "out", "directory", "scale", "gpts", "crop", "seed", "threads")
+    options = given(args, "out", "directory", "scale", "gpts", "crop", "seed", "threads", "tta")
     if args.limit is not None:
         options["samples"] = args.limit
     return SuiteConfig(models=models, **options)
@@ -462,6 +462,14 @@ def _suite_options(p: argparse.ArgumentParser) -> None:
         dest="crop",
         type=positive_int,
         help="side of each evaluated view, px",
+    )
+    config_option(
+        r,
+        "--tta",
+        SUITE,
+        action="store_true",
+        help="also read every model with test-time augmentation (the 8 flips and quarter turns "
+        "averaged, as serve --tta; 8x the inference cost), beside the plain reading",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +24,11 @@ class Prediction:
     species: np.ndarray
     probabilities: np.ndarray
     depth_logits: np.ndarray
+    #: with test-time augmentation, per frame (B,): the turn score of its own unturned and
+    #: quarter-turned passes (:func:`turn_scores`) and the spread of its 8 views
+    #: (:func:`spread_scores`); None without
+    turn: np.ndarray | None = None
+    spread: np.ndarray | None = None
 
 
 def forward_padded(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,21 +43,41 @@ def forward_padded(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
 DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
 
 
-def forward_tta(
-    model: torch.nn.Module, x: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Test-time augmentation: (mean depth probabilities, mean depth logits, mean species
-    logits) over the 8 flips and quarter turns of the input, each mapped back."""
+class TTAOutputs(NamedTuple):
+    """What :func:`forward_tta` gives for a batch: the mean depth probabilities (B, 11, H, W),
+    depth logits and species logits over the 8 views, each view's depth probabilities mapped
+    back for the unturned (``quarter[0]``) and quarter-turned (``quarter[1]``) passes, and per
+    pixel (B, H, W) the views' spread: the sum over classes of the variance of the views'
+    probabilities, 0 where all 8 agree, at most 1 − 1/11."""
+
+    probabilities: torch.Tensor
+    depth_logits: torch.Tensor
+    species_logits: torch.Tensor
+    quarter: tuple[torch.Tensor, torch.Tensor]
+    spread: torch.Tensor
+
+
+def forward_tta(model: torch.nn.Module, x: torch.Tensor, temperature: float) -> TTAOutputs:
+    """Test-time augmentation over the 8 flips and quarter turns of the input, each output
+    mapped back (:class:`TTAOutputs`)."""
     total: list[torch.Tensor] = []  # running sums of (probabilities, logits, species logits)
+    squares = torch.zeros(())  # running sum over views of each pixel's sum of p²
+    quarter: dict[int, torch.Tensor] = {}
     for k, flip in DIHEDRAL:
         t = torch.rot90(x.flip(-1) if flip else x, k, dims=(-2, -1))
         d, s = (torch.rot90(o.float(), -k, dims=(-2, -1)) for o in forward_padded(model, t))
         if flip:
             d, s = d.flip(-1), s.flip(-1)
-        parts = (torch.softmax(d / temperature, dim=1), d, s)
+        p = torch.softmax(d / temperature, dim=1)
+        if not flip and k < 2:
+            quarter[k] = p
+        squares = squares + (p * p).sum(dim=1)
+        parts = (p, d, s)
         total = [a + b for a, b in zip(total, parts)] if total else list(parts)
     n = len(DIHEDRAL)
-    return total[0] / n, total[1] / n, total[2] / n
+    mean = total[0] / n
+    spread = (squares / n - (mean * mean).sum(dim=1)).clamp_min(0)
+    return TTAOutputs(mean, total[1] / n, total[2] / n, (quarter[0], quarter[1]), spread)
 
 
 @torch.no_grad()
@@ -70,34 +96,50 @@ def predict_batches(
     for start in range(0, len(images), batch_size):
         sl = slice(start, min(start + batch_size, len(images)))
         x = torch.as_tensor(np.asarray(images[sl], np.float32))[:, None].to(device)
-        if tta:
-            probs, depth_logits, species_logits = forward_tta(model, x, temperature)
+        views = forward_tta(model, x, temperature) if tta else None
+        if views is not None:
+            probs, depth_logits, species_logits = views[:3]
         else:
             depth_logits, species_logits = forward_padded(model, x)
             depth_logits = depth_logits.float()
             probs = torch.softmax(depth_logits / temperature, dim=1)
         confidence, depth = probs.max(dim=1)
-        yield (
-            sl,
-            Prediction(
-                depth.to(torch.uint8).cpu().numpy(),
-                confidence.cpu().numpy().astype(np.float32),
-                species_logits.argmax(dim=1).to(torch.uint8).cpu().numpy(),
-                probs.cpu().numpy(),
-                depth_logits.cpu().numpy(),
-            ),
+        pred = Prediction(
+            depth.to(torch.uint8).cpu().numpy(),
+            confidence.cpu().numpy().astype(np.float32),
+            species_logits.argmax(dim=1).to(torch.uint8).cpu().numpy(),
+            probs.cpu().numpy(),
+            depth_logits.cpu().numpy(),
         )
+        if views is not None:
+            pred.turn = turn_scores(*(q.cpu().numpy() for q in views.quarter))
+            pred.spread = spread_scores(pred.depth, views.spread.cpu().numpy())
+        yield sl, pred
+
+
+def column_means(depth: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per frame the mean of ``values`` over the pixels ``depth`` calls a column (all pixels
+    when none), for (B, H, W) maps."""
+    return np.array(
+        [
+            float(v[d > 0].mean()) if (d > 0).any() else float(v.mean())
+            for d, v in zip(np.asarray(depth), np.asarray(values))
+        ]
+    )
 
 
 def uncertainty_scores(depth: np.ndarray, confidence: np.ndarray) -> np.ndarray:
     """Per-frame out-of-distribution score at no extra cost: the mean of 1 − confidence over
     the pixels estimated as a column (all pixels when none), for (B, H, W) maps."""
-    return np.array(
-        [
-            float(1 - c[d > 0].mean()) if (d > 0).any() else float(1 - c.mean())
-            for d, c in zip(np.asarray(depth), np.asarray(confidence))
-        ]
-    )
+    return column_means(depth, 1 - np.asarray(confidence))
+
+
+def spread_scores(depth: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """Per-frame out-of-distribution score of test-time augmentation: the mean of the 8 views'
+    spread (:class:`TTAOutputs`) over the pixels the averaged answer calls a column (all
+    pixels when none). A model that knows the image answers every flip and quarter turn
+    alike."""
+    return column_means(depth, spread)
 
 
 def turned_probabilities(

@@ -8,6 +8,9 @@ the expected calibration error on truth column pixels and on the pixels the mode
 column (what a user reads off the confidence map), and a per-frame out-of-distribution
 score with its ROC AUC against the in-distribution row: :func:`turn_scores` (a frame against its
 90° turn, two passes: the engine's turn check) and :func:`uncertainty_scores` (one pass).
+With ``tta`` every model is read a second time with test-time augmentation (the 8 flips and
+quarter turns averaged, as ``serve --tta``), a reading of its own beside the plain one, which
+adds a third score, the 8 views' :func:`training.inference.spread_scores`.
 
 The suite's test structures come from exit-wave libraries of their own seeds (built by
 :func:`build_suite` when missing), never the training libraries' (:func:`check_disjoint`).
@@ -184,7 +187,8 @@ def check_disjoint(meta: dict, paths: list[str | Path]) -> None:
 @dataclass
 class RowResult:
     """Accumulated figures of one model on one row: ``ood`` the turn-disagreement scores of
-    :func:`turn_scores`, ``uncertainty`` the one-pass :func:`uncertainty_scores`, per frame."""
+    :func:`turn_scores`, ``uncertainty`` the one-pass :func:`uncertainty_scores` and, read with
+    test-time augmentation, ``spread`` the views' :func:`spread_scores`, per frame."""
 
     pixels: DepthMetrics = field(default_factory=DepthMetrics)
     columns: ColumnMetrics = field(default_factory=ColumnMetrics)
@@ -194,6 +198,7 @@ class RowResult:
     called_calibration: Calibration = field(default_factory=Calibration)
     ood: list[float] = field(default_factory=list)
     uncertainty: list[float] = field(default_factory=list)
+    spread: list[float] = field(default_factory=list)
     #: per frame its true columns and how many of them were read exactly
     frame_columns: list[int] = field(default_factory=list)
     frame_exact: list[int] = field(default_factory=list)
@@ -244,6 +249,7 @@ class RowResult:
             "uncertainty_mean": (
                 float(np.mean(self.uncertainty)) if self.uncertainty else float("nan")
             ),
+            "spread_mean": float(np.mean(self.spread)) if self.spread else float("nan"),
         }
 
 
@@ -256,17 +262,23 @@ def evaluate_row(
     seed: int,
     scores: bool = True,
     structures: list[int] | None = None,
+    tta: bool = False,
 ) -> RowResult:
     """One model on one row's clean samples at dose λ (noise from ``seed``). ``scores``: the
-    per-frame OOD and uncertainty scores too (the OOD score costs a second, turned pass).
-    ``structures``: the structure each sample shows (default: each its own)."""
+    per-frame OOD and uncertainty scores too (the OOD score costs a second, turned pass, or
+    comes from the augmented passes with ``tta``). ``structures``: the structure each sample
+    shows (default: each its own). ``tta``: read with test-time augmentation (8 passes)."""
     noisy = add_poisson_noise(data.images, dose, np.random.default_rng([seed, int(dose * 1000)]))
     result = RowResult()
-    turned = turned_probabilities(model, noisy, temperature) if scores else None
-    for sl, p in predict_batches(model, noisy, 8, temperature):
-        if turned is not None:
-            result.ood.extend(turn_scores(p.probabilities, turned[sl]))
+    turned = turned_probabilities(model, noisy, temperature) if scores and not tta else None
+    for sl, p in predict_batches(model, noisy, 8, temperature, tta=tta):
+        if scores:
             result.uncertainty.extend(uncertainty_scores(p.depth, p.confidence))
+            if p.turn is not None and p.spread is not None:
+                result.ood.extend(p.turn)
+                result.spread.extend(p.spread)
+            elif turned is not None:
+                result.ood.extend(turn_scores(p.probabilities, turned[sl]))
         for j, i in enumerate(range(sl.start, sl.stop)):
             result.add(p.depth[j], p.confidence[j], data, i, column_depths[i])
     result.frame_structures = list(structures or [])
@@ -344,6 +356,8 @@ def rank_correlation(scores: list[float], errors: list[float]) -> float:
     (frames without columns left out): 1 when a higher score always means more errors."""
     from scipy.stats import spearmanr
 
+    if not len(scores):  # a reading without this score (the spread needs augmentation)
+        return float("nan")
     x, y = np.asarray(scores, np.float64), np.asarray(errors, np.float64)
     keep = np.isfinite(x) & np.isfinite(y)
     if keep.sum() < 3:
@@ -397,6 +411,38 @@ class SuiteConfig:
     gpts: int = 768
     seed: int = 0
     threads: int | None = None
+    #: also read every model with test-time augmentation (8 passes per frame)
+    tta: bool = False
+
+
+@dataclass
+class Reading:
+    """One model read one way: ``key`` names its results, ``label`` its column in the report
+    (the model id, "+TTA" when read with test-time augmentation)."""
+
+    key: str
+    model: torch.nn.Module
+    meta: dict
+    label: str
+    tta: bool = False
+
+
+def readings(cfg: SuiteConfig, paths: dict[str, Path]) -> list[Reading]:
+    """The models of ``cfg``, each checked disjoint from the suite's files, in order; with
+    ``cfg.tta`` each read with test-time augmentation first and then plainly, so that the
+    report's first difference is the augmentation's gain."""
+    out = []
+    for path in cfg.models:
+        model, meta = load_model(path)
+        check_disjoint(meta, list(paths.values()))
+        label = str(meta.get("model_id", path))
+        if cfg.tta:
+            out.append(Reading(f"{path}#tta", model, meta, f"{label}+TTA", tta=True))
+        out.append(Reading(path, model, meta, label))
+    return out
+
+
+SCORES = ("ood", "uncertainty", "spread")
 
 
 def run_suite(cfg: SuiteConfig) -> dict:
@@ -406,29 +452,29 @@ def run_suite(cfg: SuiteConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     started = time.monotonic()
     paths = build_suite(cfg.directory, cfg.scale, cfg.gpts)
-    loaded = []
-    for path in cfg.models:
-        model, meta = load_model(path)
-        check_disjoint(meta, list(paths.values()))
-        loaded.append((path, model, meta))
+    loaded = readings(cfg, paths)
     rows, results = suite_rows(), {}
     for k, row in enumerate(rows):
         data, depths, structures = row_data(row, paths, cfg.samples, cfg.crop, cfg.seed + k)
-        for path, model, meta in loaded:
-            results[(row.name, path)] = evaluate_row(
-                model,
-                float(meta.get("temperature", 1.0)),
+        for r in loaded:
+            results[(row.name, r.key)] = evaluate_row(
+                r.model,
+                float(r.meta.get("temperature", 1.0)),
                 data,
                 depths,
                 row.dose,
                 cfg.seed + k,
                 structures=structures,
+                tta=r.tta,
             )
         log.info("suite row %s done (%d samples)", row.name, len(data))
     report: dict[str, Any] = {
         "config": cfg.__dict__,
         "files": {k: str(v) for k, v in paths.items()},
-        "models": [{"path": p, "model_id": m.get("model_id")} for p, _, m in loaded],
+        "models": [
+            {"path": r.key.removesuffix("#tta"), "model_id": r.meta.get("model_id"), "tta": r.tta}
+            for r in loaded
+        ],
         "rows": [],
     }
     for row in rows:
@@ -439,56 +485,52 @@ def run_suite(cfg: SuiteConfig) -> dict:
             "outside_training": row.outside,
             "models": {},
         }
-        for path, _, meta in loaded:
-            result = results[(row.name, path)]
+        for r in loaded:
+            result = results[(row.name, r.key)]
             summary = result.summary()
-            reference = results[(rows[0].name, path)]
-            summary["ood_auc_vs_in_distribution"] = roc_auc(reference.ood, result.ood)
-            summary["uncertainty_auc_vs_in_distribution"] = roc_auc(
-                reference.uncertainty, result.uncertainty
-            )
-            summary["ood_error_correlation"] = rank_correlation(result.ood, result.errors)
-            summary["uncertainty_error_correlation"] = rank_correlation(
-                result.uncertainty, result.errors
-            )
-            entry["models"][meta.get("model_id", path)] = summary
+            reference = results[(rows[0].name, r.key)]
+            for score in SCORES:
+                summary[f"{score}_auc_vs_in_distribution"] = roc_auc(
+                    getattr(reference, score), getattr(result, score)
+                )
+                summary[f"{score}_error_correlation"] = rank_correlation(
+                    getattr(result, score), result.errors
+                )
+            entry["models"][r.label] = summary
         report["rows"].append(entry)
     # how well each score tells the frames of every row outside training from in-distribution
     # ones (pooled; a model trained on other ranges has other rows outside, read per row then)
     report["auc_outside_training"] = {
-        meta.get("model_id", path): {
+        r.label: {
             score: roc_auc(
-                getattr(results[(rows[0].name, path)], score),
-                pooled(results, [row for row in rows if row.outside], path, score),
+                getattr(results[(rows[0].name, r.key)], score),
+                pooled(results, [row for row in rows if row.outside], r.key, score),
             )
-            for score in ("ood", "uncertainty")
+            for score in SCORES
         }
-        for path, _, meta in loaded
+        for r in loaded
     }
     # whether a score tells a frame read badly from one read well, wherever the frame comes from;
     # at the in-distribution row's dose only, as the engine's levels are per dose (at a lower
     # dose both errors and scores rise, which would flatter a score)
     same_dose = [row for row in rows if row.dose == rows[0].dose]
     report["scores_against_errors"] = {
-        meta.get("model_id", path): {
+        r.label: {
             score: rank_correlation(
-                pooled(results, same_dose, path, score),
-                pooled(results, same_dose, path, "errors"),
+                pooled(results, same_dose, r.key, score),
+                pooled(results, same_dose, r.key, "errors"),
             )
-            for score in ("ood", "uncertainty")
+            for score in SCORES
         }
-        for path, _, meta in loaded
+        for r in loaded
     }
     # the engine's warning level: 95 % of in-distribution frames stay below it
     report["ood_threshold"] = {
-        meta.get("model_id", path): float(
-            np.percentile(results[(rows[0].name, path)].uncertainty, 95)
-        )
-        for path, _, meta in loaded
+        r.label: float(np.percentile(results[(rows[0].name, r.key)].uncertainty, 95))
+        for r in loaded
     }
-    ids = [str(meta.get("model_id", path)) for path, _, meta in loaded]
     report["exact_differences"] = exact_differences(
-        results, rows, [path for path, _, _ in loaded], ids, cfg.seed
+        results, rows, [r.key for r in loaded], [r.label for r in loaded], cfg.seed
     )
     report["wall_s"] = time.monotonic() - started
     out = Path(cfg.out)
@@ -521,7 +563,7 @@ def markdown_table(report: dict) -> str:
         lines.append(
             f"\n{model_id}: ROC AUC of the rows outside the training ranges ({outside}) pooled "
             f"against in distribution: turn score {auc['ood']:.2f}, uncertainty score "
-            f"{auc['uncertainty']:.2f}."
+            f"{auc['uncertainty']:.2f}{_spread(auc)}."
         )
     for pair in report.get("exact_differences", []):
         lines += [
@@ -543,9 +585,15 @@ def markdown_table(report: dict) -> str:
         lines.append(
             f"\n{model_id}: rank correlation (Spearman) of each frame's score with the fraction "
             f"of its columns read wrong, the frames of all rows at λ = {dose:g} pooled: turn "
-            f"score {rho['ood']:.2f}, uncertainty score {rho['uncertainty']:.2f}."
+            f"score {rho['ood']:.2f}, uncertainty score {rho['uncertainty']:.2f}{_spread(rho)}."
         )
     return "\n".join(lines) + "\n"
+
+
+def _spread(figures: dict) -> str:
+    """ ", TTA spread score x.xx" where a reading with test-time augmentation has one."""
+    value = figures.get("spread", float("nan"))
+    return f", TTA spread score {value:.2f}" if np.isfinite(value) else ""
 
 
 def plot_suite(report: dict, path: Path) -> str:
