@@ -24,7 +24,7 @@ from typing import Any, ClassVar, cast
 import numpy as np
 import torch
 
-from engine.device_maps import DevicePrediction
+from engine.device_maps import DevicePrediction, turn_scores_of
 from engine.export import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -41,31 +41,42 @@ from training.precision import native_bf16_reason
 log = logging.getLogger(__name__)
 
 
-def infer_tta(backend: Backend, frames: np.ndarray) -> tuple[Prediction, np.ndarray]:
+def infer_tta(
+    backend: Backend, frames: np.ndarray
+) -> tuple[Prediction | DevicePrediction, np.ndarray]:
     """Test-time augmentation: the backend's probabilities averaged over the 8 flips and
     quarter turns of the frames (B, H, W), each mapped back (8 passes; a backend whose plan
     has a fixed H × W needs square frames), and the frames' turn scores (B,)
-    (:func:`training.inference.turn_scores` of the unturned and the quarter-turned pass)."""
-    from training.inference import DIHEDRAL, turn_scores
+    (:func:`training.inference.turn_scores` of the unturned and the quarter-turned pass). The
+    views are mapped back and summed where the backend leaves its outputs: a backend with
+    ``device_maps`` gets a :class:`DevicePrediction` back, on its device."""
+    from training.inference import DIHEDRAL
 
-    depth = np.zeros((), np.float64)
-    species = np.zeros((), np.float64)
-    passes = {}
-    for k, flip in DIHEDRAL:
-        x = np.rot90(frames[..., ::-1] if flip else frames, k, axes=(-2, -1))
-        pred = backend.infer(np.ascontiguousarray(x))
-        d, s = (np.rot90(p, -k, axes=(-2, -1)) for p in (pred.depth_prob, pred.species_prob))
-        if not flip and k < 2:
-            passes[k] = d
-        depth, species = (
-            depth + (d[..., ::-1] if flip else d),
-            species + (s[..., ::-1] if flip else s),
-        )
-    n = len(DIHEDRAL)
-    mean = Prediction(
-        np.ascontiguousarray(depth / n, np.float32), np.ascontiguousarray(species / n, np.float32)
-    )
-    return mean, turn_scores(passes[0], passes[1])
+    depth: torch.Tensor | None = None
+    species: torch.Tensor | None = None
+    raw: dict[int, torch.Tensor] = {}  # the unflipped passes at 0 and 90°, as the network gave
+    with torch.inference_mode():
+        for k, flip in DIHEDRAL:
+            x = np.rot90(frames[..., ::-1] if flip else frames, k, axes=(-2, -1))
+            pred = backend.infer(np.ascontiguousarray(x))
+            if isinstance(pred, DevicePrediction):
+                d, s = pred.depth.float(), pred.species.float()
+            else:
+                d, s = torch.from_numpy(pred.depth_prob), torch.from_numpy(pred.species_prob)
+            if not flip and k < 2:
+                raw[k] = d
+            d, s = (torch.rot90(t, -k, dims=(-2, -1)) for t in (d, s))
+            if flip:
+                d, s = d.flip(-1), s.flip(-1)
+            depth = d if depth is None else depth + d
+            species = s if species is None else species + s
+        assert depth is not None and species is not None
+        n = len(DIHEDRAL)
+        mean = DevicePrediction(depth / n, species / n)
+    turn = turn_scores_of(raw[0], raw[1])
+    if backend.device_maps:
+        return mean, turn
+    return Prediction(mean.depth_prob, mean.species_prob), turn
 
 
 def _joined(chunks: list[torch.Tensor]) -> torch.Tensor:

@@ -55,12 +55,7 @@ class DevicePrediction:
         ``turned`` (the same frames turned by 90°), as
         :func:`training.inference.turn_scores` (to float32 rounding), on the device: the two
         (n, 11, H, W) probabilities stay there (at 1024² a pageable copy of each took ~30 ms)."""
-        with torch.inference_mode():
-            p = self.depth[frames].float()
-            q = torch.rot90(turned.depth.float(), -1, dims=(2, 3))
-            tv = 0.5 * (p - q).abs().sum(dim=1)
-            column = (p.argmax(dim=1) > 0) | (q.argmax(dim=1) > 0)
-            return _masked_means(tv, column)
+        return turn_scores_of(self.depth[frames], turned.depth)
 
     @functools.cached_property
     def _depth_max(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +105,18 @@ def post_stream(pred: object, stream: torch.cuda.Stream | None) -> Iterator[None
             yield
     finally:
         stream.synchronize()
+
+
+def turn_scores_of(depth: torch.Tensor, turned: torch.Tensor) -> np.ndarray:
+    """:func:`training.inference.turn_scores` (to float32 rounding) of depth probabilities
+    (n, 11, H, W) against those of the same frames turned by 90° (``turned``, (n, 11, W, H),
+    not yet turned back), on their device: (n,) float64 on the host."""
+    with torch.inference_mode():
+        p = depth.float()
+        q = torch.rot90(turned.float(), -1, dims=(2, 3))
+        tv = 0.5 * (p - q).abs().sum(dim=1)
+        column = (p.argmax(dim=1) > 0) | (q.argmax(dim=1) > 0)
+        return _masked_means(tv, column)
 
 
 def _masked_means(values: torch.Tensor, mask: torch.Tensor) -> np.ndarray:

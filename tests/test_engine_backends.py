@@ -231,6 +231,23 @@ def test_tta_in_the_engine_matches_training_tta(loaded, frames):
     np.testing.assert_allclose(turn, want, rtol=1e-5)
 
 
+def test_tta_with_device_maps_stays_on_the_device_and_equals_the_host_answer(loaded, frames):
+    """serve --tta on a backend that post-processes on its device (torch-cuda's default): the
+    8 views are averaged where the network left them, a DevicePrediction comes back (a host
+    array could not be made of CUDA tensors by numpy), equal to the host path's answer."""
+    from engine.device_maps import DevicePrediction
+
+    side = min(frames.shape[-2:])
+    square = np.ascontiguousarray(frames[..., :side, :side])
+    host, host_turn = backends.infer_tta(backends.create("torch-cpu", loaded), square)
+    device = backends.create("torch-cpu", loaded, device_maps=True)
+    out, turn = backends.infer_tta(device, square)
+    assert isinstance(out, DevicePrediction)
+    np.testing.assert_allclose(out.depth_prob, host.depth_prob, atol=1e-6)
+    np.testing.assert_allclose(out.species_prob, host.species_prob, atol=1e-6)
+    np.testing.assert_allclose(turn, host_turn, rtol=1e-5)
+
+
 def test_channel_max_is_numpys_argmax_and_max_ties_included():
     rng = np.random.default_rng(3)
     prob = rng.random((2, 11, 33, 17)).astype(np.float32)

@@ -138,6 +138,28 @@ def test_published_maps_are_the_backends_maps_of_each_frame(engine):
             np.testing.assert_array_equal(m.arrays[name], array[0], err_msg=name)
 
 
+@pytest.mark.parametrize("postprocess", ["host", "device"])
+def test_tta_publishes_the_eight_view_average_and_a_turn_score_every_frame(engine, postprocess):
+    """serve --tta, with the maps made on the host or on the backend's device (torch-cuda's
+    default): every frame's published maps are those of the backend's 8-view average of the
+    normalised frame, and every frame carries the turn score of its own passes."""
+    from engine.backends import infer_tta
+
+    src, results, server = engine("replay", max_batch=1, tta=True, postprocess=postprocess)
+    assert server.backend.device_maps == (postprocess == "device")
+    rng = np.random.default_rng(12)
+    frames = [frame_msg(i, rng, mode="replay") for i in range(3)]
+    for msg in frames:
+        src.send(msg)
+    got = collect(results, until_eos=False, n=len(frames))
+    assert [m.header["frame_seq"] for m in got] == list(range(len(frames)))
+    for msg, m in zip(frames, got):
+        pred, turn = infer_tta(server.backend, (sockets_frame(msg) / np.float32(20.0))[None])
+        for name, array in zip(("depth", "confidence", "species"), pred.maps()):
+            np.testing.assert_array_equal(m.arrays[name], array[0], err_msg=name)
+        assert turn[0] > 0 and m.header["ood_turn_score"] == pytest.approx(turn[0], rel=1e-4)
+
+
 def test_live_overload_serves_the_newest_and_counts_skipped(engine):
     # receive credit for the whole burst: the engine's own queue does the skipping here
     src, results, server = engine(
