@@ -413,7 +413,9 @@ def _add_serve(commands) -> None:
         SERVE,
         action="store_true",
         help="test-time augmentation: average the depth probabilities over the 8 "
-        "flips and quarter turns of each frame (8x the inference cost)",
+        "flips and quarter turns of each frame (8x the inference cost; every frame turn-checked "
+        "at no extra cost; its one-pass score is its unturned pass's, the score the model's "
+        "warning levels were measured on)",
     )
     config_option(
         p,

@@ -79,9 +79,7 @@ class DevicePrediction:
         """The one-pass OOD score per frame (B,) float64, as
         :func:`training.inference.uncertainty_scores` of :meth:`maps` (to float32 rounding),
         reduced on the device: only B numbers come back."""
-        confidence, depth = self._depth_max
-        with torch.inference_mode():
-            return 1 - _masked_means(confidence.float(), depth > 0)
+        return _uncertainty(*self._depth_max)
 
     def frame(self, i: int) -> TorchFrameMaps:
         """Frame ``i``'s maps as the column tracker reads them, left on the device."""
@@ -117,6 +115,20 @@ def turn_scores_of(depth: torch.Tensor, turned: torch.Tensor) -> np.ndarray:
         tv = 0.5 * (p - q).abs().sum(dim=1)
         column = (p.argmax(dim=1) > 0) | (q.argmax(dim=1) > 0)
         return _masked_means(tv, column)
+
+
+def uncertainty_scores_of(depth: torch.Tensor) -> np.ndarray:
+    """:func:`training.inference.uncertainty_scores` (to float32 rounding) of depth
+    probabilities (B, 11, H, W) on their device: (B,) float64 on the host."""
+    with torch.inference_mode():
+        return _uncertainty(*depth.max(dim=1))
+
+
+def _uncertainty(confidence: torch.Tensor, depth: torch.Tensor) -> np.ndarray:
+    """Per frame the mean of 1 − confidence over the pixels whose depth (B, H, W) is a
+    column (all pixels when none)."""
+    with torch.inference_mode():
+        return 1 - _masked_means(confidence.float(), depth > 0)
 
 
 def _masked_means(values: torch.Tensor, mask: torch.Tensor) -> np.ndarray:

@@ -174,6 +174,9 @@ class _Batch:
     estimated: list[bool] = field(default_factory=list)
     pred: Prediction | DevicePrediction | None = None
     turn: np.ndarray | None = None  # (B,) turn scores, NaN for frames not checked
+    #: (B,) one-pass scores where they are not the prediction's own (with TTA: the unturned
+    #: pass's, which the model's warning levels were measured on)
+    uncertainty: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -393,7 +396,9 @@ class Server:
             try:
                 frames = np.stack(batch.frames)
                 if self.config.tta:
-                    batch.pred, batch.turn = backends.infer_tta(self.backend, frames)
+                    batch.pred, batch.turn, batch.uncertainty = backends.infer_tta(
+                        self.backend, frames
+                    )
                 else:
                     batch.pred = self.backend.infer(frames)
             except (RuntimeError, ValueError) as exc:  # e.g. a frame size the model cannot take
@@ -482,7 +487,7 @@ class Server:
                 [item.payload.header.get("t_acq") for item in batch.items],
             )
             depth, confidence, species = maps.result() if maps is not None else pred.maps()
-            ood = pred.uncertainty_scores()
+            ood = pred.uncertainty_scores() if batch.uncertainty is None else batch.uncertainty
         results = [
             (
                 occ,

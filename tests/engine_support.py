@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 
-def save_random_model(path: Path, seed: int = 0) -> Path:
-    """A default SegDepthUNet with random weights, saved with training.model.save_model."""
+def save_random_model(path: Path, seed: int = 0, **meta) -> Path:
+    """A default SegDepthUNet with random weights, saved with training.model.save_model (with
+    ``meta`` in its meta, e.g. a low ``temperature`` for answers far from uniform)."""
     model_mod = pytest.importorskip("training.model", reason="training/model.py not there yet")
     import torch
 
     torch.manual_seed(seed)
     model = model_mod.SegDepthUNet(model_mod.UNetConfig())
-    model_mod.save_model(path, model, {"model_id": f"random-seed{seed}"})
+    model_mod.save_model(path, model, {"model_id": f"random-seed{seed}", **meta})
     return path
 
 

@@ -218,17 +218,22 @@ def test_tta_in_the_engine_matches_training_tta(loaded, frames):
     backend = backends.create("torch-cpu", loaded, max_batch=2)
     side = min(frames.shape[-2:])
     square = np.ascontiguousarray(frames[..., :side, :side])
-    out, turn = backends.infer_tta(backend, square)
+    out, turn, uncertainty = backends.infer_tta(backend, square)
     ((_, ref),) = predict_batches(loaded.model, square, len(square), loaded.temperature, tta=True)
     np.testing.assert_allclose(out.depth_prob, ref.probabilities, atol=2e-6)
     # a random model is nearly uniform, so the TTA average moves probabilities by ~1e-4
-    plain = backend.infer(square).depth_prob
+    plain_pred = backend.infer(square)
+    plain = plain_pred.depth_prob
     assert np.abs(out.depth_prob - plain).max() > 2e-5
     # the turn score of its passes is the one of a separate quarter-turned inference
     turned = backend.infer(np.ascontiguousarray(np.rot90(square, 1, axes=(1, 2)))).depth_prob
     want = turn_scores(plain, np.rot90(turned, -1, axes=(2, 3)))
     assert want.min() > 0
     np.testing.assert_allclose(turn, want, rtol=1e-5)
+    # the one-pass score is the plain pass's (the one the warning levels were measured on),
+    # not the average's own
+    np.testing.assert_allclose(uncertainty, plain_pred.uncertainty_scores(), rtol=1e-5)
+    assert np.abs(uncertainty - out.uncertainty_scores()).max() > 1e-6
 
 
 def test_tta_with_device_maps_stays_on_the_device_and_equals_the_host_answer(loaded, frames):
@@ -239,13 +244,14 @@ def test_tta_with_device_maps_stays_on_the_device_and_equals_the_host_answer(loa
 
     side = min(frames.shape[-2:])
     square = np.ascontiguousarray(frames[..., :side, :side])
-    host, host_turn = backends.infer_tta(backends.create("torch-cpu", loaded), square)
+    host = backends.infer_tta(backends.create("torch-cpu", loaded), square)
     device = backends.create("torch-cpu", loaded, device_maps=True)
-    out, turn = backends.infer_tta(device, square)
-    assert isinstance(out, DevicePrediction)
-    np.testing.assert_allclose(out.depth_prob, host.depth_prob, atol=1e-6)
-    np.testing.assert_allclose(out.species_prob, host.species_prob, atol=1e-6)
-    np.testing.assert_allclose(turn, host_turn, rtol=1e-5)
+    out = backends.infer_tta(device, square)
+    assert isinstance(out.pred, DevicePrediction)
+    np.testing.assert_allclose(out.pred.depth_prob, host.pred.depth_prob, atol=1e-6)
+    np.testing.assert_allclose(out.pred.species_prob, host.pred.species_prob, atol=1e-6)
+    np.testing.assert_allclose(out.turn, host.turn, rtol=1e-5)
+    np.testing.assert_allclose(out.uncertainty, host.uncertainty, rtol=1e-5)
 
 
 def test_channel_max_is_numpys_argmax_and_max_ties_included():

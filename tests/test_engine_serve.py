@@ -26,12 +26,12 @@ def engine(model_path, endpoint_factory):
     Output, results Input, server)."""
     made = []
 
-    def start(mode, auto_ack=True, **kw):
+    def start(mode, auto_ack=True, model=None, **kw):
         cfg = ServeConfig(
             frames=endpoint_factory(),
             results=endpoint_factory(),
             viewer=endpoint_factory(),
-            model=str(model_path),
+            model=str(model or model_path),
             backend="torch-cpu",
             mode=mode,
             **kw,
@@ -139,13 +139,20 @@ def test_published_maps_are_the_backends_maps_of_each_frame(engine):
 
 
 @pytest.mark.parametrize("postprocess", ["host", "device"])
-def test_tta_publishes_the_eight_view_average_and_a_turn_score_every_frame(engine, postprocess):
+def test_tta_publishes_the_eight_view_average_and_a_turn_score_every_frame(
+    engine, postprocess, tmp_path
+):
     """serve --tta, with the maps made on the host or on the backend's device (torch-cuda's
     default): every frame's published maps are those of the backend's 8-view average of the
-    normalised frame, and every frame carries the turn score of its own passes."""
+    normalised frame, and every frame carries the turn score of its own passes and the
+    one-pass score of its unturned pass (the score the warning levels were measured on)."""
     from engine.backends import infer_tta
 
-    src, results, server = engine("replay", max_batch=1, tta=True, postprocess=postprocess)
+    # a sharp random model (temperature 0.02): its views disagree far above float rounding
+    sharp = save_random_model(tmp_path / "sharp.pt", temperature=0.02)
+    src, results, server = engine(
+        "replay", model=sharp, max_batch=1, tta=True, postprocess=postprocess
+    )
     assert server.backend.device_maps == (postprocess == "device")
     rng = np.random.default_rng(12)
     frames = [frame_msg(i, rng, mode="replay") for i in range(3)]
@@ -154,10 +161,15 @@ def test_tta_publishes_the_eight_view_average_and_a_turn_score_every_frame(engin
     got = collect(results, until_eos=False, n=len(frames))
     assert [m.header["frame_seq"] for m in got] == list(range(len(frames)))
     for msg, m in zip(frames, got):
-        pred, turn = infer_tta(server.backend, (sockets_frame(msg) / np.float32(20.0))[None])
+        x = (sockets_frame(msg) / np.float32(20.0))[None]
+        pred, turn, uncertainty = infer_tta(server.backend, x)
         for name, array in zip(("depth", "confidence", "species"), pred.maps()):
             np.testing.assert_array_equal(m.arrays[name], array[0], err_msg=name)
         assert turn[0] > 0 and m.header["ood_turn_score"] == pytest.approx(turn[0], rel=1e-4)
+        plain = server.backend.infer(x).uncertainty_scores()[0]
+        assert plain == pytest.approx(uncertainty[0], rel=1e-5)
+        assert m.header["ood_score"] == pytest.approx(plain, rel=1e-5)
+        assert abs(plain - pred.uncertainty_scores()[0]) > 5e-5  # not the average's own
 
 
 def test_live_overload_serves_the_newest_and_counts_skipped(engine):
