@@ -126,16 +126,30 @@ def test_published_maps_are_the_backends_maps_of_each_frame(engine):
     while the columns are tracked) equal the backend's own maps of the normalised frame."""
     # batch 1, as below: torch's float rounding may differ between batch sizes
     src, results, server = engine("replay", max_batch=1)
-    rng = np.random.default_rng(11)
-    frames = [frame_msg(i, rng, mode="replay") for i in range(5)]
+    frames, got = send_in_order(src, results, np.random.default_rng(11), 5)
+    for msg, m in zip(frames, got):
+        assert_published_maps(m, server.backend.infer(normalised(msg)).maps())
+
+
+def send_in_order(src, results, rng, n):
+    """Send ``n`` replay frames of session s1; (the messages, their results in order)."""
+    frames = [frame_msg(i, rng, mode="replay") for i in range(n)]
     for msg in frames:
         src.send(msg)
-    got = collect(results, until_eos=False, n=len(frames))
-    assert [m.header["frame_seq"] for m in got] == list(range(len(frames)))
-    for msg, m in zip(frames, got):
-        want = server.backend.infer((sockets_frame(msg) / np.float32(20.0))[None]).maps()
-        for name, array in zip(("depth", "confidence", "species"), want):
-            np.testing.assert_array_equal(m.arrays[name], array[0], err_msg=name)
+    got = collect(results, until_eos=False, n=n)
+    assert [m.header["frame_seq"] for m in got] == list(range(n))
+    return frames, got
+
+
+def normalised(msg):
+    """A frame message's counts divided by its dose (20 e-/px), as the engine does: (1, H, W)."""
+    return (sockets_frame(msg) / np.float32(20.0))[None]
+
+
+def assert_published_maps(result, maps):
+    """A result's depth, confidence and species maps equal frame 0 of ``maps``."""
+    for name, array in zip(("depth", "confidence", "species"), maps):
+        np.testing.assert_array_equal(result.arrays[name], array[0], err_msg=name)
 
 
 @pytest.mark.parametrize("postprocess", ["host", "device"])
@@ -154,17 +168,11 @@ def test_tta_publishes_the_eight_view_average_and_a_turn_score_every_frame(
         "replay", model=sharp, max_batch=1, tta=True, postprocess=postprocess
     )
     assert server.backend.device_maps == (postprocess == "device")
-    rng = np.random.default_rng(12)
-    frames = [frame_msg(i, rng, mode="replay") for i in range(3)]
-    for msg in frames:
-        src.send(msg)
-    got = collect(results, until_eos=False, n=len(frames))
-    assert [m.header["frame_seq"] for m in got] == list(range(len(frames)))
+    frames, got = send_in_order(src, results, np.random.default_rng(12), 3)
     for msg, m in zip(frames, got):
-        x = (sockets_frame(msg) / np.float32(20.0))[None]
+        x = normalised(msg)
         pred, turn, uncertainty = infer_tta(server.backend, x)
-        for name, array in zip(("depth", "confidence", "species"), pred.maps()):
-            np.testing.assert_array_equal(m.arrays[name], array[0], err_msg=name)
+        assert_published_maps(m, pred.maps())
         assert turn[0] > 0 and m.header["ood_turn_score"] == pytest.approx(turn[0], rel=1e-4)
         plain = server.backend.infer(x).uncertainty_scores()[0]
         assert plain == pytest.approx(uncertainty[0], rel=1e-5)
