@@ -22,6 +22,7 @@
 # training/models/previous/ out of the tree for the call if it does not fit.
 # Results land in $OUT: session.log (all that was printed, gpu_ceilings.py's output too),
 # engine.json, engine_e2e_{device,host}.json (BENCH=e2e: engine_e2e_device{,_steady}.json),
+# engine_e2e_device_tta.json (serve --tta),
 # train.log, the
 # run's config.json, metrics.jsonl and model.pt (checkpoint.pt, ~24 MB, stays behind).
 # BUDGET_S: seconds the whole script may take; training gets what the benchmarks leave, less 80 s
@@ -68,6 +69,11 @@ if [ "${BENCH:-1}" != 0 ] && [ "$HAS_CUDA" = 1 ] && [ -n "$FRAMES" ]; then
         --backends torch-cuda --sizes $SIDES --max-batch 32 --e2e-frames 128 --warmup 8 \
         --frames-from $FRAMES --postprocess device --json "$OUT/engine_e2e_device_steady.json" \
         2>&1 | tail -30
+    # serve --tta (8 passes a frame, the views summed on the GPU): what the README's TTA
+    # section only estimates from the network's rate
+    timeout 120 python3 -m segdepth bench engine --e2e --tta --backends torch-cuda \
+        --sizes $SIDES --max-batch 32 --e2e-frames 64 --warmup 8 --frames-from $FRAMES \
+        --postprocess device --json "$OUT/engine_e2e_device_tta.json" 2>&1 | tail -30
     # where device post-processing spends its time per frame (cProfile, into session.log)
     for f in $FRAMES; do
         # the project is not installed there: the repository root on the path
