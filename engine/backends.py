@@ -81,7 +81,8 @@ def infer_tta(backend: Backend, frames: np.ndarray) -> TTAResult:
             species = s if species is None else species + s
         assert depth is not None and species is not None
         n = len(DIHEDRAL)
-        # contiguous: the sum of turned views can keep a turned layout, slow to reduce
+        # the sum of turned views can keep a turned layout: one C-order copy here, not one in
+        # each compiled host kernel that needs it (channel_max, disk_average)
         mean = DevicePrediction((depth / n).contiguous(), (species / n).contiguous())
     turn, uncertainty = turn_scores_of(raw[0], raw[1]), uncertainty_scores_of(raw[0])
     if backend.device_maps:

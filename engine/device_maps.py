@@ -120,8 +120,7 @@ def turn_scores_of(depth: torch.Tensor, turned: torch.Tensor) -> np.ndarray:
 def uncertainty_scores_of(depth: torch.Tensor) -> np.ndarray:
     """:func:`training.inference.uncertainty_scores` (to float32 rounding) of depth
     probabilities (B, 11, H, W) on their device: (B,) float64 on the host."""
-    with torch.inference_mode():
-        return _uncertainty(*depth.max(dim=1))
+    return _uncertainty(*depth.max(dim=1))
 
 
 def _uncertainty(confidence: torch.Tensor, depth: torch.Tensor) -> np.ndarray:

@@ -417,14 +417,23 @@ class SuiteConfig:
 
 @dataclass
 class Reading:
-    """One model read one way: ``key`` names its results, ``label`` its column in the report
-    (the model id, "+TTA" when read with test-time augmentation)."""
+    """One model file read one way: plainly, or with test-time augmentation (``tta``)."""
 
-    key: str
+    path: str
     model: torch.nn.Module
     meta: dict
-    label: str
     tta: bool = False
+
+    @property
+    def key(self) -> str:
+        """What names its results."""
+        return f"{self.path}#tta" if self.tta else self.path
+
+    @property
+    def label(self) -> str:
+        """Its column in the report: the model id, "+TTA" when read with augmentation."""
+        label = str(self.meta.get("model_id", self.path))
+        return f"{label}+TTA" if self.tta else label
 
 
 def readings(cfg: SuiteConfig, paths: dict[str, Path]) -> list[Reading]:
@@ -435,10 +444,9 @@ def readings(cfg: SuiteConfig, paths: dict[str, Path]) -> list[Reading]:
     for path in cfg.models:
         model, meta = load_model(path)
         check_disjoint(meta, list(paths.values()))
-        label = str(meta.get("model_id", path))
         if cfg.tta:
-            out.append(Reading(f"{path}#tta", model, meta, f"{label}+TTA", tta=True))
-        out.append(Reading(path, model, meta, label))
+            out.append(Reading(path, model, meta, tta=True))
+        out.append(Reading(path, model, meta))
     return out
 
 
@@ -472,8 +480,7 @@ def run_suite(cfg: SuiteConfig) -> dict:
         "config": cfg.__dict__,
         "files": {k: str(v) for k, v in paths.items()},
         "models": [
-            {"path": r.key.removesuffix("#tta"), "model_id": r.meta.get("model_id"), "tta": r.tta}
-            for r in loaded
+            {"path": r.path, "model_id": r.meta.get("model_id"), "tta": r.tta} for r in loaded
         ],
         "rows": [],
     }
