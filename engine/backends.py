@@ -3,7 +3,7 @@
 ``tensorrt`` (serialized FP16 plan, optimisation profile over batch), ``torch-cuda`` (FP16,
 channels-last, one CUDA graph replayed per batch size and frame shape), ``torch-cpu-bf16``
 (bfloat16 on a CPU with AMX or AVX512-BF16, compiled by TorchInductor), ``openvino-int8``
-(OpenVINO on the NNCF-quantized graph of :mod:`engine.openvino_graph`, CPU),
+(OpenVINO on the model's INT8 graph fitted by :mod:`engine.openvino_qat`, CPU),
 ``onnxruntime-int8`` (the statically quantized graph of :mod:`engine.quantize`, CPU),
 ``openvino`` (OpenVINO on the FP32 graph, CPU), ``onnxruntime`` (the FP32 ONNX graph; CUDA
 provider when present, else CPU) and ``torch-cpu`` (eager FP32, the reference).
@@ -139,16 +139,17 @@ class Backend(ABC):
         """Why this backend cannot run on this machine, or None."""
         return None
 
-    @staticmethod
-    def parity_form() -> dict[str, Any] | None:
-        """What this backend's parity record must have been measured on, for a backend that is
-        offered only with a passing record (:mod:`engine.parity`); None for the others."""
+    @classmethod
+    def parity_form(cls, loaded: LoadedModel) -> dict[str, Any] | None:
+        """What this backend's parity record for ``loaded`` must have been measured on, for a
+        backend that is offered only with a passing record (:mod:`engine.parity`); None for
+        the others."""
         return None
 
     @classmethod
     def refusal(cls, loaded: LoadedModel) -> str | None:
         """Why this backend is not offered for ``loaded`` although it runs here, or None."""
-        form = cls.parity_form()
+        form = cls.parity_form(loaded)
         if form is None:
             return None
         from engine.parity import refusal
@@ -248,8 +249,8 @@ class TorchCPUBF16Backend(TorchCPUBackend):
     def unavailable_reason() -> str | None:
         return native_bf16_reason()
 
-    @staticmethod
-    def parity_form() -> dict[str, Any]:
+    @classmethod
+    def parity_form(cls, loaded: LoadedModel) -> dict[str, Any]:
         return {
             "network": "autocast bfloat16, channels-last, first convolution and heads float32",
             "softmax": "float32",
@@ -408,8 +409,8 @@ class OnnxRuntimeInt8Backend(OnnxRuntimeBackend):
 
         return int8_graph(self.loaded, self.cache_dir)
 
-    @staticmethod
-    def parity_form() -> dict[str, Any]:
+    @classmethod
+    def parity_form(cls, loaded: LoadedModel) -> dict[str, Any]:
         from engine.quantize import int8_form
 
         return int8_form()
@@ -448,28 +449,31 @@ class OpenVINOBackend(Backend):
 
 
 class OpenVINOInt8Backend(OpenVINOBackend):
-    """OpenVINO on the CPU with the INT8 graph of :func:`engine.openvino_graph.int8_model`
-    (quantized by NNCF and cached on first use); offered only for a model whose parity record
-    passes."""
+    """OpenVINO on the CPU with the model's INT8 graph (``<stem>.int8-openvino.xml`` beside it,
+    fitted by ``segdepth quantize``, :mod:`engine.openvino_qat`); offered only for a model with
+    that graph and a parity record measured on it that passes."""
 
     name, precision, parity_record = "openvino-int8", "int8", "int8-openvino"
 
     def _graph(self) -> Path:
-        from engine.openvino_graph import int8_model
+        from engine.openvino_qat import graph_path, graph_refusal
 
-        return int8_model(self.loaded, self.cache_dir)
+        reason = graph_refusal(self.loaded)
+        if reason:
+            raise RuntimeError(f"backend {self.name!r} cannot run: {reason}")
+        return graph_path(self.loaded.path)
 
-    @staticmethod
-    def unavailable_reason() -> str | None:
-        from engine.openvino_graph import unavailable_reason
+    @classmethod
+    def parity_form(cls, loaded: LoadedModel) -> dict[str, Any]:
+        from engine.openvino_qat import int8_form
 
-        return unavailable_reason(int8=True)
+        return int8_form(loaded)
 
-    @staticmethod
-    def parity_form() -> dict[str, Any]:
-        from engine.openvino_graph import int8_form
+    @classmethod
+    def refusal(cls, loaded: LoadedModel) -> str | None:
+        from engine.openvino_qat import graph_refusal
 
-        return int8_form()
+        return graph_refusal(loaded) or super().refusal(loaded)
 
 
 class TensorRTBackend(Backend):

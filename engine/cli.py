@@ -1,6 +1,7 @@
-"""Engine subcommands: ``segdepth export``, ``segdepth serve``, ``segdepth bench engine`` and
-``segdepth bench parity``. Defaults are the config dataclasses' (engine.serve.ServeConfig,
-engine.export.PlanProfile, engine.bench.BenchConfig, engine.hmm.HMMConfig), read through
+"""Engine subcommands: ``segdepth export``, ``segdepth quantize``, ``segdepth serve``,
+``segdepth bench engine`` and ``segdepth bench parity``. Defaults are the config dataclasses'
+(engine.serve.ServeConfig, engine.export.PlanProfile, engine.openvino_qat.QATConfig,
+engine.bench.BenchConfig, engine.hmm.HMMConfig), read through
 streamer.cli_support; the heavy modules are imported only to run a command or show its help."""
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ PROFILE = "engine.export:PlanProfile"
 BENCH = "engine.bench:BenchConfig"
 COLUMNS = "engine.columns:ColumnConfig"
 PARITY = "engine.parity:ParityConfig"
+QAT = "engine.openvino_qat:QATConfig"
 E2E = "engine.bench_e2e:E2EConfig"
 
 
@@ -297,6 +299,33 @@ def _parity(args: argparse.Namespace) -> int:
         )
     )
     return 0 if record["passed"] else 1
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from engine.openvino_qat import QATConfig, graph_path, quantize, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        print(f"quantize: {reason}", file=sys.stderr)
+        return 1
+    record = quantize(
+        QATConfig(
+            library=args.library,
+            model=args.model,
+            cache_dir=args.cache_dir,
+            **given(
+                args,
+                *("steps", "lr", "batch", "crop", "views", "nominal_fraction"),
+                *("dose_min", "dose_max", "seed"),
+            ),
+        )
+    )
+    print(
+        f"wrote {graph_path(record['model'])}: KL divergence to FP32 on held-out views "
+        f"{record['kl_before']:.5f} before the fit, {record['kl_after']:.5f} after; check it "
+        f"with `segdepth bench parity --model {record['model']} --candidate openvino-int8`"
+    )
+    return 0
 
 
 def _model_option(parser: argparse.ArgumentParser) -> None:
@@ -656,6 +685,50 @@ def _add_bench_engine(bench) -> None:
     p.set_defaults(func=_bench)
 
 
+def _add_quantize(commands) -> None:
+    p = commands.add_parser(
+        "quantize",
+        help="fit the model's INT8 graph for openvino-int8 (quantization-aware distillation)",
+        description="Quantize a copy of the model to INT8 with NNCF (full-resolution level and "
+        "output heads in float32), fit it to the FP32 model's probabilities on noisy views of "
+        "an exit-wave library, and write it as OpenVINO IR beside the model "
+        "(<stem>.int8-openvino.xml/.bin, what it was fitted from in <stem>.int8-openvino.fit."
+        "json). openvino-int8 is offered once `segdepth bench parity --candidate "
+        "openvino-int8` passes on that graph.",
+    )
+    _model_option(p)
+    p.add_argument(
+        "--library",
+        required=True,
+        type=input_file,
+        help="exit-wave library (segdepth simulate --waves) with a seed of neither the "
+        "model's data nor the robustness suite",
+    )
+    config_option(p, "--steps", QAT, type=non_negative_int, help="Adam steps of the fit")
+    config_option(p, "--lr", QAT, type=float, help="first Adam step size (cosine decay to 0)")
+    config_option(p, "--batch", QAT, type=positive_int, help="noisy views per step")
+    config_option(p, "--crop", QAT, type=positive_int, help="view side in px")
+    config_option(p, "--views", QAT, type=positive_int, help="clean views rendered for the fit")
+    config_option(
+        p,
+        "--nominal-fraction",
+        QAT,
+        type=float,
+        help="share of the views imaged by the nominal microscope (the rest: microscopes drawn "
+        "over the training ranges)",
+    )
+    config_option(p, "--dose-min", QAT, type=float, help="lowest dose of a view, e-/px")
+    config_option(p, "--dose-max", QAT, type=float, help="highest dose of a view, e-/px")
+    config_option(p, "--seed", QAT, type=non_negative_int, help="seed of the views and noise")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the calibration frames are simulated once (default: $SEGDEPTH_CACHE or "
+        "~/.cache/segdepth/engine)",
+    )
+    p.set_defaults(func=_quantize)
+
+
 def _add_bench_parity(bench) -> None:
     p = bench.add_parser(
         "parity",
@@ -696,8 +769,10 @@ def _add_bench_parity(bench) -> None:
 
 
 def register(commands, bench) -> None:
-    """Add ``export``, ``serve``, ``bench engine`` and ``bench parity`` to ``segdepth``."""
+    """Add ``export``, ``quantize``, ``serve``, ``bench engine`` and ``bench parity`` to
+    ``segdepth``."""
     _add_export(commands)
+    _add_quantize(commands)
     _add_serve(commands)
     _add_bench_engine(bench)
     _add_bench_parity(bench)

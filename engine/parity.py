@@ -128,7 +128,7 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
         "model_id": loaded.model_id,
         "model_sha256": loaded.sha256,
         "candidate": cfg.candidate,
-        "form": candidate.parity_form(),
+        "form": candidate.parity_form(loaded),
         "config": asdict(cfg),
         "bound_points": PARITY_BOUND_POINTS,
         "max_abs_diff_points": worst,
