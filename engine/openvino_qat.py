@@ -239,7 +239,10 @@ def distillation_views(cfg: QATConfig):
 
 
 def _doses(cfg: QATConfig, n: int, rng: np.random.Generator) -> np.ndarray:
-    return np.exp(rng.uniform(np.log(cfg.dose_min), np.log(cfg.dose_max), n))
+    """``n`` doses (e-/px) drawn log-uniformly over [``dose_min``, ``dose_max``]."""
+    from training.library_data import draw_dose
+
+    return np.array([draw_dose(rng, (cfg.dose_min, cfg.dose_max)) for _ in range(n)])
 
 
 def _kl(student_out, teacher_out, temperature: float):
@@ -271,12 +274,10 @@ def distil(student, teacher, views: np.ndarray, cfg: QATConfig, temperature: flo
     import torch
 
     from sim_source.noise import add_poisson_noise
+    from training.train import train_mode
 
     rng = np.random.default_rng(cfg.seed)
-    student.train()
-    for module in student.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    train_mode(student, freeze_bn=True)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.steps, 1))
