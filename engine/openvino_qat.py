@@ -36,6 +36,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -149,6 +150,9 @@ def int8_form(loaded) -> dict[str, Any]:
 
 def quantize(cfg: QATConfig) -> dict[str, Any]:
     """Fit, convert and write the INT8 graph of ``cfg.model`` beside it; returns the fit record."""
+    # NNCF compiles its C++ fake-quantization kernels on first use and gives up after 60 s;
+    # on 2 busy cores the compile took 80 s (2026-11-28), so allow it 15 min unless set
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
     import nncf
     import openvino as ov
     import torch
