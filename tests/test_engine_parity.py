@@ -69,9 +69,17 @@ def test_parity_cli_pools_draws_and_gates_the_backend(tmp_path, segdepth_cmd):
         low, high = row["column_exact_diff_ci95_points"]
         assert low - 1e-9 <= row["column_exact_diff_points"] <= high + 1e-9
         assert 1 <= row["structures"] <= 2 * 2  # at most samples x draws
+        # a column read differently is needed for each one gained or lost, and every draw's
+        # count is in the pooled one
+        changed = abs(pooled["onnxruntime-int8"]["exact"] - pooled["onnxruntime"]["exact"])
+        assert changed <= row["read_differently"] <= row["columns"]
+        assert row["read_differently"] == sum(d["read_differently"] for d in row["draws"])
     worst = max(abs(r["column_exact_diff_points"]) for r in record["rows"])
     assert record["max_abs_diff_points"] == pytest.approx(worst)
     assert record["passed"] == (worst <= PARITY_BOUND_POINTS)
     assert "legacy simulate slabs" in run.stdout
+    # onnxruntime's INT8 graph moves rows by several points: it reads some columns otherwise
+    assert sum(r["read_differently"] for r in record["rows"]) > 0
+    assert "columns read differently from FP32" in run.stdout
     refusal = backends.BACKENDS["onnxruntime-int8"].refusal(load(model))
     assert (refusal is None) == record["passed"]

@@ -244,6 +244,16 @@ def test_column_metrics_vote_find_and_flag_false_columns():
     assert s["column_within_one"] == pytest.approx(2 / 3)
     assert s["column_found"] == pytest.approx(2 / 3)
     assert s["false_column_rate"] == pytest.approx(1 / 3)
+    assert m.majorities == [4, 6, 0]  # the count read per true column, in order
+    # another reading of the same frame, compared column by column
+    other = ColumnMetrics()
+    est[(rows - 16) ** 2 + (cols - 48) ** 2 <= 36] = 5
+    other.update(est, np.array([[16, 16], [16, 48], [48, 16]]), np.array([4, 5, 2]), 5.3)
+    assert m.read_differently(other) == 1 and m.read_differently(m) == 0
+    pooled = m + other
+    assert pooled.majorities == [4, 6, 0, 4, 5, 0] and pooled.columns == 6
+    with pytest.raises(ValueError, match="not the same columns"):
+        pooled.read_differently(m)
 
 
 def test_ood_score_and_auc():

@@ -145,6 +145,9 @@ class ColumnMetrics:
     found: int = 0
     estimated_regions: int = 0
     false_regions: int = 0
+    #: per scored column, in scoring order, the atom count read (its majority vote): two
+    #: readings of the same frames can be compared column by column (:meth:`read_differently`)
+    majorities: list[int] = field(default_factory=list)
 
     def update(
         self,
@@ -167,6 +170,7 @@ class ColumnMetrics:
             if not votes.size:
                 continue
             majority = int(np.bincount(votes).argmax())
+            self.majorities.append(majority)
             self.columns += 1
             self.exact += majority == d
             self.within_one += abs(majority - d) <= 1
@@ -183,6 +187,14 @@ class ColumnMetrics:
         return ColumnMetrics(
             **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
         )
+
+    def read_differently(self, other: ColumnMetrics) -> int:
+        """How many columns ``other``, scored on the same frames, read as another count."""
+        if len(self.majorities) != len(other.majorities):
+            raise ValueError(
+                f"not the same columns: {len(self.majorities)} against {len(other.majorities)}"
+            )
+        return int(np.count_nonzero(np.array(self.majorities) != np.array(other.majorities)))
 
     def summary(self) -> dict[str, float]:
         def ratio(a, b):
