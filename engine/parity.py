@@ -189,12 +189,12 @@ def _row_parity(row, k: int, paths, cfg: ParityConfig, nets: dict) -> dict[str, 
         diff,
         pooled["onnxruntime"].columns.columns,
     )
-    columns = int(pooled["onnxruntime"].columns.columns)
+    scored = int(pooled["onnxruntime"].columns.columns)
     return {
         "row": row.name,
         "dose": row.dose,
         "samples": samples,
-        "columns": columns,
+        "columns": scored,
         # columns whose count the candidate reads otherwise than FP32 (right or wrong): each
         # one can move the difference by one column either way, so they set its noise
         "read_differently": sum(d["read_differently"] for d in draws),
