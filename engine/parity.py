@@ -180,6 +180,7 @@ def _row_parity(row, k: int, paths, cfg: ParityConfig, nets: dict) -> dict[str, 
     spread = paired_exact_difference(
         pooled[cfg.candidate], pooled["onnxruntime"], np.random.default_rng(k)
     )
+    scored = int(pooled["onnxruntime"].columns.columns)
     log.info(
         "parity row %s: column exact FP32 %.3f, %s %.3f (%+.2f points, %d columns)",
         row.name,
@@ -187,9 +188,8 @@ def _row_parity(row, k: int, paths, cfg: ParityConfig, nets: dict) -> dict[str, 
         cfg.candidate,
         candidate["column_exact"],
         diff,
-        pooled["onnxruntime"].columns.columns,
+        scored,
     )
-    scored = int(pooled["onnxruntime"].columns.columns)
     return {
         "row": row.name,
         "dose": row.dose,
