@@ -82,7 +82,10 @@ def library_config(args: argparse.Namespace):
     """The sim_source.wave_library.LibraryConfig of a ``simulate --waves`` command line."""
     from sim_source.wave_library import LibraryConfig
 
-    return LibraryConfig(particle=_particle(args), **given(args, "count", "gpts", "seed"))
+    settings = given(args, "count", "gpts", "seed", "tilt_mrad")
+    if "tilt_mrad" in settings:  # a list on the command line
+        settings["tilt_mrad"] = tuple(settings["tilt_mrad"])
+    return LibraryConfig(particle=_particle(args), **settings)
 
 
 def session_config(args: argparse.Namespace):
@@ -298,6 +301,16 @@ def _library_options(p: argparse.ArgumentParser) -> None:
         LIBRARY,
         type=positive_int,
         help="simulated pixels per side at 2.65 pm (768 = 20.4 Å field)",
+    )
+    config_option(
+        w,
+        "--tilt-mrad",
+        LIBRARY,
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="specimen tilt off the zone axis, mrad: magnitude drawn in this range per "
+        "structure, in a random direction (labels follow the columns' tilted images)",
     )
     config_option(
         w,

@@ -30,6 +30,7 @@ from scipy import fft as sfft
 from sim_source.dataset import append_in_order
 from sim_source.hrtem import TARGET_SAMPLING_PM, computed, configure_abtem
 from sim_source.particle import ParticleConfig, build_particle, particle_atoms
+from sim_source.structure import CELL_Z, ColumnTable
 
 LIBRARY_KIND = "segdepth exit-wave library"
 LIBRARY_COLUMN_DTYPE = np.dtype(
@@ -46,6 +47,14 @@ class LibraryConfig:
     seed: int = 0
     voltage_kV: float = 300.0
     particle: ParticleConfig = field(default_factory=ParticleConfig)
+    #: specimen tilt off the [110] zone axis, mrad: magnitude drawn uniformly in this range per
+    #: structure, direction uniformly over the circle (:func:`draw_tilt`)
+    tilt_mrad: tuple[float, float] = (0.0, 5.0)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.tilt_mrad
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"tilt_mrad: give 0 <= LO <= HI mrad, got {lo:g} {hi:g}")
 
     @property
     def sampling_A(self) -> float:
@@ -56,7 +65,10 @@ class LibraryConfig:
         return self.gpts * self.sampling_A
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        settings = asdict(self)
+        if self.tilt_mrad == (0.0, 0.0):  # as written before tilt existed: those files stay valid
+            del settings["tilt_mrad"]
+        return json.dumps(settings, sort_keys=True)
 
 
 @dataclass
@@ -69,12 +81,26 @@ class WaveRecord:
 
 def simulate_wave(cfg: LibraryConfig, index: int) -> WaveRecord:
     """Exit wave and columns of structure ``index`` (deterministic in cfg and index)."""
-    import abtem
-
-    configure_abtem()
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, index]))
     particle = build_particle(rng, cfg.field_A, cfg.particle)
     atoms, slices = particle_atoms(particle, cfg.field_A, cfg.particle.thermal)
+    tilt = draw_tilt(np.random.default_rng(np.random.SeedSequence([cfg.seed, index, 1])), cfg)
+    wave = exit_wave(atoms, slices, cfg, tilt)
+    table = particle.table
+    shift = tilt_shift_A(table, tilt, sum(slices))
+    cols = np.zeros(len(table), LIBRARY_COLUMN_DTYPE)
+    cols["structure"], cols["x_A"], cols["y_A"] = index, table.x_A + shift[0], table.y_A + shift[1]
+    cols["species"], cols["atoms"] = table.species, table.n_atoms
+    params = {**particle.params, "tilt_mrad": [float(t) for t in tilt]}
+    return WaveRecord(index, wave, cols, params)
+
+
+def exit_wave(atoms, slices: tuple[float, ...], cfg: LibraryConfig, tilt_mrad) -> np.ndarray:
+    """Complex64 (gpts, gpts) exit wave of a unit plane wave through ASE ``atoms`` cut into
+    ``slices`` (Å), the specimen tilted by ``tilt_mrad`` (x, y)."""
+    import abtem
+
+    configure_abtem()
     potential = abtem.Potential(
         atoms,
         gpts=(cfg.gpts, cfg.gpts),
@@ -82,13 +108,31 @@ def simulate_wave(cfg: LibraryConfig, index: int) -> WaveRecord:
         projection="infinite",
         parametrization="lobato",
     )
-    wave = abtem.PlaneWave(energy=cfg.voltage_kV * 1e3, normalize=False)
-    exit_wave = computed(wave.multislice(potential))
-    table = particle.table
-    cols = np.zeros(len(table), LIBRARY_COLUMN_DTYPE)
-    cols["structure"], cols["x_A"], cols["y_A"] = index, table.x_A, table.y_A
-    cols["species"], cols["atoms"] = table.species, table.n_atoms
-    return WaveRecord(index, exit_wave.astype(np.complex64), cols, particle.params)
+    tilt = (float(tilt_mrad[0]), float(tilt_mrad[1]))
+    wave = abtem.PlaneWave(energy=cfg.voltage_kV * 1e3, normalize=False, tilt=tilt)
+    return computed(wave.multislice(potential)).astype(np.complex64)
+
+
+def draw_tilt(rng: np.random.Generator, cfg: LibraryConfig) -> np.ndarray:
+    """(tilt_x, tilt_y) mrad of one structure: magnitude uniform in ``cfg.tilt_mrad``, direction
+    uniform over the circle (x, y: the library's array axes)."""
+    magnitude = rng.uniform(*cfg.tilt_mrad)
+    angle = rng.uniform(0.0, 2 * np.pi)
+    return magnitude * np.array([np.cos(angle), np.sin(angle)])
+
+
+def tilt_shift_A(table: ColumnTable, tilt_mrad: np.ndarray, thickness_A: float) -> np.ndarray:
+    """(2, n_columns) Å where each column's image lies in the exit plane of a specimen tilted by
+    ``tilt_mrad``, relative to its untilted projection: abTEM propagates a tilted wave by
+    shifting it tan(tilt)·Δz laterally per slice, so an atom at depth z (Å below the entrance
+    face) is seen shifted by tan(tilt)·(thickness − z); a column by that at its mean depth.
+    ``thickness_A``: the whole potential's (crystal and any carbon film after it)."""
+    rows, ks = np.nonzero(table.cells)
+    z = ks * CELL_Z + table.z_offset_A[rows] + CELL_Z / 4  # as structure.to_atoms places them
+    counts = np.bincount(rows, minlength=len(table))
+    depth = np.bincount(rows, weights=z, minlength=len(table)) / np.maximum(counts, 1)
+    depth[counts == 0] = thickness_A  # an empty site has no image to shift
+    return np.tan(np.asarray(tilt_mrad, np.float64)[:, None] / 1e3) * (thickness_A - depth)
 
 
 class LibraryWriter:

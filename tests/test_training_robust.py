@@ -14,9 +14,15 @@ import torch
 
 from sim_source.microscope import OpticsDraw, intensity
 from sim_source.noise import add_poisson_noise
+from sim_source.particle import ParticleConfig
+from sim_source.structure import MAX_ATOMS, ColumnTable, slice_thicknesses_A, to_atoms
 from sim_source.wave_library import (
     LibraryConfig,
+    draw_tilt,
+    exit_wave,
     is_library,
+    simulate_wave,
+    tilt_shift_A,
     write_band_limited,
     write_library,
 )
@@ -62,6 +68,73 @@ def test_library_file_records_its_seed_and_resumes_bit_identically(libraries, tm
         assert int(a.attrs["seed"]) == 21
         np.testing.assert_array_equal(a["waves"][:], b["waves"][:])
         np.testing.assert_array_equal(a["columns"][:], b["columns"][:])
+
+
+def test_specimen_tilt_moves_the_images_and_the_labels_alike():
+    """A tilted specimen's exit wave (abTEM's tilted propagation) is shifted against the
+    untilted one by what the library's labels are shifted by (atom-weighted over its columns);
+    a tilt not given to abTEM, labels left in place or a wrong sign each break it."""
+    particle = ParticleConfig(carbon_probability=0.0, thermal=False)
+    untilted = simulate_wave(
+        LibraryConfig(count=1, gpts=384, seed=5, particle=particle, tilt_mrad=(0.0, 0.0)), 0
+    )
+    tilted = simulate_wave(
+        LibraryConfig(count=1, gpts=384, seed=5, particle=particle, tilt_mrad=(40.0, 40.0)), 0
+    )
+    tilt = np.asarray(tilted.params["tilt_mrad"])
+    assert np.hypot(*tilt) == pytest.approx(40.0) and untilted.params["tilt_mrad"] == [0.0, 0.0]
+    a, b = np.abs(untilted.wave - 1), np.abs(tilted.wave - 1)
+    xc = np.fft.ifft2(np.fft.fft2(b) * np.conj(np.fft.fft2(a))).real
+    n = xc.shape[0]
+    peak = np.array(np.unravel_index(np.argmax(xc), xc.shape))
+    measured = (np.where(peak > n // 2, peak - n, peak)) * LibraryConfig().sampling_A
+    cols_a, cols_b = untilted.columns, tilted.columns
+    atoms = cols_a["atoms"].astype(np.float64)
+    labels = np.array(
+        [np.sum((cols_b[k] - cols_a[k]) * atoms) / atoms.sum() for k in ("x_A", "y_A")]
+    )
+    assert np.hypot(*labels) > 0.3  # Å: tens of pixels, far above the check's resolution
+    np.testing.assert_allclose(measured, labels, atol=0.06)  # about 2 of 2.65 pm pixels
+    np.testing.assert_array_equal(cols_b["atoms"], cols_a["atoms"])
+
+
+def test_tilt_shift_is_the_propagation_below_each_column():
+    """Columns of a few atoms near the entrance face of a 10-cell box are seen shifted by
+    tan(tilt)·(thickness − depth), most of the box's tan(tilt)·thickness (the depth itself, or
+    half the box, would be far off): abTEM's tilted exit wave against the untilted one."""
+    cells = np.zeros((2, MAX_ATOMS), bool)
+    cells[:, :3] = True  # three atoms from the entrance face down
+    table = ColumnTable(
+        np.array([2.5, 6.5]), np.array([3.0, 7.0]), np.array([1, 1]), np.zeros(2), cells
+    )
+    cfg = LibraryConfig(gpts=384)
+    atoms = to_atoms(table, cfg.field_A, cfg.field_A)
+    slices = slice_thicknesses_A()
+    tilt = np.array([30.0, -20.0])
+    a, b = (np.abs(exit_wave(atoms, slices, cfg, t) - 1) for t in (np.zeros(2), tilt))
+    xc = np.fft.ifft2(np.fft.fft2(b) * np.conj(np.fft.fft2(a))).real
+    n = xc.shape[0]
+    peak = np.array(np.unravel_index(np.argmax(xc), xc.shape))
+    measured = np.where(peak > n // 2, peak - n, peak) * cfg.sampling_A
+    expected = tilt_shift_A(table, tilt, sum(slices)).mean(axis=1)
+    assert np.hypot(*expected) > 0.6 * np.hypot(*tilt) / 1e3 * sum(slices)
+    np.testing.assert_allclose(measured, expected, atol=0.06)
+
+
+def test_tilt_draw_and_library_config():
+    """Tilts fill the magnitude range in every direction; a range of (0, 0) keeps a library's
+    config as written before tilt existed (the suite's files stay valid); a bad range is
+    refused."""
+    cfg = LibraryConfig(tilt_mrad=(2.0, 5.0))
+    rng = np.random.default_rng(0)
+    tilts = np.array([draw_tilt(rng, cfg) for _ in range(2000)])
+    magnitude = np.hypot(*tilts.T)
+    assert magnitude.min() >= 2.0 and magnitude.max() <= 5.0
+    assert np.histogram(np.arctan2(*tilts.T[::-1]), bins=4, range=(-np.pi, np.pi))[0].min() > 400
+    assert "tilt_mrad" not in json.loads(LibraryConfig(tilt_mrad=(0.0, 0.0)).to_json())
+    assert json.loads(LibraryConfig().to_json())["tilt_mrad"] == [0.0, 5.0]
+    with pytest.raises(ValueError, match="tilt_mrad"):
+        LibraryConfig(tilt_mrad=(3.0, 1.0))
 
 
 def test_band_limited_copy_renders_the_images_of_the_full_library(
@@ -344,7 +417,6 @@ def test_suite_rows_outside_training_are_those_beyond_every_training_range():
     """A row is flagged outside (the rows the OOD score is judged on, pooled) exactly when a
     parameter lies beyond what the robust training draws: optics, dose, film, generator."""
     from sim_source.microscope import OpticsRanges
-    from sim_source.particle import ParticleConfig
     from training.library_data import RenderConfig
 
     r = OpticsRanges()
@@ -359,7 +431,8 @@ def test_suite_rows_outside_training_are_those_beyond_every_training_range():
             or o.focal_spread_A > r.focal_spread_A[1]
         )
 
-    films = {f.name: f.particle for f in suite_files()}
+    files = {f.name: f for f in suite_files()}
+    films = {name: f.particle for name, f in files.items()}
     for row in suite_rows():
         expected = (
             (row.optics is not None and beyond(row.optics))
@@ -370,9 +443,10 @@ def test_suite_rows_outside_training_are_those_beyond_every_training_range():
                 and films[row.file].carbon_probability > 0
                 and films[row.file].carbon_thickness_A[0] >= ParticleConfig().carbon_thickness_A[1]
             )
+            or (files.get(row.file) and files[row.file].tilt_mrad[0] > LibraryConfig().tilt_mrad[1])
         )
         assert row.outside == expected, row.name
-    assert sum(row.outside for row in suite_rows()) == 7
+    assert sum(row.outside for row in suite_rows()) == 8
 
 
 def test_test_time_augmentation_is_equivariant():

@@ -1,9 +1,10 @@
 """``segdepth evaluate --suite robustness``: a model judged off its training distribution.
 
 Each row of the suite steps away from the training set along one axis — in-plane orientation,
-optics at and beyond the training ranges, facet family, dose, a thick carbon film, and the
-legacy `segdepth simulate` slabs — and reports, at the row's dose: column-level accuracy
-(exact, ±1, found, false columns; training.metrics.ColumnMetrics), the paper's pixel metrics,
+optics at and beyond the training ranges, facet family, dose, a thick carbon film, a specimen
+tilted beyond the training libraries' range, and the legacy `segdepth simulate` slabs — and
+reports, at the row's dose: column-level accuracy (exact, ±1, found, false columns;
+training.metrics.ColumnMetrics), the paper's pixel metrics,
 the expected calibration error on truth column pixels and on the pixels the model calls a
 column (what a user reads off the confidence map), and a per-frame out-of-distribution
 score with its ROC AUC against the in-distribution row: :func:`turn_scores` (a frame against its
@@ -59,6 +60,8 @@ class SuiteFile:
     seed: int
     count: int
     particle: ParticleConfig | None = None
+    #: specimen tilt range (mrad) of a library file
+    tilt_mrad: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class Row:
 
 
 def suite_files(scale: float = 1.0) -> list[SuiteFile]:
-    """The suite's test files (seeds 3003-3301, apart from any training seed we use)."""
+    """The suite's test files (seeds 3003-3401, apart from any training seed we use)."""
     n = max(2, int(round(48 * scale)))
     m = max(2, int(round(16 * scale)))
     no_film = ParticleConfig(carbon_probability=0.0)
@@ -95,6 +98,7 @@ def suite_files(scale: float = 1.0) -> list[SuiteFile]:
             ParticleConfig(carbon_probability=1.0, carbon_thickness_A=(30.0, 60.0)),
         ),
         SuiteFile("legacy", 3301, m),
+        SuiteFile("tilt", 3401, m, ParticleConfig(), (10.0, 10.0)),
     ]
 
 
@@ -130,6 +134,9 @@ def suite_rows() -> list[Row]:
         # another generator at fixed optics
         Row("carbon film 3-6 nm", "support", "carbon", None, (0.0, 360.0), outside=True),
         Row("legacy simulate slabs", "legacy", "legacy", outside=True),
+        # twice the largest tilt of the training libraries (LibraryConfig.tilt_mrad), in a
+        # direction drawn per structure
+        Row("specimen tilt 10 mrad", "tilt", "tilt", None, (0.0, 360.0), outside=True),
     ]
 
 
@@ -150,7 +157,13 @@ def build_suite(
             if not _complete(path, cfg.to_json()):
                 write_dataset(path, cfg, progress=False)
         else:
-            lib = LibraryConfig(count=spec.count, gpts=gpts, seed=spec.seed, particle=spec.particle)
+            lib = LibraryConfig(
+                count=spec.count,
+                gpts=gpts,
+                seed=spec.seed,
+                particle=spec.particle,
+                tilt_mrad=spec.tilt_mrad,
+            )
             if not _complete(path, lib.to_json()):
                 write_library(path, lib, progress=False)
     return paths
