@@ -70,6 +70,16 @@ def test_library_file_records_its_seed_and_resumes_bit_identically(libraries, tm
         np.testing.assert_array_equal(a["columns"][:], b["columns"][:])
 
 
+def _shift_A(wave: np.ndarray, moved: np.ndarray, sampling_A: float) -> np.ndarray:
+    """(x, y) Å by which ``moved``'s scattering |ψ − 1| is shifted against ``wave``'s: the
+    peak of their periodic cross-correlation, to the nearest sample."""
+    a, b = np.abs(wave - 1), np.abs(moved - 1)
+    xc = np.fft.ifft2(np.fft.fft2(b) * np.conj(np.fft.fft2(a))).real
+    n = xc.shape[0]
+    peak = np.array(np.unravel_index(np.argmax(xc), xc.shape))
+    return np.where(peak > n // 2, peak - n, peak) * sampling_A
+
+
 def test_specimen_tilt_moves_the_images_and_the_labels_alike():
     """A tilted specimen's exit wave (abTEM's tilted propagation) is shifted against the
     untilted one by what the library's labels are shifted by (atom-weighted over its columns);
@@ -83,11 +93,7 @@ def test_specimen_tilt_moves_the_images_and_the_labels_alike():
     )
     tilt = np.asarray(tilted.params["tilt_mrad"])
     assert np.hypot(*tilt) == pytest.approx(40.0) and untilted.params["tilt_mrad"] == [0.0, 0.0]
-    a, b = np.abs(untilted.wave - 1), np.abs(tilted.wave - 1)
-    xc = np.fft.ifft2(np.fft.fft2(b) * np.conj(np.fft.fft2(a))).real
-    n = xc.shape[0]
-    peak = np.array(np.unravel_index(np.argmax(xc), xc.shape))
-    measured = (np.where(peak > n // 2, peak - n, peak)) * LibraryConfig().sampling_A
+    measured = _shift_A(untilted.wave, tilted.wave, LibraryConfig().sampling_A)
     cols_a, cols_b = untilted.columns, tilted.columns
     atoms = cols_a["atoms"].astype(np.float64)
     labels = np.array(
@@ -111,11 +117,8 @@ def test_tilt_shift_is_the_propagation_below_each_column():
     atoms = to_atoms(table, cfg.field_A, cfg.field_A)
     slices = slice_thicknesses_A()
     tilt = np.array([30.0, -20.0])
-    a, b = (np.abs(exit_wave(atoms, slices, cfg, t) - 1) for t in (np.zeros(2), tilt))
-    xc = np.fft.ifft2(np.fft.fft2(b) * np.conj(np.fft.fft2(a))).real
-    n = xc.shape[0]
-    peak = np.array(np.unravel_index(np.argmax(xc), xc.shape))
-    measured = np.where(peak > n // 2, peak - n, peak) * cfg.sampling_A
+    waves = [exit_wave(atoms, slices, cfg, t) for t in (np.zeros(2), tilt)]
+    measured = _shift_A(*waves, cfg.sampling_A)
     expected = tilt_shift_A(table, tilt, sum(slices)).mean(axis=1)
     assert np.hypot(*expected) > 0.6 * np.hypot(*tilt) / 1e3 * sum(slices)
     np.testing.assert_allclose(measured, expected, atol=0.06)
